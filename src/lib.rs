@@ -1,0 +1,26 @@
+//! burst-qemu: CPU-credit ("burstable instance") scheduling for QEMU virtual machines.
+//!
+//! Each VM has a baseline CPU share per vCPU, earns credits while it runs below it, spends them
+//! to run above it, and is held to its baseline — after a smooth decline, never a cliff — when
+//! they are gone, like AWS T3, Azure B and Alibaba t6 instances.
+//!
+//! Map of the crate:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
+//! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
+//!
+//! ```
+//! use burst_qemu::credit::{Baseline, Credits, Ledger, Policy, NS_PER_MIN};
+//!
+//! // The seed example: 2 vCPUs, 5 % baseline, 2 % use for an hour from 0 → +3.6 credits.
+//! let policy = Policy::new(2, Baseline::from_percent(5.0).unwrap()).unwrap();
+//! let mut ledger = Ledger::new(policy, Credits::ZERO);
+//! let hour = 60 * NS_PER_MIN;
+//! ledger.tick(hour, hour * 2 * 2 / 100); // 2 % of 2 vCPUs for an hour
+//! assert_eq!(ledger.balances().balance().to_string(), "3.600");
+//! ```
+
+pub mod credit;
+pub mod simulate;
