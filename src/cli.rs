@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use burst_qemu::credit::{Baseline, Credits, Ledger, Mode, Policy, PolicyError, NS_PER_MIN};
 use burst_qemu::simulate;
+use burst_qemu::testguest::{self, Behaviour};
 use clap::{Args, Parser, Subcommand};
 
 /// Exit status for bad input: a flag, a file or a value out of range.
@@ -28,6 +29,20 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Simulate(SimulateArgs),
+    #[command(hide = true)]
+    TestGuest(TestGuestArgs),
+}
+
+/// Write the project's test firmware (for QEMU's `-bios`): every vCPU busy, or every vCPU
+/// halted with --halt.
+#[derive(Debug, Args)]
+struct TestGuestArgs {
+    /// Halt every vCPU instead of spinning.
+    #[arg(long)]
+    halt: bool,
+    /// Where to write the 64 KiB image.
+    #[arg(value_name = "FILE")]
+    out: PathBuf,
 }
 
 /// Predict a VM's credit balance under a load trace, on a simulated clock.
@@ -107,6 +122,16 @@ impl Failure {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Simulate(args) => simulate_cmd(args),
+        Command::TestGuest(a) => {
+            let kind = if a.halt {
+                Behaviour::Halt
+            } else {
+                Behaviour::Busy
+            };
+            testguest::write(&a.out, kind)
+                .with_context(|| format!("writing {}", a.out.display()))
+                .map_err(Failure::host)
+        }
     }
 }
 

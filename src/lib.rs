@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
 //! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
+//! | [`testguest`] | the project's own firmware guest that keeps every vCPU busy, or halts them |
 //!
 //! ```
 //! use burst_qemu::credit::{Baseline, Credits, Ledger, Policy, NS_PER_MIN};
@@ -24,3 +25,4 @@
 
 pub mod credit;
 pub mod simulate;
+pub mod testguest;
