@@ -8,8 +8,11 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`config`] | `vms/NAME.toml`: parse, validate, render; errors name file, line and field |
 //! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
+//! | [`launch`] | QEMU argv, QMP handshake, vCPU thread ids, lifecycle and signals |
 //! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
+//! | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
 //! | [`testguest`] | the project's own firmware guest that keeps every vCPU busy, or halts them |
 //!
 //! ```
@@ -23,6 +26,9 @@
 //! assert_eq!(ledger.balances().balance().to_string(), "3.600");
 //! ```
 
+pub mod config;
 pub mod credit;
+pub mod launch;
 pub mod simulate;
+pub mod state;
 pub mod testguest;

@@ -1,0 +1,301 @@
+//! `vms/NAME.toml`: one VM's credit settings. Parse → validate → apply is one path, shared by
+//! start-up and (later) live reload, and every error names the file, the line and the field.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::credit::{Baseline, Credits, Mode, Policy, PolicyError};
+
+/// A VM's validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmConfig {
+    /// The credit policy (vCPUs, baseline, mode, caps, decline).
+    pub policy: Policy,
+    /// Launch credits granted when the VM is first created.
+    pub initial_credits: Credits,
+    /// A balance override (`credits = N`), applied once per change of the value.
+    pub credits: Option<Credits>,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A syntax error, an unknown key, a missing key or a value out of range.
+    #[error("{path}:{line}: {field}: {message}", path = .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending value (or of the error).
+        line: usize,
+        /// The field, or `syntax`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    vcpus: Option<Spanned<i64>>,
+    baseline: Option<Spanned<f64>>,
+    mode: Option<Spanned<String>>,
+    initial_credits: Option<Spanned<f64>>,
+    max_credits: Option<Spanned<f64>>,
+    max_surplus: Option<Spanned<f64>>,
+    decline_minutes: Option<Spanned<f64>>,
+    credits: Option<Spanned<f64>>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses and validates the text of a config file; `path` is for messages.
+pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
+    let invalid = |line: usize, field: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        field: field.to_owned(),
+        message,
+    };
+    let raw: Raw = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |s| line_of(text, s.start));
+        let message = e.message().trim().to_owned();
+        // serde names the field in "unknown field `x`, expected …" and "missing field `x`".
+        let field = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("field"))
+            .unwrap_or("syntax")
+            .to_owned();
+        invalid(line, &field, message)
+    })?;
+    let at = |s: &std::ops::Range<usize>| line_of(text, s.start);
+
+    let vcpus = raw
+        .vcpus
+        .ok_or_else(|| invalid(1, "vcpus", "missing (the number of vCPUs)".into()))?;
+    let vcpus_value = u32::try_from(*vcpus.get_ref()).map_err(|_| {
+        invalid(
+            at(&vcpus.span()),
+            "vcpus",
+            format!("{} is out of range", vcpus.get_ref()),
+        )
+    })?;
+    let baseline = raw
+        .baseline
+        .ok_or_else(|| invalid(1, "baseline", "missing (percent per vCPU)".into()))?;
+    let policy_err = |s: &Spanned<f64>, field: &str, e: PolicyError| {
+        invalid(at(&s.span()), field, e.to_string())
+    };
+    let base = Baseline::from_percent(*baseline.get_ref())
+        .map_err(|e| policy_err(&baseline, "baseline", e))?;
+    let mut policy = Policy::new(vcpus_value, base)
+        .map_err(|e| invalid(at(&vcpus.span()), "vcpus", e.to_string()))?;
+    if let Some(mode) = &raw.mode {
+        let m: Mode = mode
+            .get_ref()
+            .parse()
+            .map_err(|e: String| invalid(at(&mode.span()), "mode", e))?;
+        policy = policy.with_mode(m);
+    }
+    let credits = |s: &Spanned<f64>, field: &'static str| {
+        Credits::from_credits(*s.get_ref()).ok_or_else(|| {
+            invalid(
+                at(&s.span()),
+                field,
+                PolicyError::Credits {
+                    field,
+                    value: *s.get_ref(),
+                }
+                .to_string(),
+            )
+        })
+    };
+    if let Some(max) = &raw.max_credits {
+        policy = policy.with_max_credits(credits(max, "max_credits")?);
+    }
+    if let Some(max) = &raw.max_surplus {
+        policy = policy.with_max_surplus(credits(max, "max_surplus")?);
+    }
+    if let Some(d) = &raw.decline_minutes {
+        policy = policy
+            .with_decline_minutes(*d.get_ref())
+            .map_err(|e| policy_err(d, "decline_minutes", e))?;
+    }
+    let initial_credits = match &raw.initial_credits {
+        Some(c) => credits(c, "initial_credits")?,
+        None => Policy::default_initial_credits(vcpus_value),
+    };
+    let credits = raw
+        .credits
+        .as_ref()
+        .map(|c| credits(c, "credits"))
+        .transpose()?;
+    Ok(VmConfig {
+        policy,
+        initial_credits,
+        credits,
+    })
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// A number as TOML writes it, without a needless fraction.
+struct Num(f64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.fract() == 0.0 && self.0.abs() < 1e15 {
+            write!(f, "{}", self.0 as i64)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+/// The commented text of a config file for `config` (the same shape as `vms/example.toml`).
+pub fn render(config: &VmConfig) -> String {
+    let p = &config.policy;
+    let default_max = Policy::earnings_per_day(p.vcpus(), p.baseline());
+    let optional = |name: &str, value: Credits, default: Credits| {
+        if value == default {
+            format!("# {name} = {}", Num(default.as_credits()))
+        } else {
+            format!("{name} = {}", Num(value.as_credits()))
+        }
+    };
+    let max_line = optional("max_credits", p.max_credits(), default_max);
+    let surplus_line = optional("max_surplus", p.max_surplus(), p.max_credits());
+    let credits_line = match config.credits {
+        Some(c) => format!("credits = {}", Num(c.as_credits())),
+        None => "# credits = 50".to_owned(),
+    };
+    format!(
+        "# burst-qemu VM config. The running agent applies edits live; percentages are of ONE vCPU,\n\
+         # credits are vCPU-minutes (one vCPU at 100 % for one minute).\n\
+         \n\
+         # Number of vCPUs. Must match QEMU's -smp; cannot change while the VM runs.\n\
+         vcpus = {vcpus}\n\
+         \n\
+         # Baseline CPU share, percent per vCPU, in (0, 100]; pooled over the VM's vCPUs.\n\
+         baseline = {baseline}\n\
+         \n\
+         # \"standard\": held to the baseline at a zero balance (after a smooth decline).\n\
+         # \"unlimited\": keeps bursting on surplus credits; surplus beyond max_surplus is charged.\n\
+         mode = \"{mode}\"\n\
+         \n\
+         # Launch credits granted when the VM is first created, spent first, not capped.\n\
+         initial_credits = {initial}\n\
+         \n\
+         # Cap on earned credits. Default: 24 hours of earnings ({default_max}).\n\
+         {max_line}\n\
+         \n\
+         # Cap on the surplus of an unlimited VM. Default: max_credits.\n\
+         {surplus_line}\n\
+         \n\
+         # Minutes over which the grant falls from the full rate to the baseline as the balance\n\
+         # runs out. Default: 20.\n\
+         decline_minutes = {decline}\n\
+         \n\
+         # Balance override: set the balance to this many credits, applied once per change.\n\
+         {credits_line}\n",
+        vcpus = p.vcpus(),
+        baseline = Num(p.baseline().percent()),
+        mode = p.mode(),
+        initial = Num(config.initial_credits.as_credits()),
+        default_max = Num(default_max.as_credits()),
+        decline = Num(p.decline_ns() as f64 / crate::credit::NS_PER_MIN as f64),
+    )
+}
+
+/// Writes `config` to `path` atomically (a temporary file renamed over it).
+pub fn save(path: &Path, config: &VmConfig) -> Result<(), ConfigError> {
+    crate::state::write_atomic(path, render(config).as_bytes(), 0o644).map_err(|source| {
+        ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<VmConfig, ConfigError> {
+        parse(Path::new("vms/a.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../vms/example.toml");
+        let c = parse(Path::new("vms/example.toml"), text).unwrap();
+        assert_eq!(c.policy.vcpus(), 2);
+        assert_eq!(c.policy.baseline().percent(), 5.0);
+        assert_eq!(c.initial_credits, Credits::from_credits(60.0).unwrap());
+        assert_eq!(c.credits, None);
+    }
+
+    #[test]
+    fn render_round_trips() {
+        let c = parse_str(
+            "vcpus = 4\nbaseline = 12.5\nmode = \"unlimited\"\ninitial_credits = 7\nmax_credits = 99\ndecline_minutes = 3.5\ncredits = 2\n",
+        )
+        .unwrap();
+        assert_eq!(parse_str(&render(&c)).unwrap(), c);
+        let d = parse_str("vcpus = 1\nbaseline = 5\n").unwrap();
+        assert_eq!(parse_str(&render(&d)).unwrap(), d);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        assert_eq!(
+            err("vcpus = 2\nbaseline = 250\n"),
+            "vms/a.toml:2: baseline: baseline must be a percentage per vCPU in (0, 100], got 250"
+        );
+        assert!(err("vcpus = 2\nbaseline = 5\nturbo = true\n")
+            .starts_with("vms/a.toml:3: turbo: unknown field `turbo`"));
+        assert!(err("vcpus = 2\nbaseline = 5\nmode = \"fast\"\n")
+            .starts_with("vms/a.toml:3: mode: unknown mode"));
+        assert!(err("vcpus = 2\n\nbaseline = = 5\n").starts_with("vms/a.toml:3: syntax:"));
+        assert!(err("vcpus = 0\nbaseline = 5\n").starts_with("vms/a.toml:1: vcpus:"));
+        assert!(err("vcpus = -1\nbaseline = 5\n").starts_with("vms/a.toml:1: vcpus:"));
+        assert!(err("baseline = 5\n").contains("vcpus: missing"));
+        assert!(
+            err("vcpus = 2\nbaseline = 5\ncredits = -4\n").starts_with("vms/a.toml:3: credits:")
+        );
+        assert!(err("vcpus = 2\nbaseline = 5\ndecline_minutes = 0\n")
+            .starts_with("vms/a.toml:3: decline_minutes:"));
+        assert!(err("vcpus = 2\nbaseline = \"5\"\n").starts_with("vms/a.toml:2: baseline:"));
+    }
+}

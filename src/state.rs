@@ -1,0 +1,305 @@
+//! On-disk runtime state: atomic writes, each running VM's runtime directory and its record.
+//!
+//! A running VM owns `<state dir>/<name>/` (mode 0700), holding:
+//!
+//! * `lock` — `flock`ed by the launcher for the VM's whole life. A directory whose lock can be
+//!   taken belongs to no live launcher (it crashed) and is reclaimed; this is how names stay
+//!   unique among running VMs without guessing from pids.
+//! * `qmp.sock` — QEMU's QMP socket (unless the operator passed their own `-qmp unix:`).
+//! * `vm.json` — the [`VmRecord`]: QEMU's pid, the vCPU thread ids, the config in force.
+//!
+//! The directory is removed when the VM ends.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::credit::Mode;
+
+/// File name of the VM record in a runtime dir.
+pub const RECORD: &str = "vm.json";
+/// File name of the lock in a runtime dir.
+pub const LOCK: &str = "lock";
+/// File name of the QMP socket burst-qemu adds.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The default state dir: `/run/burst-qemu` for root, else `$XDG_RUNTIME_DIR/burst-qemu`,
+/// else `/tmp/burst-qemu-<uid>`.
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/burst-qemu");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("burst-qemu"),
+        _ => PathBuf::from(format!("/tmp/burst-qemu-{uid}")),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
+/// renamed over `path`, then the directory fsynced. Readers see the old or the new content,
+/// never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Why a runtime dir could not be claimed.
+#[derive(Debug, Error)]
+pub enum ClaimError {
+    /// A live launcher holds the name.
+    #[error("a VM named {name:?} is already running (state dir {dir})", dir = .state_dir.display())]
+    AlreadyRunning {
+        /// The name.
+        name: String,
+        /// The state dir.
+        state_dir: PathBuf,
+    },
+    /// The state dir cannot be created or written.
+    #[error("state dir {dir} is not usable", dir = .dir.display())]
+    Unwritable {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A claimed runtime dir; removed on drop.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl RuntimeDir {
+    /// Claims `<state_dir>/<name>/`, creating the state dir when needed. A leftover directory
+    /// of a crashed launcher is cleaned and reused.
+    pub fn claim(state_dir: &Path, name: &str) -> Result<Self, ClaimError> {
+        let unwritable = |source| ClaimError::Unwritable {
+            dir: state_dir.to_owned(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(state_dir)
+            .map_err(unwritable)?;
+        let path = state_dir.join(name);
+        let running = || ClaimError::AlreadyRunning {
+            name: name.to_owned(),
+            state_dir: state_dir.to_owned(),
+        };
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unwritable(e)),
+        }
+        // Another launcher may have made the directory a moment ago and not yet its lock.
+        let mut tries = 0;
+        let lock = loop {
+            let lock = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path.join(LOCK))
+                .map_err(unwritable)?;
+            match lock.try_lock() {
+                Ok(()) => break lock,
+                Err(fs::TryLockError::WouldBlock) => return Err(running()),
+                Err(fs::TryLockError::Error(e)) if tries < 3 => {
+                    tracing::debug!("lock {}: {e}, retrying", path.display());
+                    tries += 1;
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(unwritable(e)),
+            }
+        };
+        // Ours now. Anything else in it is a crashed launcher's leftover.
+        for entry in fs::read_dir(&path).map_err(unwritable)? {
+            let entry = entry.map_err(unwritable)?;
+            if entry.file_name() != LOCK {
+                let p = entry.path();
+                let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+            }
+        }
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(unwritable)?;
+        Ok(RuntimeDir { path, _lock: lock })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the VM record atomically.
+    pub fn write_record(&self, record: &VmRecord) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomic(&self.path.join(RECORD), &json, 0o644)
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        // Remove everything but the lock first, then the lock and the directory, while the
+        // lock is still held so no other launcher reclaims a half-removed directory.
+        if let Ok(entries) = fs::read_dir(&self.path) {
+            for entry in entries.flatten() {
+                if entry.file_name() != LOCK {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        let _ = fs::remove_file(self.path.join(LOCK));
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// What a launcher records about its running VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM's name.
+    pub name: String,
+    /// QEMU's pid.
+    pub pid: u32,
+    /// The launcher's pid (signal it to stop the VM gracefully).
+    pub wrapper_pid: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Baseline, percent per vCPU.
+    pub baseline: f64,
+    /// Credit mode.
+    pub mode: Mode,
+    /// The vCPU thread ids, in vCPU order.
+    pub vcpu_tids: Vec<u32>,
+    /// The VM's config file.
+    pub config: PathBuf,
+    /// QEMU's QMP socket.
+    pub qmp_socket: PathBuf,
+}
+
+/// The records of the VMs running under `state_dir` (those whose launcher holds the lock),
+/// sorted by name. Unreadable or stale entries are skipped.
+pub fn running(state_dir: &Path) -> Vec<VmRecord> {
+    let Ok(entries) = fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let mut vms: Vec<VmRecord> = entries
+        .flatten()
+        .filter(|e| is_locked(&e.path()))
+        .filter_map(|e| fs::read(e.path().join(RECORD)).ok())
+        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .collect();
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    vms
+}
+
+/// The record of the running VM `name`, if any.
+pub fn find(state_dir: &Path, name: &str) -> Option<VmRecord> {
+    let dir = state_dir.join(name);
+    if !is_locked(&dir) {
+        return None;
+    }
+    serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+/// Whether a live launcher holds the runtime dir's lock.
+pub fn is_locked(dir: &Path) -> bool {
+    match File::open(dir.join(LOCK)) {
+        Ok(f) => matches!(f.try_lock_shared(), Err(fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_claimed_once_and_freed_on_drop() {
+        let state = tempfile::tempdir().unwrap();
+        let first = RuntimeDir::claim(state.path(), "a").unwrap();
+        assert!(matches!(
+            RuntimeDir::claim(state.path(), "a"),
+            Err(ClaimError::AlreadyRunning { .. })
+        ));
+        assert!(is_locked(first.path()));
+        let path = first.path().to_owned();
+        drop(first);
+        assert!(!path.exists());
+        RuntimeDir::claim(state.path(), "a").unwrap();
+    }
+
+    #[test]
+    fn a_crashed_launchers_directory_is_reclaimed_and_cleaned() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("b");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join(LOCK), "").unwrap();
+        fs::write(dir.join(RECORD), "{stale").unwrap();
+        let claimed = RuntimeDir::claim(state.path(), "b").unwrap();
+        assert!(!claimed.path().join(RECORD).exists());
+        assert_eq!(running(state.path()), vec![]);
+    }
+
+    #[test]
+    fn runtime_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let d = RuntimeDir::claim(state.path(), "c").unwrap();
+        assert_eq!(
+            fs::metadata(d.path()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one", 0o644).unwrap();
+        write_atomic(&p, b"two", 0o644).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left behind"
+        );
+    }
+}
