@@ -80,10 +80,18 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
         let line = e.span().map_or(1, |s| line_of(text, s.start));
         let message = e.message().trim().to_owned();
         // serde names the field in "unknown field `x`, expected …" and "missing field `x`".
+        // A wrong type names no field: take the key written on the offending line.
+        let key_on_line = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
         let field = message
             .split('`')
             .nth(1)
             .filter(|_| message.contains("field"))
+            .or(key_on_line)
             .unwrap_or("syntax")
             .to_owned();
         invalid(line, &field, message)
@@ -287,7 +295,8 @@ mod tests {
             .starts_with("vms/a.toml:3: turbo: unknown field `turbo`"));
         assert!(err("vcpus = 2\nbaseline = 5\nmode = \"fast\"\n")
             .starts_with("vms/a.toml:3: mode: unknown mode"));
-        assert!(err("vcpus = 2\n\nbaseline = = 5\n").starts_with("vms/a.toml:3: syntax:"));
+        assert!(err("vcpus = 2\n\nbaseline = = 5\n").starts_with("vms/a.toml:3: baseline:"));
+        assert!(err("vcpus = 2\n[[[\n").starts_with("vms/a.toml:2: syntax:"));
         assert!(err("vcpus = 0\nbaseline = 5\n").starts_with("vms/a.toml:1: vcpus:"));
         assert!(err("vcpus = -1\nbaseline = 5\n").starts_with("vms/a.toml:1: vcpus:"));
         assert!(err("baseline = 5\n").contains("vcpus: missing"));
@@ -296,6 +305,9 @@ mod tests {
         );
         assert!(err("vcpus = 2\nbaseline = 5\ndecline_minutes = 0\n")
             .starts_with("vms/a.toml:3: decline_minutes:"));
-        assert!(err("vcpus = 2\nbaseline = \"5\"\n").starts_with("vms/a.toml:2: baseline:"));
+        assert_eq!(
+            err("vcpus = 2\nbaseline = \"5\"\n"),
+            "vms/a.toml:2: baseline: invalid type: string \"5\", expected f64"
+        );
     }
 }
