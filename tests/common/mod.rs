@@ -1,0 +1,190 @@
+//! Shared harness for the tests that run real QEMU.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use burst_qemu::state::{self, VmRecord};
+use burst_qemu::testguest::{self, Behaviour};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Whether QEMU can run here. Under CI (`CI` set) a missing QEMU fails the test; elsewhere the
+/// test is skipped with a loud message.
+pub fn require_qemu() -> bool {
+    let ok = Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("{QEMU} is required in CI (bash .ci/run installs qemu-system-x86)");
+        }
+        eprintln!(
+            "\n*** SKIPPED: {QEMU} not found; install qemu-system-x86 (bash .ci/run does) ***\n"
+        );
+    }
+    ok
+}
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_burst-qemu"))
+}
+
+/// A scratch area: state dir, vms dir, firmware images.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bq")
+            .tempdir_in("/tmp")
+            .unwrap();
+        testguest::write(&dir.path().join("busy.bin"), Behaviour::Busy).unwrap();
+        testguest::write(&dir.path().join("halt.bin"), Behaviour::Halt).unwrap();
+        Scratch { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn state(&self) -> PathBuf {
+        self.path().join("state")
+    }
+    pub fn vms(&self) -> PathBuf {
+        self.path().join("vms")
+    }
+    pub fn firmware(&self, b: Behaviour) -> String {
+        let name = if b == Behaviour::Busy {
+            "busy.bin"
+        } else {
+            "halt.bin"
+        };
+        self.path().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// QEMU arguments for the test guest under TCG.
+    pub fn qemu_args(&self, b: Behaviour) -> Vec<String> {
+        [
+            QEMU,
+            "-machine",
+            "pc",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "16",
+            "-accel",
+            "tcg,thread=multi",
+            "-bios",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([self.firmware(b)])
+        .collect()
+    }
+
+    /// The launcher with --state-dir and --vms set, then `flags`, `--`, `qemu`.
+    pub fn launcher(&self, flags: &[&str], qemu: &[String]) -> Command {
+        let mut c = bin();
+        c.arg("--state-dir")
+            .arg(self.state())
+            .arg("--vms")
+            .arg(self.vms());
+        c.args(flags).arg("--").args(qemu);
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        bin()
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.state())
+            .output()
+            .unwrap()
+    }
+
+    /// Waits until VM `name` is registered.
+    pub fn wait_registered(&self, name: &str, child: &mut Child) -> VmRecord {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(r) = state::find(&self.state(), name) {
+                return r;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("launcher exited before {name} registered: {status}");
+            }
+            assert!(Instant::now() < deadline, "{name} did not register in 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A launched VM that is killed (and reaped) if the test ends early.
+pub struct Launched {
+    pub child: Child,
+    pub record: VmRecord,
+}
+
+impl Launched {
+    pub fn start(s: &Scratch, name: &str, flags: &[&str], qemu: &[String]) -> Self {
+        let mut all = vec!["--name", name, "--shutdown-timeout", "1"];
+        all.extend_from_slice(flags);
+        let mut child = s.launcher(&all, qemu).spawn().unwrap();
+        let record = s.wait_registered(name, &mut child);
+        Launched { child, record }
+    }
+
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "launcher still running after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.record.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Cumulative CPU time of a thread, in ns, from `/proc/<pid>/task/<tid>/schedstat`.
+pub fn thread_cpu_ns(pid: u32, tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Each thread's CPU share (percent of one CPU) over `interval`, read in this one process at
+/// both ends of a monotonic interval.
+pub fn shares(pid: u32, tids: &[u32], interval: Duration) -> Vec<f64> {
+    let before: Vec<u64> = tids.iter().map(|&t| thread_cpu_ns(pid, t)).collect();
+    let t0 = Instant::now();
+    std::thread::sleep(interval);
+    let after: Vec<u64> = tids.iter().map(|&t| thread_cpu_ns(pid, t)).collect();
+    let elapsed = t0.elapsed().as_nanos() as f64;
+    before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) as f64 * 100.0 / elapsed)
+        .collect()
+}
