@@ -1,0 +1,58 @@
+//! Enforcement: holding a VM's vCPU threads to a CPU rate. Mechanism only: how much a VM may
+//! run is decided by the ledger; an [`Enforcer`] only makes the kernel keep to it.
+//!
+//! Implementations: [`cgroup::CgroupEnforcer`] (cgroup v1 and v2 CPU bandwidth). A ghOSt agent
+//! implements the same trait by scheduling the threads itself.
+//!
+//! CPU time used is measured by the agent from the kernel's own per-thread counters
+//! ([`thread_cpu_ns`]), the same for every enforcer: exact nanoseconds, not samples.
+
+pub mod cgroup;
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::credit::Rate;
+use crate::state::VmRecord;
+
+/// An enforcement operation that failed.
+#[derive(Debug, Error)]
+#[error("{what} {path}", path = .path.display())]
+pub struct EnforceError {
+    /// What was being done.
+    pub what: &'static str,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Holds VMs' vCPU threads to CPU rates.
+pub trait Enforcer: Send {
+    /// A short name for logs and `check` (`cgroup v1`, `cgroup v2`, `ghost`).
+    fn describe(&self) -> String;
+
+    /// Puts `vm`'s vCPU threads (and nothing else) under enforcement. Idempotent: a restarted
+    /// agent calls it again for VMs that are already attached.
+    fn attach(&mut self, vm: &VmRecord) -> Result<(), EnforceError>;
+
+    /// Holds `vm` to `rate` (millionths of one CPU) from now on; `full` is its full rate, at
+    /// which no limit applies.
+    fn apply(&mut self, vm: &str, rate: Rate, full: Rate) -> Result<(), EnforceError>;
+
+    /// Releases what `attach` set up, for a VM that has ended.
+    fn detach(&mut self, vm: &str) -> Result<(), EnforceError>;
+
+    /// Removes what is left of VMs not in `live` (after an agent or host crash).
+    fn cleanup(&mut self, live: &[&str]);
+}
+
+/// Cumulative CPU time of thread `tid` of process `pid`, in ns, from
+/// `/proc/<pid>/task/<tid>/schedstat`; `None` once the thread is gone.
+pub fn thread_cpu_ns(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    text.split_ascii_whitespace().next()?.parse().ok()
+}
