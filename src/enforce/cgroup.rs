@@ -96,10 +96,11 @@ pub fn detect(
         let (fstype, _source, options) = (right.next(), right.next(), right.next().unwrap_or(""));
         let mount = PathBuf::from(mount.replace("\\040", " "));
         match fstype {
-            Some("cgroup2") => {
-                if controllers(&mount).is_some_and(|c| c.split_whitespace().any(|c| c == "cpu")) {
-                    return Some((Version::V2, mount));
-                }
+            Some("cgroup2")
+                if controllers(&mount)
+                    .is_some_and(|c| c.split_whitespace().any(|c| c == "cpu")) =>
+            {
+                return Some((Version::V2, mount));
             }
             Some("cgroup") if options.split(',').any(|o| o == "cpu") => {
                 v1.get_or_insert((Version::V1, mount));
