@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use burst_qemu::agent::{self, Agent, AgentError, CreditsView, LedgerFile, Settings};
 use burst_qemu::credit::{Baseline, Credits, Ledger, Mode, Policy, PolicyError, NS_PER_MIN};
+use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
 use burst_qemu::launch::{self, LaunchError, Request};
 use burst_qemu::simulate;
 use burst_qemu::state::{self, VmRecord};
@@ -20,6 +22,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit status when the named VM is not running.
 pub const EXIT_NO_SUCH_VM: u8 = 4;
+/// Exit status when a VM of that name, or an agent for that state dir, already runs.
+pub const EXIT_RUNNING: u8 = 3;
 
 /// Burstable CPU-credit instances for QEMU virtual machines.
 ///
@@ -32,7 +36,8 @@ pub const EXIT_NO_SUCH_VM: u8 = 4;
 ///
 /// Exit status: 0 on success; 1 when the host fails an operation (I/O, QMP); 2 for bad input
 /// (a flag, file or value out of range, a contradicting -smp or config, a bad name, a socket
-/// path too long); 3 when a VM of that name is already running; 4 when the named VM is not
+/// path too long); 3 when a VM of that name (or an agent for that state dir) is already
+/// running; 4 when the named VM is not
 /// running; 125 when QEMU exits during start-up (its own message is printed above ours); 126
 /// when the QEMU binary cannot be executed; 127 when it does not exist. Once the VM has
 /// started, the launcher exits with QEMU's own status (128 + N when QEMU was killed by
@@ -64,6 +69,14 @@ enum Command {
     Pause(NameArgs),
     /// Resume a paused VM (QMP `cont`).
     Resume(NameArgs),
+    /// Show a VM's credits (running or stopped), or set its balance with --set.
+    Credits(CreditsArgs),
+    /// Run the credit agent for a state dir in the foreground (launchers start one
+    /// automatically when none runs).
+    Agent(AgentArgs),
+    /// Report what this host supports: QEMU, KVM, cgroup CPU bandwidth, ghOSt; and the fix for
+    /// each missing piece.
+    Check,
     Simulate(SimulateArgs),
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
@@ -86,6 +99,59 @@ impl StateDirArg {
 }
 
 #[derive(Debug, Args)]
+struct DataDirArg {
+    /// Where ledgers are kept across restarts and reboots [default: /var/lib/burst-qemu as
+    /// root, else $XDG_DATA_HOME/burst-qemu].
+    #[arg(long, value_name = "DIR", env = "BURST_QEMU_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDirArg {
+    fn get(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(state::default_data_dir)
+    }
+}
+
+#[derive(Debug, Args)]
+struct CreditsArgs {
+    #[command(flatten)]
+    state: StateDirArg,
+    #[command(flatten)]
+    data: DataDirArg,
+    /// The VM's name.
+    name: String,
+    /// Print JSON (keys: name, balance, surplus, charged, earn_per_hour, usage_pct, grant_pct,
+    /// time_to_empty_s, …; percentages of all the VM's vCPUs).
+    #[arg(long)]
+    json: bool,
+    /// Set the balance to C credits.
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    set: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    state: StateDirArg,
+    #[command(flatten)]
+    data: DataDirArg,
+    /// Mount point of the cgroup hierarchy with the cpu controller [default: detected].
+    #[arg(long, value_name = "DIR", env = "BURST_QEMU_CGROUP_MOUNT")]
+    cgroup_mount: Option<PathBuf>,
+    /// The cgroup version at --cgroup-mount.
+    #[arg(long, value_name = "v1|v2", env = "BURST_QEMU_CGROUP_VERSION", value_parser = ["v1", "v2"])]
+    cgroup_version: Option<String>,
+    /// Exit quietly if an agent already runs for the state dir.
+    #[arg(long, hide = true)]
+    if_absent: bool,
+    /// Exit after this many seconds without VMs.
+    #[arg(long, value_name = "SECONDS")]
+    idle_exit: Option<f64>,
+}
+
+#[derive(Debug, Args)]
 struct RunArgs {
     /// Directory of the per-VM config files (NAME.toml).
     #[arg(
@@ -97,6 +163,8 @@ struct RunArgs {
     vms: PathBuf,
     #[command(flatten)]
     state: StateDirArg,
+    #[command(flatten)]
+    data: DataDirArg,
     /// The VM's name [default: QEMU's -name, else vm-PID]: letters, digits, '-', '_', '.',
     /// at most 64 bytes, unique among the running VMs of the state dir.
     #[arg(long, value_name = "NAME")]
@@ -246,6 +314,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Stop(args)) => stop(args),
         Some(Command::Pause(a)) => qmp_on(&a, qmp::qapi::qmp::stop {}),
         Some(Command::Resume(a)) => qmp_on(&a, qmp::qapi::qmp::cont {}),
+        Some(Command::Credits(a)) => credits(a),
+        Some(Command::Agent(a)) => run_agent(a),
+        Some(Command::Check) => check(),
         Some(Command::Simulate(args)) => simulate_cmd(args),
         Some(Command::TestGuest(a)) => {
             let kind = if a.halt {
@@ -272,7 +343,7 @@ fn run_vm(a: RunArgs) -> Result<(), Failure> {
         )));
     }
     let req = Request {
-        vms_dir: a.vms,
+        vms_dir: a.vms.clone(),
         state_dir: a.state.get(),
         name: a.name,
         vcpus: a.vcpus,
@@ -281,13 +352,18 @@ fn run_vm(a: RunArgs) -> Result<(), Failure> {
         mode: a.mode,
         force_config: a.force_config,
         shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
-        qemu: a.qemu,
+        qemu: a.qemu.clone(),
     };
     let launched = |e: LaunchError| Failure {
         code: e.exit_code(),
         error: e.into(),
     };
     let vm = launch::start(&req).map_err(launched)?;
+    if let Err(e) = ensure_agent(&req.state_dir, &a.data.get()) {
+        eprintln!(
+            "burst-qemu: warning: cannot start the credit agent ({e:#}); credits are not enforced"
+        );
+    }
     let code = vm.wait().map_err(launched)?;
     if code != 0 {
         // QEMU's own status; QEMU has said why.
@@ -315,36 +391,49 @@ fn vm_state(vm: &VmRecord) -> String {
 }
 
 fn ls(a: LsArgs) -> Result<(), Failure> {
-    let vms = state::running(&a.state.get());
+    let dir = a.state.get();
+    let vms = state::running(&dir);
     let out = if a.json {
         let rows: Vec<serde_json::Value> = vms
             .iter()
             .map(|vm| {
                 let mut v = serde_json::to_value(vm).expect("records are plain data");
                 v["state"] = vm_state(vm).into();
+                let error = config_error(&dir, &vm.name);
+                v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
+                v["config_error"] = error.into();
                 v
             })
             .collect();
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
         let mut out = format!(
-            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} VCPU TIDS\n",
-            "NAME", "PID", "VCPUS", "BASELINE", "MODE", "STATE"
+            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:<6} VCPU TIDS\n",
+            "NAME", "PID", "VCPUS", "BASELINE", "MODE", "STATE", "BALANCE", "CONFIG"
         );
+        let mut stale = String::new();
         for vm in &vms {
             let tids: Vec<String> = vm.vcpu_tids.iter().map(u32::to_string).collect();
+            let live = read_view(&dir, &vm.name);
+            let error = config_error(&dir, &vm.name);
+            if let Some(e) = &error {
+                stale.push_str(&format!("{}: config stale: {e}\n", vm.name));
+            }
             out.push_str(&format!(
-                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {}\n",
+                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:<6} {}\n",
                 vm.name,
                 vm.pid,
                 vm.vcpus,
-                vm.baseline,
-                vm.mode,
+                live.as_ref().map_or(vm.baseline, |v| v.baseline),
+                live.as_ref().map_or(vm.mode, |v| v.mode),
                 vm_state(vm),
+                live.as_ref()
+                    .map_or("-".into(), |v| format!("{:.3}", v.balance)),
+                if error.is_some() { "stale" } else { "ok" },
                 tids.join(",")
             ));
         }
-        out
+        out + &stale
     };
     std::io::stdout()
         .write_all(out.as_bytes())
@@ -454,4 +543,315 @@ fn simulate_cmd(a: SimulateArgs) -> Result<(), Failure> {
         .write_all(text.as_bytes())
         .context("writing to stdout")
         .map_err(Failure::host)
+}
+
+fn config_error(state_dir: &std::path::Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(state_dir.join(name).join(state::CONFIG_ERROR))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn read_view(state_dir: &std::path::Path, name: &str) -> Option<CreditsView> {
+    let bytes = std::fs::read(state_dir.join(name).join(state::CREDITS_JSON)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Starts an agent for the state dir unless one runs: a grandchild in its own session, so it
+/// outlives this launcher and leaves no zombie; its log is `<state dir>/agent.log`.
+fn ensure_agent(state_dir: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    if state::agent_running(state_dir) {
+        return Ok(());
+    }
+    let log_path = state_dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(
+        std::env::current_exe().context("finding burst-qemu's own path")?,
+    );
+    cmd.arg("agent")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--if-absent", "--idle-exit", "30"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
+    // (setsid, fork, _exit).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            match libc::fork() {
+                -1 => Err(std::io::Error::last_os_error()),
+                0 => Ok(()),
+                _ => libc::_exit(0),
+            }
+        });
+    }
+    let mut middle = cmd.spawn().context("starting the agent")?;
+    middle.wait().context("starting the agent")?;
+    Ok(())
+}
+
+fn run_agent(a: AgentArgs) -> Result<(), Failure> {
+    let state_dir = a.state.get();
+    let _lock = match agent::lock(&state_dir) {
+        Ok(l) => l,
+        Err(AgentError::AlreadyRunning(_)) if a.if_absent => return Ok(()),
+        Err(e @ AgentError::AlreadyRunning(_)) => {
+            return Err(Failure {
+                code: EXIT_RUNNING,
+                error: e.into(),
+            })
+        }
+        Err(e) => return Err(Failure::host(e)),
+    };
+    let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
+        (Some(m), Some("v2")) => (Version::V2, m.clone()),
+        (Some(m), Some(_)) => (Version::V1, m.clone()),
+        (Some(m), None) => {
+            let v = if m.join("cgroup.controllers").exists() { Version::V2 } else { Version::V1 };
+            (v, m.clone())
+        }
+        (None, _) => cgroup::detect_host().ok_or_else(|| {
+            Failure::host(anyhow::anyhow!(
+                "no cgroup hierarchy with the cpu controller is mounted (run burst-qemu check for the fix)"
+            ))
+        })?,
+    };
+    let enforcer = CgroupEnforcer::new(version, &mount, &cgroup::instance_name(&state_dir))
+        .context("setting up cgroup CPU bandwidth (run burst-qemu check)")
+        .map_err(Failure::host)?;
+    let settings = Settings {
+        state_dir,
+        data_dir: a.data.get(),
+        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+    };
+    Agent::new(settings, Box::new(enforcer))
+        .run()
+        .map_err(Failure::host)
+}
+
+fn credits(a: CreditsArgs) -> Result<(), Failure> {
+    let state_dir = a.state.get();
+    let data_dir = a.data.get();
+    let set = a
+        .set
+        .map(|c| {
+            Credits::from_credits(c).ok_or_else(|| {
+                Failure::usage(PolicyError::Credits {
+                    field: "--set",
+                    value: c,
+                })
+            })
+        })
+        .transpose()?;
+    let view = if state::find(&state_dir, &a.name).is_some() {
+        if let Some(c) = set {
+            if !state::agent_running(&state_dir) {
+                return Err(Failure::host(anyhow::anyhow!(
+                    "no agent runs for {}: start one with burst-qemu agent",
+                    state_dir.display()
+                )));
+            }
+            let request = state_dir.join(&a.name).join(state::SET_CREDITS);
+            state::write_atomic(&request, format!("{}\n", c.as_credits()).as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", request.display()))
+                .map_err(Failure::host)?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while request.exists() {
+                if Instant::now() >= deadline {
+                    return Err(Failure::host(anyhow::anyhow!(
+                        "the agent did not take the new balance within 5 s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(v) = read_view(&state_dir, &a.name) {
+                break v;
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::host(anyhow::anyhow!(
+                    "{} is running but no agent has published its credits (is the agent running? see {})",
+                    a.name,
+                    state_dir.join("agent.log").display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        let path = state::ledger_path(&data_dir, &a.name);
+        let file = LedgerFile::load(&path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map_err(Failure::host)?
+            .ok_or_else(|| Failure {
+                code: EXIT_NO_SUCH_VM,
+                error: anyhow::anyhow!(
+                    "no VM named {:?}: not running and no ledger in {}",
+                    a.name,
+                    data_dir.display()
+                ),
+            })?;
+        let policy = file
+            .policy
+            .clone()
+            .ok_or_else(|| Failure::host(anyhow::anyhow!("{} has no policy", path.display())))?;
+        let mut ledger = Ledger::restore(policy, file.balances);
+        if let Some(c) = set {
+            ledger.set_balance(c);
+            let saved = LedgerFile {
+                balances: ledger.balances(),
+                ..file.clone()
+            };
+            saved
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))
+                .map_err(Failure::host)?;
+        }
+        agent::view(&a.name, &ledger, file.used_total, None, None)
+    };
+    let text = if a.json {
+        let mut v = serde_json::to_value(&view).expect("plain data");
+        v["time_to_empty_s"] = view.time_to_empty_s.map(f64::round).into();
+        serde_json::to_string_pretty(&v).expect("plain data") + "\n"
+    } else {
+        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2} %"));
+        let empty = view.time_to_empty_s.map_or("not draining".to_owned(), |s| {
+            let s = s.round() as u64;
+            format!("in {}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
+        });
+        format!(
+            "{} ({}, {} mode, {} vCPU at {} % baseline)\n\
+             balance        {:.3} credits\n\
+             surplus        {:.3}\n\
+             charged        {:.3}\n\
+             earn rate      {:.3} credits/hour\n\
+             usage          {} of all vCPUs (grant {})\n\
+             empty          {}\n{}",
+            view.name,
+            view.state,
+            view.mode,
+            view.vcpus,
+            view.baseline,
+            view.balance,
+            view.surplus,
+            view.charged,
+            view.earn_per_hour,
+            pct(view.usage_pct),
+            pct(view.grant_pct),
+            empty,
+            view.config_error
+                .as_ref()
+                .map_or(String::new(), |e| format!("config stale: {e}\n")),
+        )
+    };
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+        .map_err(Failure::host)
+}
+
+fn check() -> Result<(), Failure> {
+    let mut lines = Vec::new();
+    let mut required_ok = true;
+    let mut line = |ok: bool, what: &str, detail: String| {
+        lines.push(format!(
+            "{} {what:<22} {detail}",
+            if ok { "ok " } else { "-- " }
+        ))
+    };
+
+    match std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let v = String::from_utf8_lossy(&o.stdout);
+            line(
+                true,
+                "QEMU",
+                v.lines().next().unwrap_or("").trim().to_owned(),
+            );
+        }
+        _ => {
+            required_ok = false;
+            line(
+                false,
+                "QEMU",
+                "qemu-system-x86_64 not found. Fix: apt-get install qemu-system-x86".into(),
+            );
+        }
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => line(true, "KVM", "/dev/kvm is usable".into()),
+        Err(e) => line(
+            false,
+            "KVM",
+            format!("/dev/kvm: {e}. Optional: TCG (-accel tcg,thread=multi) works without it. Fix: load kvm_intel or kvm_amd, and add the user to group kvm"),
+        ),
+    }
+    match cgroup::detect_host() {
+        Some((version, mount)) => {
+            let probe = mount
+                .join("burst-qemu")
+                .join(format!(".check-{}", std::process::id()));
+            let writable =
+                std::fs::create_dir_all(&probe).and_then(|()| std::fs::remove_dir(&probe));
+            match writable {
+                Ok(()) => line(
+                    true,
+                    "cgroup CPU bandwidth",
+                    format!(
+                        "cgroup {version} cpu controller at {} is writable",
+                        mount.display()
+                    ),
+                ),
+                Err(e) => {
+                    required_ok = false;
+                    line(false, "cgroup CPU bandwidth", format!("cgroup {version} at {}: {e}. Fix: run burst-qemu as root, or delegate that cgroup to this user", mount.display()));
+                }
+            }
+        }
+        None => {
+            required_ok = false;
+            line(
+                false,
+                "cgroup CPU bandwidth",
+                "no hierarchy with the cpu controller. Fix (v2): echo +cpu > /sys/fs/cgroup/cgroup.subtree_control; (v1): mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu".into(),
+            );
+        }
+    }
+    let ghost = std::path::Path::new("/sys/fs/ghost");
+    match std::fs::read_to_string(ghost.join("version")) {
+        Ok(v) => {
+            let versions: Vec<&str> = v.split_whitespace().collect();
+            line(true, "ghOSt", format!("ghostfs at {}, ABI versions {}", ghost.display(), versions.join(", ")));
+        }
+        Err(_) => line(false, "ghOSt", "not present. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) and ghostfs mounted at /sys/fs/ghost; cgroup enforcement is used without it".into()),
+    }
+    let mut text = lines.join("\n") + "\n";
+    text.push_str(if required_ok {
+        "burst-qemu can run and enforce credits on this host\n"
+    } else {
+        "burst-qemu cannot enforce credits here until the pieces above marked -- are fixed\n"
+    });
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+        .map_err(Failure::host)?;
+    if required_ok {
+        Ok(())
+    } else {
+        Err(Failure::host(anyhow::anyhow!(
+            "required pieces are missing"
+        )))
+    }
 }

@@ -8,6 +8,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`agent`] | the loop: measure → `Ledger::tick` → `Enforcer::apply`; publishing; persistence |
 //! | [`config`] | `vms/NAME.toml`: parse, validate, render; errors name file, line and field |
 //! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
 //! | [`enforce`] | the `Enforcer` trait and its cgroup v1/v2 implementation: mechanism only |
@@ -27,6 +28,7 @@
 //! assert_eq!(ledger.balances().balance().to_string(), "3.600");
 //! ```
 
+pub mod agent;
 pub mod config;
 pub mod credit;
 pub mod enforce;

@@ -24,6 +24,12 @@ use crate::credit::Mode;
 pub const RECORD: &str = "vm.json";
 /// File name of the lock in a runtime dir.
 pub const LOCK: &str = "lock";
+/// File name of a balance-override request (`burst-qemu credits NAME --set C`).
+pub const SET_CREDITS: &str = "set-credits";
+/// File name of the agent's summary of a VM's credits (JSON), refreshed every tick.
+pub const CREDITS_JSON: &str = "credits.json";
+/// File name of the reason a VM's config is stale (present only while it is).
+pub const CONFIG_ERROR: &str = "config_error";
 /// File name of the QMP socket burst-qemu adds.
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
@@ -43,10 +49,52 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
+/// The default data dir, where ledgers survive reboots: `/var/lib/burst-qemu` for root, else
+/// `$XDG_DATA_HOME/burst-qemu`, else `~/.local/share/burst-qemu`.
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/burst-qemu");
+    }
+    match (std::env::var_os("XDG_DATA_HOME"), std::env::var_os("HOME")) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("burst-qemu"),
+        (_, Some(h)) => PathBuf::from(h).join(".local/share/burst-qemu"),
+        _ => PathBuf::from("/var/tmp/burst-qemu"),
+    }
+}
+
+/// Where VM `name`'s ledger is persisted.
+pub fn ledger_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("ledgers").join(format!("{name}.json"))
+}
+
+/// The agent's lock file in a state dir.
+pub fn agent_lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.lock")
+}
+
+/// Whether an agent holds the state dir's agent lock.
+pub fn agent_running(state_dir: &Path) -> bool {
+    match File::open(agent_lock_path(state_dir)) {
+        Ok(f) => matches!(f.try_lock_shared(), Err(fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
 /// renamed over `path`, then the directory fsynced. Readers see the old or the new content,
-/// never a part.
+/// never a part, and after a crash the file holds one of them.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replacing(path, bytes, mode, true)
+}
+
+/// Like [`write_atomic`] without the fsyncs: for files that are rewritten every tick on a
+/// runtime (tmpfs) directory, where readers must never see a part but durability is moot.
+pub fn write_published(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_replacing(path, bytes, 0o644, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -67,9 +115,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -222,7 +275,7 @@ pub fn running(state_dir: &Path) -> Vec<VmRecord> {
     };
     let mut vms: Vec<VmRecord> = entries
         .flatten()
-        .filter(|e| is_locked(&e.path()))
+        .filter(|e| e.path().is_dir() && is_locked(&e.path()))
         .filter_map(|e| fs::read(e.path().join(RECORD)).ok())
         .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
         .collect();

@@ -1,0 +1,883 @@
+//! The agent: measure each VM's vCPU CPU time → [`Ledger::tick`] → [`Enforcer::apply`], publish
+//! the balances, persist the ledgers. One agent per state dir, held by an `flock` on
+//! `<state dir>/agent.lock`; it does not know which enforcer it drives.
+//!
+//! # Tick and period
+//!
+//! The tick is **250 ms**. Enforcement accuracy does not depend on it: between ticks the kernel
+//! holds the threads to the quota exactly, and at a constant grant (the baseline) nothing
+//! changes from tick to tick. What the tick bounds is (a) how stale the published balances are,
+//! (b) the step of the decline (a 20-minute decline moves 0.02 % of the full rate per tick), and
+//! (c) how long a `credits --set` or a new VM waits (config edits and new VMs do not wait: they
+//! arrive as file-system events and are applied at once). 250 ms keeps all three well under a
+//! second while costing, with 10 VMs, a few hundred small reads and writes per second. Four
+//! ticks fit in each 1-second persistence interval.
+//!
+//! The cgroup period is 100 ms (see [`crate::enforce::cgroup`]): shorter than the tick, so a new
+//! quota is in force within one period of being written, and the kernel's default, measured
+//! exact on these machines.
+//!
+//! # Crashes
+//!
+//! If the agent dies, VMs keep running at their last grant (the quota stays in the kernel). The
+//! ledger file records, with the balances, a checkpoint: the boot id, the boot-time clock and
+//! every vCPU thread's CPU time. A restarted agent that finds the same QEMU process charges it
+//! exactly for the time and CPU since that checkpoint, so nothing is lost beyond what happened
+//! after the last save (at most one second of accounting, and in practice nothing).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::{self, VmConfig};
+use crate::credit::{
+    Balances, Baseline, Credits, Ledger, Mode, Policy, Rate, NS_PER_SEC, PPM_PER_CPU,
+};
+use crate::enforce::{thread_cpu_ns, Enforcer};
+use crate::state::{self, VmRecord};
+
+/// The agent's tick.
+pub const TICK: Duration = Duration::from_millis(250);
+/// How often each ledger is saved.
+pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// A failure that stops the agent.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// Another agent holds the state dir.
+    #[error("an agent is already running for state dir {dir}", dir = .0.display())]
+    AlreadyRunning(PathBuf),
+    /// Host I/O failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The file watcher could not start.
+    #[error("watching for config edits")]
+    Watch(#[source] notify::Error),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
+    let context = context.into();
+    move |source| AgentError::Io { context, source }
+}
+
+/// Where a ledger was last saved, so a restarted agent can charge the gap exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// `/proc/sys/kernel/random/boot_id` at the save.
+    pub boot_id: String,
+    /// `CLOCK_BOOTTIME` at the save, ns.
+    pub boottime_ns: u64,
+    /// QEMU's pid.
+    pub qemu_pid: u32,
+    /// `(tid, cumulative CPU ns)` of each vCPU thread.
+    pub cpu_ns: Vec<(u32, u64)>,
+}
+
+/// A VM's persisted ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerFile {
+    /// The VM's name.
+    pub name: String,
+    /// Its vCPUs when saved.
+    pub vcpus: u32,
+    /// The policy in force when saved (to show a stopped VM's credits).
+    pub policy: Option<Policy>,
+    /// The balances.
+    pub balances: Balances,
+    /// The last `credits = N` override applied (applied again only when the value changes).
+    pub credits_applied: Option<Credits>,
+    /// CPU time charged since the ledger was created, vCPU-ns.
+    pub used_total: Credits,
+    /// Where the accounting stood at the save.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl LedgerFile {
+    /// Reads a ledger file; `Ok(None)` when there is none.
+    pub fn load(path: &Path) -> io::Result<Option<Self>> {
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Saves atomically (write, fsync, rename).
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        state::write_atomic(path, &json, 0o644)
+    }
+}
+
+/// What `burst-qemu credits` shows, as published every tick.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreditsView {
+    /// The VM's name.
+    pub name: String,
+    /// Spendable balance, credits.
+    pub balance: f64,
+    /// Surplus outstanding, credits.
+    pub surplus: f64,
+    /// Surplus charged so far, credits.
+    pub charged: f64,
+    /// Credits earned per hour.
+    pub earn_per_hour: f64,
+    /// CPU used over the last tick, percent of all the VM's vCPUs (`None` for a stopped VM).
+    pub usage_pct: Option<f64>,
+    /// The grant over the last tick, percent of all the VM's vCPUs (`None` for a stopped VM).
+    pub grant_pct: Option<f64>,
+    /// Seconds until the balance is spent at the current usage; `None` when not draining.
+    pub time_to_empty_s: Option<f64>,
+    /// `running` or `stopped`.
+    pub state: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Baseline, percent per vCPU.
+    pub baseline: f64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// CPU time charged since the ledger was created, vCPU-seconds.
+    pub used_total_s: f64,
+    /// Why the config file is not in force, when a bad edit is being ignored.
+    pub config_error: Option<String>,
+}
+
+/// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
+pub fn view(
+    name: &str,
+    ledger: &Ledger,
+    used_total: Credits,
+    live: Option<(Rate, Rate)>,
+    config_error: Option<String>,
+) -> CreditsView {
+    let p = ledger.policy();
+    let b = ledger.balances();
+    let pct = |r: Rate| r.percent_of(p.vcpus());
+    let time_to_empty_s = live.and_then(|(usage, _)| {
+        let drain = usage.0.saturating_sub(p.baseline_rate().0);
+        if drain == 0 || (p.mode() == Mode::Standard && b.balance() == Credits::ZERO) {
+            return None;
+        }
+        // balance (vCPU-ns) / drain (vCPU-ns per ns), in seconds.
+        Some(b.balance().vcpu_ns() as f64 * PPM_PER_CPU as f64 / drain as f64 / NS_PER_SEC as f64)
+    });
+    CreditsView {
+        name: name.to_owned(),
+        balance: b.balance().as_credits(),
+        surplus: b.surplus.as_credits(),
+        charged: b.charged.as_credits(),
+        earn_per_hour: p.earn_per_hour().as_credits(),
+        usage_pct: live.map(|(u, _)| pct(u)),
+        grant_pct: live.map(|(_, g)| pct(g)),
+        time_to_empty_s,
+        state: if live.is_some() { "running" } else { "stopped" }.into(),
+        mode: p.mode(),
+        baseline: p.baseline().percent(),
+        vcpus: p.vcpus(),
+        used_total_s: used_total.vcpu_ns() as f64 / NS_PER_SEC as f64,
+        config_error,
+    }
+}
+
+/// `CLOCK_BOOTTIME` in ns: monotonic, and counts suspended time, during which credits accrue.
+pub fn boottime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * NS_PER_SEC + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The agent's settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The state dir whose VMs the agent serves.
+    pub state_dir: PathBuf,
+    /// Where ledgers are persisted.
+    pub data_dir: PathBuf,
+    /// Exit after this long with no VMs (auto-started agents); `None`: run until signalled.
+    pub idle_exit: Option<Duration>,
+}
+
+/// One adopted VM.
+struct Vm {
+    record: VmRecord,
+    ledger: Ledger,
+    credits_applied: Option<Credits>,
+    used_total: Credits,
+    cpu: Vec<(u32, u64)>,
+    at_ns: u64,
+    usage: Rate,
+    last_grant: Rate,
+    stale: Option<String>,
+    last_persist: Instant,
+    published: HashMap<&'static str, String>,
+}
+
+enum Wake {
+    Changed(PathBuf),
+    Shutdown,
+}
+
+/// The agent's lock on a state dir.
+pub struct AgentLock(#[allow(dead_code)] File);
+
+/// Takes the state dir's agent lock.
+pub fn lock(state_dir: &Path) -> Result<AgentLock, AgentError> {
+    fs::create_dir_all(state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
+    let path = state::agent_lock_path(state_dir);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => {
+            let _ = fs::write(&path, format!("{}\n", std::process::id()));
+            Ok(AgentLock(f))
+        }
+        Err(fs::TryLockError::WouldBlock) => Err(AgentError::AlreadyRunning(state_dir.to_owned())),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", path.display()))(e)),
+    }
+}
+
+/// The agent.
+pub struct Agent {
+    settings: Settings,
+    enforcer: Box<dyn Enforcer>,
+    vms: HashMap<String, Vm>,
+    watched: HashSet<PathBuf>,
+}
+
+impl Agent {
+    /// An agent over `enforcer`. The caller holds the [`AgentLock`].
+    pub fn new(settings: Settings, enforcer: Box<dyn Enforcer>) -> Self {
+        Agent {
+            settings,
+            enforcer,
+            vms: HashMap::new(),
+            watched: HashSet::new(),
+        }
+    }
+
+    /// Runs until SIGINT/SIGTERM (or idle exit); ledgers are saved on the way out. Cgroups of
+    /// running VMs are left in place, so they keep their last grant.
+    pub fn run(mut self) -> Result<(), AgentError> {
+        let (tx, rx) = mpsc::channel();
+        // Signals: blocked here (and so in the watcher's threads), awaited by one thread.
+        let mut mask = nix::sys::signal::SigSet::empty();
+        mask.add(nix::sys::signal::Signal::SIGINT);
+        mask.add(nix::sys::signal::Signal::SIGTERM);
+        mask.thread_block()
+            .map_err(|e| io_err("blocking signals")(e.into()))?;
+        let signal_tx = tx.clone();
+        std::thread::spawn(move || {
+            if mask.wait().is_ok() {
+                let _ = signal_tx.send(Wake::Shutdown);
+            }
+        });
+        let watch_tx = tx;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    for path in event.paths {
+                        let _ = watch_tx.send(Wake::Changed(path));
+                    }
+                }
+            })
+            .map_err(AgentError::Watch)?;
+        use notify::Watcher;
+        watcher
+            .watch(
+                &self.settings.state_dir,
+                notify::RecursiveMode::NonRecursive,
+            )
+            .map_err(AgentError::Watch)?;
+
+        tracing::info!(
+            "agent for {} using {}",
+            self.settings.state_dir.display(),
+            self.enforcer.describe()
+        );
+        self.scan(&mut watcher);
+        let live: Vec<String> = self.vms.keys().cloned().collect();
+        self.enforcer
+            .cleanup(&live.iter().map(String::as_str).collect::<Vec<_>>());
+
+        let mut next_tick = Instant::now() + TICK;
+        let mut idle_since = Instant::now();
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let mut changed = HashSet::new();
+            match rx.recv_timeout(wait) {
+                Ok(Wake::Shutdown) => break,
+                Ok(Wake::Changed(p)) => {
+                    changed.insert(p);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let mut shutdown = false;
+            while let Ok(w) = rx.try_recv() {
+                match w {
+                    Wake::Shutdown => shutdown = true,
+                    Wake::Changed(p) => {
+                        changed.insert(p);
+                    }
+                }
+            }
+            if shutdown {
+                break;
+            }
+            if !changed.is_empty() {
+                self.handle_changes(&changed, &mut watcher);
+            }
+            if Instant::now() >= next_tick {
+                if !self.settings.state_dir.is_dir() {
+                    tracing::info!(
+                        "state dir {} is gone: exiting",
+                        self.settings.state_dir.display()
+                    );
+                    break;
+                }
+                self.scan(&mut watcher);
+                self.tick();
+                next_tick += TICK;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + TICK;
+                }
+                if !self.vms.is_empty() {
+                    idle_since = Instant::now();
+                } else if self
+                    .settings
+                    .idle_exit
+                    .is_some_and(|d| idle_since.elapsed() >= d)
+                {
+                    tracing::info!(
+                        "no VMs for {:?}: exiting",
+                        self.settings.idle_exit.unwrap_or_default()
+                    );
+                    break;
+                }
+            }
+        }
+        for vm in self.vms.values_mut() {
+            persist(&self.settings.data_dir, vm);
+        }
+        tracing::info!("agent stopped; VMs keep their last grant");
+        Ok(())
+    }
+
+    fn handle_changes(
+        &mut self,
+        changed: &HashSet<PathBuf>,
+        watcher: &mut notify::RecommendedWatcher,
+    ) {
+        let configs: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| changed.contains(&vm.record.config))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in configs {
+            self.reload(&name);
+        }
+        if changed
+            .iter()
+            .any(|p| p.parent() == Some(self.settings.state_dir.as_path()))
+        {
+            self.scan(watcher);
+        }
+    }
+
+    /// Adopts VMs that appeared and lets go of those that ended.
+    fn scan(&mut self, watcher: &mut notify::RecommendedWatcher) {
+        let records = state::running(&self.settings.state_dir);
+        let live: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        let ended: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(name, vm)| {
+                !live.contains(name.as_str())
+                    || !records
+                        .iter()
+                        .any(|r| r.name == **name && r.pid == vm.record.pid)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in ended {
+            self.end(&name);
+        }
+        for record in records {
+            if !self.vms.contains_key(&record.name) {
+                self.adopt(record, watcher);
+            }
+        }
+    }
+
+    fn adopt(&mut self, record: VmRecord, watcher: &mut notify::RecommendedWatcher) {
+        let name = record.name.clone();
+        let (cfg, stale) = match config::load(&record.config) {
+            Ok(c) if c.policy.vcpus() == record.vcpus => (c, None),
+            Ok(c) => (
+                fallback_config(&record),
+                Some(vcpus_mismatch(&c, record.vcpus)),
+            ),
+            Err(e) => (fallback_config(&record), Some(e.to_string())),
+        };
+        if let Some(why) = &stale {
+            tracing::error!("{name}: {why}; using the launch settings");
+        }
+        let path = state::ledger_path(&self.settings.data_dir, &name);
+        let saved = LedgerFile::load(&path).unwrap_or_else(|e| {
+            tracing::error!(
+                "{name}: unreadable ledger {e}; starting a new one (the old file is kept as .bad)"
+            );
+            let _ = fs::rename(&path, path.with_extension("json.bad"));
+            None
+        });
+        let now_ns = boottime_ns();
+        let cpu = read_cpu(&record);
+        let mut vm = match saved.filter(|s| s.vcpus == record.vcpus) {
+            Some(s) => {
+                let mut vm = new_vm(
+                    record,
+                    Ledger::restore(cfg.policy.clone(), s.balances),
+                    cpu,
+                    now_ns,
+                );
+                vm.credits_applied = s.credits_applied;
+                vm.used_total = s.used_total;
+                // Same QEMU, same boot: charge exactly what happened since the last save.
+                if let Some(c) = s
+                    .checkpoint
+                    .filter(|c| c.boot_id == boot_id() && c.qemu_pid == vm.record.pid)
+                {
+                    let used: u64 = vm
+                        .cpu
+                        .iter()
+                        .map(|(tid, ns)| {
+                            let before = c
+                                .cpu_ns
+                                .iter()
+                                .find(|(t, _)| t == tid)
+                                .map_or(*ns, |(_, b)| *b);
+                            ns.saturating_sub(before)
+                        })
+                        .sum();
+                    let elapsed = now_ns.saturating_sub(c.boottime_ns);
+                    vm.ledger.tick(elapsed, used);
+                    vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
+                    tracing::info!(
+                        "{}: re-adopted; charged {:.3} s of CPU over {:.1} s since the last save",
+                        vm.record.name,
+                        used as f64 / 1e9,
+                        elapsed as f64 / 1e9
+                    );
+                }
+                vm
+            }
+            None => new_vm(
+                record,
+                Ledger::new(cfg.policy.clone(), cfg.initial_credits),
+                cpu,
+                now_ns,
+            ),
+        };
+        vm.stale = stale;
+        apply_override(&mut vm, &cfg);
+        if let Err(e) = self.enforcer.attach(&vm.record) {
+            tracing::error!("{name}: cannot enforce credits: {e:#}");
+        }
+        self.watch_config(&vm.record.config, watcher);
+        tracing::info!(
+            "{name}: adopted (pid {}, vCPU threads {:?}), balance {}",
+            vm.record.pid,
+            vm.record.vcpu_tids,
+            vm.ledger.balances().balance()
+        );
+        self.enforce(&mut vm);
+        publish(&self.settings.state_dir, &mut vm);
+        persist(&self.settings.data_dir, &mut vm);
+        self.vms.insert(name, vm);
+    }
+
+    fn watch_config(&mut self, config: &Path, watcher: &mut notify::RecommendedWatcher) {
+        use notify::Watcher;
+        let Some(dir) = config.parent() else { return };
+        if self.watched.insert(dir.to_owned()) {
+            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                tracing::error!("cannot watch {} for edits: {e}", dir.display());
+                self.watched.remove(dir);
+            }
+        }
+    }
+
+    fn end(&mut self, name: &str) {
+        if let Some(mut vm) = self.vms.remove(name) {
+            measure_and_tick(&mut vm);
+            persist(&self.settings.data_dir, &mut vm);
+            if let Err(e) = self.enforcer.detach(name) {
+                tracing::warn!("{name}: {e:#}");
+            }
+            tracing::info!(
+                "{name}: ended; balance {} saved",
+                vm.ledger.balances().balance()
+            );
+        }
+    }
+
+    fn enforce(&mut self, vm: &mut Vm) {
+        let grant = vm.ledger.grant().rate;
+        if let Err(e) = self
+            .enforcer
+            .apply(&vm.record.name, grant, vm.ledger.policy().full_rate())
+        {
+            tracing::error!("{}: {e:#}", vm.record.name);
+        }
+    }
+
+    /// Applies an edit of the VM's config file, or records why it cannot be.
+    fn reload(&mut self, name: &str) {
+        let Some(mut vm) = self.vms.remove(name) else {
+            return;
+        };
+        match config::load(&vm.record.config) {
+            Ok(cfg) if cfg.policy.vcpus() != vm.record.vcpus => {
+                let why = vcpus_mismatch(&cfg, vm.record.vcpus);
+                tracing::error!("{name}: {why}; the last good config stays in force");
+                vm.stale = Some(why);
+            }
+            Ok(cfg) => {
+                // Account up to now under the old policy, then switch.
+                measure_and_tick(&mut vm);
+                if let Err(e) = vm.ledger.set_policy(cfg.policy.clone()) {
+                    tracing::error!("{name}: {e}");
+                }
+                apply_override(&mut vm, &cfg);
+                if vm.stale.take().is_some() {
+                    tracing::info!("{name}: config valid again");
+                }
+                tracing::info!(
+                    "{name}: config applied: baseline {} %, {} mode, grant {:.2} %",
+                    cfg.policy.baseline().percent(),
+                    cfg.policy.mode(),
+                    vm.ledger.grant().rate.percent_of(vm.record.vcpus)
+                );
+                self.enforce(&mut vm);
+                persist(&self.settings.data_dir, &mut vm);
+            }
+            Err(e) if matches!(&e, config::ConfigError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound) =>
+            {
+                // An editor between unlink and rename; the next event brings the new file.
+            }
+            Err(e) => {
+                tracing::error!("{e}; the last good config stays in force");
+                vm.stale = Some(e.to_string());
+            }
+        }
+        publish(&self.settings.state_dir, &mut vm);
+        self.vms.insert(name.to_owned(), vm);
+    }
+
+    fn tick(&mut self) {
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            let Some(mut vm) = self.vms.remove(&name) else {
+                continue;
+            };
+            let request = self.settings.state_dir.join(&name).join(state::SET_CREDITS);
+            measure_and_tick(&mut vm);
+            if let Ok(text) = fs::read_to_string(&request) {
+                let _ = fs::remove_file(&request);
+                match text
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(Credits::from_credits)
+                {
+                    Some(c) => {
+                        vm.ledger.set_balance(c);
+                        tracing::info!("{name}: balance set to {c} (burst-qemu credits --set)");
+                        persist(&self.settings.data_dir, &mut vm);
+                    }
+                    None => tracing::error!("{name}: ignoring balance request {text:?}"),
+                }
+            }
+            self.enforce(&mut vm);
+            publish(&self.settings.state_dir, &mut vm);
+            if vm.last_persist.elapsed() >= PERSIST_EVERY {
+                persist(&self.settings.data_dir, &mut vm);
+            }
+            self.vms.insert(name, vm);
+        }
+    }
+}
+
+fn new_vm(record: VmRecord, ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64) -> Vm {
+    Vm {
+        last_grant: ledger.grant().rate,
+        record,
+        ledger,
+        credits_applied: None,
+        used_total: Credits::ZERO,
+        cpu,
+        at_ns,
+        usage: Rate(0),
+        stale: None,
+        last_persist: Instant::now(),
+        published: HashMap::new(),
+    }
+}
+
+fn vcpus_mismatch(cfg: &VmConfig, running: u32) -> String {
+    format!(
+        "vcpus = {} differs from the running VM's {running} vCPUs; restart the VM to change it",
+        cfg.policy.vcpus()
+    )
+}
+
+/// The launch settings from the VM record, for a VM whose config file is unusable at adoption.
+fn fallback_config(r: &VmRecord) -> VmConfig {
+    let policy = Baseline::from_percent(r.baseline)
+        .and_then(|b| Policy::new(r.vcpus, b))
+        .map(|p| p.with_mode(r.mode))
+        .unwrap_or_else(|_| {
+            Policy::new(
+                r.vcpus.max(1),
+                Baseline::from_percent(100.0).expect("valid"),
+            )
+            .expect("valid")
+        });
+    VmConfig {
+        initial_credits: Policy::default_initial_credits(r.vcpus.max(1)),
+        policy,
+        credits: None,
+    }
+}
+
+/// Applies `credits = N` once per change of its value.
+fn apply_override(vm: &mut Vm, cfg: &VmConfig) {
+    if cfg.credits != vm.credits_applied {
+        if let Some(c) = cfg.credits {
+            vm.ledger.set_balance(c);
+            tracing::info!(
+                "{}: balance set to {c} (credits = in {})",
+                vm.record.name,
+                vm.record.config.display()
+            );
+        }
+        vm.credits_applied = cfg.credits;
+    }
+}
+
+fn read_cpu(r: &VmRecord) -> Vec<(u32, u64)> {
+    r.vcpu_tids
+        .iter()
+        .map(|&t| (t, thread_cpu_ns(r.pid, t).unwrap_or(0)))
+        .collect()
+}
+
+/// Charges the VM for the CPU its vCPU threads used since the last measurement.
+fn measure_and_tick(vm: &mut Vm) {
+    let now = boottime_ns();
+    let elapsed = now.saturating_sub(vm.at_ns);
+    if elapsed == 0 {
+        return;
+    }
+    let mut used = 0u64;
+    for (tid, last) in vm.cpu.iter_mut() {
+        if let Some(ns) = thread_cpu_ns(vm.record.pid, *tid) {
+            used += ns.saturating_sub(*last);
+            *last = ns;
+        }
+    }
+    vm.last_grant = vm.ledger.grant().rate;
+    vm.ledger.tick(elapsed, used);
+    vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
+    vm.usage = Rate((u128::from(used) * u128::from(PPM_PER_CPU) / u128::from(elapsed)) as u64);
+    vm.at_ns = now;
+}
+
+fn persist(data_dir: &Path, vm: &mut Vm) {
+    let file = LedgerFile {
+        name: vm.record.name.clone(),
+        vcpus: vm.record.vcpus,
+        policy: Some(vm.ledger.policy().clone()),
+        balances: vm.ledger.balances(),
+        credits_applied: vm.credits_applied,
+        used_total: vm.used_total,
+        checkpoint: Some(Checkpoint {
+            boot_id: boot_id(),
+            boottime_ns: vm.at_ns,
+            qemu_pid: vm.record.pid,
+            cpu_ns: vm.cpu.clone(),
+        }),
+    };
+    let path = state::ledger_path(data_dir, &vm.record.name);
+    match file.save(&path) {
+        Ok(()) => vm.last_persist = Instant::now(),
+        Err(e) => tracing::error!("saving {}: {e}", path.display()),
+    }
+}
+
+/// Writes the VM's one-value files and `credits.json` into its runtime dir.
+fn publish(state_dir: &Path, vm: &mut Vm) {
+    let dir = state_dir.join(&vm.record.name);
+    if !dir.is_dir() {
+        return;
+    }
+    let v = view(
+        &vm.record.name,
+        &vm.ledger,
+        vm.used_total,
+        Some((vm.usage, vm.last_grant)),
+        vm.stale.clone(),
+    );
+    let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));
+    let values: [(&'static str, String); 8] = [
+        ("balance", num(Some(v.balance), 3)),
+        ("surplus", num(Some(v.surplus), 3)),
+        ("charged", num(Some(v.charged), 3)),
+        ("earn_per_hour", num(Some(v.earn_per_hour), 3)),
+        ("usage_pct", num(v.usage_pct, 2)),
+        ("grant_pct", num(v.grant_pct, 2)),
+        ("time_to_empty_s", num(v.time_to_empty_s, 0)),
+        (
+            state::CREDITS_JSON,
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        ),
+    ];
+    for (file, value) in values {
+        if vm.published.get(file) != Some(&value) {
+            let text = if file == state::CREDITS_JSON {
+                value.clone()
+            } else {
+                format!("{value}\n")
+            };
+            if state::write_published(&dir.join(file), text.as_bytes()).is_ok() {
+                vm.published.insert(file, value);
+            }
+        }
+    }
+    let error_file = dir.join(state::CONFIG_ERROR);
+    match &vm.stale {
+        Some(why) => {
+            let _ = state::write_published(&error_file, format!("{why}\n").as_bytes());
+        }
+        None => {
+            let _ = fs::remove_file(error_file);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(balance: f64) -> Ledger {
+        let p = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
+        Ledger::new(p, Credits::from_credits(balance).unwrap())
+    }
+
+    #[test]
+    fn time_to_empty_is_balance_over_net_drain() {
+        // 12 credits = 720 vCPU-s; using 1 vCPU against a 0.2 vCPU baseline drains 0.8/s.
+        let v = view(
+            "a",
+            &ledger(12.0),
+            Credits::ZERO,
+            Some((Rate(1_000_000), Rate(2_000_000))),
+            None,
+        );
+        assert!((v.time_to_empty_s.unwrap() - 900.0).abs() < 1e-6);
+        assert_eq!(v.usage_pct, Some(50.0));
+        assert_eq!(v.grant_pct, Some(100.0));
+        assert!((v.earn_per_hour - 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn time_to_empty_is_null_when_not_draining() {
+        let v = view(
+            "a",
+            &ledger(12.0),
+            Credits::ZERO,
+            Some((Rate(100_000), Rate(2_000_000))),
+            None,
+        );
+        assert_eq!(v.time_to_empty_s, None);
+        let stopped = view("a", &ledger(12.0), Credits::ZERO, None, None);
+        assert_eq!(
+            (
+                stopped.usage_pct,
+                stopped.time_to_empty_s,
+                stopped.state.as_str()
+            ),
+            (None, None, "stopped")
+        );
+    }
+
+    #[test]
+    fn ledger_files_round_trip_and_garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledgers/a.json");
+        assert_eq!(LedgerFile::load(&path).unwrap(), None);
+        let f = LedgerFile {
+            name: "a".into(),
+            vcpus: 2,
+            policy: Some(ledger(1.0).policy().clone()),
+            balances: ledger(5.0).balances(),
+            credits_applied: Some(Credits(7)),
+            used_total: Credits(9),
+            checkpoint: Some(Checkpoint {
+                boot_id: "b".into(),
+                boottime_ns: 1,
+                qemu_pid: 2,
+                cpu_ns: vec![(3, 4)],
+            }),
+        };
+        f.save(&path).unwrap();
+        assert_eq!(LedgerFile::load(&path).unwrap(), Some(f));
+        fs::write(&path, "{\"name\": 3, garbage").unwrap();
+        assert!(LedgerFile::load(&path).is_err());
+    }
+
+    #[test]
+    fn a_second_agent_on_a_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = lock(dir.path()).unwrap();
+        assert!(matches!(
+            lock(dir.path()),
+            Err(AgentError::AlreadyRunning(_))
+        ));
+        assert!(state::agent_running(dir.path()));
+    }
+}
