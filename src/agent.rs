@@ -45,6 +45,8 @@ use crate::state::{self, VmRecord};
 
 /// The agent's tick.
 pub const TICK: Duration = Duration::from_millis(250);
+/// The shortest interval over which the published usage rate is computed, ns.
+const USAGE_WINDOW_NS: u64 = 200_000_000;
 /// How often each ledger is saved.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
@@ -233,6 +235,8 @@ struct Vm {
     cpu: Vec<(u32, u64)>,
     at_ns: u64,
     usage: Rate,
+    /// CPU and time accumulated toward the next `usage` figure.
+    window: (u64, u64),
     last_grant: Rate,
     stale: Option<String>,
     last_persist: Instant,
@@ -652,6 +656,7 @@ fn new_vm(record: VmRecord, ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64) ->
         cpu,
         at_ns,
         usage: Rate(0),
+        window: (0, 0),
         stale: None,
         last_persist: Instant::now(),
         published: HashMap::new(),
@@ -723,7 +728,16 @@ fn measure_and_tick(vm: &mut Vm) {
     vm.last_grant = vm.ledger.grant().rate;
     vm.ledger.tick(elapsed, used);
     vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
-    vm.usage = Rate((u128::from(used) * u128::from(PPM_PER_CPU) / u128::from(elapsed)) as u64);
+    // The published usage is a rate over at least USAGE_WINDOW: schedstat advances at scheduler
+    // ticks, so two measurements a few microseconds apart (a config edit just after a tick)
+    // would read as idle.
+    vm.window = (vm.window.0 + used, vm.window.1 + elapsed);
+    if vm.window.1 >= USAGE_WINDOW_NS {
+        vm.usage = Rate(
+            (u128::from(vm.window.0) * u128::from(PPM_PER_CPU) / u128::from(vm.window.1)) as u64,
+        );
+        vm.window = (0, 0);
+    }
     vm.at_ns = now;
 }
 

@@ -91,10 +91,14 @@ struct StateDirArg {
 }
 
 impl StateDirArg {
+    /// Absolute: the state dir names the agent's cgroups, so `state` and `/tmp/x/state` must
+    /// not become two instances.
     fn get(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(state::default_state_dir)
+        absolute(
+            self.state_dir
+                .clone()
+                .unwrap_or_else(state::default_state_dir),
+        )
     }
 }
 
@@ -107,10 +111,14 @@ struct DataDirArg {
 }
 
 impl DataDirArg {
+    /// Absolute: the state dir names the agent's cgroups, so `state` and `/tmp/x/state` must
+    /// not become two instances.
     fn get(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(state::default_data_dir)
+        absolute(
+            self.data_dir
+                .clone()
+                .unwrap_or_else(state::default_data_dir),
+        )
     }
 }
 
@@ -854,4 +862,8 @@ fn check() -> Result<(), Failure> {
             "required pieces are missing"
         )))
     }
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
 }

@@ -78,7 +78,8 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
     };
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(text, s.start));
-        let message = e.message().trim().to_owned();
+        // One line: toml's messages can span several.
+        let message = e.message().trim().replace('\n', "; ");
         // serde names the field in "unknown field `x`, expected …" and "missing field `x`".
         // A wrong type names no field: take the key written on the offending line.
         let key_on_line = text
