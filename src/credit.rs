@@ -27,8 +27,12 @@
 //!    otherwise the earned balance is 0 and, in `unlimited` mode, the surplus becomes
 //!    `−adjusted`, of which anything above `max_surplus` is *charged* (counted cumulatively,
 //!    like `CPUSurplusCreditsCharged`, and no longer owed). In `standard` mode the enforcer
-//!    holds the VM to its grant, so an overrun can only be the slack of one enforcement period;
-//!    it is forgiven rather than turned into a debt.
+//!    holds the VM to its grant, so an overrun can only be enforcement slack (a period's burst
+//!    measured in the next tick, or the runtime a kernel refills when a quota is rewritten). It
+//!    is carried as an internal *debt* of at most one second of the VM's full rate and repaid
+//!    from the next earnings, so that slack in both directions cancels: forgiving overruns
+//!    while keeping underruns would make a VM held at its baseline drift above it. The debt is
+//!    not part of the balance shown, which stays 0.
 //!
 //! # The grant and the smooth decline
 //!
@@ -392,6 +396,11 @@ pub struct Balances {
     /// that short ticks lose nothing to rounding.
     #[serde(default)]
     pub earn_remainder: u64,
+    /// Standard mode: CPU used beyond a zero balance (enforcement slack), at most one second of
+    /// the VM's full rate, repaid from later earnings before the balance grows. Not part of the
+    /// balance shown.
+    #[serde(default)]
+    pub debt: Credits,
 }
 
 impl Balances {
@@ -407,6 +416,7 @@ pub struct Ledger {
     policy: Policy,
     balances: Balances,
     grant: Grant,
+    interval_ns: u64,
 }
 
 impl Ledger {
@@ -430,9 +440,10 @@ impl Ledger {
             },
             policy,
             balances,
+            interval_ns: NS_PER_SEC,
         };
         ledger.clamp_to_policy();
-        ledger.grant = ledger.plan(NS_PER_SEC);
+        ledger.grant = ledger.plan();
         ledger
     }
 
@@ -451,8 +462,16 @@ impl Ledger {
         self.grant
     }
 
+    /// Sets the interval the grant is planned for: the caller's regular tick (default 1 s).
+    /// Ticks may be irregular (an edit applied between two regular ticks); the grant is
+    /// planned for the regular interval all the same.
+    pub fn set_interval(&mut self, interval_ns: u64) {
+        self.interval_ns = interval_ns.max(1);
+        self.grant = self.plan();
+    }
+
     /// Accounts `elapsed_ns` of wall time during which the VM's vCPU threads used `used_ns` of
-    /// CPU time, and returns the grant for the next interval (assumed as long as this one).
+    /// CPU time, and returns the grant for the next interval.
     pub fn tick(&mut self, elapsed_ns: u64, used_ns: u64) -> Grant {
         let b = &mut self.balances;
         let p = &self.policy;
@@ -468,18 +487,26 @@ impl Ledger {
         b.launch.0 -= from_launch;
         let used = used_ns - from_launch;
 
-        let adjusted = i128::from(b.earned.0) - i128::from(b.surplus.0) + earned_now as i128
+        let adjusted = i128::from(b.earned.0) - i128::from(b.surplus.0) - i128::from(b.debt.0)
+            + earned_now as i128
             - i128::from(used);
         if adjusted >= 0 {
             b.earned.0 = (adjusted as u128).min(u128::from(p.max_credits.0)) as u64;
             b.surplus.0 = 0;
+            b.debt.0 = 0;
         } else {
             b.earned.0 = 0;
             let owed = u128::try_from(-adjusted).unwrap_or(u128::MAX);
             match p.mode {
                 // The enforcer holds a standard VM to its grant: what it used beyond the balance
-                // is enforcement slack of at most one period, forgiven.
-                Mode::Standard => b.surplus.0 = 0,
+                // is enforcement slack (a period's burst straddling two ticks, a quota rewrite).
+                // It is carried and repaid, so slack in both directions cancels and the long-run
+                // use is exactly the baseline; beyond one second of the full rate it is forgiven.
+                Mode::Standard => {
+                    b.surplus.0 = 0;
+                    let cap = u128::from(p.full_rate().over(NS_PER_SEC));
+                    b.debt.0 = owed.min(cap) as u64;
+                }
                 Mode::Unlimited => {
                     let cap = u128::from(p.max_surplus.0);
                     if owed > cap {
@@ -495,12 +522,13 @@ impl Ledger {
             }
         }
 
-        self.grant = self.plan(elapsed_ns);
+        self.grant = self.plan();
         self.grant
     }
 
-    /// The grant for an interval of `interval_ns`, from the balances alone (see the module docs).
-    fn plan(&self, interval_ns: u64) -> Grant {
+    /// The grant for the next interval, from the balances alone (see the module docs).
+    fn plan(&self) -> Grant {
+        let interval_ns = self.interval_ns;
         let p = &self.policy;
         let full = p.full_rate();
         let unlimited = Grant {
@@ -549,7 +577,8 @@ impl Ledger {
         b.earned = credits.min(self.policy.max_credits);
         b.launch = Credits(credits.0 - b.earned.0);
         b.surplus = Credits::ZERO;
-        self.grant = self.plan(NS_PER_SEC);
+        b.debt = Credits::ZERO;
+        self.grant = self.plan();
     }
 
     /// Replaces the policy (a live config change). The number of vCPUs must not change.
@@ -561,7 +590,7 @@ impl Ledger {
         }
         self.policy = policy;
         self.clamp_to_policy();
-        self.grant = self.plan(NS_PER_SEC);
+        self.grant = self.plan();
         Ok(())
     }
 
@@ -675,12 +704,31 @@ mod tests {
     }
 
     #[test]
-    fn standard_overrun_at_zero_is_not_a_debt() {
+    fn standard_overrun_at_zero_is_a_small_debt_repaid_first() {
         let mut l = Ledger::new(t3_nano(), Credits::ZERO);
-        l.tick(NS_PER_SEC, 2 * NS_PER_SEC);
-        assert_eq!(l.balances(), Balances::default());
+        // 0.1 vCPU-s over: a debt, the balance shown stays 0 and the VM at its baseline.
+        l.tick(NS_PER_SEC, 200_000_000);
+        assert_eq!(l.balances().balance(), Credits::ZERO);
+        assert_eq!(l.balances().debt, Credits(100_000_000));
         assert_eq!(l.grant().rate, t3_nano().baseline_rate());
-        assert!(l.grant().limited);
+        // A second at baseline/2 earns 0.1 vCPU-s and uses 0.05: half the debt repaid.
+        l.tick(NS_PER_SEC, 50_000_000);
+        assert_eq!(l.balances().debt, Credits(50_000_000));
+        assert_eq!(l.balances().balance(), Credits::ZERO);
+        l.tick(NS_PER_SEC, 0);
+        assert_eq!(
+            (l.balances().debt, l.balances().balance()),
+            (Credits::ZERO, Credits(50_000_000))
+        );
+    }
+
+    #[test]
+    fn debt_is_capped_at_one_second_of_the_full_rate() {
+        let mut l = Ledger::new(t3_nano(), Credits::ZERO);
+        l.tick(NS_PER_SEC, 100 * NS_PER_SEC);
+        assert_eq!(l.balances().debt, Credits(2 * NS_PER_SEC));
+        l.set_balance(Credits::ZERO);
+        assert_eq!(l.balances().debt, Credits::ZERO);
     }
 
     #[test]

@@ -366,7 +366,13 @@ impl Enforcer for CgroupEnforcer {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return;
         };
-        for e in entries.flatten() {
+        let entries: Vec<fs::DirEntry> = entries.flatten().collect();
+        if live.is_empty() && entries.iter().all(|e| !e.path().is_dir()) {
+            // Nothing of ours is left: remove the instance directory too.
+            let _ = Self::remove(&self.root);
+            return;
+        }
+        for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
             if e.path().is_dir() && !live.contains(&name.as_str()) {
                 tracing::info!("removing leftover cgroup {}", e.path().display());

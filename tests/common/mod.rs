@@ -30,6 +30,26 @@ pub fn require_qemu() -> bool {
     ok
 }
 
+/// Whether cgroup CPU bandwidth is usable here (a hierarchy with the cpu controller that this
+/// process can write). Under CI a missing capability fails the test; elsewhere it skips loudly.
+pub fn require_cgroups() -> bool {
+    let ok = burst_qemu::enforce::cgroup::detect_host().is_some_and(|(_, mount)| {
+        let probe = mount
+            .join("burst-qemu")
+            .join(format!(".probe-{}", std::process::id()));
+        std::fs::create_dir_all(&probe)
+            .and_then(|()| std::fs::remove_dir(&probe))
+            .is_ok()
+    });
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("a writable cgroup cpu controller is required in CI (run as root; see burst-qemu check)");
+        }
+        eprintln!("\n*** SKIPPED: no writable cgroup cpu controller (run as root; see burst-qemu check) ***\n");
+    }
+    ok
+}
+
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_burst-qemu"))
 }
@@ -57,6 +77,9 @@ impl Scratch {
     }
     pub fn vms(&self) -> PathBuf {
         self.path().join("vms")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.path().join("data")
     }
     pub fn firmware(&self, b: Behaviour) -> String {
         let name = if b == Behaviour::Busy {
@@ -95,15 +118,18 @@ impl Scratch {
             .arg(self.state())
             .arg("--vms")
             .arg(self.vms());
+        c.env("BURST_QEMU_DATA_DIR", self.data());
         c.args(flags).arg("--").args(qemu);
         c
     }
 
+    /// A fleet command (`ls`, `stop`, `credits`, …) on this scratch state dir.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         bin()
             .args(args)
             .arg("--state-dir")
             .arg(self.state())
+            .env("BURST_QEMU_DATA_DIR", self.data())
             .output()
             .unwrap()
     }

@@ -1,0 +1,445 @@
+//! Credits enforced on real VMs: real QEMU (TCG, guests that spin every vCPU), the real agent,
+//! real cgroups. These run one at a time (.config/nextest.toml): they measure CPU shares.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use burst_qemu::testguest::Behaviour::{Busy, Halt};
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn ready() -> bool {
+    require_qemu() && require_cgroups()
+}
+
+/// The agent's published view of `name` (credits.json), once there is one.
+fn view(s: &Scratch, name: &str) -> Value {
+    let path = s.state().join(name).join("credits.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no credits.json for {name}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.elapsed()
+}
+
+/// The VM's vCPU cgroup (cgroup v1 or v2), found from its name under this scratch's instance.
+fn vcpu_cgroup(s: &Scratch, name: &str) -> PathBuf {
+    let (version, mount) = burst_qemu::enforce::cgroup::detect_host().unwrap();
+    let instance = burst_qemu::enforce::cgroup::instance_name(&s.state());
+    let dir = mount.join("burst-qemu").join(instance).join(name);
+    match version {
+        burst_qemu::enforce::cgroup::Version::V1 => dir,
+        burst_qemu::enforce::cgroup::Version::V2 => dir.join("vcpus"),
+    }
+}
+
+fn quota(s: &Scratch, name: &str) -> String {
+    let dir = vcpu_cgroup(s, name);
+    std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+        .or_else(|_| std::fs::read_to_string(dir.join("cpu.max")))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn write_config(s: &Scratch, name: &str, text: &str) {
+    std::fs::create_dir_all(s.vms()).unwrap();
+    std::fs::write(s.vms().join(format!("{name}.toml")), text).unwrap();
+}
+
+/// Waits until the agent has adopted the VM and applied its first grant (it publishes the
+/// VM's credits right after).
+fn enforced(s: &Scratch, name: &str) {
+    view(s, name);
+}
+
+fn share(vm: &Launched, secs: f64) -> f64 {
+    shares(
+        vm.record.pid,
+        &vm.record.vcpu_tids,
+        Duration::from_secs_f64(secs),
+    )
+    .iter()
+    .sum()
+}
+
+#[test]
+fn with_no_credits_a_vm_is_held_to_its_pooled_baseline() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let vm = Launched::start(
+        &s,
+        "base",
+        &["--vcpus", "2", "--baseline", "10", "--credits", "0"],
+        &s.qemu_args(Busy),
+    );
+    enforced(&s, "base");
+    std::thread::sleep(Duration::from_millis(300));
+    let measured = share(&vm, 10.0);
+    eprintln!("2 vCPU at 10 % baseline, 0 credits: {measured:.2} % of one CPU over 10 s");
+    assert!(
+        (measured - 20.0).abs() <= 1.5,
+        "measured {measured:.2} % of one CPU, expected 20 ± 1.5"
+    );
+}
+
+#[test]
+fn credits_buy_full_speed_then_a_smooth_decline_to_baseline() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    // 0.2 credits = 12 vCPU-s; a 3-second decline so the whole story takes about 10 s.
+    write_config(
+        &s,
+        "burst",
+        "vcpus = 2\nbaseline = 10\ninitial_credits = 0.2\ndecline_minutes = 0.05\n",
+    );
+    let vm = Launched::start(&s, "burst", &[], &s.qemu_args(Busy));
+    enforced(&s, "burst");
+    let fast = share(&vm, 1.5);
+    assert!(fast > 120.0, "with credits: {fast:.1} % of one CPU");
+
+    let mut grants = Vec::new();
+    wait_until("balance spent", Duration::from_secs(30), || {
+        let v = view(&s, "burst");
+        let g = v["grant_pct"].as_f64().unwrap_or(100.0);
+        if grants.last() != Some(&g) {
+            grants.push(g);
+        }
+        v["balance"].as_f64() == Some(0.0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let slow = share(&vm, 3.0);
+    eprintln!(
+        "with credits {fast:.1} %, after them {slow:.1} % of one CPU; grants seen {grants:?}"
+    );
+    assert!(
+        (slow - 20.0).abs() <= 3.0,
+        "after the credits: {slow:.1} % of one CPU"
+    );
+    // No cliff: the grant passed through intermediate values on its way down.
+    assert!(
+        grants.iter().any(|&g| g > 20.0 && g < 80.0),
+        "no intermediate grant seen: {grants:?}"
+    );
+}
+
+#[test]
+fn set_and_baseline_edits_change_the_measured_usage_within_a_tick_and_a_period() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let vm = Launched::start(
+        &s,
+        "live",
+        &["--vcpus", "2", "--baseline", "10", "--credits", "0"],
+        &s.qemu_args(Busy),
+    );
+    enforced(&s, "live");
+    let before = quota(&s, "live");
+
+    let config = s.vms().join("live.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("baseline = 10", "baseline = 40");
+    std::fs::write(&config, text).unwrap();
+    let applied = wait_until("baseline edit applied", Duration::from_secs(2), || {
+        quota(&s, "live") != before
+    });
+    std::thread::sleep(Duration::from_millis(100)); // one cgroup period
+    let at_40 = share(&vm, 2.0);
+    eprintln!("baseline edit → quota written in {applied:?}; then {at_40:.1} % of one CPU");
+    assert!(
+        applied < Duration::from_millis(350),
+        "edit took {applied:?} (tick 250 ms + period 100 ms)"
+    );
+    assert!(
+        (at_40 - 80.0).abs() <= 5.0,
+        "at a 40 % baseline: {at_40:.1} %"
+    );
+
+    let t = Instant::now();
+    let out = s.cli(&["credits", "live", "--set", "100", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let set: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((set["balance"].as_f64().unwrap() - 100.0).abs() < 0.1);
+    wait_until("--set applied", Duration::from_millis(350), || {
+        let q = quota(&s, "live");
+        q == "-1" || q.starts_with("max")
+    });
+    eprintln!("credits --set → no limit in {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(100));
+    let burst = share(&vm, 1.0);
+    assert!(burst > 120.0, "after --set 100: {burst:.1} %");
+}
+
+#[test]
+fn the_ledger_charges_what_the_threads_measured_within_one_percent() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    // Start paused (-S) so nothing runs before the agent adopts the VM; unlimited so nothing is
+    // throttled and the charge is pure accounting.
+    let mut qemu = s.qemu_args(Busy);
+    qemu.push("-S".into());
+    let vm = Launched::start(
+        &s,
+        "acct",
+        &["--vcpus", "2", "--baseline", "10", "--mode", "unlimited"],
+        &qemu,
+    );
+    enforced(&s, "acct");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(s.cli(&["resume", "acct"]).status.success());
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(s.cli(&["pause", "acct"]).status.success());
+    std::thread::sleep(Duration::from_millis(1000)); // several ticks with nothing running
+    let charged = view(&s, "acct")["used_total_s"].as_f64().unwrap();
+    let measured: f64 = vm
+        .record
+        .vcpu_tids
+        .iter()
+        .map(|&t| thread_cpu_ns(vm.record.pid, t) as f64 / 1e9)
+        .sum();
+    eprintln!("ledger charged {charged:.4} vCPU-s, threads measured {measured:.4} s");
+    assert!(measured > 4.0, "the guest hardly ran: {measured} s");
+    assert!(
+        (charged - measured).abs() <= measured * 0.01,
+        "charged {charged} vs measured {measured}"
+    );
+}
+
+fn agent_pid(s: &Scratch) -> i32 {
+    std::fs::read_to_string(s.state().join("agent.lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn start_agent(s: &Scratch) -> Child {
+    bin()
+        .args(["agent", "--state-dir"])
+        .arg(s.state())
+        .env("BURST_QEMU_DATA_DIR", s.data())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn agent_killed_the_vm_keeps_its_grant_and_a_new_agent_resumes_exactly() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let vm = Launched::start(
+        &s,
+        "crash",
+        &["--vcpus", "1", "--baseline", "10", "--credits", "50"],
+        &s.qemu_args(Busy),
+    );
+    enforced(&s, "crash");
+    std::thread::sleep(Duration::from_millis(1500));
+    let b1 = view(&s, "crash")["balance"].as_f64().unwrap();
+    let (cpu1, t1) = (
+        thread_cpu_ns(vm.record.pid, vm.record.vcpu_tids[0]),
+        Instant::now(),
+    );
+
+    kill(Pid::from_raw(agent_pid(&s)), Signal::SIGKILL).unwrap();
+    wait_until("agent gone", Duration::from_secs(5), || {
+        !burst_qemu::state::agent_running(&s.state())
+    });
+    let alone = share(&vm, 2.0);
+    assert!(
+        alone > 50.0,
+        "without an agent the VM kept running at its grant: {alone:.1} %"
+    );
+
+    let mut agent = start_agent(&s);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (cpu2, t2) = (
+        thread_cpu_ns(vm.record.pid, vm.record.vcpu_tids[0]),
+        Instant::now(),
+    );
+    let b2 = view(&s, "crash")["balance"].as_f64().unwrap();
+    // Uninterrupted, the balance would have moved by earnings minus use over the same time.
+    let earned = (t2 - t1).as_secs_f64() * 0.10 / 60.0;
+    let used = (cpu2 - cpu1) as f64 / 60e9;
+    let expected = b1 + earned - used;
+    let one_interval = 1.0 / 60.0; // one vCPU for one second (the persistence interval)
+    eprintln!("balance {b1:.4} → {b2:.4} across an agent crash, uninterrupted {expected:.4}");
+    assert!(
+        (b2 - expected).abs() <= one_interval,
+        "off by {:.4} credits",
+        b2 - expected
+    );
+    assert!(quota(&s, "crash") == "-1", "a new agent enforces again");
+    kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
+    agent.wait().unwrap();
+}
+
+#[test]
+fn qemu_killed_its_cgroup_goes_and_its_ledger_stays() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut vm = Launched::start(
+        &s,
+        "gone",
+        &["--vcpus", "1", "--baseline", "10", "--credits", "3"],
+        &s.qemu_args(Busy),
+    );
+    enforced(&s, "gone");
+    std::thread::sleep(Duration::from_millis(800));
+    let cgroup = vcpu_cgroup(&s, "gone");
+    assert!(cgroup.exists());
+    kill(Pid::from_raw(vm.record.pid as i32), Signal::SIGKILL).unwrap();
+    assert_eq!(vm.wait(Duration::from_secs(5)).code(), Some(137));
+    wait_until("cgroup removed", Duration::from_secs(2), || {
+        !cgroup.exists()
+    });
+    let out = s.cli(&["credits", "gone", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "stopped");
+    let balance = v["balance"].as_f64().unwrap();
+    assert!(
+        balance > 0.0 && balance < 3.0,
+        "persisted balance {balance}"
+    );
+
+    // Started again under the same name, it continues that balance (no new launch credits).
+    let _again = Launched::start(&s, "gone", &[], &s.qemu_args(Halt));
+    let again = view(&s, "gone")["balance"].as_f64().unwrap();
+    assert!(
+        (again - balance).abs() < 0.05,
+        "restarted with {again}, had {balance}"
+    );
+}
+
+#[test]
+fn a_bad_edit_keeps_the_last_good_config_enforced() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let vm = Launched::start(
+        &s,
+        "bad",
+        &["--vcpus", "2", "--baseline", "10", "--credits", "0"],
+        &s.qemu_args(Busy),
+    );
+    enforced(&s, "bad");
+    let config = s.vms().join("bad.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("baseline = 10", "baseline = 250")).unwrap();
+    wait_until("stale reported", Duration::from_secs(2), || {
+        s.state().join("bad/config_error").exists()
+    });
+    let ls: Value = serde_json::from_slice(&s.cli(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(ls[0]["config_state"], "stale");
+    let why = ls[0]["config_error"].as_str().unwrap().to_owned();
+    assert!(
+        why.contains("bad.toml:") && why.contains("baseline"),
+        "{why}"
+    );
+    let text = String::from_utf8(s.cli(&["ls"]).stdout).unwrap();
+    assert!(
+        text.contains("stale") && text.contains("config stale:"),
+        "{text}"
+    );
+    std::fs::write(&config, "vcpus = 4\nbaseline = 10\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let why = std::fs::read_to_string(s.state().join("bad/config_error")).unwrap();
+    assert!(why.contains("vcpus = 4 differs"), "{why}");
+    let measured = share(&vm, 3.0);
+    assert!(
+        (measured - 20.0).abs() <= 1.5,
+        "after bad edits: {measured:.2} %"
+    );
+    std::fs::write(&config, good).unwrap();
+    wait_until("valid again", Duration::from_secs(2), || {
+        !s.state().join("bad/config_error").exists()
+    });
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_dir_refuses_to_start() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let _vm = Launched::start(
+        &s,
+        "one",
+        &["--vcpus", "1", "--baseline", "10"],
+        &s.qemu_args(Halt),
+    );
+    wait_until("agent up", Duration::from_secs(5), || {
+        burst_qemu::state::agent_running(&s.state())
+    });
+    let out = s.cli(&["agent"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+}
+
+#[test]
+fn check_reports_this_hosts_capabilities() {
+    if !ready() {
+        return;
+    }
+    let out = bin().arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("QEMU") && text.contains("QEMU emulator version"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cgroup CPU bandwidth") && text.contains("is writable"),
+        "{text}"
+    );
+    assert!(text.contains("ghOSt"), "{text}");
+}
