@@ -52,6 +52,8 @@ pub const TICK: Duration = Duration::from_millis(200);
 const USAGE_WINDOW_NS: u64 = 200_000_000;
 /// How long a burst of file events must fall quiet before a config is read.
 const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How often the agent rescans the state dir in case an event was missed.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// How often each ledger is saved.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
@@ -127,13 +129,18 @@ impl LedgerFile {
         }
     }
 
-    /// Saves atomically (write, fsync, rename).
+    /// Saves atomically (write, fsync, rename), creating the directory when missing.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
         let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        state::write_atomic(path, &json, 0o644)
+        match state::write_atomic(path, &json, 0o644) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir)?;
+                }
+                state::write_atomic(path, &json, 0o644)
+            }
+            other => other,
+        }
     }
 }
 
@@ -189,20 +196,23 @@ pub fn view(
         // balance (vCPU-ns) / drain (vCPU-ns per ns), in seconds.
         Some(b.balance().vcpu_ns() as f64 * PPM_PER_CPU as f64 / drain as f64 / NS_PER_SEC as f64)
     });
+    // Rounded to what is shown (credits to 0.001, percentages to 0.01, seconds to 1): an
+    // unchanged figure is then not rewritten every tick.
+    let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     CreditsView {
         name: name.to_owned(),
-        balance: b.balance().as_credits(),
-        surplus: b.surplus.as_credits(),
-        charged: b.charged.as_credits(),
-        earn_per_hour: p.earn_per_hour().as_credits(),
-        usage_pct: live.map(|(u, _)| pct(u)),
-        grant_pct: live.map(|(_, g)| pct(g)),
-        time_to_empty_s,
+        balance: round(b.balance().as_credits(), 3),
+        surplus: round(b.surplus.as_credits(), 3),
+        charged: round(b.charged.as_credits(), 3),
+        earn_per_hour: round(p.earn_per_hour().as_credits(), 3),
+        usage_pct: live.map(|(u, _)| round(pct(u), 2)),
+        grant_pct: live.map(|(_, g)| round(pct(g), 2)),
+        time_to_empty_s: time_to_empty_s.map(f64::round),
         state: if live.is_some() { "running" } else { "stopped" }.into(),
         mode: p.mode(),
         baseline: p.baseline().percent(),
         vcpus: p.vcpus(),
-        used_total_s: used_total.vcpu_ns() as f64 / NS_PER_SEC as f64,
+        used_total_s: round(used_total.vcpu_ns() as f64 / NS_PER_SEC as f64, 3),
         config_error,
     }
 }
@@ -353,6 +363,7 @@ impl Agent {
             .cleanup(&live.iter().map(String::as_str).collect::<Vec<_>>());
 
         let mut next_tick = Instant::now() + TICK;
+        let mut last_scan = Instant::now();
         let mut idle_since = Instant::now();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -401,7 +412,12 @@ impl Agent {
                     );
                     break;
                 }
-                self.scan(&mut watcher);
+                // New and ended VMs arrive as state-dir events; the full scan each second is a
+                // safety net (it reads every runtime dir, the agent's largest per-tick cost).
+                if last_scan.elapsed() >= RESCAN_EVERY {
+                    self.scan(&mut watcher);
+                    last_scan = Instant::now();
+                }
                 self.tick();
                 next_tick += TICK;
                 if next_tick < Instant::now() {
@@ -860,12 +876,17 @@ fn publish(state_dir: &Path, vm: &mut Vm) {
         }
     }
     let error_file = dir.join(state::CONFIG_ERROR);
-    match &vm.stale {
-        Some(why) => {
-            let _ = state::write_published(&error_file, format!("{why}\n").as_bytes());
-        }
-        None => {
-            let _ = fs::remove_file(error_file);
+    let stale = vm.stale.clone().unwrap_or_default();
+    if vm.published.get(state::CONFIG_ERROR) != Some(&stale) {
+        let done = match &vm.stale {
+            Some(why) => state::write_published(&error_file, format!("{why}\n").as_bytes()),
+            None => match fs::remove_file(&error_file) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if done.is_ok() {
+            vm.published.insert(state::CONFIG_ERROR, stale);
         }
     }
 }

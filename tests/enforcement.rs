@@ -306,6 +306,14 @@ fn agent_killed_the_vm_keeps_its_grant_and_a_new_agent_resumes_exactly() {
         b2 - expected
     );
     assert!(quota(&s, "crash") == "-1", "a new agent enforces again");
+    // The new agent also lets go of the VM when it ends.
+    let cgroup = vcpu_cgroup(&s, "crash");
+    drop(vm);
+    wait_until(
+        "cgroup removed by the new agent",
+        Duration::from_secs(3),
+        || !cgroup.exists(),
+    );
     kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
     agent.wait().unwrap();
 }
