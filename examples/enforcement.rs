@@ -75,7 +75,7 @@ impl Dirs {
         self.state.path().to_owned()
     }
     fn launch(&self, name: &str, bios: &Path) -> (Child, state::VmRecord) {
-        let child = Command::new(&self.launcher)
+        let mut child = Command::new(&self.launcher)
             .arg("--state-dir")
             .arg(self.state())
             .arg("--vms")
@@ -105,7 +105,11 @@ impl Dirs {
                     return (child, r);
                 }
             }
-            assert!(Instant::now() < deadline, "{name} did not start");
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{name} did not start");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
