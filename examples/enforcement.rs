@@ -74,6 +74,8 @@ impl Dirs {
     fn state(&self) -> PathBuf {
         self.state.path().to_owned()
     }
+    // The launcher is returned to the caller, which waits for it in `stop`.
+    #[allow(clippy::zombie_processes)]
     fn launch(&self, name: &str, bios: &Path) -> (Child, state::VmRecord) {
         let mut child = Command::new(&self.launcher)
             .arg("--state-dir")
