@@ -232,15 +232,22 @@ impl Drop for RuntimeDir {
     fn drop(&mut self) {
         // Remove everything but the lock first, then the lock and the directory, while the
         // lock is still held so no other launcher reclaims a half-removed directory.
-        if let Ok(entries) = fs::read_dir(&self.path) {
-            for entry in entries.flatten() {
-                if entry.file_name() != LOCK {
-                    let _ = fs::remove_file(entry.path());
+        // The agent may publish a file into the directory while we empty it (it only ever
+        // writes into an existing directory), so empty and remove until the removal holds.
+        for _ in 0..50 {
+            if let Ok(entries) = fs::read_dir(&self.path) {
+                for entry in entries.flatten() {
+                    if entry.file_name() != LOCK {
+                        let _ = fs::remove_file(entry.path());
+                    }
                 }
             }
+            let _ = fs::remove_file(self.path.join(LOCK));
+            match fs::remove_dir(&self.path) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => continue,
+                _ => break,
+            }
         }
-        let _ = fs::remove_file(self.path.join(LOCK));
-        let _ = fs::remove_dir(&self.path);
     }
 }
 
