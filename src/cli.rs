@@ -837,13 +837,26 @@ fn check() -> Result<(), Failure> {
             );
         }
     }
-    let ghost = std::path::Path::new("/sys/fs/ghost");
-    match std::fs::read_to_string(ghost.join("version")) {
-        Ok(v) => {
-            let versions: Vec<&str> = v.split_whitespace().collect();
-            line(true, "ghOSt", format!("ghostfs at {}, ABI versions {}", ghost.display(), versions.join(", ")));
+    let ghost_root = PathBuf::from(
+        std::env::var_os("BURST_QEMU_GHOST_ROOT")
+            .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
+    );
+    let ghost_root = ghost_root.as_path();
+    match burst_qemu::ghost::describe(ghost_root) {
+        Ok(versions) => {
+            let wanted = ghost_sys::GHOST_VERSION;
+            let list = versions.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            if versions.contains(&wanted) {
+                line(true, "ghOSt", format!("ghostfs at {}, ABI versions {list} (this build speaks {wanted})", ghost_root.display()));
+            } else {
+                line(false, "ghOSt", format!("ghostfs at {} offers ABI versions {list}, not {wanted}. Fix: a ghOSt kernel with ABI {wanted} (ghost-kernel branch ghost-v5.11)", ghost_root.display()));
+            }
         }
-        Err(_) => line(false, "ghOSt", "not present. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) and ghostfs mounted at /sys/fs/ghost; cgroup enforcement is used without it".into()),
+        Err(e) => line(
+            false,
+            "ghOSt",
+            format!("{e}. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) with ghostfs mounted at /sys/fs/ghost (mount -t ghost ghost /sys/fs/ghost); cgroup enforcement is used without it"),
+        ),
     }
     let mut text = lines.join("\n") + "\n";
     text.push_str(if required_ok {

@@ -12,6 +12,7 @@
 //! | [`config`] | `vms/NAME.toml`: parse, validate, render; errors name file, line and field |
 //! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
 //! | [`enforce`] | the `Enforcer` trait and its cgroup v1/v2 implementation: mechanism only |
+//! | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, mappings, queues, status words, transactions |
 //! | [`launch`] | QEMU argv, QMP handshake, vCPU thread ids, lifecycle and signals |
 //! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
 //! | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
@@ -32,6 +33,7 @@ pub mod agent;
 pub mod config;
 pub mod credit;
 pub mod enforce;
+pub mod ghost;
 pub mod launch;
 pub mod simulate;
 pub mod state;
