@@ -277,40 +277,35 @@ fn unwritable_plot_path_fails_before_any_output() {
     assert_rejected(out, &["--plot", "/no/such/dir/p.svg"]);
 }
 
+/// The ghOSt line of `burst-qemu check` with ghostfs at `root`.
+fn ghost_check_line(root: &Path) -> String {
+    let out = bin()
+        .arg("check")
+        .env("BURST_QEMU_GHOST_ROOT", root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains("ghOSt"))
+        .unwrap()
+        .to_owned()
+}
+
 #[test]
 fn check_reports_the_ghost_abi_versions_a_kernel_offers() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("version"), "90\n91\n").unwrap();
-    let out = bin()
-        .arg("check")
-        .env("BURST_QEMU_GHOST_ROOT", dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("ghOSt")).unwrap();
+    let line = ghost_check_line(dir.path());
     assert!(
         line.starts_with("ok") && line.contains("ABI versions 90, 91"),
         "{line}"
     );
-
     std::fs::write(dir.path().join("version"), "84\n").unwrap();
-    let out = bin()
-        .arg("check")
-        .env("BURST_QEMU_GHOST_ROOT", dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("ghOSt")).unwrap();
+    let line = ghost_check_line(dir.path());
     assert!(
         line.starts_with("--") && line.contains("offers ABI versions 84, not 91"),
         "{line}"
     );
-
-    let out = bin()
-        .arg("check")
-        .env("BURST_QEMU_GHOST_ROOT", dir.path().join("none"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ghOSt is not present"), "{text}");
+    let line = ghost_check_line(&dir.path().join("none"));
+    assert!(line.contains("ghOSt is not present"), "{line}");
 }

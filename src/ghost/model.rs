@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -284,14 +284,7 @@ impl Model {
             dir.join("status"),
             format!("version {abi_version}\nactive no\nnr_tasks 0\n"),
         )?;
-        let cpu_data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("cpu_data"))?;
-        cpu_data.set_len((NCPUS * 4096) as u64)?;
-        let map = Mapping::new(&cpu_data, NCPUS * 4096, true)?;
+        let (_, map) = shared_file(&dir.join("cpu_data"), NCPUS * 4096)?;
         // Transactions start out committed (not in flight).
         for cpu in 0..NCPUS {
             let p = map.at(cpu * 4096 + 8, 4).expect("txn state");
@@ -330,14 +323,7 @@ impl Model {
             let node: u32 = node.parse().map_err(|_| errno(libc::EINVAL))?;
             return self.with(id, |e| {
                 let path = e.dir.join("sw_regions").join(format!("sw_{rid}"));
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
-                f.set_len(abi::GHOST_SW_REGION_SIZE as u64)?;
-                let map = Mapping::new(&f, abi::GHOST_SW_REGION_SIZE, true)?;
+                let (_, map) = shared_file(&path, abi::GHOST_SW_REGION_SIZE)?;
                 let header = abi::ghost_sw_region_header {
                     version: abi::GHOST_SW_REGION_VERSION,
                     id: rid,
@@ -481,6 +467,20 @@ impl Model {
     }
 }
 
+/// A zeroed file of `len` bytes at `path`, mapped shared and writable: the kernel's side of
+/// memory an agent maps too.
+fn shared_file(path: &Path, len: usize) -> io::Result<(File, Mapping)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.set_len(len as u64)?;
+    let map = Mapping::new(&f, len, true)?;
+    Ok((f, map))
+}
+
 /// The bytes of a plain-data ABI struct.
 pub fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a repr(C) plain-data struct; reading its bytes (padding included, zeroed by
@@ -544,14 +544,7 @@ impl GhostKernel for Model {
                     st.next_queue
                 };
                 let path = self.with(id, |e| e.dir.join(format!(".queue_{n}")));
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
-                f.set_len(mapsize as u64)?;
-                let map = Mapping::new(&f, mapsize, true)?;
+                let (f, map) = shared_file(&path, mapsize)?;
                 let header = abi::ghost_queue_header {
                     version: abi::GHOST_QUEUE_VERSION,
                     start: 64,
