@@ -192,12 +192,9 @@ impl Drop for Launched {
     }
 }
 
-/// Cumulative CPU time of a thread, in ns, from `/proc/<pid>/task/<tid>/schedstat`.
+/// Cumulative CPU time of a live thread, in ns (the library's schedstat reader).
 pub fn thread_cpu_ns(pid: u32, tid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
+    burst_qemu::enforce::thread_cpu_ns(pid, tid).expect("the thread is alive")
 }
 
 /// Each thread's CPU share (percent of one CPU) over `interval`, read in this one process at
