@@ -47,21 +47,15 @@ for vm in web db batch; do
     until "$BQ" credits "$vm" >/dev/null 2>&1; do sleep 0.2; done
 done
 
-# One line per VM from `burst-qemu credits NAME --json`.
-summary=$(cat <<'PY'
-import json, sys
-v = json.load(sys.stdin)
-print(f"{v['name']:6} balance {v['balance']:7.3f}  usage {v['usage_pct']:6.2f} %"
-      f"  grant {v['grant_pct']:6.2f} %  earn {v['earn_per_hour']:.1f}/h")
-PY
-)
-
 for round in 1 2 3 4 5 6; do
     echo
     echo "== after $(( (round - 1) * 8 )) s"
     "$BQ" ls
     for vm in web db batch; do
-        "$BQ" credits "$vm" --json | python3 -c "$summary"
+        # The agent's one-value files in the VM's runtime dir, refreshed every tick.
+        d=$BURST_QEMU_STATE_DIR/$vm
+        printf '%-6s balance %8s  usage %6s %%  grant %6s %%  earn %s/h\n' "$vm" \
+            "$(cat "$d/balance")" "$(cat "$d/usage_pct")" "$(cat "$d/grant_pct")" "$(cat "$d/earn_per_hour")"
     done
     sleep 8
 done
