@@ -41,25 +41,9 @@ fn share(pid: u32, tids: &[u32], secs: f64) -> f64 {
 }
 
 fn qemu_args(bios: &Path) -> Vec<String> {
-    [
-        "qemu-system-x86_64",
-        "-machine",
-        "pc",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-m",
-        "16",
-        "-accel",
-        "tcg,thread=multi",
-        "-smp",
-        "2",
-        "-bios",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([bios.display().to_string()])
-    .collect()
+    let mut args = testguest::qemu_command(bios, "tcg,thread=multi", 16);
+    args.extend(["-smp".into(), "2".into()]);
+    args
 }
 
 struct Dirs {

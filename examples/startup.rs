@@ -33,25 +33,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let bios = dir.path().join("halt.bin");
     testguest::write(&bios, Behaviour::Halt).unwrap();
-    let qemu: Vec<String> = [
-        "qemu-system-x86_64",
-        "-machine",
-        "pc",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-m",
-        "64",
-        "-smp",
-        "2",
-        "-accel",
-        accel,
-        "-bios",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([bios.display().to_string()])
-    .collect();
+    let mut qemu = testguest::qemu_command(&bios, accel, 64);
+    qemu.extend(["-smp".into(), "2".into()]);
 
     let (mut plain, mut wrapped) = (Vec::new(), Vec::new());
     for i in 0..trials {

@@ -221,10 +221,11 @@ impl RuntimeDir {
         &self.path
     }
 
-    /// Writes the VM record atomically.
+    /// Writes the VM record atomically. Not fsynced: it describes a live process and is
+    /// meaningless after a crash, so durability would only slow the start-up.
     pub fn write_record(&self, record: &VmRecord) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        write_atomic(&self.path.join(RECORD), &json, 0o644)
+        write_published(&self.path.join(RECORD), &json)
     }
 }
 

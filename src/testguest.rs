@@ -135,6 +135,31 @@ pub fn image(behaviour: Behaviour) -> Vec<u8> {
     image
 }
 
+/// The QEMU command line (binary first) that boots `image` as the test guest: a bare PC with
+/// no devices and no display, `memory_mib` of RAM, and `accel` (`tcg,thread=multi` needs no
+/// KVM; `kvm` works too). Add `-smp` as needed.
+pub fn qemu_command(image: &std::path::Path, accel: &str, memory_mib: u32) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "qemu-system-x86_64",
+        "-machine",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "-m".into(),
+        memory_mib.to_string(),
+        "-accel".into(),
+        accel.into(),
+    ]);
+    args.extend(["-bios".into(), image.display().to_string()]);
+    args
+}
+
 /// Writes the image to `path`.
 pub fn write(path: &std::path::Path, behaviour: Behaviour) -> std::io::Result<()> {
     std::fs::write(path, image(behaviour))

@@ -92,23 +92,7 @@ impl Scratch {
 
     /// QEMU arguments for the test guest under TCG.
     pub fn qemu_args(&self, b: Behaviour) -> Vec<String> {
-        [
-            QEMU,
-            "-machine",
-            "pc",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "16",
-            "-accel",
-            "tcg,thread=multi",
-            "-bios",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([self.firmware(b)])
-        .collect()
+        testguest::qemu_command(Path::new(&self.firmware(b)), "tcg,thread=multi", 16)
     }
 
     /// The launcher with --state-dir and --vms set, then `flags`, `--`, `qemu`.
