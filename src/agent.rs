@@ -29,9 +29,8 @@
 //! after the last save (at most one second of accounting, and in practice nothing).
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -270,21 +269,12 @@ pub struct AgentLock(#[allow(dead_code)] File);
 pub fn lock(state_dir: &Path) -> Result<AgentLock, AgentError> {
     fs::create_dir_all(state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
     let path = state::agent_lock_path(state_dir);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(&path)
-        .map_err(io_err(format!("opening {}", path.display())))?;
-    match f.try_lock() {
-        Ok(()) => {
+    match state::try_lock(&path, 0o644).map_err(io_err(format!("locking {}", path.display())))? {
+        Some(f) => {
             let _ = fs::write(&path, format!("{}\n", std::process::id()));
             Ok(AgentLock(f))
         }
-        Err(fs::TryLockError::WouldBlock) => Err(AgentError::AlreadyRunning(state_dir.to_owned())),
-        Err(fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", path.display()))(e)),
+        None => Err(AgentError::AlreadyRunning(state_dir.to_owned())),
     }
 }
 

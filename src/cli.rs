@@ -94,8 +94,9 @@ impl StateDirArg {
     /// Absolute: the state dir names the agent's cgroups, so `state` and `/tmp/x/state` must
     /// not become two instances.
     fn get(&self) -> PathBuf {
-        absolute(
-            self.state_dir
+        state::absolute(
+            &self
+                .state_dir
                 .clone()
                 .unwrap_or_else(state::default_state_dir),
         )
@@ -111,11 +112,11 @@ struct DataDirArg {
 }
 
 impl DataDirArg {
-    /// Absolute: the state dir names the agent's cgroups, so `state` and `/tmp/x/state` must
-    /// not become two instances.
+    /// Absolute, so an agent started from another directory finds the same ledgers.
     fn get(&self) -> PathBuf {
-        absolute(
-            self.data_dir
+        state::absolute(
+            &self
+                .data_dir
                 .clone()
                 .unwrap_or_else(state::default_data_dir),
         )
@@ -875,8 +876,4 @@ fn check() -> Result<(), Failure> {
             "required pieces are missing"
         )))
     }
-}
-
-fn absolute(p: PathBuf) -> PathBuf {
-    std::path::absolute(&p).unwrap_or(p)
 }

@@ -99,11 +99,6 @@ impl Credits {
     /// No credit.
     pub const ZERO: Credits = Credits(0);
 
-    /// From a whole number of vCPU-nanoseconds.
-    pub const fn from_vcpu_ns(ns: u64) -> Self {
-        Credits(ns)
-    }
-
     /// From a count of credits, rounded to the nearest vCPU-nanosecond.
     ///
     /// Returns `None` for a negative, non-finite or absurdly large amount (more than ten

@@ -524,8 +524,8 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         baseline: cfg.policy.baseline().percent(),
         mode: cfg.policy.mode(),
         vcpu_tids,
-        config: absolute(&config_path),
-        qmp_socket: absolute(&qmp_socket),
+        config: state::absolute(&config_path),
+        qmp_socket: state::absolute(&qmp_socket),
     };
     let result = (|| {
         if write_config {
@@ -564,10 +564,6 @@ fn cpu_thread_id(cpu: &qmp::qapi::qmp::CpuInfoFast) -> i64 {
         .ok()
         .and_then(|v| v.get("thread-id").and_then(serde_json::Value::as_i64))
         .unwrap_or(-1)
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
 /// Whether QEMU puts a console on the terminal the launcher was started from.
@@ -643,11 +639,6 @@ enum Stage {
 }
 
 impl Running {
-    /// The record of the registered VM.
-    pub fn record(&self) -> &VmRecord {
-        &self.record
-    }
-
     /// Runs until QEMU exits; returns the launcher's exit status (QEMU's, or 128 + signal).
     /// The runtime dir is removed.
     pub fn wait(mut self) -> Result<u8, LaunchError> {

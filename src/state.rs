@@ -75,10 +75,37 @@ pub fn agent_lock_path(state_dir: &Path) -> PathBuf {
 
 /// Whether an agent holds the state dir's agent lock.
 pub fn agent_running(state_dir: &Path) -> bool {
-    match File::open(agent_lock_path(state_dir)) {
+    lock_held(&agent_lock_path(state_dir))
+}
+
+/// Opens (creating) the lock file at `path` and takes an exclusive `flock` on it without
+/// waiting: `Ok(None)` when another process holds it. The lock lasts as long as the file.
+pub fn try_lock(path: &Path, mode: u32) -> io::Result<Option<File>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .open(path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Whether another process holds the lock file at `path` (a missing file is not held).
+pub fn lock_held(path: &Path) -> bool {
+    match File::open(path) {
         Ok(f) => matches!(f.try_lock_shared(), Err(fs::TryLockError::WouldBlock)),
         Err(_) => false,
     }
+}
+
+/// `path` made absolute against the current directory (unchanged if that fails).
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
@@ -182,27 +209,9 @@ impl RuntimeDir {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(unwritable(e)),
         }
-        // Another launcher may have made the directory a moment ago and not yet its lock.
-        let mut tries = 0;
-        let lock = loop {
-            let lock = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path.join(LOCK))
-                .map_err(unwritable)?;
-            match lock.try_lock() {
-                Ok(()) => break lock,
-                Err(fs::TryLockError::WouldBlock) => return Err(running()),
-                Err(fs::TryLockError::Error(e)) if tries < 3 => {
-                    tracing::debug!("lock {}: {e}, retrying", path.display());
-                    tries += 1;
-                }
-                Err(fs::TryLockError::Error(e)) => return Err(unwritable(e)),
-            }
-        };
+        let lock = try_lock(&path.join(LOCK), 0o600)
+            .map_err(unwritable)?
+            .ok_or_else(running)?;
         // Ours now. Anything else in it is a crashed launcher's leftover.
         for entry in fs::read_dir(&path).map_err(unwritable)? {
             let entry = entry.map_err(unwritable)?;
@@ -302,10 +311,7 @@ pub fn find(state_dir: &Path, name: &str) -> Option<VmRecord> {
 
 /// Whether a live launcher holds the runtime dir's lock.
 pub fn is_locked(dir: &Path) -> bool {
-    match File::open(dir.join(LOCK)) {
-        Ok(f) => matches!(f.try_lock_shared(), Err(fs::TryLockError::WouldBlock)),
-        Err(_) => false,
-    }
+    lock_held(&dir.join(LOCK))
 }
 
 #[cfg(test)]

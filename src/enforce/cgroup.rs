@@ -210,11 +210,6 @@ impl CgroupEnforcer {
         Ok(e)
     }
 
-    /// The directory under which the VMs' cgroups live.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The cgroup that holds `vm`'s vCPU threads.
     pub fn vcpu_cgroup(&self, vm: &str) -> PathBuf {
         match self.version {

@@ -624,11 +624,6 @@ impl Queue {
         })
     }
 
-    /// The queue's fd (for associating tasks and configuring wakeups).
-    pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-
     fn head(&self) -> &AtomicU32 {
         self.map.atomic_u32(self.ring)
     }
