@@ -35,15 +35,18 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::{self, VmConfig};
-use crate::credit::{
-    Balances, Baseline, Credits, Ledger, Mode, Policy, Rate, NS_PER_SEC, PPM_PER_CPU,
-};
+use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
 use crate::enforce::{thread_cpu_ns, Enforcer};
 use crate::state::{self, VmRecord};
+
+mod ledger_file;
+mod view;
+
+pub use ledger_file::{boot_id, boottime_ns, Checkpoint, LedgerFile};
+pub use view::{view, CreditsView};
 
 /// The agent's tick.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -79,154 +82,6 @@ pub enum AgentError {
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
     let context = context.into();
     move |source| AgentError::Io { context, source }
-}
-
-/// Where a ledger was last saved, so a restarted agent can charge the gap exactly.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// `/proc/sys/kernel/random/boot_id` at the save.
-    pub boot_id: String,
-    /// `CLOCK_BOOTTIME` at the save, ns.
-    pub boottime_ns: u64,
-    /// QEMU's pid.
-    pub qemu_pid: u32,
-    /// `(tid, cumulative CPU ns)` of each vCPU thread.
-    pub cpu_ns: Vec<(u32, u64)>,
-}
-
-/// A VM's persisted ledger.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LedgerFile {
-    /// The VM's name.
-    pub name: String,
-    /// Its vCPUs when saved.
-    pub vcpus: u32,
-    /// The policy in force when saved (to show a stopped VM's credits).
-    pub policy: Option<Policy>,
-    /// The balances.
-    pub balances: Balances,
-    /// The last `credits = N` override applied (applied again only when the value changes).
-    pub credits_applied: Option<Credits>,
-    /// CPU time charged since the ledger was created, vCPU-ns.
-    pub used_total: Credits,
-    /// Where the accounting stood at the save.
-    pub checkpoint: Option<Checkpoint>,
-}
-
-impl LedgerFile {
-    /// Reads a ledger file; `Ok(None)` when there is none.
-    pub fn load(path: &Path) -> io::Result<Option<Self>> {
-        match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Saves atomically (write, fsync, rename), creating the directory when missing.
-    pub fn save(&self, path: &Path) -> io::Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        match state::write_atomic(path, &json, 0o644) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent() {
-                    fs::create_dir_all(dir)?;
-                }
-                state::write_atomic(path, &json, 0o644)
-            }
-            other => other,
-        }
-    }
-}
-
-/// What `burst-qemu credits` shows, as published every tick.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CreditsView {
-    /// The VM's name.
-    pub name: String,
-    /// Spendable balance, credits.
-    pub balance: f64,
-    /// Surplus outstanding, credits.
-    pub surplus: f64,
-    /// Surplus charged so far, credits.
-    pub charged: f64,
-    /// Credits earned per hour.
-    pub earn_per_hour: f64,
-    /// CPU used over the last tick, percent of all the VM's vCPUs (`None` for a stopped VM).
-    pub usage_pct: Option<f64>,
-    /// The grant over the last tick, percent of all the VM's vCPUs (`None` for a stopped VM).
-    pub grant_pct: Option<f64>,
-    /// Seconds until the balance is spent at the current usage; `None` when not draining.
-    pub time_to_empty_s: Option<f64>,
-    /// `running` or `stopped`.
-    pub state: String,
-    /// Mode.
-    pub mode: Mode,
-    /// Baseline, percent per vCPU.
-    pub baseline: f64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// CPU time charged since the ledger was created, vCPU-seconds.
-    pub used_total_s: f64,
-    /// Why the config file is not in force, when a bad edit is being ignored.
-    pub config_error: Option<String>,
-}
-
-/// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
-pub fn view(
-    name: &str,
-    ledger: &Ledger,
-    used_total: Credits,
-    live: Option<(Rate, Rate)>,
-    config_error: Option<String>,
-) -> CreditsView {
-    let p = ledger.policy();
-    let b = ledger.balances();
-    let pct = |r: Rate| r.percent_of(p.vcpus());
-    let time_to_empty_s = live.and_then(|(usage, _)| {
-        let drain = usage.0.saturating_sub(p.baseline_rate().0);
-        if drain == 0 || (p.mode() == Mode::Standard && b.balance() == Credits::ZERO) {
-            return None;
-        }
-        // balance (vCPU-ns) / drain (vCPU-ns per ns), in seconds.
-        Some(b.balance().vcpu_ns() as f64 * PPM_PER_CPU as f64 / drain as f64 / NS_PER_SEC as f64)
-    });
-    // Rounded to what is shown (credits to 0.001, percentages to 0.01, seconds to 1): an
-    // unchanged figure is then not rewritten every tick.
-    let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
-    CreditsView {
-        name: name.to_owned(),
-        balance: round(b.balance().as_credits(), 3),
-        surplus: round(b.surplus.as_credits(), 3),
-        charged: round(b.charged.as_credits(), 3),
-        earn_per_hour: round(p.earn_per_hour().as_credits(), 3),
-        usage_pct: live.map(|(u, _)| round(pct(u), 2)),
-        grant_pct: live.map(|(_, g)| round(pct(g), 2)),
-        time_to_empty_s: time_to_empty_s.map(f64::round),
-        state: if live.is_some() { "running" } else { "stopped" }.into(),
-        mode: p.mode(),
-        baseline: p.baseline().percent(),
-        vcpus: p.vcpus(),
-        used_total_s: round(used_total.vcpu_ns() as f64 / NS_PER_SEC as f64, 3),
-        config_error,
-    }
-}
-
-/// `CLOCK_BOOTTIME` in ns: monotonic, and counts suspended time, during which credits accrue.
-pub fn boottime_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * NS_PER_SEC + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
-fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// The agent's settings.
@@ -884,73 +739,6 @@ fn publish(state_dir: &Path, vm: &mut Vm) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ledger(balance: f64) -> Ledger {
-        let p = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
-        Ledger::new(p, Credits::from_credits(balance).unwrap())
-    }
-
-    #[test]
-    fn time_to_empty_is_balance_over_net_drain() {
-        // 12 credits = 720 vCPU-s; using 1 vCPU against a 0.2 vCPU baseline drains 0.8/s.
-        let v = view(
-            "a",
-            &ledger(12.0),
-            Credits::ZERO,
-            Some((Rate(1_000_000), Rate(2_000_000))),
-            None,
-        );
-        assert!((v.time_to_empty_s.unwrap() - 900.0).abs() < 1e-6);
-        assert_eq!(v.usage_pct, Some(50.0));
-        assert_eq!(v.grant_pct, Some(100.0));
-        assert!((v.earn_per_hour - 12.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn time_to_empty_is_null_when_not_draining() {
-        let v = view(
-            "a",
-            &ledger(12.0),
-            Credits::ZERO,
-            Some((Rate(100_000), Rate(2_000_000))),
-            None,
-        );
-        assert_eq!(v.time_to_empty_s, None);
-        let stopped = view("a", &ledger(12.0), Credits::ZERO, None, None);
-        assert_eq!(
-            (
-                stopped.usage_pct,
-                stopped.time_to_empty_s,
-                stopped.state.as_str()
-            ),
-            (None, None, "stopped")
-        );
-    }
-
-    #[test]
-    fn ledger_files_round_trip_and_garbage_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledgers/a.json");
-        assert_eq!(LedgerFile::load(&path).unwrap(), None);
-        let f = LedgerFile {
-            name: "a".into(),
-            vcpus: 2,
-            policy: Some(ledger(1.0).policy().clone()),
-            balances: ledger(5.0).balances(),
-            credits_applied: Some(Credits(7)),
-            used_total: Credits(9),
-            checkpoint: Some(Checkpoint {
-                boot_id: "b".into(),
-                boottime_ns: 1,
-                qemu_pid: 2,
-                cpu_ns: vec![(3, 4)],
-            }),
-        };
-        f.save(&path).unwrap();
-        assert_eq!(LedgerFile::load(&path).unwrap(), Some(f));
-        fs::write(&path, "{\"name\": 3, garbage").unwrap();
-        assert!(LedgerFile::load(&path).is_err());
-    }
 
     #[test]
     fn a_second_agent_on_a_state_dir_is_refused() {

@@ -1,0 +1,123 @@
+//! A VM's ledger on disk: the balances and a checkpoint of where the accounting stood, so a
+//! restarted agent charges the gap exactly (see the agent's "Crashes").
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::credit::{Balances, Credits, Policy, NS_PER_SEC};
+use crate::state;
+
+/// Where a ledger was last saved, so a restarted agent can charge the gap exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// `/proc/sys/kernel/random/boot_id` at the save.
+    pub boot_id: String,
+    /// `CLOCK_BOOTTIME` at the save, ns.
+    pub boottime_ns: u64,
+    /// QEMU's pid.
+    pub qemu_pid: u32,
+    /// `(tid, cumulative CPU ns)` of each vCPU thread.
+    pub cpu_ns: Vec<(u32, u64)>,
+}
+
+/// A VM's persisted ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerFile {
+    /// The VM's name.
+    pub name: String,
+    /// Its vCPUs when saved.
+    pub vcpus: u32,
+    /// The policy in force when saved (to show a stopped VM's credits).
+    pub policy: Option<Policy>,
+    /// The balances.
+    pub balances: Balances,
+    /// The last `credits = N` override applied (applied again only when the value changes).
+    pub credits_applied: Option<Credits>,
+    /// CPU time charged since the ledger was created, vCPU-ns.
+    pub used_total: Credits,
+    /// Where the accounting stood at the save.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl LedgerFile {
+    /// Reads a ledger file; `Ok(None)` when there is none.
+    pub fn load(path: &Path) -> io::Result<Option<Self>> {
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Saves atomically (write, fsync, rename), creating the directory when missing.
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        match state::write_atomic(path, &json, 0o644) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir)?;
+                }
+                state::write_atomic(path, &json, 0o644)
+            }
+            other => other,
+        }
+    }
+}
+
+/// `CLOCK_BOOTTIME` in ns: monotonic, and counts suspended time, during which credits accrue.
+pub fn boottime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * NS_PER_SEC + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty when unreadable.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credit::{Baseline, Ledger};
+
+    fn ledger(balance: f64) -> Ledger {
+        let p = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
+        Ledger::new(p, Credits::from_credits(balance).unwrap())
+    }
+
+    #[test]
+    fn ledger_files_round_trip_and_garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledgers/a.json");
+        assert_eq!(LedgerFile::load(&path).unwrap(), None);
+        let f = LedgerFile {
+            name: "a".into(),
+            vcpus: 2,
+            policy: Some(ledger(1.0).policy().clone()),
+            balances: ledger(5.0).balances(),
+            credits_applied: Some(Credits(7)),
+            used_total: Credits(9),
+            checkpoint: Some(Checkpoint {
+                boot_id: "b".into(),
+                boottime_ns: 1,
+                qemu_pid: 2,
+                cpu_ns: vec![(3, 4)],
+            }),
+        };
+        f.save(&path).unwrap();
+        assert_eq!(LedgerFile::load(&path).unwrap(), Some(f));
+        fs::write(&path, "{\"name\": 3, garbage").unwrap();
+        assert!(LedgerFile::load(&path).is_err());
+    }
+}
