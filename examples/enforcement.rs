@@ -88,7 +88,7 @@ impl Dirs {
         loop {
             if let Some(r) = state::find(&self.state(), name) {
                 if self.state().join(name).join("credits.json").exists() {
-                    return (child, r);
+                    return (child, r.0);
                 }
             }
             if Instant::now() >= deadline {

@@ -83,7 +83,7 @@ fn main() {
             .spawn()
             .unwrap();
         let rec = loop {
-            if let Some(r) = state::find(&st, "timed") {
+            if let Some((r, _)) = state::find(&st, "timed") {
                 break r;
             }
             std::thread::sleep(Duration::from_micros(500));

@@ -51,10 +51,58 @@ pub const EXIT_RUNNING: u8 = 3;
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// Where the fleet lives: accepted before or after any command (`burst-qemu --state-dir D ls`
+/// and `burst-qemu ls --state-dir D` alike).
+#[derive(Debug, Args)]
+struct Global {
+    /// Directory of the per-VM config files (NAME.toml).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "BURST_QEMU_VMS",
+        default_value = "vms"
+    )]
+    vms: PathBuf,
+    /// Runtime state of running VMs [default: /run/burst-qemu as root, else
+    /// $XDG_RUNTIME_DIR/burst-qemu].
+    #[arg(long, global = true, value_name = "DIR", env = "BURST_QEMU_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where ledgers are kept across restarts and reboots [default: /var/lib/burst-qemu as
+    /// root, else $XDG_DATA_HOME/burst-qemu].
+    #[arg(long, global = true, value_name = "DIR", env = "BURST_QEMU_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl Global {
+    /// Absolute: the state dir names the agent's cgroups, so `state` and `/tmp/x/state` must
+    /// not become two instances.
+    fn state_dir(&self) -> PathBuf {
+        state::absolute(
+            &self
+                .state_dir
+                .clone()
+                .unwrap_or_else(state::default_state_dir),
+        )
+    }
+
+    /// Absolute, so an agent started from another directory finds the same ledgers.
+    fn data_dir(&self) -> PathBuf {
+        state::absolute(
+            &self
+                .data_dir
+                .clone()
+                .unwrap_or_else(state::default_data_dir),
+        )
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,52 +131,7 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-struct StateDirArg {
-    /// Runtime state of running VMs [default: /run/burst-qemu as root, else
-    /// $XDG_RUNTIME_DIR/burst-qemu].
-    #[arg(long, value_name = "DIR", env = "BURST_QEMU_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-}
-
-impl StateDirArg {
-    /// Absolute: the state dir names the agent's cgroups, so `state` and `/tmp/x/state` must
-    /// not become two instances.
-    fn get(&self) -> PathBuf {
-        state::absolute(
-            &self
-                .state_dir
-                .clone()
-                .unwrap_or_else(state::default_state_dir),
-        )
-    }
-}
-
-#[derive(Debug, Args)]
-struct DataDirArg {
-    /// Where ledgers are kept across restarts and reboots [default: /var/lib/burst-qemu as
-    /// root, else $XDG_DATA_HOME/burst-qemu].
-    #[arg(long, value_name = "DIR", env = "BURST_QEMU_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-}
-
-impl DataDirArg {
-    /// Absolute, so an agent started from another directory finds the same ledgers.
-    fn get(&self) -> PathBuf {
-        state::absolute(
-            &self
-                .data_dir
-                .clone()
-                .unwrap_or_else(state::default_data_dir),
-        )
-    }
-}
-
-#[derive(Debug, Args)]
 struct CreditsArgs {
-    #[command(flatten)]
-    state: StateDirArg,
-    #[command(flatten)]
-    data: DataDirArg,
     /// The VM's name.
     name: String,
     /// Print JSON (keys: name, balance, surplus, charged, earn_per_hour, usage_pct, grant_pct,
@@ -142,10 +145,6 @@ struct CreditsArgs {
 
 #[derive(Debug, Args)]
 struct AgentArgs {
-    #[command(flatten)]
-    state: StateDirArg,
-    #[command(flatten)]
-    data: DataDirArg,
     /// Mount point of the cgroup hierarchy with the cpu controller [default: detected].
     #[arg(long, value_name = "DIR", env = "BURST_QEMU_CGROUP_MOUNT")]
     cgroup_mount: Option<PathBuf>,
@@ -162,18 +161,6 @@ struct AgentArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Directory of the per-VM config files (NAME.toml).
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "BURST_QEMU_VMS",
-        default_value = "vms"
-    )]
-    vms: PathBuf,
-    #[command(flatten)]
-    state: StateDirArg,
-    #[command(flatten)]
-    data: DataDirArg,
     /// The VM's name [default: QEMU's -name, else vm-PID]: letters, digits, '-', '_', '.',
     /// at most 64 bytes, unique among the running VMs of the state dir.
     #[arg(long, value_name = "NAME")]
@@ -203,8 +190,6 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct LsArgs {
-    #[command(flatten)]
-    state: StateDirArg,
     /// Print a JSON array of objects (name, pid, vcpus, baseline, mode, state, vcpu_tids, …).
     #[arg(long)]
     json: bool,
@@ -212,21 +197,21 @@ struct LsArgs {
 
 #[derive(Debug, Args)]
 struct NameArgs {
-    #[command(flatten)]
-    state: StateDirArg,
     /// The VM's name.
     name: String,
 }
 
 #[derive(Debug, Args)]
 struct StopArgs {
-    #[command(flatten)]
-    state: StateDirArg,
     /// The VM's name.
     name: String,
     /// Seconds to wait for the VM to end (beyond its launcher's own escalation).
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
     wait: f64,
+    /// For a VM whose launcher is gone (orphaned): seconds after system_powerdown before
+    /// `quit` (then SIGKILL 5 s later). A VM with a launcher uses the launcher's own.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    shutdown_timeout: f64,
 }
 
 /// Write the project's test firmware (for QEMU's `-bios`): every vCPU busy, or every vCPU
@@ -316,15 +301,16 @@ impl Failure {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
+    let g = &cli.global;
     match cli.command {
-        None => run_vm(cli.run),
-        Some(Command::Run(args)) => run_vm(args),
-        Some(Command::Ls(args)) => ls(args),
-        Some(Command::Stop(args)) => stop(args),
-        Some(Command::Pause(a)) => qmp_on(&a, qmp::qapi::qmp::stop {}),
-        Some(Command::Resume(a)) => qmp_on(&a, qmp::qapi::qmp::cont {}),
-        Some(Command::Credits(a)) => credits(a),
-        Some(Command::Agent(a)) => run_agent(a),
+        None => run_vm(g, cli.run),
+        Some(Command::Run(args)) => run_vm(g, args),
+        Some(Command::Ls(args)) => ls(g, args),
+        Some(Command::Stop(args)) => stop(g, args),
+        Some(Command::Pause(a)) => qmp_on(g, &a, qmp::qapi::qmp::stop {}),
+        Some(Command::Resume(a)) => qmp_on(g, &a, qmp::qapi::qmp::cont {}),
+        Some(Command::Credits(a)) => credits(g, a),
+        Some(Command::Agent(a)) => run_agent(g, a),
         Some(Command::Check) => check(),
         Some(Command::Simulate(args)) => simulate_cmd(args),
         Some(Command::TestGuest(a)) => {
@@ -340,7 +326,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn run_vm(a: RunArgs) -> Result<(), Failure> {
+fn run_vm(g: &Global, a: RunArgs) -> Result<(), Failure> {
     if a.qemu.is_empty() {
         return Err(Failure::usage(anyhow::anyhow!(
             "no QEMU command: burst-qemu --vcpus N --baseline PCT -- QEMU_BINARY QEMU_ARGS… (see --help)"
@@ -352,8 +338,8 @@ fn run_vm(a: RunArgs) -> Result<(), Failure> {
         )));
     }
     let req = Request {
-        vms_dir: a.vms.clone(),
-        state_dir: a.state.get(),
+        vms_dir: g.vms.clone(),
+        state_dir: g.state_dir(),
         name: a.name,
         vcpus: a.vcpus,
         baseline: a.baseline,
@@ -368,12 +354,30 @@ fn run_vm(a: RunArgs) -> Result<(), Failure> {
         error: e.into(),
     };
     let vm = launch::start(&req).map_err(launched)?;
-    if let Err(e) = ensure_agent(&req.state_dir, &a.data.get()) {
+    let data_dir = g.data_dir();
+    if let Err(e) = ensure_agent(&req.state_dir, &data_dir) {
         eprintln!(
             "burst-qemu: warning: cannot start the credit agent ({e:#}); credits are not enforced"
         );
     }
-    let code = vm.wait().map_err(launched)?;
+    // A dead agent (killed, crashed) is restarted within a watchdog period, so a VM is never
+    // left uncharged for longer; the new agent charges the gap from the ledger's checkpoint.
+    let mut warned = false;
+    let watchdog = || {
+        if !state::agent_running(&req.state_dir) {
+            match ensure_agent(&req.state_dir, &data_dir) {
+                Ok(()) => tracing::warn!("the credit agent was not running: restarted it"),
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::error!(
+                        "the credit agent is not running and cannot be restarted: {e:#}"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    };
+    let code = vm.wait(watchdog).map_err(launched)?;
     if code != 0 {
         // QEMU's own status; QEMU has said why.
         std::process::exit(i32::from(code));
@@ -399,15 +403,55 @@ fn vm_state(vm: &VmRecord) -> String {
     }
 }
 
-fn ls(a: LsArgs) -> Result<(), Failure> {
-    let dir = a.state.get();
+/// Why a VM is orphaned, for `ls`.
+fn orphan_reason(vm: &VmRecord) -> String {
+    format!(
+        "its launcher (pid {}) is gone; QEMU (pid {}) runs on and is still charged and enforced (burst-qemu stop {} ends it)",
+        vm.wrapper_pid, vm.pid, vm.name
+    )
+}
+
+/// Starts an agent when VMs run and none does (after a crash, or when the agent was killed
+/// with its launchers): fleet commands bring enforcement back rather than report on a fleet
+/// nobody charges.
+fn revive_agent(g: &Global, vms: usize) {
+    let dir = g.state_dir();
+    if vms > 0 && !state::agent_running(&dir) {
+        match ensure_agent(&dir, &g.data_dir()) {
+            Ok(()) => eprintln!(
+                "burst-qemu: no credit agent was running for {}: started one",
+                dir.display()
+            ),
+            Err(e) => eprintln!(
+                "burst-qemu: warning: no credit agent runs and none could be started: {e:#}"
+            ),
+        }
+    }
+}
+
+fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
+    let dir = g.state_dir();
     let vms = state::running(&dir);
+    revive_agent(g, vms.len());
     let out = if a.json {
         let rows: Vec<serde_json::Value> = vms
             .iter()
-            .map(|vm| {
+            .map(|(vm, liveness)| {
                 let mut v = serde_json::to_value(vm).expect("records are plain data");
-                v["state"] = vm_state(vm).into();
+                let run_state = vm_state(vm);
+                let orphaned = *liveness == state::Liveness::Orphaned;
+                v["state"] = if orphaned {
+                    "orphaned".into()
+                } else {
+                    run_state.clone()
+                }
+                .into();
+                v["run_state"] = run_state.into();
+                v["launcher"] = if orphaned { "gone" } else { "running" }.into();
+                v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
+                v["ledger_error"] = read_view(&dir, &vm.name)
+                    .and_then(|v| v.ledger_error)
+                    .into();
                 let error = config_error(&dir, &vm.name);
                 v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
                 v["config_error"] = error.into();
@@ -421,12 +465,19 @@ fn ls(a: LsArgs) -> Result<(), Failure> {
             "NAME", "PID", "VCPUS", "BASELINE", "MODE", "STATE", "BALANCE", "CONFIG"
         );
         let mut stale = String::new();
-        for vm in &vms {
+        for (vm, liveness) in &vms {
             let tids: Vec<String> = vm.vcpu_tids.iter().map(u32::to_string).collect();
             let live = read_view(&dir, &vm.name);
             let error = config_error(&dir, &vm.name);
             if let Some(e) = &error {
                 stale.push_str(&format!("{}: config stale: {e}\n", vm.name));
+            }
+            let orphaned = *liveness == state::Liveness::Orphaned;
+            if orphaned {
+                stale.push_str(&format!("{}: orphaned: {}\n", vm.name, orphan_reason(vm)));
+            }
+            if let Some(e) = live.as_ref().and_then(|v| v.ledger_error.as_ref()) {
+                stale.push_str(&format!("{}: ledger not saved: {e}\n", vm.name));
             }
             out.push_str(&format!(
                 "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:<6} {}\n",
@@ -435,7 +486,11 @@ fn ls(a: LsArgs) -> Result<(), Failure> {
                 vm.vcpus,
                 live.as_ref().map_or(vm.baseline, |v| v.baseline),
                 live.as_ref().map_or(vm.mode, |v| v.mode),
-                vm_state(vm),
+                if orphaned {
+                    "orphaned".into()
+                } else {
+                    vm_state(vm)
+                },
                 live.as_ref()
                     .map_or("-".into(), |v| format!("{:.3}", v.balance)),
                 if error.is_some() { "stale" } else { "ok" },
@@ -450,17 +505,27 @@ fn ls(a: LsArgs) -> Result<(), Failure> {
         .map_err(Failure::host)
 }
 
-fn find_vm(state: &StateDirArg, name: &str) -> Result<VmRecord, Failure> {
-    let dir = state.get();
+fn find_vm(g: &Global, name: &str) -> Result<(VmRecord, state::Liveness), Failure> {
+    let dir = g.state_dir();
     state::find(&dir, name).ok_or_else(|| Failure {
         code: EXIT_NO_SUCH_VM,
         error: anyhow::anyhow!("no running VM named {name:?} in {}", dir.display()),
     })
 }
 
-fn stop(a: StopArgs) -> Result<(), Failure> {
-    let vm = find_vm(&a.state, &a.name)?;
-    let dir = a.state.get().join(&vm.name);
+fn stop(g: &Global, a: StopArgs) -> Result<(), Failure> {
+    let (vm, liveness) = find_vm(g, &a.name)?;
+    if liveness == state::Liveness::Orphaned {
+        let ended = burst_qemu::orphan::stop(
+            &g.state_dir(),
+            &vm,
+            Duration::from_secs_f64(a.shutdown_timeout.max(0.0)),
+        )
+        .map_err(|e| Failure::host(anyhow::anyhow!("stopping {}: {e}", vm.name)))?;
+        tracing::info!("{} (orphaned) ended: {ended:?}", vm.name);
+        return Ok(());
+    }
+    let dir = g.state_dir().join(&vm.name);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vm.wrapper_pid as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -486,8 +551,8 @@ fn stop(a: StopArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn qmp_on<C: qmp::qapi::Command>(a: &NameArgs, command: C) -> Result<(), Failure> {
-    let vm = find_vm(&a.state, &a.name)?;
+fn qmp_on<C: qmp::qapi::Command>(g: &Global, a: &NameArgs, command: C) -> Result<(), Failure> {
+    let (vm, _) = find_vm(g, &a.name)?;
     qmp::Client::connect(&vm.qmp_socket, Duration::from_secs(5))
         .and_then(|mut c| c.execute(command))
         .with_context(|| format!("{} on {}", C::NAME, vm.name))
@@ -607,8 +672,8 @@ fn ensure_agent(state_dir: &std::path::Path, data_dir: &std::path::Path) -> anyh
     Ok(())
 }
 
-fn run_agent(a: AgentArgs) -> Result<(), Failure> {
-    let state_dir = a.state.get();
+fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
+    let state_dir = g.state_dir();
     let _lock = match agent::lock(&state_dir) {
         Ok(l) => l,
         Err(AgentError::AlreadyRunning(_)) if a.if_absent => return Ok(()),
@@ -638,7 +703,7 @@ fn run_agent(a: AgentArgs) -> Result<(), Failure> {
         .map_err(Failure::host)?;
     let settings = Settings {
         state_dir,
-        data_dir: a.data.get(),
+        data_dir: g.data_dir(),
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
     };
     Agent::new(settings, Box::new(enforcer))
@@ -646,9 +711,9 @@ fn run_agent(a: AgentArgs) -> Result<(), Failure> {
         .map_err(Failure::host)
 }
 
-fn credits(a: CreditsArgs) -> Result<(), Failure> {
-    let state_dir = a.state.get();
-    let data_dir = a.data.get();
+fn credits(g: &Global, a: CreditsArgs) -> Result<(), Failure> {
+    let state_dir = g.state_dir();
+    let data_dir = g.data_dir();
     let set = a
         .set
         .map(|c| {
@@ -660,7 +725,9 @@ fn credits(a: CreditsArgs) -> Result<(), Failure> {
             })
         })
         .transpose()?;
-    let view = if state::find(&state_dir, &a.name).is_some() {
+    let running = state::find(&state_dir, &a.name).is_some();
+    revive_agent(g, usize::from(running));
+    let view = if running {
         if let Some(c) = set {
             if !state::agent_running(&state_dir) {
                 return Err(Failure::host(anyhow::anyhow!(

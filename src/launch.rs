@@ -10,6 +10,9 @@
 //! check every thread id is a thread of QEMU; write `vm.json`; write `vms/NAME.toml` when it
 //! was absent. The QMP connection is then closed so `pause`, `resume` and `ls` can use it.
 //!
+//! QEMU starts clean: default signal dispositions, an empty signal mask, and no descriptor of
+//! the launcher's but the QMP listener (and those its arguments name with `fd=`).
+//!
 //! Life: SIGINT, SIGTERM and SIGCHLD are blocked and read from a signalfd. SIGCHLD means
 //! QEMU may have exited: it is reaped at once. SIGINT/SIGTERM become `system_powerdown`; if
 //! QEMU is still there after `--shutdown-timeout`, `quit` (or SIGTERM to QEMU when QMP is
@@ -46,6 +49,8 @@ use crate::state::{self, ClaimError, RuntimeDir, VmRecord};
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after `quit` the launcher waits before SIGKILL.
 pub const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How often a running launcher calls its watchdog (which restarts a dead agent).
+pub const WATCHDOG_EVERY: Duration = Duration::from_millis(500);
 /// Longest VM name, in bytes.
 pub const MAX_NAME: usize = 64;
 const CHARDEV_ID: &str = "burst-qemu-qmp";
@@ -146,7 +151,9 @@ impl LaunchError {
     pub fn exit_code(&self) -> u8 {
         match self {
             LaunchError::Usage(_) | LaunchError::Config(_) => EXIT_USAGE,
-            LaunchError::Claim(ClaimError::AlreadyRunning { .. }) => EXIT_RUNNING,
+            LaunchError::Claim(ClaimError::AlreadyRunning { .. } | ClaimError::Orphaned { .. }) => {
+                EXIT_RUNNING
+            }
             LaunchError::QemuNotFound { .. } => EXIT_NOT_FOUND,
             LaunchError::QemuNotExecutable { .. } => EXIT_NOT_EXECUTABLE,
             LaunchError::QemuStartup { .. } => EXIT_QEMU_STARTUP,
@@ -423,7 +430,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
     }
 
     // Signals are read from a signalfd; block them before QEMU exists so no SIGCHLD is missed.
-    // (The child's mask is reset by std's spawn.)
+    // The child inherits the mask: `clean_child` empties it before exec.
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGINT,
@@ -448,6 +455,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
     if option(args, "name").is_empty() {
         cmd.arg("-name").arg(format!("{name},debug-threads=on"));
     }
+    let mut keep_fds = passed_fds(args);
     let monitor = match user_socket {
         Some(_) => Monitor::Theirs,
         None => {
@@ -458,21 +466,18 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
                 .arg(format!("socket,id={CHARDEV_ID},fd={fd},server=on,wait=off"))
                 .arg("-mon")
                 .arg(format!("chardev={CHARDEV_ID},mode=control"));
-            // SAFETY: the closure runs in the child between fork and exec and only calls
-            // fcntl, which is async-signal-safe, on a descriptor that is open in the child.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            keep_fds.push(fd);
             Monitor::Ours {
                 _listener: listener,
             }
         }
     };
+    // SAFETY: `clean_child` runs in the child between fork and exec and calls only
+    // async-signal-safe functions (sigaction, sigprocmask, syscall, fcntl, getrlimit); it reads
+    // `keep_fds`, which was allocated before the fork and is not freed in the child.
+    unsafe {
+        cmd.pre_exec(move || clean_child(&keep_fds));
+    }
     if !console_on_terminal(args) {
         cmd.process_group(0);
     }
@@ -488,6 +493,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         },
     })?;
     let pid = child.id();
+    let qemu_start = state::process_start_time(pid).unwrap_or(0);
 
     let registered = (|| {
         let stream = connect_monitor(&mut child, &qmp_socket, &monitor)?;
@@ -526,6 +532,8 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         vcpu_tids,
         config: state::absolute(&config_path),
         qmp_socket: state::absolute(&qmp_socket),
+        qemu_start,
+        boot_id: state::boot_id(),
     };
     let result = (|| {
         if write_config {
@@ -555,6 +563,85 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         signals,
         shutdown_timeout: req.shutdown_timeout,
     })
+}
+
+/// The descriptors QEMU's arguments name as inherited: `fd=N`, `fds=N:M…`, `vhostfd=N`,
+/// `vhostfds=N:M…` in any option (`-netdev tap,fd=3`, `-add-fd fd=4,set=1`). They stay open in
+/// QEMU; every other descriptor above 2 is closed on exec.
+fn passed_fds(args: &[OsString]) -> Vec<i32> {
+    let mut fds = Vec::new();
+    for arg in args {
+        for part in arg.to_string_lossy().split(',') {
+            if let Some((key, value)) = part.split_once('=') {
+                if matches!(key, "fd" | "fds" | "vhostfd" | "vhostfds") {
+                    fds.extend(value.split(':').filter_map(|v| v.parse::<i32>().ok()));
+                }
+            }
+        }
+    }
+    fds.retain(|&fd| fd > 2);
+    fds
+}
+
+/// Run in the child between fork and exec: QEMU starts with the default disposition for every
+/// signal and an empty signal mask (the launcher blocks INT, TERM, HUP and CHLD for its
+/// signalfd, and a mask is inherited across exec: QEMU would otherwise ignore `kill`), and with
+/// no descriptor above 2 but those in `keep` (the QMP listener, the operator's `fd=` ones).
+///
+/// # Safety
+///
+/// Only async-signal-safe calls: it must run between fork and exec.
+unsafe fn clean_child(keep: &[i32]) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask and no flags.
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    for sig in 1..65 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: sigaction with a valid struct; the signals glibc reserves answer EINVAL,
+            // which is ignored.
+            unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        }
+    }
+    // SAFETY: an empty set, built in place.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: valid set pointer; the old mask is not wanted.
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes descriptor flags.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !marked {
+        // Kernels before 5.11: mark each possible descriptor.
+        // SAFETY: a zeroed rlimit is a valid out-parameter.
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to an rlimit.
+        let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur.min(65_536) as i32
+        } else {
+            1024
+        };
+        for fd in 3..max {
+            // SAFETY: fcntl on a descriptor that may not be open answers EBADF, ignored.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    for &fd in keep {
+        // SAFETY: fcntl on a descriptor number; a closed one answers EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn cpu_thread_id(cpu: &qmp::qapi::qmp::CpuInfoFast) -> i64 {
@@ -639,16 +726,29 @@ enum Stage {
 }
 
 impl Running {
+    /// The VM's record.
+    pub fn record(&self) -> &VmRecord {
+        &self.record
+    }
+
     /// Runs until QEMU exits; returns the launcher's exit status (QEMU's, or 128 + signal).
-    /// The runtime dir is removed.
-    pub fn wait(mut self) -> Result<u8, LaunchError> {
+    /// The runtime dir is removed. `watchdog` is called every [`WATCHDOG_EVERY`] while the VM
+    /// runs (the binary restarts a dead agent from it).
+    pub fn wait(mut self, mut watchdog: impl FnMut()) -> Result<u8, LaunchError> {
         let mut stage = Stage::Running;
+        let mut next_watch = Instant::now() + WATCHDOG_EVERY;
         let status = loop {
             if let Some(status) = self.child.try_wait().map_err(io_err("waiting for QEMU"))? {
                 break status;
             }
+            if stage == Stage::Running && Instant::now() >= next_watch {
+                watchdog();
+                next_watch = Instant::now() + WATCHDOG_EVERY;
+            }
             let timeout = match stage {
-                Stage::Running | Stage::Killed => PollTimeout::NONE,
+                Stage::Killed => PollTimeout::NONE,
+                Stage::Running => PollTimeout::try_from(WATCHDOG_EVERY.as_millis() as i32)
+                    .unwrap_or(PollTimeout::NONE),
                 Stage::PoweringDown(t) | Stage::Quitting(t) => {
                     let ms = t.saturating_duration_since(Instant::now()).as_millis();
                     PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)

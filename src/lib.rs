@@ -35,6 +35,7 @@ pub mod credit;
 pub mod enforce;
 pub mod ghost;
 pub mod launch;
+pub mod orphan;
 pub mod simulate;
 pub mod state;
 pub mod testguest;

@@ -6,9 +6,20 @@
 //!   taken belongs to no live launcher (it crashed) and is reclaimed; this is how names stay
 //!   unique among running VMs without guessing from pids.
 //! * `qmp.sock` — QEMU's QMP socket (unless the operator passed their own `-qmp unix:`).
-//! * `vm.json` — the [`VmRecord`]: QEMU's pid, the vCPU thread ids, the config in force.
+//! * `vm.json` — the [`VmRecord`]: QEMU's pid and start time, the vCPU thread ids, the config
+//!   in force.
 //!
 //! The directory is removed when the VM ends.
+//!
+//! # Orphans
+//!
+//! A VM must outlive its manager: if the launcher dies (kill -9, the OOM killer, a crash), QEMU
+//! keeps running. Its directory's lock is then free but its record names a live QEMU, so the VM
+//! is *orphaned*, not gone: it is still listed, charged and enforced, its name cannot be
+//! launched again, and `stop`/`pause`/`resume` reach it through its QMP socket. QEMU is
+//! identified by its pid *and* its start time (field 22 of `/proc/PID/stat`) in this boot, so
+//! a reused pid is never mistaken for it. When QEMU finally exits, whoever sees it first (the
+//! agent, `stop`, a new launch of the name) reaps the directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -157,6 +168,34 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::R
     result
 }
 
+/// A process's start time: field 22 of `/proc/PID/stat`, in clock ticks after boot; `None`
+/// when there is no such process, or it is a zombie (it has exited and waits to be reaped).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses itself:
+    // the fields after it start after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // `rest` starts at field 3 (state); the start time is field 22.
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether a VM's directory belongs to a live launcher, to a live QEMU whose launcher is gone,
+/// or to nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// The launcher holds the lock.
+    Managed,
+    /// No launcher, but the recorded QEMU still runs.
+    Orphaned,
+    /// Neither: a leftover to reap.
+    Gone,
+}
+
 /// Why a runtime dir could not be claimed.
 #[derive(Debug, Error)]
 pub enum ClaimError {
@@ -167,6 +206,20 @@ pub enum ClaimError {
         name: String,
         /// The state dir.
         state_dir: PathBuf,
+    },
+    /// The name's launcher died but its QEMU still runs.
+    #[error(
+        "a VM named {name:?} is still running without its launcher (QEMU pid {pid}, state dir {dir}): \
+         stop it with `burst-qemu stop {name}` first",
+        dir = .state_dir.display()
+    )]
+    Orphaned {
+        /// The name.
+        name: String,
+        /// The state dir.
+        state_dir: PathBuf,
+        /// QEMU's pid.
+        pid: u32,
     },
     /// The state dir cannot be created or written.
     #[error("state dir {dir} is not usable", dir = .dir.display())]
@@ -209,10 +262,29 @@ impl RuntimeDir {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(unwritable(e)),
         }
-        let lock = try_lock(&path.join(LOCK), 0o600)
-            .map_err(unwritable)?
-            .ok_or_else(running)?;
-        // Ours now. Anything else in it is a crashed launcher's leftover.
+        // A reaper (see `reap`) holds the lock for a moment while it removes a dead VM's
+        // directory: try a few times before calling the name taken.
+        let mut lock = None;
+        for _ in 0..20 {
+            lock = try_lock(&path.join(LOCK), 0o600).map_err(unwritable)?;
+            let reaping = || read_record(&path).is_some_and(|r| !r.qemu_alive());
+            if lock.is_some() || !reaping() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lock = lock.ok_or_else(running)?;
+        // Ours now, unless the previous launcher died and left its QEMU running.
+        if let Some(r) = read_record(&path) {
+            if r.qemu_alive() {
+                return Err(ClaimError::Orphaned {
+                    name: name.to_owned(),
+                    state_dir: state_dir.to_owned(),
+                    pid: r.pid,
+                });
+            }
+        }
+        // Anything else in it is a dead launcher's leftover.
         for entry in fs::read_dir(&path).map_err(unwritable)? {
             let entry = entry.map_err(unwritable)?;
             if entry.file_name() != LOCK {
@@ -223,6 +295,25 @@ impl RuntimeDir {
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(unwritable)?;
         Ok(RuntimeDir { path, _lock: lock })
+    }
+
+    /// Removes `<state_dir>/<name>/` if it belongs to nothing alive: no launcher holds it and
+    /// the QEMU it records has exited. Returns whether it was removed.
+    pub fn reap(state_dir: &Path, name: &str) -> bool {
+        let path = state_dir.join(name);
+        let Some(record) = read_record(&path) else {
+            return false;
+        };
+        if record.qemu_alive() {
+            return false;
+        }
+        match try_lock(&path.join(LOCK), 0o600) {
+            Ok(Some(lock)) => {
+                drop(RuntimeDir { path, _lock: lock });
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The directory.
@@ -282,31 +373,95 @@ pub struct VmRecord {
     pub config: PathBuf,
     /// QEMU's QMP socket.
     pub qmp_socket: PathBuf,
+    /// QEMU's start time ([`process_start_time`]); 0 in records of older launchers.
+    #[serde(default)]
+    pub qemu_start: u64,
+    /// The boot the record was made in (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default)]
+    pub boot_id: String,
 }
 
-/// The records of the VMs running under `state_dir` (those whose launcher holds the lock),
-/// sorted by name. Unreadable or stale entries are skipped.
-pub fn running(state_dir: &Path) -> Vec<VmRecord> {
+impl VmRecord {
+    /// Whether the QEMU this record describes still runs: same boot, same pid, same start time.
+    pub fn qemu_alive(&self) -> bool {
+        if !self.boot_id.is_empty() && self.boot_id != boot_id() {
+            return false;
+        }
+        match process_start_time(self.pid) {
+            Some(start) => self.qemu_start == 0 || start == self.qemu_start,
+            None => false,
+        }
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty when unreadable.
+pub fn boot_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    })
+    .clone()
+}
+
+fn read_record(dir: &Path) -> Option<VmRecord> {
+    serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+/// Whether the VM in `dir` (whose record is `record`) is managed, orphaned or gone.
+pub fn liveness(dir: &Path, record: &VmRecord) -> Liveness {
+    if is_locked(dir) {
+        Liveness::Managed
+    } else if record.qemu_alive() {
+        Liveness::Orphaned
+    } else {
+        Liveness::Gone
+    }
+}
+
+/// The VMs running under `state_dir`, managed or orphaned, sorted by name. Unreadable entries
+/// and those that are gone are skipped.
+pub fn running(state_dir: &Path) -> Vec<(VmRecord, Liveness)> {
     let Ok(entries) = fs::read_dir(state_dir) else {
         return Vec::new();
     };
-    let mut vms: Vec<VmRecord> = entries
+    let mut vms: Vec<(VmRecord, Liveness)> = entries
         .flatten()
-        .filter(|e| e.path().is_dir() && is_locked(&e.path()))
-        .filter_map(|e| fs::read(e.path().join(RECORD)).ok())
-        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| {
+            let record = read_record(&e.path())?;
+            match liveness(&e.path(), &record) {
+                Liveness::Gone => None,
+                l => Some((record, l)),
+            }
+        })
         .collect();
-    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    vms.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     vms
 }
 
-/// The record of the running VM `name`, if any.
-pub fn find(state_dir: &Path, name: &str) -> Option<VmRecord> {
+/// The record of the running (managed or orphaned) VM `name`, if any.
+pub fn find(state_dir: &Path, name: &str) -> Option<(VmRecord, Liveness)> {
     let dir = state_dir.join(name);
-    if !is_locked(&dir) {
-        return None;
+    let record = read_record(&dir)?;
+    match liveness(&dir, &record) {
+        Liveness::Gone => None,
+        l => Some((record, l)),
     }
-    serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+/// Reaps every VM directory under `state_dir` that belongs to nothing alive; returns the names.
+pub fn reap_gone(state_dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| RuntimeDir::reap(state_dir, name))
+        .collect()
 }
 
 /// Whether a live launcher holds the runtime dir's lock.

@@ -88,7 +88,7 @@ fn pause_and_resume_take_vcpus_to_zero_and_back() {
         "resumed shares {resumed:?}"
     );
     assert_eq!(
-        state::find(&s.state(), "pr").unwrap().vcpu_tids,
+        state::find(&s.state(), "pr").unwrap().0.vcpu_tids,
         tids,
         "same threads after resume"
     );
@@ -311,13 +311,13 @@ fn ten_vms_started_concurrently_from_a_shell_loop_all_register() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let vms = state::running(&s.state());
-    let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    let names: Vec<&str> = vms.iter().map(|v| v.0.name.as_str()).collect();
     assert_eq!(
         names,
         ["vm0", "vm1", "vm2", "vm3", "vm4", "vm5", "vm6", "vm7", "vm8", "vm9"]
     );
     for v in &vms {
-        assert!(s.cli(&["stop", &v.name]).status.success());
+        assert!(s.cli(&["stop", &v.0.name]).status.success());
     }
     assert!(shell.wait().unwrap().success());
     assert!(state::running(&s.state()).is_empty());

@@ -19,6 +19,9 @@ pub struct Checkpoint {
     pub boottime_ns: u64,
     /// QEMU's pid.
     pub qemu_pid: u32,
+    /// QEMU's start time (see [`state::process_start_time`]); 0 in older files.
+    #[serde(default)]
+    pub qemu_start: u64,
     /// `(tid, cumulative CPU ns)` of each vCPU thread.
     pub cpu_ns: Vec<(u32, u64)>,
 }
@@ -79,13 +82,6 @@ pub fn boottime_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty when unreadable.
-pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +108,7 @@ mod tests {
                 boot_id: "b".into(),
                 boottime_ns: 1,
                 qemu_pid: 2,
+                qemu_start: 5,
                 cpu_ns: vec![(3, 4)],
             }),
         };

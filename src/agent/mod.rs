@@ -40,12 +40,12 @@ use thiserror::Error;
 use crate::config::{self, VmConfig};
 use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
 use crate::enforce::{thread_cpu_ns, Enforcer};
-use crate::state::{self, VmRecord};
+use crate::state::{self, Liveness, VmRecord};
 
 mod ledger_file;
 mod view;
 
-pub use ledger_file::{boot_id, boottime_ns, Checkpoint, LedgerFile};
+pub use ledger_file::{boottime_ns, Checkpoint, LedgerFile};
 pub use view::{view, CreditsView};
 
 /// The agent's tick.
@@ -108,6 +108,10 @@ struct Vm {
     window: (u64, u64),
     last_grant: Rate,
     stale: Option<String>,
+    /// The launcher died; QEMU runs on (see [`crate::state`]'s "Orphans").
+    orphaned: bool,
+    /// Why the last save of the ledger failed, while it keeps failing.
+    ledger_error: Option<String>,
     last_persist: Instant,
     published: HashMap<&'static str, String>,
 }
@@ -261,6 +265,7 @@ impl Agent {
                 // safety net (it reads every runtime dir, the agent's largest per-tick cost).
                 if last_scan.elapsed() >= RESCAN_EVERY {
                     self.scan(&mut watcher);
+                    self.verify();
                     last_scan = Instant::now();
                 }
                 self.tick();
@@ -287,10 +292,7 @@ impl Agent {
         // let go (their ledgers saved, their cgroups removed).
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
-            let alive = self
-                .vms
-                .get(&name)
-                .is_some_and(|vm| Path::new(&format!("/proc/{}", vm.record.pid)).exists());
+            let alive = self.vms.get(&name).is_some_and(|vm| vm.record.qemu_alive());
             if alive {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     measure_and_tick(vm);
@@ -336,29 +338,50 @@ impl Agent {
     /// Adopts VMs that appeared and lets go of those that ended.
     fn scan(&mut self, watcher: &mut notify::RecommendedWatcher) {
         let records = state::running(&self.settings.state_dir);
-        let live: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
         let ended: Vec<String> = self
             .vms
             .iter()
             .filter(|(name, vm)| {
-                !live.contains(name.as_str())
-                    || !records
-                        .iter()
-                        .any(|r| r.name == **name && r.pid == vm.record.pid)
+                !records.iter().any(|(r, _)| {
+                    r.name == **name
+                        && r.pid == vm.record.pid
+                        && r.qemu_start == vm.record.qemu_start
+                })
             })
             .map(|(n, _)| n.clone())
             .collect();
         for name in ended {
             self.end(&name);
         }
-        for record in records {
-            if !self.vms.contains_key(&record.name) {
-                self.adopt(record, watcher);
+        // Orphans whose QEMU has exited have no launcher to remove their directory.
+        for name in state::reap_gone(&self.settings.state_dir) {
+            tracing::info!("{name}: QEMU has exited without its launcher; runtime dir removed");
+        }
+        for (record, liveness) in records {
+            let orphaned = liveness == Liveness::Orphaned;
+            match self.vms.get_mut(&record.name) {
+                Some(vm) => {
+                    if orphaned && !vm.orphaned {
+                        tracing::warn!(
+                            "{}: its launcher (pid {}) is gone; QEMU (pid {}) runs on, and its credits are still charged and enforced",
+                            record.name,
+                            record.wrapper_pid,
+                            record.pid
+                        );
+                    }
+                    vm.orphaned = orphaned;
+                }
+                None => self.adopt(record, orphaned, watcher),
             }
         }
     }
 
-    fn adopt(&mut self, record: VmRecord, watcher: &mut notify::RecommendedWatcher) {
+    fn adopt(
+        &mut self,
+        record: VmRecord,
+        orphaned: bool,
+        watcher: &mut notify::RecommendedWatcher,
+    ) {
         let name = record.name.clone();
         // Watch before reading, so an edit made between the two is not missed.
         self.watch_config(&record.config, watcher);
@@ -394,10 +417,11 @@ impl Agent {
                 vm.credits_applied = s.credits_applied;
                 vm.used_total = s.used_total;
                 // Same QEMU, same boot: charge exactly what happened since the last save.
-                if let Some(c) = s
-                    .checkpoint
-                    .filter(|c| c.boot_id == boot_id() && c.qemu_pid == vm.record.pid)
-                {
+                if let Some(c) = s.checkpoint.filter(|c| {
+                    c.boot_id == state::boot_id()
+                        && c.qemu_pid == vm.record.pid
+                        && (c.qemu_start == 0 || c.qemu_start == vm.record.qemu_start)
+                }) {
                     let used: u64 = vm
                         .cpu
                         .iter()
@@ -430,7 +454,20 @@ impl Agent {
             ),
         };
         vm.stale = stale;
+        vm.orphaned = orphaned;
         apply_override(&mut vm, &cfg);
+        // Only threads of this QEMU are ever moved: a recorded id that is no longer one of its
+        // threads (reused by another process) is dropped, never enforced on.
+        vm.record.vcpu_tids.retain(|&tid| {
+            let own = Path::new(&format!("/proc/{}/task/{tid}", vm.record.pid)).exists();
+            if !own {
+                tracing::error!(
+                    "{name}: vCPU thread {tid} is not a thread of QEMU (pid {}); not enforced",
+                    vm.record.pid
+                );
+            }
+            own
+        });
         if let Err(e) = self.enforcer.attach(&vm.record) {
             tracing::error!("{name}: cannot enforce credits: {e:#}");
         }
@@ -468,6 +505,19 @@ impl Agent {
                 "{name}: ended; balance {} saved",
                 vm.ledger.balances().balance()
             );
+        }
+    }
+
+    /// Puts back what someone else changed of the VMs' enforcement (see [`Enforcer::verify`]).
+    fn verify(&mut self) {
+        for vm in self.vms.values() {
+            match self.enforcer.verify(&vm.record) {
+                Ok(Some(what)) => tracing::warn!("{}: {what}: repaired", vm.record.name),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!("{}: cannot repair its enforcement: {e:#}", vm.record.name)
+                }
+            }
         }
     }
 
@@ -576,6 +626,8 @@ fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64
         usage: Rate(0),
         window: (0, 0),
         stale: None,
+        orphaned: false,
+        ledger_error: None,
         last_persist: Instant::now(),
         published: HashMap::new(),
     }
@@ -668,16 +720,34 @@ fn persist(data_dir: &Path, vm: &mut Vm) {
         credits_applied: vm.credits_applied,
         used_total: vm.used_total,
         checkpoint: Some(Checkpoint {
-            boot_id: boot_id(),
+            boot_id: state::boot_id(),
+            qemu_start: vm.record.qemu_start,
             boottime_ns: vm.at_ns,
             qemu_pid: vm.record.pid,
             cpu_ns: vm.cpu.clone(),
         }),
     };
     let path = state::ledger_path(data_dir, &vm.record.name);
+    // Retried once per persistence interval, not every tick, while the disk refuses.
+    vm.last_persist = Instant::now();
     match file.save(&path) {
-        Ok(()) => vm.last_persist = Instant::now(),
-        Err(e) => tracing::error!("saving {}: {e}", path.display()),
+        Ok(()) => {
+            if let Some(e) = vm.ledger_error.take() {
+                tracing::info!("{}: ledger saved again (after: {e})", vm.record.name);
+            }
+        }
+        Err(e) => {
+            // The temporary file is removed and the old ledger stays whole; the agent goes on
+            // charging and enforcing from memory and says so once, in its log, `ls` and `check`.
+            if vm.ledger_error.is_none() {
+                tracing::error!(
+                    "{}: cannot save the ledger to {}: {e}; enforcing from memory until it can",
+                    vm.record.name,
+                    path.display()
+                );
+            }
+            vm.ledger_error = Some(format!("{}: {e}", path.display()));
+        }
     }
 }
 
@@ -694,6 +764,10 @@ fn publish(state_dir: &Path, vm: &mut Vm) {
         Some((vm.usage, vm.last_grant)),
         vm.stale.clone(),
     );
+    let v = CreditsView {
+        ledger_error: vm.ledger_error.clone(),
+        ..v
+    };
     let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));
     let values: [(&'static str, String); 8] = [
         ("balance", num(Some(v.balance), 3)),

@@ -34,6 +34,9 @@ pub struct CreditsView {
     pub used_total_s: f64,
     /// Why the config file is not in force, when a bad edit is being ignored.
     pub config_error: Option<String>,
+    /// Why the agent cannot save the ledger (a full or read-only data dir), while it cannot.
+    #[serde(default)]
+    pub ledger_error: Option<String>,
 }
 
 /// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
@@ -73,6 +76,7 @@ pub fn view(
         vcpus: p.vcpus(),
         used_total_s: round(used_total.vcpu_ns() as f64 / NS_PER_SEC as f64, 3),
         config_error,
+        ledger_error: None,
     }
 }
 #[cfg(test)]

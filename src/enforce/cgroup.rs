@@ -234,6 +234,31 @@ impl CgroupEnforcer {
         }
     }
 
+    /// Writes a quota and period into `dir`; `old_period` is the period in force, when known.
+    fn write_bandwidth(
+        &mut self,
+        dir: &Path,
+        quota: Option<u64>,
+        period: u64,
+        old_period: Option<u64>,
+    ) -> Result<(), EnforceError> {
+        match self.version {
+            Version::V1 => {
+                // Lift the limit before changing the period so no intermediate pair is refused.
+                if old_period != Some(period) {
+                    self.write(&dir.join("cpu.cfs_quota_us"), "-1")?;
+                    self.write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                }
+                let q = quota.map_or("-1".to_owned(), |q| q.to_string());
+                self.write(&dir.join("cpu.cfs_quota_us"), &q)
+            }
+            Version::V2 => {
+                let q = quota.map_or("max".to_owned(), |q| q.to_string());
+                self.write(&dir.join("cpu.max"), &format!("{q} {period}"))
+            }
+        }
+    }
+
     /// Moves any thread still in `dir` to the hierarchy's root, then removes `dir`.
     fn evacuate_and_remove(&mut self, dir: &Path) -> Result<(), EnforceError> {
         if Self::remove(dir).is_ok() {
@@ -319,25 +344,74 @@ impl Enforcer for CgroupEnforcer {
         }
         let dir = a.vcpus.clone();
         let old_period = a.written.map(|w| w.1);
-        match self.version {
-            Version::V1 => {
-                // Lift the limit before changing the period so no intermediate pair is refused.
-                if old_period != Some(period) {
-                    self.write(&dir.join("cpu.cfs_quota_us"), "-1")?;
-                    self.write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                }
-                let q = quota.map_or("-1".to_owned(), |q| q.to_string());
-                self.write(&dir.join("cpu.cfs_quota_us"), &q)?;
-            }
-            Version::V2 => {
-                let q = quota.map_or("max".to_owned(), |q| q.to_string());
-                self.write(&dir.join("cpu.max"), &format!("{q} {period}"))?;
-            }
-        }
+        self.write_bandwidth(&dir, quota, period, old_period)?;
         if let Some(a) = self.vms.get_mut(vm) {
             a.written = Some((quota, period));
         }
         Ok(())
+    }
+
+    fn verify(&mut self, vm: &VmRecord) -> Result<Option<String>, EnforceError> {
+        let Some(a) = self.vms.get(&vm.name) else {
+            return Ok(None);
+        };
+        let (dir, written) = (a.vcpus.clone(), a.written);
+        let repaired = if !dir.is_dir() {
+            Some(format!("cgroup {} was removed", dir.display()))
+        } else {
+            let list = match self.version {
+                Version::V1 => "tasks",
+                Version::V2 => "cgroup.threads",
+            };
+            let inside = fs::read_to_string(dir.join(list)).unwrap_or_default();
+            let inside: Vec<u32> = inside
+                .split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect();
+            vm.vcpu_tids
+                .iter()
+                .find(|t| !inside.contains(t))
+                .map(|t| format!("vCPU thread {t} was moved out of {}", dir.display()))
+        };
+        if let Some(why) = repaired {
+            self.attach(vm)?;
+            if let Some((quota, period)) = written {
+                self.write_bandwidth(&dir, quota, period, None)?;
+                if let Some(a) = self.vms.get_mut(&vm.name) {
+                    a.written = written;
+                }
+            }
+            return Ok(Some(why));
+        }
+        let Some((quota, period)) = written else {
+            return Ok(None);
+        };
+        let found = match self.version {
+            Version::V1 => {
+                let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+                Some((
+                    read("cpu.cfs_quota_us").trim().parse::<i64>().ok(),
+                    read("cpu.cfs_period_us").trim().parse::<u64>().ok(),
+                ))
+            }
+            Version::V2 => fs::read_to_string(dir.join("cpu.max")).ok().and_then(|t| {
+                let mut f = t.split_whitespace();
+                let q = match f.next()? {
+                    "max" => -1,
+                    q => q.parse().ok()?,
+                };
+                Some((Some(q), f.next()?.parse().ok()))
+            }),
+        };
+        let expected = (Some(quota.map_or(-1, |q| q as i64)), Some(period));
+        if found == Some(expected) {
+            return Ok(None);
+        }
+        self.write_bandwidth(&dir, quota, period, None)?;
+        Ok(Some(format!(
+            "the bandwidth of {} was changed to {found:?}; put back to {expected:?}",
+            dir.display()
+        )))
     }
 
     fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {
@@ -394,6 +468,8 @@ mod tests {
             vcpu_tids: vec![101, 102],
             config: "/vms/web.toml".into(),
             qmp_socket: "/run/web/qmp.sock".into(),
+            qemu_start: 0,
+            boot_id: String::new(),
         }
     }
 

@@ -48,6 +48,14 @@ pub trait Enforcer: Send {
 
     /// Removes what is left of VMs not in `live` (after an agent or host crash).
     fn cleanup(&mut self, live: &[&str]);
+
+    /// Checks that what `attach` and `apply` set up for `vm` is still in place, and puts back
+    /// what someone else removed or rewrote (a deleted cgroup, a thread moved out, a quota
+    /// written by hand). Returns what was repaired, if anything. Called about once a second.
+    fn verify(&mut self, vm: &VmRecord) -> Result<Option<String>, EnforceError> {
+        let _ = vm;
+        Ok(None)
+    }
 }
 
 /// Cumulative CPU time of thread `tid` of process `pid`, in ns, from

@@ -123,7 +123,7 @@ impl Scratch {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(r) = state::find(&self.state(), name) {
-                return r;
+                return r.0;
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("launcher exited before {name} registered: {status}");
