@@ -43,13 +43,7 @@ pub const EXIT_RUNNING: u8 = 3;
 /// started, the launcher exits with QEMU's own status (128 + N when QEMU was killed by
 /// signal N).
 #[derive(Debug, Parser)]
-#[command(
-    name = "burst-qemu",
-    version,
-    about,
-    long_about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "burst-qemu", version, about, long_about)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -180,12 +174,30 @@ struct RunArgs {
     /// Rewrite vms/NAME.toml from the flags instead of refusing flags that contradict it.
     #[arg(long)]
     force_config: bool,
-    /// Seconds to wait after system_powerdown before `quit`.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
-    shutdown_timeout: f64,
+    /// Seconds to wait after system_powerdown before `quit` [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_timeout: Option<f64>,
     /// QEMU's binary and arguments, after `--`.
     #[arg(last = true, value_name = "QEMU_BINARY QEMU_ARGS")]
     qemu: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// The first launch option given, if any (they mean nothing beside a command).
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.name.is_some(), "--name"),
+            (self.vcpus.is_some(), "--vcpus"),
+            (self.baseline.is_some(), "--baseline"),
+            (self.credits.is_some(), "--credits"),
+            (self.mode.is_some(), "--mode"),
+            (self.force_config, "--force-config"),
+            (self.shutdown_timeout.is_some(), "--shutdown-timeout"),
+            (!self.qemu.is_empty(), "-- QEMU…"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -302,6 +314,12 @@ impl Failure {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     let g = &cli.global;
+    // The fleet options are global (before or after a command); launch options are not.
+    if let (Some(_), Some(flag)) = (&cli.command, cli.run.first_given()) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "{flag} is a launch option: it cannot be given with a command (see --help)"
+        )));
+    }
     match cli.command {
         None => run_vm(g, cli.run),
         Some(Command::Run(args)) => run_vm(g, args),
@@ -311,7 +329,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Resume(a)) => qmp_on(g, &a, qmp::qapi::qmp::cont {}),
         Some(Command::Credits(a)) => credits(g, a),
         Some(Command::Agent(a)) => run_agent(g, a),
-        Some(Command::Check) => check(),
+        Some(Command::Check) => check(g),
         Some(Command::Simulate(args)) => simulate_cmd(args),
         Some(Command::TestGuest(a)) => {
             let kind = if a.halt {
@@ -332,7 +350,8 @@ fn run_vm(g: &Global, a: RunArgs) -> Result<(), Failure> {
             "no QEMU command: burst-qemu --vcpus N --baseline PCT -- QEMU_BINARY QEMU_ARGS… (see --help)"
         )));
     }
-    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+    let shutdown_timeout = a.shutdown_timeout.unwrap_or(30.0);
+    if !(shutdown_timeout.is_finite() && shutdown_timeout >= 0.0) {
         return Err(Failure::usage(anyhow::anyhow!(
             "--shutdown-timeout must be a number of seconds ≥ 0"
         )));
@@ -346,7 +365,7 @@ fn run_vm(g: &Global, a: RunArgs) -> Result<(), Failure> {
         credits: a.credits,
         mode: a.mode,
         force_config: a.force_config,
-        shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+        shutdown_timeout: Duration::from_secs_f64(shutdown_timeout),
         qemu: a.qemu.clone(),
     };
     let launched = |e: LaunchError| Failure {
@@ -652,6 +671,11 @@ fn ensure_agent(state_dir: &std::path::Path, data_dir: &std::path::Path) -> anyh
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--if-absent", "--idle-exit", "30"])
+        // The agent's log is for the operator: what it adopted, charged and repaired.
+        .env(
+            "BURST_QEMU_LOG",
+            std::env::var_os("BURST_QEMU_LOG").unwrap_or_else(|| "info".into()),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -835,7 +859,7 @@ fn credits(g: &Global, a: CreditsArgs) -> Result<(), Failure> {
         .map_err(Failure::host)
 }
 
-fn check() -> Result<(), Failure> {
+fn check(g: &Global) -> Result<(), Failure> {
     let mut lines = Vec::new();
     let mut required_ok = true;
     let mut line = |ok: bool, what: &str, detail: String| {
@@ -925,6 +949,21 @@ fn check() -> Result<(), Failure> {
             "ghOSt",
             format!("{e}. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) with ghostfs mounted at /sys/fs/ghost (mount -t ghost ghost /sys/fs/ghost); cgroup enforcement is used without it"),
         ),
+    }
+    // The fleet of this state dir: VMs whose ledgers cannot be saved, or without a launcher.
+    let state_dir = g.state_dir();
+    for (vm, liveness) in state::running(&state_dir) {
+        if let Some(e) = read_view(&state_dir, &vm.name).and_then(|v| v.ledger_error) {
+            required_ok = false;
+            line(false, "ledger persistence", format!("{}: the agent cannot save its ledger ({e}); it enforces from memory, and a crash now would lose the credits since the last save. Fix: free space in, or make writable, the data dir", vm.name));
+        }
+        if liveness == state::Liveness::Orphaned {
+            line(
+                true,
+                "orphaned VM",
+                format!("{}: {}", vm.name, orphan_reason(&vm)),
+            );
+        }
     }
     let mut text = lines.join("\n") + "\n";
     text.push_str(if required_ok {

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 use burst_qemu::state::{self, VmRecord};
@@ -194,4 +196,79 @@ pub fn shares(pid: u32, tids: &[u32], interval: Duration) -> Vec<f64> {
         .zip(&after)
         .map(|(b, a)| (a - b) as f64 * 100.0 / elapsed)
         .collect()
+}
+
+/// The agent's published view of `name` (credits.json), once there is one.
+pub fn view(s: &Scratch, name: &str) -> Value {
+    let path = s.state().join(name).join("credits.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no credits.json for {name}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.elapsed()
+}
+
+/// The VM's vCPU cgroup (cgroup v1 or v2), found from its name under this scratch's instance.
+pub fn vcpu_cgroup(s: &Scratch, name: &str) -> PathBuf {
+    let (version, mount) = burst_qemu::enforce::cgroup::detect_host().unwrap();
+    let instance = burst_qemu::enforce::cgroup::instance_name(&s.state());
+    let dir = mount.join("burst-qemu").join(instance).join(name);
+    match version {
+        burst_qemu::enforce::cgroup::Version::V1 => dir,
+        burst_qemu::enforce::cgroup::Version::V2 => dir.join("vcpus"),
+    }
+}
+
+pub fn quota(s: &Scratch, name: &str) -> String {
+    let dir = vcpu_cgroup(s, name);
+    std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+        .or_else(|_| std::fs::read_to_string(dir.join("cpu.max")))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+pub fn write_config(s: &Scratch, name: &str, text: &str) {
+    std::fs::create_dir_all(s.vms()).unwrap();
+    std::fs::write(s.vms().join(format!("{name}.toml")), text).unwrap();
+}
+
+pub fn agent_pid(s: &Scratch) -> i32 {
+    std::fs::read_to_string(s.state().join("agent.lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+pub fn start_agent(s: &Scratch) -> Child {
+    std::fs::create_dir_all(s.state()).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.state().join("agent.log"))
+        .unwrap();
+    bin()
+        .args(["agent", "--state-dir"])
+        .arg(s.state())
+        .env("BURST_QEMU_DATA_DIR", s.data())
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
