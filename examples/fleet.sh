@@ -3,10 +3,23 @@
 # (every vCPU busy) with different baselines and balances. Shows `burst-qemu ls` and `credits`
 # while they burst, decline and settle at their baselines, then stops them cleanly.
 #
-# Needs root (cgroups), QEMU (apt-get install qemu-system-x86) and Rust. Takes about a minute.
+# Needs root (cgroups) and Rust; installs QEMU with apt when it is missing, as .ci/run does.
+# Takes about a minute.
 #   bash examples/fleet.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing QEMU (qemu-system-x86)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            qemu-system-x86 >/dev/null
+    else
+        echo "fleet.sh: qemu-system-x86_64 is missing: install qemu-system-x86 (as root: apt-get install qemu-system-x86)" >&2
+        exit 1
+    fi
+fi
 
 cargo build --release --quiet
 BQ=$PWD/target/release/burst-qemu
