@@ -151,6 +151,47 @@ struct AgentArgs {
     /// Exit after this many seconds without VMs.
     #[arg(long, value_name = "SECONDS")]
     idle_exit: Option<f64>,
+    /// How the CPU is divided when the VMs together want more than the host has: `rescoin`
+    /// (every VM first gets its baseline, the rest is shared by ResCoin's rule) or `off` (each
+    /// VM is capped by its credits alone, and the kernel splits the rest evenly).
+    #[arg(long, value_name = "rescoin|off", default_value = "rescoin", value_parser = ["rescoin", "off"], env = "BURST_QEMU_CONTENTION")]
+    contention: String,
+    /// The CPU the VMs share, for the contention stage: a number of CPUs (`2`, `1.5`) or a CPU
+    /// list (`0-3,6`) [default: every CPU this agent may run on].
+    #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
+    capacity: Option<String>,
+}
+
+/// The CPU capacity `--capacity` names, or the CPUs this process may run on.
+fn capacity(arg: Option<&str>) -> Result<burst_qemu::credit::Rate, Failure> {
+    use burst_qemu::credit::{Rate, PPM_PER_CPU};
+    let Some(text) = arg else {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return Ok(Rate(n as u64 * PPM_PER_CPU));
+    };
+    let bad = || {
+        Failure::usage(anyhow::anyhow!(
+            "--capacity {text:?}: give a number of CPUs (2, 1.5) or a CPU list (0-3,6)"
+        ))
+    };
+    if let Ok(cpus) = text.parse::<f64>() {
+        if cpus.is_finite() && cpus > 0.0 && !text.contains('-') {
+            return Ok(Rate((cpus * PPM_PER_CPU as f64).round() as u64));
+        }
+    }
+    let mut count = 0u64;
+    for part in text.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u64, u64) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if b < a {
+            return Err(bad());
+        }
+        count += b - a + 1;
+    }
+    Ok(Rate(count * PPM_PER_CPU))
 }
 
 #[derive(Debug, Args)]
@@ -468,9 +509,10 @@ fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 v["run_state"] = run_state.into();
                 v["launcher"] = if orphaned { "gone" } else { "running" }.into();
                 v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
-                v["ledger_error"] = read_view(&dir, &vm.name)
-                    .and_then(|v| v.ledger_error)
-                    .into();
+                let live = read_view(&dir, &vm.name);
+                v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
+                v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
+                v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
                 let error = config_error(&dir, &vm.name);
                 v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
                 v["config_error"] = error.into();
@@ -480,10 +522,20 @@ fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
         let mut out = format!(
-            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:<6} VCPU TIDS\n",
-            "NAME", "PID", "VCPUS", "BASELINE", "MODE", "STATE", "BALANCE", "CONFIG"
+            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} VCPU TIDS\n",
+            "NAME",
+            "PID",
+            "VCPUS",
+            "BASELINE",
+            "MODE",
+            "STATE",
+            "BALANCE",
+            "GRANT",
+            "ALLOC",
+            "CONFIG"
         );
         let mut stale = String::new();
+        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}%"));
         for (vm, liveness) in &vms {
             let tids: Vec<String> = vm.vcpu_tids.iter().map(u32::to_string).collect();
             let live = read_view(&dir, &vm.name);
@@ -499,7 +551,7 @@ fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 stale.push_str(&format!("{}: ledger not saved: {e}\n", vm.name));
             }
             out.push_str(&format!(
-                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:<6} {}\n",
+                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {}\n",
                 vm.name,
                 vm.pid,
                 vm.vcpus,
@@ -512,6 +564,8 @@ fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 },
                 live.as_ref()
                     .map_or("-".into(), |v| format!("{:.3}", v.balance)),
+                pct(live.as_ref().and_then(|v| v.grant_pct)),
+                pct(live.as_ref().and_then(|v| v.allocation_pct)),
                 if error.is_some() { "stale" } else { "ok" },
                 tids.join(",")
             ));
@@ -729,6 +783,11 @@ fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         state_dir,
         data_dir: g.data_dir(),
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        contention: if a.contention == "off" {
+            None
+        } else {
+            Some(capacity(a.capacity.as_deref())?)
+        },
     };
     Agent::new(settings, Box::new(enforcer))
         .run()

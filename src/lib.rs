@@ -31,6 +31,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod contention;
 pub mod credit;
 pub mod enforce;
 pub mod ghost;

@@ -38,8 +38,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::config::{self, VmConfig};
+use crate::contention::{Allocation, Contention, Observed};
 use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
-use crate::enforce::{thread_cpu_ns, Enforcer};
+use crate::enforce::{thread_cpu_ns, thread_sched_ns, Enforcer};
 use crate::state::{self, Liveness, VmRecord};
 
 mod ledger_file;
@@ -98,6 +99,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Exit after this long with no VMs (auto-started agents); `None`: run until signalled.
     pub idle_exit: Option<Duration>,
+    /// The CPU the VMs share, for the contention stage; `None` turns the stage off (each VM
+    /// is held to its grant alone).
+    pub contention: Option<Rate>,
 }
 
 /// One adopted VM.
@@ -111,6 +115,14 @@ struct Vm {
     usage: Rate,
     /// CPU and time accumulated toward the next `usage` figure.
     window: (u64, u64),
+    /// CPU and time accumulated toward the contention stage's next period.
+    period: (u64, u64),
+    /// Run-queue wait of the vCPU threads over the same period: CPU the host kept from them.
+    period_waited: u64,
+    /// Each vCPU thread's cumulative run-queue wait at the last measurement (as `cpu`).
+    waits: Vec<Option<u64>>,
+    /// The contention stage's allocation in force.
+    allocation: Option<Allocation>,
     last_grant: Rate,
     stale: Option<String>,
     /// The launcher died; QEMU runs on (see [`crate::state`]'s "Orphans").
@@ -143,10 +155,15 @@ pub fn lock(state_dir: &Path) -> Result<AgentLock, AgentError> {
     }
 }
 
+/// How often the contention stage re-plans (see [`crate::contention`]'s "Why this shape").
+pub const CONTENTION_PERIOD: Duration = Duration::from_secs(1);
+
 /// The agent.
 pub struct Agent {
     settings: Settings,
     enforcer: Box<dyn Enforcer>,
+    contention: Option<Contention>,
+    last_period: Instant,
     vms: HashMap<String, Vm>,
     watched: HashSet<PathBuf>,
 }
@@ -155,6 +172,8 @@ impl Agent {
     /// An agent over `enforcer`. The caller holds the [`AgentLock`].
     pub fn new(settings: Settings, enforcer: Box<dyn Enforcer>) -> Self {
         Agent {
+            contention: settings.contention.map(Contention::new),
+            last_period: Instant::now(),
             settings,
             enforcer,
             vms: HashMap::new(),
@@ -529,11 +548,70 @@ impl Agent {
 
     fn enforce(&mut self, vm: &mut Vm) {
         let grant = vm.ledger.grant().rate;
+        // The contention stage's allocation, when the host is contended, never lifts the cap
+        // above the grant (which may have fallen since the stage ran).
+        let cap = match vm.allocation {
+            Some(a) if a.contended => a.rate.min(grant),
+            _ => grant,
+        };
+        let name = &vm.record.name;
         if let Err(e) = self
             .enforcer
-            .apply(&vm.record.name, grant, vm.ledger.policy().full_rate())
+            .apply(name, cap, vm.ledger.policy().full_rate())
         {
-            tracing::error!("{}: {e:#}", vm.record.name);
+            tracing::error!("{name}: {e:#}");
+        }
+        if let Err(e) = self.enforcer.weigh(name, cap) {
+            tracing::error!("{name}: {e:#}");
+        }
+    }
+
+    /// Ends a contention period: plans every VM's allocation from what it used.
+    fn contend(&mut self) {
+        let Some(stage) = self.contention.as_mut() else {
+            return;
+        };
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        let observed: Vec<(&str, Observed)> = names
+            .iter()
+            .filter_map(|n| {
+                let vm = self.vms.get(n)?;
+                let (used, elapsed) = vm.period;
+                let rate = |ns: u64| {
+                    Rate(
+                        (u128::from(ns) * u128::from(PPM_PER_CPU) / u128::from(elapsed.max(1)))
+                            as u64,
+                    )
+                };
+                Some((
+                    n.as_str(),
+                    Observed {
+                        grant: vm.ledger.grant().rate,
+                        baseline: vm.ledger.policy().baseline_rate(),
+                        used: rate(used),
+                        waited: rate(vm.period_waited),
+                    },
+                ))
+            })
+            .collect();
+        let plan = stage.period(&observed);
+        for ((name, _), a) in observed.iter().zip(plan) {
+            if let Some(vm) = self.vms.get_mut(*name) {
+                if a.contended != vm.allocation.is_some_and(|p| p.contended) {
+                    tracing::info!(
+                        "{name}: host {}: allocation {:.2} % of its vCPUs",
+                        if a.contended {
+                            "contended"
+                        } else {
+                            "no longer contended"
+                        },
+                        a.rate.percent_of(vm.record.vcpus)
+                    );
+                }
+                vm.allocation = Some(a);
+                vm.period = (0, 0);
+                vm.period_waited = 0;
+            }
         }
     }
 
@@ -581,13 +659,20 @@ impl Agent {
     }
 
     fn tick(&mut self) {
+        // Measure and charge every VM first: the contention stage plans them together.
+        for vm in self.vms.values_mut() {
+            measure_and_tick(vm);
+        }
+        if self.last_period.elapsed() >= CONTENTION_PERIOD {
+            self.last_period = Instant::now();
+            self.contend();
+        }
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {
                 continue;
             };
             let request = self.settings.state_dir.join(&name).join(state::SET_CREDITS);
-            measure_and_tick(&mut vm);
             let requested = fs::read_to_string(&request).ok();
             if let Some(text) = &requested {
                 match text
@@ -633,6 +718,10 @@ fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64
         at_ns,
         usage: Rate(0),
         window: (0, 0),
+        period: (0, 0),
+        period_waited: 0,
+        waits: Vec::new(),
+        allocation: None,
         stale: None,
         orphaned: false,
         ledger_error: None,
@@ -698,10 +787,16 @@ fn measure_and_tick(vm: &mut Vm) {
         return;
     }
     let mut used = 0u64;
-    for (tid, last) in vm.cpu.iter_mut() {
-        if let Some(ns) = thread_cpu_ns(vm.record.pid, *tid) {
+    let mut waited = 0u64;
+    vm.waits.resize(vm.cpu.len(), None);
+    for ((tid, last), last_wait) in vm.cpu.iter_mut().zip(vm.waits.iter_mut()) {
+        if let Some((ns, wait)) = thread_sched_ns(vm.record.pid, *tid) {
             used += ns.saturating_sub(*last);
             *last = ns;
+            if let Some(w) = *last_wait {
+                waited += wait.saturating_sub(w);
+            }
+            *last_wait = Some(wait);
         }
     }
     vm.last_grant = vm.ledger.grant().rate;
@@ -711,6 +806,8 @@ fn measure_and_tick(vm: &mut Vm) {
     // ticks, so two measurements a few microseconds apart (a config edit just after a tick)
     // would read as idle.
     vm.window = (vm.window.0 + used, vm.window.1 + elapsed);
+    vm.period = (vm.period.0 + used, vm.period.1 + elapsed);
+    vm.period_waited += waited;
     if vm.window.1 >= USAGE_WINDOW_NS {
         vm.usage = Rate(
             (u128::from(vm.window.0) * u128::from(PPM_PER_CPU) / u128::from(vm.window.1)) as u64,
@@ -776,6 +873,19 @@ fn publish(state_dir: &Path, vm: &mut Vm) {
     );
     let v = CreditsView {
         ledger_error: vm.ledger_error.clone(),
+        allocation_pct: Some(
+            vm.allocation
+                .filter(|a| a.contended)
+                .map_or(vm.last_grant, |a| a.rate.min(vm.last_grant))
+                .percent_of(vm.record.vcpus),
+        )
+        .map(|p| (p * 100.0).round() / 100.0),
+        demand_pct: vm
+            .allocation
+            .map(|a| (a.estimate.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
+        observed_demand_pct: vm
+            .allocation
+            .map(|a| (a.observed.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
         ..v
     };
     let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));

@@ -37,6 +37,18 @@ pub struct CreditsView {
     /// Why the agent cannot save the ledger (a full or read-only data dir), while it cannot.
     #[serde(default)]
     pub ledger_error: Option<String>,
+    /// What the contention stage lets the VM use, percent of all its vCPUs: the grant unless
+    /// the host is contended (`None` for a stopped VM).
+    #[serde(default)]
+    pub allocation_pct: Option<f64>,
+    /// The contention stage's estimate of the VM's demand, percent of all its vCPUs (`None`
+    /// when the stage is off or has not run yet).
+    #[serde(default)]
+    pub demand_pct: Option<f64>,
+    /// The demand the stage observed over its last period (what the VM ran and waited for, or
+    /// its grant when held to its cap), percent of all its vCPUs.
+    #[serde(default)]
+    pub observed_demand_pct: Option<f64>,
 }
 
 /// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
@@ -77,6 +89,9 @@ pub fn view(
         used_total_s: round(used_total.vcpu_ns() as f64 / NS_PER_SEC as f64, 3),
         config_error,
         ledger_error: None,
+        allocation_pct: None,
+        demand_pct: None,
+        observed_demand_pct: None,
     }
 }
 #[cfg(test)]

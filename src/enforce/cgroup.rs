@@ -165,6 +165,8 @@ struct Attached {
     vcpus: PathBuf,
     /// The last (quota, period) written.
     written: Option<(Option<u64>, u64)>,
+    /// The last CPU weight written (`cpu.shares` on v1, `cpu.weight` on v2).
+    weight: Option<u64>,
 }
 
 /// Cgroup CPU-bandwidth enforcement.
@@ -325,6 +327,7 @@ impl Enforcer for CgroupEnforcer {
             Attached {
                 vcpus,
                 written: None,
+                weight: None,
             },
         );
         Ok(())
@@ -347,6 +350,31 @@ impl Enforcer for CgroupEnforcer {
         self.write_bandwidth(&dir, quota, period, old_period)?;
         if let Some(a) = self.vms.get_mut(vm) {
             a.written = Some((quota, period));
+        }
+        Ok(())
+    }
+
+    fn weigh(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        let Some(a) = self.vms.get(vm) else {
+            return Ok(());
+        };
+        // One CPU's worth is the kernel's default weight (1024 shares, weight 100), so an
+        // uncontended VM at one CPU keeps the default and weights compare as the rates do.
+        let (file, weight) = match self.version {
+            Version::V1 => (
+                "cpu.shares",
+                (rate.0 * 1024 / PPM_PER_CPU).clamp(2, 262_144),
+            ),
+            Version::V2 => ("cpu.weight", (rate.0 * 100 / PPM_PER_CPU).clamp(1, 10_000)),
+        };
+        // Within 2 % of what is written: not worth a write.
+        if a.weight.is_some_and(|w| w.abs_diff(weight) * 50 <= w) {
+            return Ok(());
+        }
+        let path = self.root.join(vm).join(file);
+        self.write(&path, &weight.to_string())?;
+        if let Some(a) = self.vms.get_mut(vm) {
+            a.weight = Some(weight);
         }
         Ok(())
     }
@@ -598,6 +626,28 @@ mod tests {
         );
         e.detach("web").unwrap();
         assert!(!mount.path().join("burst-qemu/i/web").exists());
+    }
+
+    #[test]
+    fn weights_follow_the_allocation_and_small_changes_are_not_written() {
+        for (version, file, values) in [
+            (Version::V1, "burst-qemu/i/web/cpu.shares", ["819", "2048"]),
+            (Version::V2, "burst-qemu/i/web/cpu.weight", ["80", "200"]),
+        ] {
+            let mount = tempfile::tempdir().unwrap();
+            let mut e = CgroupEnforcer::new(version, mount.path(), "i").unwrap();
+            e.attach(&record()).unwrap();
+            e.journal.clear();
+            e.weigh("web", Rate(800_000)).unwrap();
+            e.weigh("web", Rate(805_000)).unwrap(); // within 2 %: not written
+            e.weigh("web", Rate(2_000_000)).unwrap();
+            let w: Vec<(String, String)> = written(&e, mount.path());
+            assert_eq!(
+                w,
+                pairs(&[(file, values[0]), (file, values[1])]),
+                "{version}"
+            );
+        }
     }
 
     #[test]

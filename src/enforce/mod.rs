@@ -49,6 +49,14 @@ pub trait Enforcer: Send {
     /// Removes what is left of VMs not in `live` (after an agent or host crash).
     fn cleanup(&mut self, live: &[&str]);
 
+    /// Sets `vm`'s share of the CPU when the host is contended, in proportion to `rate` (its
+    /// allocation), so that between two plans the kernel splits a busy host as the contention
+    /// stage planned. Enforcers that schedule by themselves ignore it.
+    fn weigh(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        let _ = (vm, rate);
+        Ok(())
+    }
+
     /// Checks that what `attach` and `apply` set up for `vm` is still in place, and puts back
     /// what someone else removed or rewrote (a deleted cgroup, a thread moved out, a quota
     /// written by hand). Returns what was repaired, if anything. Called about once a second.
@@ -61,6 +69,14 @@ pub trait Enforcer: Send {
 /// Cumulative CPU time of thread `tid` of process `pid`, in ns, from
 /// `/proc/<pid>/task/<tid>/schedstat`; `None` once the thread is gone.
 pub fn thread_cpu_ns(pid: u32, tid: u32) -> Option<u64> {
+    thread_sched_ns(pid, tid).map(|(run, _)| run)
+}
+
+/// Cumulative `(run, wait)` of a thread, in ns: the time it ran, and the time it waited on a
+/// run queue while runnable (a thread throttled by its cgroup's quota is off the run queue, so
+/// this is what the *host* kept from it). `None` once the thread is gone.
+pub fn thread_sched_ns(pid: u32, tid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
-    text.split_ascii_whitespace().next()?.parse().ok()
+    let mut f = text.split_ascii_whitespace();
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }

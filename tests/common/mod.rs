@@ -168,13 +168,14 @@ impl Launched {
 
 impl Drop for Launched {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
+        // QEMU outlives a killed launcher (an orphan): kill it by identity either way.
+        if self.record.qemu_alive() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.record.pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            let _ = self.child.wait();
         }
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,477 @@
+//! Contention: what each VM may use when the VMs together want more CPU than the host has.
+//! Pure: no I/O, no clock; the agent calls [`Contention::period`] once a period with what it
+//! measured.
+//!
+//! # Units
+//!
+//! Rates are [`Rate`]s, millionths of one CPU (ppm), like the ledger's; the host's capacity is
+//! a rate too (2 CPUs = 2 000 000). Estimates and accumulated credit are integers of the same
+//! unit (credit: ppm × periods).
+//!
+//! # The rule (ResCoin, `../shared/seeds-001-003.md` §2)
+//!
+//! Each VM has a *template capacity* `tc` — here its pooled baseline — a demand estimate `est`
+//! and an accumulated credit `ac`. Every period:
+//!
+//! 1. `est ← α·obs + (1−α)·est` (α = 0.7 for CPU; the first estimate is the first observation),
+//!    and `ac` = Σ (tc − used) over the last k = 9 periods: what the VM left unused of its
+//!    template (negative when it ran above it).
+//! 2. No contention — Σ min(est, grant) ≤ capacity: every VM may use its whole grant, exactly as
+//!    without this stage.
+//! 3. Contention: every VM first gets `g = min(est, baseline)` (never above its grant); the spare
+//!    `C_e = capacity − Σg` goes to the VMs that want more than `g`, in proportion to `|ac|`
+//!    (the README's weight `‖ac_i‖ / Σ‖ac‖`), never above a VM's grant; what a capped VM cannot
+//!    take is shared again among the others (water-filling), so nothing is left idle while a
+//!    VM under its grant wants it.
+//!
+//! # Why this shape
+//!
+//! * **Observation of a VM the host starves.** Three busy VMs on a host with no caps each
+//!   measure their fair share, so their use sums to the capacity and shows no contention. So a
+//!   VM is observed as wanting what it ran *plus what it waited on a run queue* (schedstat's
+//!   second field: a thread throttled by its quota is off the run queue, so only the host's
+//!   refusal counts), never more than its grant. Measured first without it: the stage never
+//!   engaged, every VM got 66 % of one CPU, the 80 % VM 13 points short.
+//! * **Observation of a held VM.** A VM held to its allocation measures exactly its allocation,
+//!   which says nothing about what it wants: an estimate built from it would fall to the cap
+//!   and the stage would see no contention, hand out the grants, see contention again — an
+//!   oscillation. So a VM that used ≥ 90 % of the cap it was held to is observed as wanting its
+//!   whole grant; below that, its use *is* its demand. A VM that wakes up thus claims its
+//!   baseline within one period.
+//! * **A VM that wants less than its baseline** (`est ≤ g`) keeps its baseline as its cap, so a
+//!   waking vCPU runs at once, up to the baseline (AWS's promise); only what it is estimated to
+//!   use is counted against the spare, so its idle baseline is not held back from the others.
+//!   When it wakes, the host is overcommitted for at most a period, during which the kernel
+//!   splits by the weights (below), and the next period gives it its baseline.
+//! * **Period 1 s**, not ResCoin's 8 s: the agent measures exactly (per-thread counters, not
+//!   samples) and a quota acts within 100 ms, so a short period costs nothing in accuracy and
+//!   makes re-convergence after a phase change a matter of seconds. With α = 0.7, a VM that
+//!   stops is estimated at 3 % of its old demand after 3 periods.
+//! * **The weights `|ac|` are neutral at the fixed point.** A VM that runs above its baseline
+//!   by `s` each period accumulates `|ac| = 9·s`, so weights proportional to `|ac|` reproduce
+//!   the split that produced them: the rule keeps the spare split where it settles, and moves
+//!   it only as VMs save (run below their template) or stop. Starting from an even split under
+//!   plain quotas, the VMs with the smallest baselines had overrun most and keep most of the
+//!   spare. That is ResCoin's rule as written; we measure the kernel against it, not against
+//!   a split we would prefer.
+//!
+//! # Deviations from ResCoin (README and code)
+//!
+//! 1. README step 3 allocates `tc + wr·C_e`, which can exceed the capacity (it counts a VM's
+//!    template in full even when it uses less); we allocate `min(est, tc) + wr·C_e` to VMs that
+//!    want more, which sums to the capacity (the code's form, `schedule.c`).
+//! 2. The code checks `est ≤ tc` for VM 0 only (a `break` outside the braces); we check every
+//!    VM.
+//! 3. The code weighs by the *signed* `ac / Σac` and divides by zero when `Σac = 0`; we weigh by
+//!    `|ac|` as the README says, and split equally when every `|ac|` is 0.
+//! 4. The code's CPU quota omits a `/100`, so its caps never bind; ours is the allocation
+//!    exactly. (Its disk and `schedwr` bugs do not concern CPU.)
+//! 5. Ours, not ResCoin's: allocations never exceed a VM's grant (the credits decide the cap;
+//!    contention only divides); a held VM is observed as wanting its grant (above); if the
+//!    baselines alone exceed the capacity, every VM's guarantee is scaled down in proportion;
+//!    the period is 1 s.
+//!
+//! All of the above is unit- and property-tested below.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::credit::{Rate, PPM_PER_CPU};
+
+/// The EWMA weight of a new CPU observation, in tenths (ResCoin: α = 0.7 for CPU).
+pub const ALPHA_TENTHS: u64 = 7;
+/// Periods in the accumulated-credit window (ResCoin's `WINSZ 10` keeps k = 9).
+pub const WINDOW: usize = 9;
+/// A VM that used at least this share (per mille) of the cap it was held to is held, not idle.
+pub const HELD_PERMILLE: u64 = 900;
+
+/// What the agent measured of one VM over the last period, and what the ledger grants it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The ledger's grant (the most the VM may use).
+    pub grant: Rate,
+    /// The VM's pooled baseline (ResCoin's template capacity).
+    pub baseline: Rate,
+    /// What its vCPU threads used over the period.
+    pub used: Rate,
+    /// How long its vCPU threads waited on a run queue while runnable, as a rate: CPU the
+    /// host (not its cap) kept from it.
+    pub waited: Rate,
+}
+
+/// One VM's allocation for the next period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// The cap to enforce: never above the grant.
+    pub rate: Rate,
+    /// Whether the host was contended (otherwise `rate` is the grant).
+    pub contended: bool,
+    /// The demand observed over the period just ended (see "Observation" above).
+    pub observed: Rate,
+    /// The demand estimate for the next period.
+    pub estimate: Rate,
+    /// The accumulated credit (ppm × periods).
+    pub credit: i64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct History {
+    estimate: Option<u64>,
+    unused: VecDeque<i64>,
+    cap: Option<u64>,
+}
+
+/// The contention stage's state: each VM's estimate and window.
+#[derive(Clone, Debug)]
+pub struct Contention {
+    capacity: Rate,
+    vms: BTreeMap<String, History>,
+}
+
+impl Contention {
+    /// A stage for a host whose VMs may use `capacity` in all.
+    pub fn new(capacity: Rate) -> Self {
+        Contention {
+            capacity,
+            vms: BTreeMap::new(),
+        }
+    }
+
+    /// The capacity shared.
+    pub fn capacity(&self) -> Rate {
+        self.capacity
+    }
+
+    /// Ends a period: takes each VM's observation, returns the allocations for the next one, in
+    /// the same order. VMs not named are forgotten.
+    pub fn period(&mut self, observed: &[(&str, Observed)]) -> Vec<Allocation> {
+        self.vms
+            .retain(|name, _| observed.iter().any(|(n, _)| n == name));
+        let mut est = Vec::with_capacity(observed.len());
+        let mut seen = Vec::with_capacity(observed.len());
+        let mut credit = Vec::with_capacity(observed.len());
+        for (name, o) in observed {
+            let h = self.vms.entry((*name).to_owned()).or_default();
+            let held = h
+                .cap
+                .is_some_and(|cap| o.used.0 * 1000 >= cap * HELD_PERMILLE);
+            // Held to its cap: it wants its grant. Otherwise what it ran plus what it waited
+            // for (a busy VM on a busy host measures only its fair share of it).
+            let obs = if held {
+                o.grant.0.max(o.used.0)
+            } else {
+                (o.used.0 + o.waited.0).min(o.grant.0.max(o.used.0))
+            };
+            let e = match h.estimate {
+                None => obs,
+                Some(prev) => (ALPHA_TENTHS * obs + (10 - ALPHA_TENTHS) * prev) / 10,
+            };
+            h.estimate = Some(e);
+            seen.push(obs);
+            h.unused.push_back(o.baseline.0 as i64 - o.used.0 as i64);
+            while h.unused.len() > WINDOW {
+                h.unused.pop_front();
+            }
+            est.push(e);
+            credit.push(h.unused.iter().sum::<i64>());
+        }
+        let rates = plan(self.capacity.0, observed, &est, &credit);
+        let contended = rates.is_some();
+        let rates = rates.unwrap_or_else(|| observed.iter().map(|(_, o)| o.grant.0).collect());
+        observed
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                if let Some(h) = self.vms.get_mut(*name) {
+                    h.cap = Some(rates[i]);
+                }
+                Allocation {
+                    rate: Rate(rates[i]),
+                    contended,
+                    observed: Rate(seen[i]),
+                    estimate: Rate(est[i]),
+                    credit: credit[i],
+                }
+            })
+            .collect()
+    }
+}
+
+/// The allocations under contention, or `None` when there is none.
+fn plan(
+    capacity: u64,
+    observed: &[(&str, Observed)],
+    est: &[u64],
+    credit: &[i64],
+) -> Option<Vec<u64>> {
+    let n = observed.len();
+    let grant: Vec<u64> = observed.iter().map(|(_, o)| o.grant.0).collect();
+    let baseline: Vec<u64> = observed.iter().map(|(_, o)| o.baseline.0).collect();
+    let wanted: u64 = (0..n).map(|i| est[i].min(grant[i])).sum();
+    if wanted <= capacity {
+        return None;
+    }
+    // The guarantee, scaled down in proportion if the baselines alone exceed the capacity.
+    let mut g: Vec<u64> = (0..n)
+        .map(|i| est[i].min(baseline[i]).min(grant[i]))
+        .collect();
+    let total_g: u64 = g.iter().sum();
+    if total_g > capacity {
+        for x in &mut g {
+            *x = (u128::from(*x) * u128::from(capacity) / u128::from(total_g)) as u64;
+        }
+    }
+    let hungry: Vec<bool> = (0..n).map(|i| est[i] > g[i] && grant[i] > g[i]).collect();
+    let counted: u64 = (0..n)
+        .map(|i| if hungry[i] { g[i] } else { est[i].min(g[i]) })
+        .sum();
+    let mut spare = capacity.saturating_sub(counted);
+    let mut alloc = g.clone();
+    // Water-filling by |ac|: each round shares what is left among the hungry VMs with room.
+    let mut open: Vec<usize> = (0..n).filter(|&i| hungry[i]).collect();
+    while spare > 0 && !open.is_empty() {
+        let weight = |i: usize| u128::from(credit[i].unsigned_abs());
+        let sum: u128 = open.iter().map(|&i| weight(i)).sum();
+        let mut given = 0;
+        for &i in &open {
+            let share = (u128::from(spare) * weight(i))
+                .checked_div(sum)
+                .unwrap_or(u128::from(spare) / open.len() as u128) as u64;
+            let take = share.min(grant[i] - alloc[i]);
+            alloc[i] += take;
+            given += take;
+        }
+        if given == 0 {
+            // Less than one ppm each after rounding: hand it out in order and stop.
+            for &i in &open {
+                let take = spare.min(grant[i] - alloc[i]);
+                alloc[i] += take;
+                spare -= take;
+            }
+            break;
+        }
+        spare -= given;
+        open.retain(|&i| alloc[i] < grant[i]);
+    }
+    // VMs that want no more than their guarantee keep their baseline as their cap.
+    for i in 0..n {
+        if !hungry[i] {
+            alloc[i] = alloc[i].max(baseline[i].min(grant[i]));
+        }
+    }
+    Some(alloc)
+}
+
+/// The capacity of `cpus` whole CPUs.
+pub fn cpus(cpus: u32) -> Rate {
+    Rate(u64::from(cpus) * PPM_PER_CPU)
+}
+
+/// Jain's fairness index of `x` (1 when all equal; 1/n at worst), for the measurements.
+pub fn jain(x: &[f64]) -> f64 {
+    let sum: f64 = x.iter().sum();
+    let squares: f64 = x.iter().map(|v| v * v).sum();
+    if squares == 0.0 {
+        return 1.0;
+    }
+    sum * sum / (x.len() as f64 * squares)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CPU: u64 = PPM_PER_CPU;
+
+    fn obs(grant: u64, baseline: u64, used: u64) -> Observed {
+        Observed {
+            grant: Rate(grant),
+            baseline: Rate(baseline),
+            used: Rate(used),
+            waited: Rate(0),
+        }
+    }
+
+    /// Runs `periods` periods of VMs that each want `want` (and use min(want, cap)).
+    fn run(c: &mut Contention, vms: &[(&str, u64, u64, u64)], periods: usize) -> Vec<Allocation> {
+        let mut caps: Vec<u64> = vms.iter().map(|v| v.1).collect();
+        let mut out = Vec::new();
+        for _ in 0..periods {
+            let o: Vec<(&str, Observed)> = vms
+                .iter()
+                .zip(&caps)
+                .map(|(&(n, grant, base, want), &cap)| (n, obs(grant, base, want.min(cap))))
+                .collect();
+            out = c.period(&o);
+            caps = out.iter().map(|a| a.rate.0).collect();
+        }
+        out
+    }
+
+    #[test]
+    fn without_contention_allocations_are_the_grants() {
+        let mut c = Contention::new(cpus(2));
+        let a = run(
+            &mut c,
+            &[
+                ("a", 2 * CPU, CPU / 5, CPU / 2),
+                ("b", 2 * CPU, CPU / 5, CPU / 2),
+            ],
+            5,
+        );
+        assert!(a.iter().all(|x| !x.contended && x.rate == Rate(2 * CPU)));
+    }
+
+    #[test]
+    fn three_busy_vms_get_their_baselines_and_share_the_rest_on_two_cpus() {
+        // Baselines 80/40/20 % of one CPU, all with credits (grant = 2 CPUs), all busy.
+        let mut c = Contention::new(cpus(2));
+        let vms = [
+            ("a", 2 * CPU, 800_000, 2 * CPU),
+            ("b", 2 * CPU, 400_000, 2 * CPU),
+            ("c", 2 * CPU, 200_000, 2 * CPU),
+        ];
+        let a = run(&mut c, &vms, 30);
+        let total: u64 = a.iter().map(|x| x.rate.0).sum();
+        assert!(a.iter().all(|x| x.contended));
+        assert_eq!(total, 2 * CPU, "{a:?}");
+        for (x, v) in a.iter().zip(&vms) {
+            assert!(x.rate.0 >= v.2, "{} below its baseline: {a:?}", v.0);
+        }
+    }
+
+    #[test]
+    fn an_idle_vm_releases_its_share_and_gets_its_baseline_back_when_it_returns() {
+        let mut c = Contention::new(cpus(2));
+        let busy = [
+            ("a", 2 * CPU, 800_000, 2 * CPU),
+            ("b", 2 * CPU, 400_000, 2 * CPU),
+            ("c", 2 * CPU, 200_000, 2 * CPU),
+        ];
+        run(&mut c, &busy, 10);
+        let mut idle = busy;
+        idle[0].3 = 0;
+        let a = run(&mut c, &idle, 4);
+        assert!(a[0].estimate.0 < 30_000, "{a:?}");
+        assert_eq!(a[0].rate.0, 800_000, "keeps its baseline as a cap");
+        assert_eq!(a[1].rate.0 + a[2].rate.0, 2 * CPU - a[0].estimate.0);
+        let a = run(&mut c, &busy, 2);
+        assert!(a[0].rate.0 >= 800_000, "{a:?}");
+    }
+
+    #[test]
+    fn baselines_beyond_the_capacity_are_scaled_down_in_proportion() {
+        let mut c = Contention::new(cpus(1));
+        let a = run(
+            &mut c,
+            &[("a", 2 * CPU, CPU, 2 * CPU), ("b", 2 * CPU, CPU, 2 * CPU)],
+            5,
+        );
+        assert_eq!(a[0].rate.0 + a[1].rate.0, CPU);
+        assert!(a[0].rate.0.abs_diff(a[1].rate.0) <= 1);
+    }
+
+    #[test]
+    fn the_spare_follows_the_magnitude_of_the_accumulated_credit() {
+        let mut c = Contention::new(cpus(2));
+        // Seed the window: a saved (used 0 of 1 CPU), b overran (used 2 of 0.5).
+        let o = [
+            ("a", obs(2 * CPU, CPU, 0)),
+            ("b", obs(2 * CPU, CPU / 2, 2 * CPU)),
+        ];
+        c.period(&o);
+        let held = [
+            ("a", obs(2 * CPU, CPU, 2 * CPU)),
+            ("b", obs(2 * CPU, CPU / 2, 2 * CPU)),
+        ];
+        let a = c.period(&held);
+        // The window: a saved 1 CPU then overran by 1 (ac 0); b overran by 1.5 twice.
+        assert_eq!(a[0].credit, 0);
+        assert_eq!(a[1].credit, -3_000_000);
+        // Guarantees 1 + 0.5, spare 0.5 all to b (a's |ac| is 0).
+        assert_eq!(a[0].rate.0, CPU);
+        assert_eq!(a[1].rate.0, CPU);
+    }
+
+    #[test]
+    fn busy_vms_that_the_host_starves_are_seen_as_contended() {
+        // No caps yet; each ran 2/3 of a CPU and waited 4/3 on a run queue.
+        let mut c = Contention::new(cpus(2));
+        let o = |base| obs_waited(2 * CPU, base, 666_667, 1_333_333);
+        let a = c.period(&[("a", o(800_000)), ("b", o(400_000)), ("c", o(200_000))]);
+        assert!(
+            a.iter().all(|x| x.contended && x.observed == Rate(2 * CPU)),
+            "{a:?}"
+        );
+        assert!(a[0].rate.0 >= 800_000);
+    }
+
+    fn obs_waited(grant: u64, baseline: u64, used: u64, waited: u64) -> Observed {
+        Observed {
+            waited: Rate(waited),
+            ..obs(grant, baseline, used)
+        }
+    }
+
+    #[test]
+    fn jain_is_one_for_equal_shares() {
+        assert!((jain(&[1.0, 1.0, 1.0]) - 1.0).abs() < 1e-12);
+        assert!((jain(&[1.0, 0.0]) - 0.5).abs() < 1e-12);
+    }
+
+    proptest! {
+        #[test]
+        fn allocations_fit_the_host_respect_grants_and_guarantee_baselines(
+            capacity in 1u32..8,
+            vms in prop::collection::vec((1u64..8, 1u64..100, 0u64..101, 0u64..101), 1..12),
+            periods in 1usize..15,
+        ) {
+            // (vcpus, baseline %, credits-or-not as grant % of full, demand % of full)
+            let cap = u64::from(capacity) * CPU;
+            let spec: Vec<(String, u64, u64, u64)> = vms
+                .iter()
+                .enumerate()
+                .map(|(i, &(v, b, g, d))| {
+                    let full = v * CPU;
+                    let base = full * b / 100;
+                    let grant = (full * g / 100).max(base);
+                    (format!("vm{i}"), grant, base, full * d / 100)
+                })
+                .collect();
+            let named: Vec<(&str, u64, u64, u64)> =
+                spec.iter().map(|(n, g, b, d)| (n.as_str(), *g, *b, *d)).collect();
+            let mut c = Contention::new(Rate(cap));
+            let a = run(&mut c, &named, periods);
+            let sum_base: u64 = named.iter().map(|v| v.2.min(v.1)).sum();
+            for (x, v) in a.iter().zip(&named) {
+                prop_assert!(x.rate.0 <= v.1, "above its grant");
+                if !x.contended {
+                    prop_assert_eq!(x.rate.0, v.1);
+                } else if sum_base <= cap {
+                    // Every VM at least min(estimate, baseline).
+                    prop_assert!(x.rate.0 >= x.estimate.0.min(v.2).min(v.1), "{:?} {:?}", x, v);
+                }
+            }
+            if a.iter().any(|x| x.contended) {
+                // What the plan counts (hungry: allocation; others: their estimate) fits, and
+                // is the whole capacity unless every hungry VM is at its grant.
+                let counted: u64 = a
+                    .iter()
+                    .zip(&named)
+                    .map(|(x, v)| {
+                        let g = x.estimate.0.min(v.2).min(v.1);
+                        if x.estimate.0 > g && v.1 > g { x.rate.0 } else { x.estimate.0.min(x.rate.0) }
+                    })
+                    .sum();
+                let all_capped = a.iter().zip(&named).all(|(x, v)| {
+                    let g = x.estimate.0.min(v.2).min(v.1);
+                    !(x.estimate.0 > g && v.1 > g) || x.rate.0 == v.1
+                });
+                prop_assert!(counted <= cap + named.len() as u64, "{counted} > {cap}");
+                if sum_base <= cap && !all_capped {
+                    prop_assert!(counted + named.len() as u64 >= cap, "idle capacity: {counted} < {cap}");
+                }
+            }
+        }
+    }
+}
