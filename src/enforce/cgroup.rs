@@ -193,16 +193,51 @@ impl CgroupEnforcer {
     /// `mount/burst-qemu/instance`, which it creates (on v2 with the `cpu` controller enabled
     /// down to it).
     pub fn new(version: Version, mount: &Path, instance: &str) -> Result<Self, EnforceError> {
+        Self::with_parent(version, mount, mount, instance)
+    }
+
+    /// An enforcer whose cgroups live under `parent/burst-qemu/instance`, `parent` being a
+    /// cgroup of the hierarchy at `mount` (a subtree delegated to the agent, e.g. by systemd's
+    /// `Delegate=yes`). On v2 the `cpu` controller must be available in `parent` (its
+    /// ancestors' business, done by whoever delegated it) and is enabled from there down. A
+    /// v2 cgroup with processes in it cannot enable controllers for its children, so if the
+    /// agent itself sits in `parent` (as a service's main process does) it first moves to the
+    /// leaf `parent/agent`.
+    pub fn with_parent(
+        version: Version,
+        mount: &Path,
+        parent: &Path,
+        instance: &str,
+    ) -> Result<Self, EnforceError> {
         let mut e = CgroupEnforcer {
             version,
             mount: mount.to_owned(),
-            root: mount.join("burst-qemu").join(instance),
+            root: parent.join("burst-qemu").join(instance),
             vms: HashMap::new(),
             journal: Vec::new(),
         };
+        if version == Version::V2 && parent != mount {
+            let controllers = fs::read_to_string(parent.join("cgroup.controllers"))
+                .map_err(err("reading", &parent.join("cgroup.controllers")))?;
+            if !controllers.split_whitespace().any(|c| c == "cpu") {
+                return Err(EnforceError {
+                    what: "the cpu controller is not available (enable it in the parent's cgroup.subtree_control, or delegate it) in",
+                    path: parent.to_owned(),
+                    source: io::Error::from(io::ErrorKind::Unsupported),
+                });
+            }
+            let procs = parent.join("cgroup.procs");
+            let inside = fs::read_to_string(&procs).unwrap_or_default();
+            let me = std::process::id().to_string();
+            if inside.split_whitespace().any(|p| p == me) {
+                let leaf = parent.join("agent");
+                fs::create_dir_all(&leaf).map_err(err("creating", &leaf))?;
+                e.write(&leaf.join("cgroup.procs"), &me)?;
+            }
+        }
         fs::create_dir_all(&e.root).map_err(err("creating", &e.root))?;
         if version == Version::V2 {
-            let mut dir = mount.to_owned();
+            let mut dir = parent.to_owned();
             for part in ["burst-qemu", instance] {
                 e.write(&dir.join("cgroup.subtree_control"), "+cpu")?;
                 dir.push(part);
@@ -210,6 +245,19 @@ impl CgroupEnforcer {
             e.write(&e.root.join("cgroup.subtree_control"), "+cpu")?;
         }
         Ok(e)
+    }
+
+    /// The cgroup the calling process is in, on the v2 hierarchy at `mount` (for
+    /// `--cgroup-parent self`: the subtree systemd delegated to the agent's unit).
+    pub fn own_cgroup(mount: &Path) -> Option<PathBuf> {
+        let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(mount.join(path.trim_start_matches('/')))
+    }
+
+    /// Where this enforcer's cgroups live.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The cgroup that holds `vm`'s vCPU threads.
@@ -284,6 +332,16 @@ impl Enforcer for CgroupEnforcer {
     }
 
     fn attach(&mut self, vm: &VmRecord) -> Result<(), EnforceError> {
+        // `cleanup` removes the instance directory when no VM is left (an agent that starts
+        // before any VM does so at once): on v2 a directory made again by `create_dir_all`
+        // below would have no `cpu` for its children, and every attach would fail (found on
+        // a real 6.12 kernel with the agent started first, as a systemd unit is).
+        if !self.root.is_dir() {
+            fs::create_dir_all(&self.root).map_err(err("creating", &self.root))?;
+            if self.version == Version::V2 {
+                self.write(&self.root.join("cgroup.subtree_control"), "+cpu")?;
+            }
+        }
         let domain = self.root.join(&vm.name);
         let vcpus = self.vcpu_cgroup(&vm.name);
         fs::create_dir_all(&vcpus).map_err(err("creating", &vcpus))?;

@@ -1,0 +1,134 @@
+//! cgroup v2 on real kernels: the enforcement, fault and contention suites run again inside
+//! Debian 12's own 6.1 and 6.12 kernels, booted cgroup-v2-only by the guest harness
+//! (`tests/guest/run`), with this machine's root file system shared read-only into the guest,
+//! so the guest runs these very test binaries, the burst-qemu just built and the host's QEMU
+//! (nested, TCG). This machine's own v2 hierarchy has no cpu controller; these guests have.
+//!
+//! Each test boots one guest and runs one sibling test binary in it, one test at a time; a
+//! failure prints the guest's output. Under CI a missing QEMU, busybox or kernel package fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The newest sibling test binary `name-<hash>` in this binary's directory.
+fn sibling(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap();
+    let dir = me.parent().unwrap();
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&format!("{name}-"))
+                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no {name} test binary beside {}", me.display()))
+        .1
+}
+
+fn harness() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
+}
+
+/// Whether the harness can run here (QEMU and a static busybox). Under CI a missing piece
+/// fails; elsewhere the test skips loudly.
+fn ready() -> bool {
+    let busybox = Path::new("/bin/busybox").exists();
+    if !common::require_qemu() {
+        return false;
+    }
+    if !busybox {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "busybox-static is required in CI (bash .ci/run installs it)"
+        );
+        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
+    }
+    busybox
+}
+
+/// Boots `kernel` and runs `command` in it; panics with the guest's output unless it exits 0.
+fn in_guest(kernel: &str, command: &[&str]) -> String {
+    let out = Command::new(harness())
+        .args([
+            "--kernel",
+            kernel,
+            "--cpus",
+            "2",
+            "--mem",
+            "2048",
+            "--timeout",
+            "900",
+        ])
+        .arg("--")
+        .args(command)
+        .env("CI", "1")
+        .env("BURST_QEMU_GUEST_TIMING", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "in the {kernel} guest: {}",
+        out.status
+    );
+    text
+}
+
+fn suite(kernel: &str, binary: &str, extra: &[&str]) {
+    if !ready() {
+        return;
+    }
+    let bin = sibling(binary);
+    let mut command = vec![bin.to_str().unwrap(), "--test-threads", "1"];
+    command.extend_from_slice(extra);
+    let text = in_guest(kernel, &command);
+    assert!(text.contains("test result: ok"), "{text}");
+}
+
+#[test]
+fn the_enforcement_suite_passes_on_debian_6_12_with_cgroup_v2() {
+    suite("debian-6.12", "enforcement", &[]);
+}
+
+#[test]
+fn the_enforcement_suite_passes_on_debian_6_1_with_cgroup_v2() {
+    suite("debian-6.1", "enforcement", &[]);
+}
+
+#[test]
+fn the_fault_suite_passes_on_debian_6_12_with_cgroup_v2() {
+    // Fifty nested TCG guests would only measure the nesting.
+    suite("debian-6.12", "faults", &["--skip", "fifty_vms"]);
+}
+
+#[test]
+fn the_contention_test_passes_on_debian_6_12_with_cgroup_v2() {
+    suite("debian-6.12", "contention", &[]);
+}
+
+#[test]
+fn check_reports_cgroup_v2_usable_inside_the_guest() {
+    if !ready() {
+        return;
+    }
+    let text = in_guest("debian-6.1", &[env!("CARGO_BIN_EXE_burst-qemu"), "check"]);
+    assert!(
+        text.contains(
+            "ok  cgroup CPU bandwidth   cgroup v2 cpu controller at /sys/fs/cgroup is writable"
+        ),
+        "{text}"
+    );
+}
