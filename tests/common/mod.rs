@@ -249,12 +249,17 @@ pub fn write_config(s: &Scratch, name: &str, text: &str) {
     std::fs::write(s.vms().join(format!("{name}.toml")), text).unwrap();
 }
 
+/// The pid the agent wrote into its lock file (a new agent rewrites it: retried briefly).
 pub fn agent_pid(s: &Scratch) -> i32 {
-    std::fs::read_to_string(s.state().join("agent.lock"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let text = std::fs::read_to_string(s.state().join("agent.lock")).unwrap_or_default();
+        if let Ok(pid) = text.trim().parse() {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no pid in agent.lock: {text:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 pub fn start_agent(s: &Scratch) -> Child {
