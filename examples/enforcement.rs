@@ -213,6 +213,8 @@ fn bare(bios: &Path, version: Version, mount: &Path) -> f64 {
             }
         }
         Version::V2 => {
+            // The cpu controller for the root's children (the agent does the same for its own).
+            std::fs::write(mount.join("cgroup.subtree_control"), "+cpu").unwrap();
             std::fs::write(cg.join("cgroup.procs"), q.id().to_string()).unwrap();
             std::fs::write(cg.join("cpu.max"), "20000 100000").unwrap();
         }

@@ -1,0 +1,110 @@
+//! `burst-qemu agent`: the enforcer and the contention stage from the flags, then the loop.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use burst_qemu::agent::{self, Agent, AgentError, Settings};
+use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
+
+use super::*;
+
+/// The CPU capacity `--capacity` names, or the CPUs this process may run on.
+pub(super) fn capacity(arg: Option<&str>) -> Result<burst_qemu::credit::Rate, Failure> {
+    use burst_qemu::credit::{Rate, PPM_PER_CPU};
+    let Some(text) = arg else {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return Ok(Rate(n as u64 * PPM_PER_CPU));
+    };
+    let bad = || {
+        Failure::usage(anyhow::anyhow!(
+            "--capacity {text:?}: give a number of CPUs (2, 1.5) or a CPU list (0-3,6)"
+        ))
+    };
+    if let Ok(cpus) = text.parse::<f64>() {
+        if cpus.is_finite() && cpus > 0.0 && !text.contains('-') {
+            return Ok(Rate((cpus * PPM_PER_CPU as f64).round() as u64));
+        }
+    }
+    let mut count = 0u64;
+    for part in text.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u64, u64) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if b < a {
+            return Err(bad());
+        }
+        count += b - a + 1;
+    }
+    Ok(Rate(count * PPM_PER_CPU))
+}
+
+pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
+    let state_dir = g.state_dir();
+    let _lock = match agent::lock(&state_dir) {
+        Ok(l) => l,
+        Err(AgentError::AlreadyRunning(_)) if a.if_absent => return Ok(()),
+        Err(e @ AgentError::AlreadyRunning(_)) => {
+            return Err(Failure {
+                code: EXIT_RUNNING,
+                error: e.into(),
+            })
+        }
+        Err(e) => return Err(Failure::host(e)),
+    };
+    let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
+        (Some(m), Some("v2")) => (Version::V2, m.clone()),
+        (Some(m), Some(_)) => (Version::V1, m.clone()),
+        (Some(m), None) => {
+            let v = if m.join("cgroup.controllers").exists() { Version::V2 } else { Version::V1 };
+            (v, m.clone())
+        }
+        (None, _) => cgroup::detect_host().ok_or_else(|| {
+            Failure::host(anyhow::anyhow!(
+                "no cgroup hierarchy with the cpu controller is mounted (run burst-qemu check for the fix)"
+            ))
+        })?,
+    };
+    let parent = match a.cgroup_parent.as_deref() {
+        None => mount.clone(),
+        Some("self") => CgroupEnforcer::own_cgroup(&mount).ok_or_else(|| {
+            Failure::usage(anyhow::anyhow!(
+                "--cgroup-parent self: this process has no cgroup v2 path in /proc/self/cgroup"
+            ))
+        })?,
+        Some(p) => {
+            let p = std::path::Path::new(p);
+            let p = if p.is_absolute() {
+                p.to_owned()
+            } else {
+                mount.join(p)
+            };
+            if !p.starts_with(&mount) || !p.is_dir() {
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "--cgroup-parent {}: not a cgroup under {}",
+                    p.display(),
+                    mount.display()
+                )));
+            }
+            p
+        }
+    };
+    let enforcer =
+        CgroupEnforcer::with_parent(version, &mount, &parent, &cgroup::instance_name(&state_dir))
+            .context("setting up cgroup CPU bandwidth (run burst-qemu check)")
+            .map_err(Failure::host)?;
+    let settings = Settings {
+        state_dir,
+        data_dir: g.data_dir(),
+        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        contention: if a.contention == "off" {
+            None
+        } else {
+            Some(capacity(a.capacity.as_deref())?)
+        },
+    };
+    Agent::new(settings, Box::new(enforcer))
+        .run()
+        .map_err(Failure::host)
+}

@@ -1,0 +1,141 @@
+//! `burst-qemu check`: what this host supports, and the fix for each missing piece.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use burst_qemu::enforce::cgroup::{self, Version};
+use burst_qemu::state;
+
+use super::fleet::{orphan_reason, read_view};
+use super::*;
+
+pub(super) fn check(g: &Global) -> Result<(), Failure> {
+    let mut lines = Vec::new();
+    let mut required_ok = true;
+    let mut line = |ok: bool, what: &str, detail: String| {
+        lines.push(format!(
+            "{} {what:<22} {detail}",
+            if ok { "ok " } else { "-- " }
+        ))
+    };
+
+    match std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let v = String::from_utf8_lossy(&o.stdout);
+            line(
+                true,
+                "QEMU",
+                v.lines().next().unwrap_or("").trim().to_owned(),
+            );
+        }
+        _ => {
+            required_ok = false;
+            line(
+                false,
+                "QEMU",
+                "qemu-system-x86_64 not found. Fix: apt-get install qemu-system-x86".into(),
+            );
+        }
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => line(true, "KVM", "/dev/kvm is usable".into()),
+        Err(e) => line(
+            false,
+            "KVM",
+            format!("/dev/kvm: {e}. Optional: TCG (-accel tcg,thread=multi) works without it. Fix: load kvm_intel or kvm_amd, and add the user to group kvm"),
+        ),
+    }
+    match cgroup::detect_host() {
+        Some((version, mount)) => {
+            let probe = mount
+                .join("burst-qemu")
+                .join(format!(".check-{}", std::process::id()));
+            let writable =
+                std::fs::create_dir_all(&probe).and_then(|()| std::fs::remove_dir(&probe));
+            match writable {
+                Ok(()) => line(
+                    true,
+                    "cgroup CPU bandwidth",
+                    format!(
+                        "cgroup {version} cpu controller at {} is writable{}",
+                        mount.display(),
+                        if version == Version::V1 {
+                            " (cgroup v2, which this host cannot show, is verified on real 6.1 and 6.12 kernels by the test suite's guests: tests/guest/run, tests/cgroup_v2.rs)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ),
+                Err(e) => {
+                    required_ok = false;
+                    line(false, "cgroup CPU bandwidth", format!("cgroup {version} at {}: {e}. Fix: run burst-qemu as root, or delegate that cgroup to this user", mount.display()));
+                }
+            }
+        }
+        None => {
+            required_ok = false;
+            line(
+                false,
+                "cgroup CPU bandwidth",
+                "no hierarchy with the cpu controller. Fix (v2): echo +cpu > /sys/fs/cgroup/cgroup.subtree_control; (v1): mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu".into(),
+            );
+        }
+    }
+    let ghost_root = PathBuf::from(
+        std::env::var_os("BURST_QEMU_GHOST_ROOT")
+            .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
+    );
+    let ghost_root = ghost_root.as_path();
+    match burst_qemu::ghost::describe(ghost_root) {
+        Ok(versions) => {
+            let wanted = ghost_sys::GHOST_VERSION;
+            let list = versions.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            if versions.contains(&wanted) {
+                line(true, "ghOSt", format!("ghostfs at {}, ABI versions {list} (this build speaks {wanted})", ghost_root.display()));
+            } else {
+                line(false, "ghOSt", format!("ghostfs at {} offers ABI versions {list}, not {wanted}. Fix: a ghOSt kernel with ABI {wanted} (ghost-kernel branch ghost-v5.11)", ghost_root.display()));
+            }
+        }
+        Err(e) => line(
+            false,
+            "ghOSt",
+            format!("{e}. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) with ghostfs mounted at /sys/fs/ghost (mount -t ghost ghost /sys/fs/ghost); cgroup enforcement is used without it"),
+        ),
+    }
+    // The fleet of this state dir: VMs whose ledgers cannot be saved, or without a launcher.
+    let state_dir = g.state_dir();
+    for (vm, liveness) in state::running(&state_dir) {
+        if let Some(e) = read_view(&state_dir, &vm.name).and_then(|v| v.ledger_error) {
+            required_ok = false;
+            line(false, "ledger persistence", format!("{}: the agent cannot save its ledger ({e}); it enforces from memory, and a crash now would lose the credits since the last save. Fix: free space in, or make writable, the data dir", vm.name));
+        }
+        if liveness == state::Liveness::Orphaned {
+            line(
+                true,
+                "orphaned VM",
+                format!("{}: {}", vm.name, orphan_reason(&vm)),
+            );
+        }
+    }
+    let mut text = lines.join("\n") + "\n";
+    text.push_str(if required_ok {
+        "burst-qemu can run and enforce credits on this host\n"
+    } else {
+        "burst-qemu cannot enforce credits here until the pieces above marked -- are fixed\n"
+    });
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+        .map_err(Failure::host)?;
+    if required_ok {
+        Ok(())
+    } else {
+        Err(Failure::host(anyhow::anyhow!(
+            "required pieces are missing"
+        )))
+    }
+}

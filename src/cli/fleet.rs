@@ -1,0 +1,386 @@
+//! The fleet commands: `ls`, `stop`, `pause`, `resume`, `credits`, and starting the agent.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use burst_qemu::state::{self, VmRecord};
+
+use super::*;
+
+/// A running VM's state as QMP reports it: `running`, `paused`, another QEMU run state, or
+/// `unknown` when its monitor does not answer.
+pub(super) fn vm_state(vm: &VmRecord) -> String {
+    let status = qmp::Client::connect(&vm.qmp_socket, Duration::from_secs(2))
+        .and_then(|mut c| c.execute(qmp::qapi::qmp::query_status {}));
+    match status {
+        Ok(s) if s.running => "running".into(),
+        Ok(s) => serde_json::to_value(s.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "paused".into()),
+        Err(e) => {
+            tracing::debug!("{}: {e}", vm.name);
+            "unknown".into()
+        }
+    }
+}
+
+/// Why a VM is orphaned, for `ls`.
+pub(super) fn orphan_reason(vm: &VmRecord) -> String {
+    format!(
+        "its launcher (pid {}) is gone; QEMU (pid {}) runs on and is still charged and enforced (burst-qemu stop {} ends it)",
+        vm.wrapper_pid, vm.pid, vm.name
+    )
+}
+
+/// Starts an agent when VMs run and none does (after a crash, or when the agent was killed
+/// with its launchers): fleet commands bring enforcement back rather than report on a fleet
+/// nobody charges.
+pub(super) fn revive_agent(g: &Global, vms: usize) {
+    let dir = g.state_dir();
+    if vms > 0 && !state::agent_running(&dir) {
+        match ensure_agent(&dir, &g.data_dir()) {
+            Ok(()) => eprintln!(
+                "burst-qemu: no credit agent was running for {}: started one",
+                dir.display()
+            ),
+            Err(e) => eprintln!(
+                "burst-qemu: warning: no credit agent runs and none could be started: {e:#}"
+            ),
+        }
+    }
+}
+
+pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
+    let dir = g.state_dir();
+    let vms = state::running(&dir);
+    revive_agent(g, vms.len());
+    let out = if a.json {
+        let rows: Vec<serde_json::Value> = vms
+            .iter()
+            .map(|(vm, liveness)| {
+                let mut v = serde_json::to_value(vm).expect("records are plain data");
+                let run_state = vm_state(vm);
+                let orphaned = *liveness == state::Liveness::Orphaned;
+                v["state"] = if orphaned {
+                    "orphaned".into()
+                } else {
+                    run_state.clone()
+                }
+                .into();
+                v["run_state"] = run_state.into();
+                v["launcher"] = if orphaned { "gone" } else { "running" }.into();
+                v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
+                let live = read_view(&dir, &vm.name);
+                v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
+                v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
+                v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
+                let error = config_error(&dir, &vm.name);
+                v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
+                v["config_error"] = error.into();
+                v
+            })
+            .collect();
+        serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
+    } else {
+        let mut out = format!(
+            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} VCPU TIDS\n",
+            "NAME",
+            "PID",
+            "VCPUS",
+            "BASELINE",
+            "MODE",
+            "STATE",
+            "BALANCE",
+            "GRANT",
+            "ALLOC",
+            "CONFIG"
+        );
+        let mut stale = String::new();
+        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}%"));
+        for (vm, liveness) in &vms {
+            let tids: Vec<String> = vm.vcpu_tids.iter().map(u32::to_string).collect();
+            let live = read_view(&dir, &vm.name);
+            let error = config_error(&dir, &vm.name);
+            if let Some(e) = &error {
+                stale.push_str(&format!("{}: config stale: {e}\n", vm.name));
+            }
+            let orphaned = *liveness == state::Liveness::Orphaned;
+            if orphaned {
+                stale.push_str(&format!("{}: orphaned: {}\n", vm.name, orphan_reason(vm)));
+            }
+            if let Some(e) = live.as_ref().and_then(|v| v.ledger_error.as_ref()) {
+                stale.push_str(&format!("{}: ledger not saved: {e}\n", vm.name));
+            }
+            out.push_str(&format!(
+                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {}\n",
+                vm.name,
+                vm.pid,
+                vm.vcpus,
+                live.as_ref().map_or(vm.baseline, |v| v.baseline),
+                live.as_ref().map_or(vm.mode, |v| v.mode),
+                if orphaned {
+                    "orphaned".into()
+                } else {
+                    vm_state(vm)
+                },
+                live.as_ref()
+                    .map_or("-".into(), |v| format!("{:.3}", v.balance)),
+                pct(live.as_ref().and_then(|v| v.grant_pct)),
+                pct(live.as_ref().and_then(|v| v.allocation_pct)),
+                if error.is_some() { "stale" } else { "ok" },
+                tids.join(",")
+            ));
+        }
+        out + &stale
+    };
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("writing to stdout")
+        .map_err(Failure::host)
+}
+
+pub(super) fn find_vm(g: &Global, name: &str) -> Result<(VmRecord, state::Liveness), Failure> {
+    let dir = g.state_dir();
+    state::find(&dir, name).ok_or_else(|| Failure {
+        code: EXIT_NO_SUCH_VM,
+        error: anyhow::anyhow!("no running VM named {name:?} in {}", dir.display()),
+    })
+}
+
+pub(super) fn stop(g: &Global, a: StopArgs) -> Result<(), Failure> {
+    let (vm, liveness) = find_vm(g, &a.name)?;
+    if liveness == state::Liveness::Orphaned {
+        let ended = burst_qemu::orphan::stop(
+            &g.state_dir(),
+            &vm,
+            Duration::from_secs_f64(a.shutdown_timeout.max(0.0)),
+        )
+        .map_err(|e| Failure::host(anyhow::anyhow!("stopping {}: {e}", vm.name)))?;
+        tracing::info!("{} (orphaned) ended: {ended:?}", vm.name);
+        return Ok(());
+    }
+    let dir = g.state_dir().join(&vm.name);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.wrapper_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .with_context(|| {
+        format!(
+            "signalling the launcher of {} (pid {})",
+            vm.name, vm.wrapper_pid
+        )
+    })
+    .map_err(Failure::host)?;
+    let deadline = Instant::now() + Duration::from_secs_f64(a.wait.max(0.0));
+    while state::is_locked(&dir) {
+        if Instant::now() >= deadline {
+            return Err(Failure::host(anyhow::anyhow!(
+                "{} is still running after {} s",
+                vm.name,
+                a.wait
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub(super) fn qmp_on<C: qmp::qapi::Command>(
+    g: &Global,
+    a: &NameArgs,
+    command: C,
+) -> Result<(), Failure> {
+    let (vm, _) = find_vm(g, &a.name)?;
+    qmp::Client::connect(&vm.qmp_socket, Duration::from_secs(5))
+        .and_then(|mut c| c.execute(command))
+        .with_context(|| format!("{} on {}", C::NAME, vm.name))
+        .map_err(Failure::host)?;
+    Ok(())
+}
+
+pub(super) fn config_error(state_dir: &std::path::Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(state_dir.join(name).join(state::CONFIG_ERROR))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+pub(super) fn read_view(state_dir: &std::path::Path, name: &str) -> Option<CreditsView> {
+    let bytes = std::fs::read(state_dir.join(name).join(state::CREDITS_JSON)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Starts an agent for the state dir unless one runs: a grandchild in its own session, so it
+/// outlives this launcher and leaves no zombie; its log is `<state dir>/agent.log`.
+pub(super) fn ensure_agent(
+    state_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    if state::agent_running(state_dir) {
+        return Ok(());
+    }
+    let log_path = state_dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(
+        std::env::current_exe().context("finding burst-qemu's own path")?,
+    );
+    cmd.arg("agent")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--if-absent", "--idle-exit", "30"])
+        // The agent's log is for the operator: what it adopted, charged and repaired.
+        .env(
+            "BURST_QEMU_LOG",
+            std::env::var_os("BURST_QEMU_LOG").unwrap_or_else(|| "info".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
+    // (setsid, fork, _exit).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            match libc::fork() {
+                -1 => Err(std::io::Error::last_os_error()),
+                0 => Ok(()),
+                _ => libc::_exit(0),
+            }
+        });
+    }
+    let mut middle = cmd.spawn().context("starting the agent")?;
+    middle.wait().context("starting the agent")?;
+    Ok(())
+}
+
+pub(super) fn credits(g: &Global, a: CreditsArgs) -> Result<(), Failure> {
+    let state_dir = g.state_dir();
+    let data_dir = g.data_dir();
+    let set = a
+        .set
+        .map(|c| {
+            Credits::from_credits(c).ok_or_else(|| {
+                Failure::usage(PolicyError::Credits {
+                    field: "--set",
+                    value: c,
+                })
+            })
+        })
+        .transpose()?;
+    let running = state::find(&state_dir, &a.name).is_some();
+    revive_agent(g, usize::from(running));
+    let view = if running {
+        if let Some(c) = set {
+            if !state::agent_running(&state_dir) {
+                return Err(Failure::host(anyhow::anyhow!(
+                    "no agent runs for {}: start one with burst-qemu agent",
+                    state_dir.display()
+                )));
+            }
+            let request = state_dir.join(&a.name).join(state::SET_CREDITS);
+            state::write_atomic(&request, format!("{}\n", c.as_credits()).as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", request.display()))
+                .map_err(Failure::host)?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while request.exists() {
+                if Instant::now() >= deadline {
+                    return Err(Failure::host(anyhow::anyhow!(
+                        "the agent did not take the new balance within 5 s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(v) = read_view(&state_dir, &a.name) {
+                break v;
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::host(anyhow::anyhow!(
+                    "{} is running but no agent has published its credits (is the agent running? see {})",
+                    a.name,
+                    state_dir.join("agent.log").display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        let path = state::ledger_path(&data_dir, &a.name);
+        let file = LedgerFile::load(&path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map_err(Failure::host)?
+            .ok_or_else(|| Failure {
+                code: EXIT_NO_SUCH_VM,
+                error: anyhow::anyhow!(
+                    "no VM named {:?}: not running and no ledger in {}",
+                    a.name,
+                    data_dir.display()
+                ),
+            })?;
+        let policy = file
+            .policy
+            .clone()
+            .ok_or_else(|| Failure::host(anyhow::anyhow!("{} has no policy", path.display())))?;
+        let mut ledger = Ledger::restore(policy, file.balances);
+        if let Some(c) = set {
+            ledger.set_balance(c);
+            let saved = LedgerFile {
+                balances: ledger.balances(),
+                ..file.clone()
+            };
+            saved
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))
+                .map_err(Failure::host)?;
+        }
+        burst_qemu::agent::view(&a.name, &ledger, file.used_total, None, None)
+    };
+    let text = if a.json {
+        let mut v = serde_json::to_value(&view).expect("plain data");
+        v["time_to_empty_s"] = view.time_to_empty_s.map(f64::round).into();
+        serde_json::to_string_pretty(&v).expect("plain data") + "\n"
+    } else {
+        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2} %"));
+        let empty = view.time_to_empty_s.map_or("not draining".to_owned(), |s| {
+            let s = s.round() as u64;
+            format!("in {}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
+        });
+        format!(
+            "{} ({}, {} mode, {} vCPU at {} % baseline)\n\
+             balance        {:.3} credits\n\
+             surplus        {:.3}\n\
+             charged        {:.3}\n\
+             earn rate      {:.3} credits/hour\n\
+             usage          {} of all vCPUs (grant {})\n\
+             empty          {}\n{}",
+            view.name,
+            view.state,
+            view.mode,
+            view.vcpus,
+            view.baseline,
+            view.balance,
+            view.surplus,
+            view.charged,
+            view.earn_per_hour,
+            pct(view.usage_pct),
+            pct(view.grant_pct),
+            empty,
+            view.config_error
+                .as_ref()
+                .map_or(String::new(), |e| format!("config stale: {e}\n")),
+        )
+    };
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+        .map_err(Failure::host)
+}
