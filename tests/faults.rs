@@ -74,11 +74,21 @@ fn saved_used_s(s: &Scratch, name: &str) -> f64 {
     saved(s, name)["used_total"].as_u64().unwrap() as f64 / 1e9
 }
 
-/// Pauses the VM and waits past a publish and a save, so the ledger's figures and the
-/// threads' counters can be compared at rest.
+/// Pauses the VM and waits until the published figures stop moving (a publish a second; a
+/// slow host, such as a nested guest, may need more), so the ledger's figures and the threads'
+/// counters can be compared at rest.
 fn at_rest(s: &Scratch, name: &str) {
     assert!(s.cli(&["pause", name]).status.success());
-    std::thread::sleep(Duration::from_millis(1600));
+    let mut last = view(s, name)["used_total_s"].as_f64();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1300));
+        let now = view(s, name)["used_total_s"].as_f64();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("{name}'s published usage kept moving while paused");
 }
 
 fn agent_log(s: &Scratch) -> String {
@@ -87,7 +97,9 @@ fn agent_log(s: &Scratch) -> String {
 
 /// Busy 2-vCPU guest, started paused (`-S`) so that nothing runs before the agent adopts it,
 /// held to 20 % of one CPU (10 % × 2, no credits); resumed once enforced.
-fn held_vm(s: &Scratch, name: &str) -> Launched {
+/// Also returns the vCPU threads' CPU (s) at adoption: what QEMU's start-up ran before the agent
+/// took the VM is not the VM's to pay (measurable in a nested guest: about 20 ms).
+fn held_vm(s: &Scratch, name: &str) -> (Launched, f64) {
     let mut qemu = s.qemu_args(Busy);
     qemu.push("-S".into());
     let vm = Launched::start(
@@ -97,8 +109,40 @@ fn held_vm(s: &Scratch, name: &str) -> Launched {
         &qemu,
     );
     view(s, name);
+    let before = threads_s(vm.record.pid, &vm.record.vcpu_tids);
     assert!(s.cli(&["resume", name]).status.success());
-    vm
+    (vm, before)
+}
+
+/// The CPU the VM's threads used over `secs`, in % of one CPU, against the grant the agent
+/// published over the same time (a small balance lifts the grant a little above the 20 %
+/// baseline, and a slow host such as a nested guest earns a bigger one): returns (share,
+/// grant), the grant averaged over the window.
+fn share_and_grant(s: &Scratch, name: &str, vm: &Launched, secs: u64) -> (f64, f64) {
+    let grant = |s: &Scratch| view(s, name)["grant_pct"].as_f64().unwrap() * 2.0;
+    let g0 = grant(s);
+    let share: f64 = shares(
+        vm.record.pid,
+        &vm.record.vcpu_tids,
+        Duration::from_secs(secs),
+    )
+    .iter()
+    .sum();
+    (share, (g0 + grant(s)) / 2.0)
+}
+
+fn assert_held(s: &Scratch, name: &str, vm: &Launched, what: &str) -> f64 {
+    std::thread::sleep(Duration::from_millis(300));
+    let (share, grant) = share_and_grant(s, name, vm, 4);
+    eprintln!("{what}: {share:.2} % of one CPU, grant {grant:.2} % (baseline 20)");
+    // 1.5 points on this host; a nested guest (tests/cgroup_v2.rs), all of it emulated,
+    // measures within 3.
+    let tolerance = if nested_guest() { 3.0 } else { 1.5 };
+    assert!(
+        grant < 30.0 && (share - grant).abs() <= tolerance,
+        "{what}: {share:.2} % of one CPU against a grant of {grant:.2} %"
+    );
+    share
 }
 
 fn assert_cleaned(s: &Scratch, name: &str) {
@@ -192,7 +236,7 @@ fn launcher_killed_its_vm_is_an_orphan_still_listed_charged_enforced_and_stoppab
         return;
     }
     let s = Scratch::new();
-    let mut vm = held_vm(&s, "orph");
+    let (mut vm, before) = held_vm(&s, "orph");
     signal(vm.child.id(), Signal::SIGKILL);
     vm.wait(Duration::from_secs(5));
 
@@ -207,12 +251,7 @@ fn launcher_killed_its_vm_is_an_orphan_still_listed_charged_enforced_and_stoppab
     });
 
     // Still enforced, still charged.
-    std::thread::sleep(Duration::from_millis(300));
-    let share: f64 = shares(vm.record.pid, &vm.record.vcpu_tids, Duration::from_secs(5))
-        .iter()
-        .sum();
-    eprintln!("orphan held to {share:.2} % of one CPU (20 expected)");
-    assert!((share - 20.0).abs() <= 1.5, "orphan at {share:.2} %");
+    assert_held(&s, "orph", &vm, "orphan");
     let credits: Value =
         serde_json::from_slice(&s.cli(&["credits", "orph", "--json"]).stdout).unwrap();
     assert_eq!(credits["state"], "running");
@@ -234,7 +273,7 @@ fn launcher_killed_its_vm_is_an_orphan_still_listed_charged_enforced_and_stoppab
     // Accounted exactly: the ledger charged what the threads ran (started paused).
     at_rest(&s, "orph");
     let used = view(&s, "orph")["used_total_s"].as_f64().unwrap();
-    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids);
+    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     eprintln!("orphan: ledger {used:.3} s, threads {ran:.3} s");
     assert!((used - ran).abs() <= 0.01, "ledger {used} vs threads {ran}");
     assert_eq!(ls_row(&s, "orph").unwrap()["run_state"], "paused");
@@ -256,9 +295,9 @@ fn qemu_killed_the_launcher_exits_137_and_nothing_is_left_or_lost() {
         return;
     }
     let s = Scratch::new();
-    let mut vm = held_vm(&s, "k9");
+    let (mut vm, before) = held_vm(&s, "k9");
     std::thread::sleep(Duration::from_millis(1500));
-    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids);
+    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     signal(vm.record.pid, Signal::SIGKILL);
     assert_eq!(vm.wait(Duration::from_secs(5)).code(), Some(137));
     assert_cleaned(&s, "k9");
@@ -273,12 +312,12 @@ fn agent_killed_while_its_vm_ends_the_next_agent_removes_the_leftover_cgroup() {
         return;
     }
     let s = Scratch::new();
-    let mut vm = held_vm(&s, "end");
+    let (mut vm, before) = held_vm(&s, "end");
     std::thread::sleep(Duration::from_millis(1500));
     let agent = agent_pid(&s) as u32;
     // Frozen first, so neither it nor the launcher's watchdog (the lock is still held) acts.
     signal(agent, Signal::SIGSTOP);
-    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids);
+    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     signal(vm.record.pid, Signal::SIGKILL);
     vm.wait(Duration::from_secs(5));
     signal(agent, Signal::SIGKILL);
@@ -305,7 +344,7 @@ fn agent_and_launcher_killed_the_next_fleet_command_revives_the_agent_which_char
         return;
     }
     let s = Scratch::new();
-    let mut vm = held_vm(&s, "both");
+    let (mut vm, before) = held_vm(&s, "both");
     signal(vm.child.id(), Signal::SIGKILL);
     vm.wait(Duration::from_secs(5));
     signal(agent_pid(&s) as u32, Signal::SIGKILL);
@@ -322,14 +361,10 @@ fn agent_and_launcher_killed_the_next_fleet_command_revives_the_agent_which_char
     wait_until("re-adopted", Duration::from_secs(5), || {
         agent_log(&s).contains("re-adopted")
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let share: f64 = shares(vm.record.pid, &vm.record.vcpu_tids, Duration::from_secs(3))
-        .iter()
-        .sum();
-    assert!((share - 20.0).abs() <= 1.5, "enforced again: {share:.2} %");
+    assert_held(&s, "both", &vm, "re-adopted orphan");
     at_rest(&s, "both");
     let used = view(&s, "both")["used_total_s"].as_f64().unwrap();
-    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids);
+    let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     eprintln!("both killed, 2 s without agent: ledger {used:.3} s, threads {ran:.3} s");
     assert!((used - ran).abs() <= 0.01, "{used} vs {ran}");
     assert!(s
@@ -399,7 +434,7 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     }
     let s = Scratch::new();
     let small = SmallFs::mount(&s.data());
-    let vm = held_vm(&s, "disk");
+    let (vm, _) = held_vm(&s, "disk");
     std::thread::sleep(Duration::from_millis(1200));
     let repair = break_it(&small);
     wait_until("the save failure is shown", Duration::from_secs(4), || {
@@ -411,11 +446,7 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     let check = String::from_utf8(s.cli(&["check"]).stdout).unwrap();
     assert!(check.contains("cannot save its ledger"), "{check}");
     assert!(agent_log(&s).contains("enforcing from memory"));
-    let share: f64 = shares(vm.record.pid, &vm.record.vcpu_tids, Duration::from_secs(3))
-        .iter()
-        .sum();
-    eprintln!("data dir refusing writes: still held to {share:.2} % of one CPU");
-    assert!((share - 20.0).abs() <= 1.5);
+    assert_held(&s, "disk", &vm, "data dir refusing writes");
     let leftovers: Vec<_> = fs::read_dir(s.data().join("ledgers"))
         .unwrap()
         .flatten()
@@ -573,9 +604,14 @@ fn a_removed_cgroup_or_a_rewritten_quota_is_put_back_within_a_second_or_two() {
         return;
     }
     let s = Scratch::new();
-    let vm = held_vm(&s, "cg");
+    let (vm, _) = held_vm(&s, "cg");
     let dir = vcpu_cgroup(&s, "cg");
-    let enforced = quota(&s, "cg");
+    // The quota itself moves a little as the small balance it earns is spent: compare numbers.
+    let limit =
+        |s: &Scratch| -> Option<f64> { quota(s, "cg").split_whitespace().next()?.parse().ok() };
+    let enforced = limit(&s).filter(|&q| q > 0.0).expect("a quota in force");
+    let restored =
+        |s: &Scratch| limit(s).is_some_and(|q| q > 0.0 && (q - enforced).abs() <= enforced * 0.1);
     let v2 = dir.join("cpu.max").exists();
     let (file, unlimited) = if v2 {
         ("cpu.max", "max 100000")
@@ -583,9 +619,7 @@ fn a_removed_cgroup_or_a_rewritten_quota_is_put_back_within_a_second_or_two() {
         ("cpu.cfs_quota_us", "-1")
     };
     fs::write(dir.join(file), unlimited).unwrap();
-    let took = wait_until("quota put back", Duration::from_secs(3), || {
-        quota(&s, "cg") == enforced
-    });
+    let took = wait_until("quota put back", Duration::from_secs(3), || restored(&s));
     eprintln!("rewritten quota put back in {took:?}");
 
     // Remove the cgroup: its threads must leave it first.
@@ -602,7 +636,7 @@ fn a_removed_cgroup_or_a_rewritten_quota_is_put_back_within_a_second_or_two() {
     }
     fs::remove_dir(&dir).unwrap();
     let took = wait_until("cgroup recreated", Duration::from_secs(3), || {
-        quota(&s, "cg") == enforced
+        restored(&s)
             && vm.record.vcpu_tids.iter().all(|t| {
                 fs::read_to_string(dir.join(list))
                     .unwrap_or_default()
@@ -611,11 +645,7 @@ fn a_removed_cgroup_or_a_rewritten_quota_is_put_back_within_a_second_or_two() {
             })
     });
     eprintln!("removed cgroup recreated with its threads in {took:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let share: f64 = shares(vm.record.pid, &vm.record.vcpu_tids, Duration::from_secs(3))
-        .iter()
-        .sum();
-    assert!((share - 20.0).abs() <= 1.5, "held again: {share:.2} %");
+    assert_held(&s, "cg", &vm, "recreated cgroup");
 }
 
 #[test]

@@ -291,6 +291,10 @@ impl Agent {
                 if last_scan.elapsed() >= RESCAN_EVERY {
                     self.scan(&mut watcher);
                     self.verify();
+                    // What could not be removed when its VM ended (a thread not yet gone, a
+                    // zombie QEMU no one has reaped) is tried again until it goes.
+                    let live: Vec<&str> = self.vms.keys().map(String::as_str).collect();
+                    self.enforcer.cleanup(&live);
                     last_scan = Instant::now();
                 }
                 self.tick();

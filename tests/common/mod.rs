@@ -52,6 +52,12 @@ pub fn require_cgroups() -> bool {
     ok
 }
 
+/// Whether this runs inside a guest of the harness (tests/guest/run names it `bq-guest`),
+/// where everything, the VMs' QEMU included, is emulated: CPU shares scatter more there.
+pub fn nested_guest() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").is_ok_and(|h| h.trim() == "bq-guest")
+}
+
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_burst-qemu"))
 }
