@@ -449,10 +449,7 @@ impl Scheduler {
         for &(_, tid) in &expired {
             self.off_cpu(tid, now);
         }
-        loop {
-            let Some((key, vm)) = self.best_waiting(now) else {
-                break;
-            };
+        while let Some((key, vm)) = self.best_waiting(now) {
             let free = self.current.iter().position(Option::is_none);
             let cpu = match free {
                 Some(_) => self.cpu_for(vm),
