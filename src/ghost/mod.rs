@@ -27,6 +27,7 @@ use std::time::Duration;
 use ghost_sys as abi;
 use thiserror::Error;
 
+pub mod agent;
 #[cfg(test)]
 mod model;
 mod ops;

@@ -248,3 +248,15 @@ impl CpuData {
         Ok(())
     }
 }
+
+impl Enclave<'_> {
+    /// Maps the existing status-word region `id` read-only (a restarted agent's view of the
+    /// words its predecessor created).
+    pub fn map_sw_region(&self, id: u32) -> Result<super::StatusWords, GhostError> {
+        let path = self.dir.join("sw_regions").join(format!("sw_{id}"));
+        let file = File::open(&path).map_err(super::io_at("opening", &path))?;
+        let map = super::Mapping::new(&file, abi::GHOST_SW_REGION_SIZE, false)
+            .map_err(super::io_at("mapping", &path))?;
+        super::StatusWords::new(map)
+    }
+}

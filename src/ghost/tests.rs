@@ -659,3 +659,5 @@ fn threads_move_to_cfs() {
 }
 
 mod ops;
+
+mod agent;

@@ -19,9 +19,10 @@ use ghost_sys as abi;
 use super::{GhostKernel, Mapping};
 
 mod agents;
+pub mod time;
 
 /// CPUs the model's machine has (cpu_data pages).
-pub const NCPUS: usize = 8;
+pub const NCPUS: usize = 17;
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
@@ -124,6 +125,8 @@ struct KEnclave {
     online: bool,
     /// Armed ghOSt timerfds: (cpu, type, cookie).
     timers: Vec<(i32, u64, u64)>,
+    /// Driven by a [`time::Machine`]: commits preempt what runs on the CPU.
+    timed: bool,
 }
 
 impl KEnclave {
@@ -319,6 +322,7 @@ impl Model {
                 agent_sw: HashMap::new(),
                 online: false,
                 timers: Vec::new(),
+                timed: false,
             },
         );
         Ok(())
@@ -436,6 +440,9 @@ impl Model {
                     };
                 }
                 state.store(outcome as u32, Ordering::Release);
+                if outcome == abi::GHOST_TXN_COMPLETE && e.timed {
+                    time::preempt_cpu(e, cpu as u32, txn.gtid as u64);
+                }
             }
         });
     }
