@@ -14,6 +14,7 @@
 //! | [`enforce`] | the `Enforcer` trait and its cgroup v1/v2 implementation: mechanism only |
 //! | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, mappings, queues, status words, transactions |
 //! | [`launch`] | QEMU argv, QMP handshake, vCPU thread ids, lifecycle and signals |
+//! | [`sched`] | the scheduling policy (cap, baseline guarantee, spare by credits): pure, for ghOSt and sched_ext |
 //! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
 //! | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
 //! | [`testguest`] | the project's own firmware guest that keeps every vCPU busy, or halts them |
@@ -37,6 +38,7 @@ pub mod enforce;
 pub mod ghost;
 pub mod launch;
 pub mod orphan;
+pub mod sched;
 pub mod simulate;
 pub mod state;
 pub mod testguest;

@@ -27,8 +27,12 @@ use std::time::Duration;
 use ghost_sys as abi;
 use thiserror::Error;
 
+pub mod agent;
 #[cfg(test)]
 mod model;
+mod ops;
+
+pub use ops::{AgentOnline, RunOutcome, SwOwner};
 #[cfg(test)]
 mod tests;
 
@@ -87,6 +91,12 @@ pub trait GhostKernel: Send + Sync {
     ///
     /// `arg` must point to a valid, live value of the argument struct that `request` encodes.
     unsafe fn ioctl(&self, ctl: RawFd, request: u32, arg: *mut c_void) -> io::Result<i32>;
+
+    /// Opens a ghostfs file read-write where the open itself means something to the kernel
+    /// (`agent_online`: holding it open is being the online agent).
+    fn open_rw(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new().read(true).write(true).open(path)
+    }
 }
 
 /// The real kernel: plain `write(2)` and `ioctl(2)`.

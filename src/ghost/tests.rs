@@ -657,3 +657,7 @@ fn threads_move_to_cfs() {
     // SAFETY: sched_getscheduler only reads.
     assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
 }
+
+mod ops;
+
+mod agent;

@@ -18,8 +18,11 @@ use ghost_sys as abi;
 
 use super::{GhostKernel, Mapping};
 
+mod agents;
+pub mod time;
+
 /// CPUs the model's machine has (cpu_data pages).
-pub const NCPUS: usize = 8;
+pub const NCPUS: usize = 17;
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
@@ -100,6 +103,8 @@ pub struct KTask {
     /// Its queue (the default queue's fd path when it entered).
     queue: Option<PathBuf>,
     associated: bool,
+    /// Cumulative CPU time, ns (`GHOST_IOC_GET_CPU_TIME`).
+    pub runtime: u64,
 }
 
 struct KEnclave {
@@ -114,6 +119,14 @@ struct KEnclave {
     agents: Vec<u32>,
     unavailable: Vec<u32>,
     busy_cpulist_writes: u32,
+    /// Each agent CPU's status-word index.
+    agent_sw: HashMap<u32, u32>,
+    /// `agent_online` is held open.
+    online: bool,
+    /// Armed ghOSt timerfds: (cpu, type, cookie).
+    timers: Vec<(i32, u64, u64)>,
+    /// Driven by a [`time::Machine`]: commits preempt what runs on the CPU.
+    timed: bool,
 }
 
 impl KEnclave {
@@ -280,6 +293,7 @@ impl Model {
         fs::write(dir.join("abi_version"), format!("{abi_version}\n"))?;
         fs::write(dir.join("tasks"), "")?;
         fs::write(dir.join("cpulist"), "")?;
+        fs::write(dir.join("agent_online"), "0\n")?;
         fs::write(
             dir.join("status"),
             format!("version {abi_version}\nactive no\nnr_tasks 0\n"),
@@ -305,6 +319,10 @@ impl Model {
                 agents: Vec::new(),
                 unavailable: Vec::new(),
                 busy_cpulist_writes: 0,
+                agent_sw: HashMap::new(),
+                online: false,
+                timers: Vec::new(),
+                timed: false,
             },
         );
         Ok(())
@@ -343,7 +361,7 @@ impl Model {
                 Ok(())
             });
         }
-        Err(errno(libc::EINVAL))
+        self.agent_ctl(id, &parts)
     }
 
     fn add_task(&self, id: u64, tid: u32) -> io::Result<()> {
@@ -360,6 +378,7 @@ impl Model {
                 on_cpu: None,
                 queue: e.default_queue.clone(),
                 associated: false,
+                runtime: 0,
             };
             let (_, _, p) = e.sw(index);
             // SAFETY: the model's own mapping of the region.
@@ -421,6 +440,9 @@ impl Model {
                     };
                 }
                 state.store(outcome as u32, Ordering::Release);
+                if outcome == abi::GHOST_TXN_COMPLETE && e.timed {
+                    time::preempt_cpu(e, cpu as u32, txn.gtid as u64);
+                }
             }
         });
     }
@@ -654,7 +676,12 @@ impl GhostKernel for Model {
                     Ok(0)
                 })
             }
-            _ => Err(errno(libc::ENOTTY)),
+            // SAFETY: the caller's contract for `arg` is passed on unchanged.
+            _ => unsafe { self.agent_ioctl(id, request, arg) },
         }
+    }
+
+    fn open_rw(&self, path: &Path) -> io::Result<File> {
+        self.open_agent_online(path)
     }
 }

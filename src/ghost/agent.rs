@@ -1,0 +1,335 @@
+//! The centralized ghOSt agent (global-agent style, fact sheet §4) driving the policy of
+//! [`crate::sched`]: one agent makes every decision for the enclave's CPUs. Each
+//! [`GhostAgent::step`] drains the queue into the policy, asks it what to change, and commits
+//! the transactions as one group; failed ones go back to the policy. The clock is the
+//! caller's: the agent thread passes `CLOCK_MONOTONIC`, the model's driver its simulated time.
+//!
+//! Run against the kernel model only: no ghOSt kernel exists on the development or CI
+//! machines.
+
+use std::collections::HashMap;
+
+use ghost_sys as abi;
+
+use super::{CpuData, Enclave, GhostError, Message, Queue, StatusWords, TxnRequest};
+use crate::credit::Rate;
+use crate::sched::{Action, Config, Scheduler, VmId};
+
+/// A task the agent knows: its VM, status word and the seqnum of its last message.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    sw: abi::ghost_sw_info,
+    seq: u32,
+}
+
+/// What one [`GhostAgent::step`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Messages handled.
+    pub messages: u32,
+    /// Transactions committed.
+    pub committed: u32,
+    /// Of which failed (the policy retries them).
+    pub failed: u32,
+}
+
+/// The agent's state over one enclave.
+pub struct GhostAgent<'a> {
+    enclave: &'a Enclave<'a>,
+    queue: Queue,
+    sw: StatusWords,
+    cpu_data: CpuData,
+    sched: Scheduler,
+    tasks: HashMap<u64, Task>,
+    /// VM of each thread id (a gtid's upper bits are its tid).
+    vm_of_tid: HashMap<u32, VmId>,
+}
+
+/// The thread id in a gtid.
+pub fn tid_of(gtid: u64) -> u32 {
+    (gtid >> abi::GHOST_TID_SEQNUM_BITS) as u32
+}
+
+impl<'a> GhostAgent<'a> {
+    /// An agent for `enclave`, scheduling `cpus` with `config`. Status-word region 0 and a
+    /// default queue are created; `become agent` for each CPU is the caller's (it must come
+    /// from the thread pinned to that CPU); `discover` then learns tasks already there.
+    pub fn new(
+        enclave: &'a Enclave<'a>,
+        cpus: &[u32],
+        possible_cpus: usize,
+        config: Config,
+    ) -> Result<Self, GhostError> {
+        let sw = enclave.sw_region(0, 0)?;
+        let queue = enclave.create_queue(abi::GHOST_MAX_QUEUE_ELEMS, 0)?;
+        enclave.set_default_queue(&queue)?;
+        let cpu_data = enclave.cpu_data(possible_cpus)?;
+        Ok(GhostAgent {
+            enclave,
+            queue,
+            sw,
+            cpu_data,
+            sched: Scheduler::new(config, cpus),
+            tasks: HashMap::new(),
+            vm_of_tid: HashMap::new(),
+        })
+    }
+
+    /// A restarted agent over an enclave whose region 0 and default queue exist: it maps
+    /// them again (`queue` from a new `CREATE_QUEUE` made default) and asks the kernel for
+    /// its tasks.
+    pub fn restart(
+        enclave: &'a Enclave<'a>,
+        sw: StatusWords,
+        cpus: &[u32],
+        possible_cpus: usize,
+        config: Config,
+    ) -> Result<Self, GhostError> {
+        let queue = enclave.create_queue(abi::GHOST_MAX_QUEUE_ELEMS, 0)?;
+        enclave.set_default_queue(&queue)?;
+        let cpu_data = enclave.cpu_data(possible_cpus)?;
+        Ok(GhostAgent {
+            enclave,
+            queue,
+            sw,
+            cpu_data,
+            sched: Scheduler::new(config, cpus),
+            tasks: HashMap::new(),
+            vm_of_tid: HashMap::new(),
+        })
+    }
+
+    /// The queue (for `become agent`).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The policy (read-only).
+    pub fn policy(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    /// Registers `vm` with its grant and pooled baseline and moves its vCPU threads into the
+    /// enclave; they arrive as `TASK_NEW`.
+    pub fn add_vm(
+        &mut self,
+        vm: VmId,
+        tids: &[u32],
+        grant: Rate,
+        baseline: Rate,
+    ) -> Result<(), GhostError> {
+        self.sched.set_vm(vm, grant, baseline);
+        for &tid in tids {
+            self.vm_of_tid.insert(tid, vm);
+            self.enclave.add_task(tid)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the agent which VM threads belong to, for threads already in the enclave (a
+    /// restarted agent, before [`Enclave::discover_tasks`]).
+    pub fn adopt_vm(&mut self, vm: VmId, tids: &[u32], grant: Rate, baseline: Rate) {
+        self.sched.set_vm(vm, grant, baseline);
+        for &tid in tids {
+            self.vm_of_tid.insert(tid, vm);
+        }
+    }
+
+    /// Learns the tasks already in the enclave (a restarted agent), as userspace's
+    /// `DiscoverTasks`: every in-use, non-agent status word is associated with this agent's
+    /// queue at its current barrier (`ESTALE`: a message slipped in, read the word again)
+    /// and enters the policy as if `TASK_NEW` had come. Threads of no registered VM are left
+    /// alone. Returns how many tasks were found.
+    pub fn discover(&mut self, now: u64) -> Result<usize, GhostError> {
+        let mut found = 0;
+        let mut index = 0;
+        while let Some(word) = self.sw.get(index) {
+            let i = index;
+            index += 1;
+            let ours = word.flags & abi::GHOST_SW_F_INUSE != 0
+                && word.flags & abi::GHOST_SW_TASK_IS_AGENT == 0
+                && word.gtid != 0;
+            let Some(&vm) = self.vm_of_tid.get(&tid_of(word.gtid)) else {
+                continue;
+            };
+            if !ours {
+                continue;
+            }
+            let mut word = word;
+            for attempt in 0.. {
+                match self.enclave.associate(&self.queue, word.gtid, word.barrier) {
+                    Ok(_) => break,
+                    Err(GhostError::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::ESTALE) && attempt < 16 =>
+                    {
+                        word = self.sw.get(i).expect("index in range");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.tasks.insert(
+                word.gtid,
+                Task {
+                    sw: abi::ghost_sw_info { id: 0, index: i },
+                    seq: word.barrier,
+                },
+            );
+            let runnable = word.flags & abi::GHOST_SW_TASK_RUNNABLE != 0;
+            self.sched.add_thread(vm, word.gtid, runnable, now);
+            found += 1;
+        }
+        Ok(found)
+    }
+
+    /// A new grant for `vm`.
+    pub fn set_grant(&mut self, vm: VmId, grant: Rate, baseline: Rate) {
+        self.sched.set_vm(vm, grant, baseline);
+    }
+
+    /// Moves `vm`'s threads back to CFS through `to_cfs` (the caller's `sched_setscheduler`;
+    /// [`Enclave::remove_task`] on a real kernel) and forgets the VM.
+    pub fn remove_vm(
+        &mut self,
+        vm: VmId,
+        mut to_cfs: impl FnMut(u32) -> Result<(), GhostError>,
+    ) -> Result<(), GhostError> {
+        let tids: Vec<u32> = self
+            .vm_of_tid
+            .iter()
+            .filter(|(_, &v)| v == vm)
+            .map(|(&t, _)| t)
+            .collect();
+        self.sched.remove_vm(vm);
+        for tid in tids {
+            self.vm_of_tid.remove(&tid);
+            to_cfs(tid)?;
+        }
+        Ok(())
+    }
+
+    /// One round at `now`: drain, decide, commit. Returns what it did.
+    pub fn step(&mut self, now: u64) -> Result<StepReport, GhostError> {
+        let mut report = StepReport::default();
+        while let Some(msg) = self.queue.pop()? {
+            report.messages += 1;
+            self.handle(msg.seqnum, msg.message, now)?;
+        }
+        let actions = self.sched.decide(now);
+        let mut cpus = Vec::new();
+        let mut runs = Vec::new();
+        for a in actions {
+            let (cpu, gtid, barrier) = match a {
+                Action::Extend { .. } => continue,
+                Action::Preempt { cpu, .. } => (cpu, abi::GHOST_NULL_GTID, 0),
+                Action::Run { cpu, tid, .. } => {
+                    let Some(t) = self.tasks.get(&tid) else {
+                        self.sched.remove_thread(tid, now);
+                        continue;
+                    };
+                    runs.push((cpu, tid));
+                    (cpu, tid as i64, t.seq)
+                }
+            };
+            self.cpu_data.open(
+                cpu,
+                TxnRequest {
+                    gtid,
+                    task_barrier: barrier,
+                    agent_barrier: 0,
+                    run_flags: 0,
+                    commit_flags: abi::COMMIT_AT_TXN_COMMIT,
+                },
+            )?;
+            cpus.push(cpu);
+        }
+        if cpus.is_empty() {
+            return Ok(report);
+        }
+        self.enclave.commit(&cpus)?;
+        report.committed = cpus.len() as u32;
+        for cpu in cpus {
+            let outcome = loop {
+                if let Some(o) = self.cpu_data.outcome(cpu)? {
+                    break o;
+                }
+                std::hint::spin_loop();
+            };
+            if outcome != super::TxnOutcome::Complete {
+                report.failed += 1;
+                if !outcome.is_expected_failure() {
+                    tracing::warn!(cpu, ?outcome, "unexpected transaction failure");
+                }
+                if let Some(&(_, tid)) = runs.iter().find(|r| r.0 == cpu) {
+                    self.sched.failed(tid, now);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn handle(&mut self, seq: u32, msg: Message, now: u64) -> Result<(), GhostError> {
+        let gtid = match &msg {
+            Message::TaskNew(p) => {
+                let gtid = p.gtid;
+                let Some(&vm) = self.vm_of_tid.get(&tid_of(gtid)) else {
+                    // Not a vCPU thread of ours: leave it unscheduled; it goes back to CFS
+                    // with the enclave.
+                    tracing::warn!(gtid, "task of no registered VM in the enclave");
+                    return Ok(());
+                };
+                self.tasks.insert(gtid, Task { sw: p.sw_info, seq });
+                let runnable = p.runnable != 0;
+                self.sched.add_thread(vm, gtid, runnable, now);
+                return Ok(());
+            }
+            Message::TaskWakeup(p) => p.gtid,
+            Message::TaskBlocked(p) => p.gtid,
+            Message::TaskPreempt(p) => p.gtid,
+            Message::TaskYield(p) => p.gtid,
+            Message::TaskDead(p) => p.gtid,
+            Message::TaskDeparted(p) => p.gtid,
+            Message::TaskOnCpu(p) => p.gtid,
+            Message::TaskLatchFailure(p) => p.gtid,
+            _ => return Ok(()), // CPU messages: ticks and timers only wake the agent.
+        };
+        let Some(task) = self.tasks.get_mut(&gtid) else {
+            return Ok(());
+        };
+        task.seq = seq;
+        let sw = task.sw;
+        match msg {
+            Message::TaskWakeup(_) => self.sched.wake(gtid, now),
+            Message::TaskBlocked(_) => self.sched.stop(gtid, now, false),
+            // Only if the policy still has it there: it may have moved the task already.
+            Message::TaskPreempt(p) if self.sched.running_on(p.cpu as u32) == Some(gtid) => {
+                self.sched.stop(gtid, now, true)
+            }
+            Message::TaskYield(p) if self.sched.running_on(p.cpu as u32) == Some(gtid) => {
+                self.sched.stop(gtid, now, true)
+            }
+            Message::TaskLatchFailure(_) => self.sched.failed(gtid, now),
+            Message::TaskDead(_) | Message::TaskDeparted(_) => {
+                self.sched.remove_thread(gtid, now);
+                self.tasks.remove(&gtid);
+                self.enclave.free_status_word(sw)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// When to step again if no message comes (a slice ends or a budget refills).
+    pub fn next_deadline(&self, now: u64) -> Option<u64> {
+        self.sched.next_deadline(now)
+    }
+
+    /// Status words (for tests and reports).
+    pub fn status_words(&self) -> &StatusWords {
+        &self.sw
+    }
+
+    /// How many tasks the agent holds.
+    pub fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+}

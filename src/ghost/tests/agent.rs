@@ -1,0 +1,228 @@
+//! The centralized agent against the model running time (`model/time.rs`).
+
+use super::*;
+use crate::credit::{Baseline, Credits, Ledger, Policy, Rate};
+use crate::ghost::agent::GhostAgent;
+use crate::sched::Config;
+use model::time::{drive, Drive, Machine, Work};
+
+const SEC: u64 = 1_000_000_000;
+
+/// An enclave on CPU 0 (the global agent's) and `n` managed CPUs 1..=n, agents on all.
+fn agent_enclave(s: &Setup, n: u32) -> Enclave<'_> {
+    let e = s.fs.create_enclave(1).unwrap();
+    let cpus: Vec<u32> = (0..=n).collect();
+    e.set_cpus(&cpus).unwrap();
+    e
+}
+
+fn become_agents(e: &Enclave<'_>, q: &Queue, n: u32) {
+    for c in 0..=n {
+        e.become_agent(c, q).unwrap();
+    }
+}
+
+fn managed(n: u32) -> Vec<u32> {
+    (1..=n).collect()
+}
+
+/// Registers VMs of `vcpus` busy threads each (tids from 1000 × (vm + 1)); their gtids.
+fn add_vms(
+    agent: &mut GhostAgent<'_>,
+    m: &mut Machine,
+    vms: &[(u32, Rate, Rate)],
+) -> Vec<Vec<u64>> {
+    let mut all = Vec::new();
+    for (i, &(vcpus, grant, baseline)) in vms.iter().enumerate() {
+        let tids: Vec<u32> = (0..vcpus).map(|v| 1000 * (i as u32 + 1) + v).collect();
+        agent.add_vm(i as u32, &tids, grant, baseline).unwrap();
+        let gtids: Vec<u64> = tids.iter().map(|&t| Model::gtid(t)).collect();
+        for &g in &gtids {
+            m.set_work(g, Work::BUSY);
+        }
+        all.push(gtids);
+    }
+    all
+}
+
+fn rate(m: &Machine, gtids: &[u64], ns: u64) -> f64 {
+    gtids
+        .iter()
+        .map(|g| m.used.get(g).copied().unwrap_or(0))
+        .sum::<u64>() as f64
+        / ns as f64
+}
+
+#[test]
+fn two_busy_vcpus_are_held_to_20_percent_for_60_simulated_seconds() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(&mut agent, &mut m, &[(2, Rate(200_000), Rate(200_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 60 * SEC, &mut d).unwrap();
+    let r = rate(&m, &vms[0], 60 * SEC);
+    eprintln!(
+        "two busy vCPUs at a 20 % grant: {:.3} % of a CPU",
+        r * 100.0
+    );
+    assert!((r - 0.20).abs() <= 0.005, "{r}");
+}
+
+#[test]
+fn three_vm_overcommit_meets_every_baseline_on_two_cpus() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let spec = [
+        (2, Rate(2_000_000), Rate(800_000)),
+        (2, Rate(2_000_000), Rate(400_000)),
+        (2, Rate(2_000_000), Rate(200_000)),
+    ];
+    let vms = add_vms(&mut agent, &mut m, &spec);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 30 * SEC, &mut d).unwrap();
+    for (i, (_, _, base)) in spec.iter().enumerate() {
+        let r = rate(&m, &vms[i], 30 * SEC);
+        eprintln!(
+            "VM {i}: baseline {:.1} %, got {:.2} % of a CPU",
+            base.0 as f64 / 1e4,
+            r * 100.0
+        );
+        assert!(r * 1e6 >= base.0 as f64 - 10_000.0, "VM {i}: {r}");
+    }
+    let total: f64 = vms.iter().map(|g| rate(&m, g, 30 * SEC)).sum();
+    assert!(total > 1.99, "work-conserving: {total}");
+}
+
+#[test]
+fn burst_then_decline_to_the_baseline_with_the_ledger() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let policy = Policy::new(2, Baseline::from_percent(10.0).unwrap())
+        .unwrap()
+        .with_decline_minutes(0.5)
+        .unwrap();
+    let full = policy.full_rate();
+    let base = policy.baseline_rate();
+    // Enough credit for 20 s at full speed plus the 30-s decline.
+    let mut ledger = Ledger::new(policy, Credits::from_credits(1.0).unwrap());
+    let vms = add_vms(&mut agent, &mut m, &[(2, full, base)]);
+    let tick = SEC / 5;
+    let mut d = Drive::default();
+    let mut last_used = 0;
+    let mut rates = Vec::new();
+    for k in 1..=(120 * SEC / tick) {
+        drive(&mut m, &mut agent, k * tick, &mut d).unwrap();
+        let used: u64 = vms[0]
+            .iter()
+            .map(|g| m.used.get(g).copied().unwrap_or(0))
+            .sum();
+        let grant = ledger.tick(tick, used - last_used);
+        rates.push((used - last_used) as f64 / tick as f64);
+        last_used = used;
+        agent.set_grant(0, grant.rate, base);
+    }
+    let first: f64 = rates[..25].iter().sum::<f64>() / 25.0;
+    let last: f64 = rates[rates.len() - 50..].iter().sum::<f64>() / 50.0;
+    eprintln!(
+        "burst {:.1} %, after the decline {:.2} % of a CPU",
+        first * 100.0,
+        last * 100.0
+    );
+    assert!(first > 1.95, "burst at full speed: {first}");
+    assert!((last - 0.2).abs() < 0.005, "held to the baseline: {last}");
+    // The decline is smooth: no step between ticks larger than 2 % of the full rate.
+    let steps = rates
+        .windows(10)
+        .map(|w| w.iter().sum::<f64>() / 10.0)
+        .collect::<Vec<_>>();
+    assert!(
+        steps.windows(2).all(|w| (w[0] - w[1]).abs() < 0.1),
+        "{steps:?}"
+    );
+}
+
+#[test]
+fn a_restarted_agent_finds_every_task_and_keeps_the_cap() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let spec = [
+        (2, Rate(500_000), Rate(200_000)),
+        (2, Rate(300_000), Rate(100_000)),
+    ];
+    let vms;
+    {
+        let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+        become_agents(&e, agent.queue(), 2);
+        vms = add_vms(&mut agent, &mut m, &spec);
+        let mut d = Drive::default();
+        drive(&mut m, &mut agent, 5 * SEC, &mut d).unwrap();
+        // The agent process dies with tasks latched on CPUs.
+    }
+    s.model.agent_process_died(e.id());
+    let before: Vec<u64> = vms.iter().flatten().map(|g| m.used[g]).collect();
+    let sw = e.map_sw_region(0).unwrap();
+    let mut agent =
+        GhostAgent::restart(&e, sw, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let _online = e.agent_online().unwrap();
+    for (i, &(vcpus, grant, base)) in spec.iter().enumerate() {
+        let tids: Vec<u32> = (0..vcpus).map(|v| 1000 * (i as u32 + 1) + v).collect();
+        agent.adopt_vm(i as u32, &tids, grant, base);
+    }
+    assert_eq!(agent.discover(m.now()).unwrap(), 4);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 15 * SEC, &mut d).unwrap();
+    assert_eq!(agent.tasks(), 4, "every task rediscovered");
+    let after: Vec<u64> = vms.iter().flatten().map(|g| m.used[g]).collect();
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a > b),
+        "every task ran again"
+    );
+    for (i, (_, grant, _)) in spec.iter().enumerate() {
+        let got: u64 = vms[i].iter().map(|g| m.used[g]).sum::<u64>()
+            - vms[i]
+                .iter()
+                .map(|g| before[vms.iter().flatten().position(|x| x == g).unwrap()])
+                .sum::<u64>();
+        let r = got as f64 / (10 * SEC) as f64;
+        assert!(
+            (r - grant.0 as f64 / 1e6).abs() < 0.01,
+            "VM {i} after restart: {r}"
+        );
+    }
+}
+
+#[test]
+fn a_task_dying_while_latched_is_forgotten_and_the_others_run_on() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(&mut agent, &mut m, &[(3, Rate(3_000_000), Rate(300_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, SEC, &mut d).unwrap();
+    let victim = (1..=2)
+        .find_map(|c| m.running_on(c))
+        .expect("a task is latched");
+    m.kill(victim);
+    drive(&mut m, &mut agent, 3 * SEC, &mut d).unwrap();
+    assert_eq!(agent.tasks(), 2);
+    assert!(
+        s.model.task(e.id(), victim).is_none(),
+        "its status word was freed"
+    );
+    let others: Vec<u64> = vms[0].iter().copied().filter(|&g| g != victim).collect();
+    let r = rate(&m, &others, 3 * SEC);
+    assert!(r > 1.2, "the two others keep both CPUs: {r}");
+}

@@ -1,0 +1,124 @@
+//! The steady-state split of the CPUs among VMs: what the [`super::Scheduler`] converges to
+//! when every VM's demand is constant. Pure; used by the property tests as the expected
+//! answer and by mechanisms or reports that want the target rates without running time.
+
+use crate::credit::{Rate, PPM_PER_CPU};
+
+/// One VM's inputs to [`fair_shares`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// The VM's grant (its cap), millionths of a CPU.
+    pub grant: Rate,
+    /// The VM's pooled baseline (vCPUs × per-vCPU baseline), millionths of a CPU.
+    pub baseline: Rate,
+    /// How much it would use unconstrained: runnable threads × one CPU, millionths of a CPU.
+    pub wants: Rate,
+}
+
+/// Splits `cpus` whole CPUs among `vms`: first each VM gets `min(wants, baseline, grant)`
+/// (scaled down in proportion to baselines if even those exceed the CPUs), then what is left
+/// is water-filled among the VMs still below `min(wants, grant)` in proportion to their
+/// headroom `grant − baseline` (VMs whose grant is their baseline get no spare). Returns one
+/// rate per VM, in order.
+pub fn fair_shares(vms: &[Demand], cpus: u32) -> Vec<Rate> {
+    let capacity = u64::from(cpus) * PPM_PER_CPU;
+    let limit: Vec<u64> = vms.iter().map(|v| v.wants.0.min(v.grant.0)).collect();
+    let base: Vec<u64> = vms
+        .iter()
+        .zip(&limit)
+        .map(|(v, &l)| v.baseline.0.min(l))
+        .collect();
+    let base_total: u64 = base.iter().sum();
+    if base_total >= capacity {
+        // Overcommitted baselines: in proportion to them (u128: no overflow).
+        return base
+            .iter()
+            .map(|&b| Rate((u128::from(b) * u128::from(capacity) / u128::from(base_total)) as u64))
+            .collect();
+    }
+    let mut share = base.clone();
+    let mut spare = capacity - base_total;
+    // Water-filling: each round hands the spare out by weight to the VMs still below their
+    // limit; a VM that reaches its limit leaves and its unused part goes round again.
+    loop {
+        let open: Vec<usize> = (0..vms.len())
+            .filter(|&i| share[i] < limit[i] && vms[i].grant.0 > vms[i].baseline.0)
+            .collect();
+        let weight: u128 = open
+            .iter()
+            .map(|&i| u128::from(vms[i].grant.0 - vms[i].baseline.0))
+            .sum();
+        if open.is_empty() || spare == 0 || weight == 0 {
+            break;
+        }
+        let mut given = 0;
+        for &i in &open {
+            let w = u128::from(vms[i].grant.0 - vms[i].baseline.0);
+            let offer = (u128::from(spare) * w / weight) as u64;
+            let take = offer.min(limit[i] - share[i]);
+            share[i] += take;
+            given += take;
+        }
+        if given == 0 {
+            // Rounding left less than one unit per VM: hand it out one by one.
+            for &i in &open {
+                if spare > given && share[i] < limit[i] {
+                    share[i] += 1;
+                    given += 1;
+                }
+            }
+        }
+        spare -= given;
+    }
+    share.into_iter().map(Rate).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(grant: u64, baseline: u64, wants: u64) -> Demand {
+        Demand {
+            grant: Rate(grant),
+            baseline: Rate(baseline),
+            wants: Rate(wants),
+        }
+    }
+
+    #[test]
+    fn three_vm_overcommit_meets_baselines_and_splits_spare_by_headroom() {
+        // Three 2-vCPU VMs, all busy, baselines 80/40/20 % of a CPU, full grants, 2 CPUs.
+        let vms = [
+            d(2_000_000, 800_000, 2_000_000),
+            d(2_000_000, 400_000, 2_000_000),
+            d(2_000_000, 200_000, 2_000_000),
+        ];
+        let s = fair_shares(&vms, 2);
+        assert_eq!(s.iter().map(|r| r.0).sum::<u64>(), 2_000_000);
+        // Spare 0.6 CPU by headroom 1.2 : 1.6 : 1.8.
+        assert!(s[0].0.abs_diff(800_000 + 600_000 * 12 / 46) <= 1, "{s:?}");
+        assert!(s.iter().zip(&vms).all(|(s, v)| *s >= v.baseline));
+    }
+
+    #[test]
+    fn caps_and_demand_bound_the_share_and_the_rest_is_redistributed() {
+        let vms = [
+            d(200_000, 200_000, 2_000_000), // held to its baseline
+            d(2_000_000, 100_000, 300_000), // wants little
+            d(2_000_000, 100_000, 2_000_000),
+        ];
+        let s = fair_shares(&vms, 2);
+        assert_eq!(s[0], Rate(200_000));
+        assert_eq!(s[1], Rate(300_000));
+        assert_eq!(s[2], Rate(1_500_000));
+    }
+
+    #[test]
+    fn overcommitted_baselines_scale_in_proportion() {
+        let vms = [
+            d(1_000_000, 1_000_000, 1_000_000),
+            d(3_000_000, 3_000_000, 3_000_000),
+        ];
+        assert_eq!(fair_shares(&vms, 2), vec![Rate(500_000), Rate(1_500_000)]);
+    }
+}
