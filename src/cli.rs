@@ -16,6 +16,9 @@ use burst_qemu::state::{self, VmRecord};
 use burst_qemu::testguest::{self, Behaviour};
 use clap::{Args, Parser, Subcommand};
 
+mod observe;
+mod top;
+
 /// Exit status for bad input: a flag, a file or a value out of range.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status for a failure of the host (I/O that should have worked).
@@ -78,6 +81,14 @@ enum Command {
     /// each missing piece.
     Check,
     Simulate(SimulateArgs),
+    /// Plot a VM's real credit curve from its history (balance and surplus above, usage and
+    /// grant below, baseline marked) as SVG, or print the samples with --json/--csv.
+    Plot(PlotArgs),
+    /// Print the Prometheus metrics once (the serving agent's text when it runs with
+    /// --metrics-listen, else the VMs' metrics from their published credits and ledgers).
+    Metrics(MetricsArgs),
+    /// Live full-screen view of the fleet's credits (q quits).
+    Top(TopArgs),
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
 }
@@ -158,6 +169,47 @@ struct AgentArgs {
     /// Exit after this many seconds without VMs.
     #[arg(long, value_name = "SECONDS")]
     idle_exit: Option<f64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
+    #[arg(long, value_name = "ADDR", env = "BURST_QEMU_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    #[command(flatten)]
+    data: DataDirArg,
+    /// The VM's name (running or stopped).
+    name: String,
+    /// How far back: 90s, 30m, 6h, 7d (10-second samples for the last hour, 1-minute ones
+    /// for 8 days).
+    #[arg(long, value_name = "DURATION", default_value = "6h")]
+    since: String,
+    /// Where to write the SVG [default: NAME.svg, unless --json or --csv].
+    #[arg(short = 'o', long = "output", value_name = "FILE.svg")]
+    out: Option<PathBuf>,
+    /// Print the samples as a JSON array (t, period_s, balance, surplus, charged, usage_pct,
+    /// grant_pct, baseline_pct; percentages of all the VM's vCPUs).
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// Print the samples as CSV with the --json keys as header.
+    #[arg(long)]
+    csv: bool,
+}
+
+#[derive(Debug, Args)]
+struct MetricsArgs {
+    #[command(flatten)]
+    state: StateDirArg,
+    #[command(flatten)]
+    data: DataDirArg,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    #[command(flatten)]
+    state: StateDirArg,
+    #[command(flatten)]
+    data: DataDirArg,
 }
 
 #[derive(Debug, Args)]
@@ -327,6 +379,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Agent(a)) => run_agent(a),
         Some(Command::Check) => check(),
         Some(Command::Simulate(args)) => simulate_cmd(args),
+        Some(Command::Plot(a)) => {
+            observe::plot_cmd(&a.data.get(), &a.name, &a.since, a.out, a.json, a.csv)
+        }
+        Some(Command::Metrics(a)) => observe::metrics_cmd(&a.state.get(), &a.data.get()),
+        Some(Command::Top(a)) => top::run(&a.state.get(), &a.data.get()),
         Some(Command::TestGuest(a)) => {
             let kind = if a.halt {
                 Behaviour::Halt
@@ -640,6 +697,7 @@ fn run_agent(a: AgentArgs) -> Result<(), Failure> {
         state_dir,
         data_dir: a.data.get(),
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        metrics_listen: a.metrics_listen,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()
