@@ -7,9 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
-use plotters::prelude::*;
 use serde::Serialize;
 use thiserror::Error;
+
+pub use crate::plot::PlotError;
+use crate::plot::{self, CurvePoint};
 
 use crate::credit::{Balances, Credits, Ledger, Rate, NS_PER_MIN, NS_PER_SEC};
 
@@ -184,6 +186,7 @@ struct Sample {
     granted_pct: f64,
     balance: f64,
     surplus: f64,
+    baseline_pct: f64,
 }
 
 /// What a simulation produced.
@@ -235,6 +238,7 @@ pub fn run(ledger: &mut Ledger, trace: &[Segment], every_ns: Option<u64>) -> Out
                     granted_pct: grant.percent_of(vcpus),
                     balance: b.balance().as_credits(),
                     surplus: b.surplus.as_credits(),
+                    baseline_pct: ledger.policy().baseline().percent(),
                 });
                 next_sample = now + sample_every;
             }
@@ -286,111 +290,22 @@ impl Outcome {
     }
 
     /// Draws the credit curve: balance and surplus (credits) above, demand and grant (percent
-    /// of all vCPUs) below, both over simulated hours.
+    /// of all vCPUs) below, both over simulated hours, the baseline marked.
     pub fn plot(&self, path: &Path, title: &str) -> Result<(), PlotError> {
-        let fail = |e: &dyn std::fmt::Display| PlotError {
-            path: path.to_owned(),
-            message: e.to_string(),
-        };
-        // Create the file first so an unwritable path fails with the OS's own reason.
-        std::fs::File::create(path).map_err(|e| fail(&e))?;
-        let root = SVGBackend::new(path, (1000, 700)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(&e))?;
-        let (top, bottom) = root.split_vertically(370);
-        let hours = self.samples.last().map_or(1.0, |s| s.hours).max(1.0 / 60.0);
-        let max_credits = self
+        let points: Vec<CurvePoint> = self
             .samples
             .iter()
-            .map(|s| s.balance.max(s.surplus))
-            .fold(1.0, f64::max)
-            * 1.05;
-
-        let mut chart = ChartBuilder::on(&top)
-            .caption(title, ("sans-serif", 20))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..hours, 0.0..max_credits)
-            .map_err(|e| fail(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("time (hours)")
-            .y_desc("credits (vCPU-minutes)")
-            .draw()
-            .map_err(|e| fail(&e))?;
-        chart
-            .draw_series(LineSeries::new(
-                self.samples.iter().map(|s| (s.hours, s.balance)),
-                BLUE.stroke_width(2),
-            ))
-            .map_err(|e| fail(&e))?
-            .label("balance")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(
-                self.samples.iter().map(|s| (s.hours, s.surplus)),
-                RED.stroke_width(2),
-            ))
-            .map_err(|e| fail(&e))?
-            .label("surplus")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| fail(&e))?;
-
-        let mut chart = ChartBuilder::on(&bottom)
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..hours, 0.0..105.0)
-            .map_err(|e| fail(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("time (hours)")
-            .y_desc("CPU (% of all vCPUs)")
-            .draw()
-            .map_err(|e| fail(&e))?;
-        let green = RGBColor(0, 140, 0);
-        chart
-            .draw_series(LineSeries::new(
-                self.samples.iter().map(|s| (s.hours, s.demand_pct)),
-                BLACK.stroke_width(1),
-            ))
-            .map_err(|e| fail(&e))?
-            .label("demand")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
-        chart
-            .draw_series(LineSeries::new(
-                self.samples.iter().map(|s| (s.hours, s.granted_pct)),
-                green.stroke_width(2),
-            ))
-            .map_err(|e| fail(&e))?
-            .label("granted")
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
-            });
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| fail(&e))?;
-        root.present().map_err(|e| fail(&e))?;
-        Ok(())
+            .map(|s| CurvePoint {
+                hours: s.hours,
+                balance: s.balance,
+                surplus: s.surplus,
+                usage_pct: s.demand_pct,
+                grant_pct: s.granted_pct,
+                baseline_pct: s.baseline_pct,
+            })
+            .collect();
+        plot::credit_curve(path, title, &points, "demand", "time (hours)")
     }
-}
-
-/// The plot could not be written.
-#[derive(Debug, Error)]
-#[error("--plot {path}: {message}", path = .path.display())]
-pub struct PlotError {
-    /// The plot's path.
-    pub path: PathBuf,
-    /// Why.
-    pub message: String,
 }
 
 fn round_to(x: f64, decimals: i32) -> f64 {

@@ -43,6 +43,7 @@ use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
 use crate::enforce::{thread_cpu_ns, thread_sched_ns, Enforcer};
 use crate::state::{self, Liveness, VmRecord};
 
+pub mod history_file;
 mod ledger_file;
 mod view;
 
@@ -102,6 +103,8 @@ pub struct Settings {
     /// The CPU the VMs share, for the contention stage; `None` turns the stage off (each VM
     /// is held to its grant alone).
     pub contention: Option<Rate>,
+    /// Serve Prometheus metrics here (`--metrics-listen`); `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// One adopted VM.
@@ -132,6 +135,7 @@ struct Vm {
     last_persist: Instant,
     last_publish: Instant,
     published: HashMap<&'static str, String>,
+    history: crate::history::History,
 }
 
 enum Wake {
@@ -166,6 +170,9 @@ pub struct Agent {
     last_period: Instant,
     vms: HashMap<String, Vm>,
     watched: HashSet<PathBuf>,
+    /// What the metrics server shows, when one runs.
+    metrics: Option<std::sync::Arc<std::sync::Mutex<crate::metrics::Snapshot>>>,
+    health: crate::metrics::Health,
 }
 
 impl Agent {
@@ -178,6 +185,8 @@ impl Agent {
             enforcer,
             vms: HashMap::new(),
             watched: HashSet::new(),
+            metrics: None,
+            health: crate::metrics::Health::default(),
         }
     }
 
@@ -231,6 +240,18 @@ impl Agent {
             self.settings.state_dir.display(),
             self.enforcer.describe()
         );
+        if let Some(addr) = self.settings.metrics_listen {
+            let snap = std::sync::Arc::default();
+            let bound = crate::metrics::serve(addr, std::sync::Arc::clone(&snap))
+                .map_err(io_err(format!("serving metrics on {addr}")))?;
+            // For `burst-qemu metrics`, which fetches the same text.
+            let _ = fs::write(
+                self.settings.state_dir.join(crate::metrics::ADDR_FILE),
+                format!("{bound}\n"),
+            );
+            tracing::info!("serving Prometheus metrics on http://{bound}/metrics");
+            self.metrics = Some(snap);
+        }
         self.scan(&mut watcher);
         let live: Vec<String> = self.vms.keys().cloned().collect();
         self.enforcer
@@ -297,7 +318,10 @@ impl Agent {
                     self.enforcer.cleanup(&live);
                     last_scan = Instant::now();
                 }
+                let started = Instant::now();
                 self.tick();
+                self.health.observe_tick(started.elapsed().as_secs_f64());
+                self.update_metrics();
                 next_tick += TICK;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + TICK;
@@ -326,6 +350,7 @@ impl Agent {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     measure_and_tick(vm);
                     persist(&self.settings.data_dir, vm);
+                    save_history(&self.settings.data_dir, vm, true);
                 }
             } else {
                 self.end(&name);
@@ -334,8 +359,38 @@ impl Agent {
         if self.vms.is_empty() {
             self.enforcer.cleanup(&[]);
         }
+        if self.metrics.is_some() {
+            let _ = fs::remove_file(self.settings.state_dir.join(crate::metrics::ADDR_FILE));
+        }
         tracing::info!("agent stopped; running VMs keep their last grant");
         Ok(())
+    }
+
+    /// Refreshes what the metrics server shows (nothing when it is off).
+    fn update_metrics(&mut self) {
+        let Some(snap) = &self.metrics else { return };
+        let mut vms: Vec<CreditsView> = self
+            .vms
+            .values()
+            .map(|vm| {
+                view(
+                    &vm.record.name,
+                    &vm.ledger,
+                    vm.used_total,
+                    Some((vm.usage, vm.last_grant)),
+                    vm.stale.clone(),
+                )
+            })
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        self.health.ledger_save_failures =
+            crate::metrics::LEDGER_SAVE_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut s) = snap.lock() {
+            *s = crate::metrics::Snapshot {
+                vms,
+                health: Some(self.health.clone()),
+            };
+        }
     }
 
     fn handle_changes(
@@ -506,6 +561,7 @@ impl Agent {
             vm.record.vcpu_tids,
             vm.ledger.balances().balance()
         );
+        vm.history = load_history(&self.settings.data_dir, &name);
         self.enforce(&mut vm);
         publish(&self.settings.state_dir, &mut vm);
         persist(&self.settings.data_dir, &mut vm);
@@ -527,6 +583,7 @@ impl Agent {
         if let Some(mut vm) = self.vms.remove(name) {
             measure_and_tick(&mut vm);
             persist(&self.settings.data_dir, &mut vm);
+            save_history(&self.settings.data_dir, &mut vm, true);
             if let Err(e) = self.enforcer.detach(name) {
                 tracing::warn!("{name}: {e:#}");
             }
@@ -705,6 +762,10 @@ impl Agent {
             if vm.last_persist.elapsed() >= PERSIST_EVERY {
                 persist(&self.settings.data_dir, &mut vm);
             }
+            let point = history_file::point(&vm.ledger, vm.usage, vm.last_grant);
+            if vm.history.record(history_file::unix_now(), point) {
+                save_history(&self.settings.data_dir, &mut vm, false);
+            }
             self.vms.insert(name, vm);
         }
     }
@@ -732,6 +793,30 @@ fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64
         last_persist: Instant::now(),
         last_publish: Instant::now(),
         published: HashMap::new(),
+        history: crate::history::History::new(),
+    }
+}
+
+/// The VM's saved history, or a new one (an unreadable file is kept as `.bad`).
+fn load_history(data_dir: &Path, name: &str) -> crate::history::History {
+    let path = history_file::history_path(data_dir, name);
+    history_file::load(&path)
+        .unwrap_or_else(|e| {
+            tracing::error!("{name}: unreadable history {e}; starting a new one (kept as .bad)");
+            let _ = fs::rename(&path, path.with_extension("bqh.bad"));
+            None
+        })
+        .unwrap_or_default()
+}
+
+/// Saves the VM's history: at each closed minute, and (`close`) when it ends or the agent stops.
+fn save_history(data_dir: &Path, vm: &mut Vm, close: bool) {
+    if close {
+        vm.history.flush();
+    }
+    let path = history_file::history_path(data_dir, &vm.record.name);
+    if let Err(e) = history_file::save(&path, &vm.history) {
+        tracing::error!("saving {}: {e}", path.display());
     }
 }
 
@@ -847,6 +932,7 @@ fn persist(data_dir: &Path, vm: &mut Vm) {
             }
         }
         Err(e) => {
+            crate::metrics::LEDGER_SAVE_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // The temporary file is removed and the old ledger stays whole; the agent goes on
             // charging and enforcing from memory and says so once, in its log, `ls` and `check`.
             if vm.ledger_error.is_none() {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::credit::{Credits, Ledger, Mode, Rate, NS_PER_SEC, PPM_PER_CPU};
+use crate::credit::{Credits, Ledger, Mode, Policy, Rate, NS_PER_SEC, PPM_PER_CPU};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreditsView {
@@ -62,14 +62,7 @@ pub fn view(
     let p = ledger.policy();
     let b = ledger.balances();
     let pct = |r: Rate| r.percent_of(p.vcpus());
-    let time_to_empty_s = live.and_then(|(usage, _)| {
-        let drain = usage.0.saturating_sub(p.baseline_rate().0);
-        if drain == 0 || (p.mode() == Mode::Standard && b.balance() == Credits::ZERO) {
-            return None;
-        }
-        // balance (vCPU-ns) / drain (vCPU-ns per ns), in seconds.
-        Some(b.balance().vcpu_ns() as f64 * PPM_PER_CPU as f64 / drain as f64 / NS_PER_SEC as f64)
-    });
+    let time_to_empty_s = live.and_then(|(usage, _)| time_to_empty_s(p, b.balance(), usage));
     // Rounded to what is shown (credits to 0.001, percentages to 0.01, seconds to 1): an
     // unchanged figure is then not rewritten every tick.
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
@@ -94,6 +87,38 @@ pub fn view(
         observed_demand_pct: None,
     }
 }
+
+/// Seconds until a VM that keeps using `usage` (or its grant, when that is less) spends
+/// `balance`; `None` when it is not draining.
+///
+/// In unlimited mode the grant is the full rate, so the balance falls at the net drain
+/// `d = usage − baseline`: `B / d`. In standard mode the grant declines (see [`crate::credit`]):
+/// above the baseline it is `√(2·B·k)`, `k = (full − baseline) / D`. While that exceeds `d`,
+/// i.e. while `B ≥ B_d = d² / (2k)`, the VM uses `usage` and the balance falls at `d`, which
+/// takes `(B − B_d) / d`; from there it follows the grant down, `dB/dt = −√(2·B·k)`, so `√B`
+/// falls at the constant rate `√(k/2)` and reaches 0 after `√(2·B_d/k) = d / k`. A balance
+/// already below `B_d` is spent in `√(2·B/k)`. (The planner's `−k·dt/2` makes the discrete
+/// decline end on the continuous schedule, so the continuous law is the right one.)
+pub fn time_to_empty_s(p: &Policy, balance: Credits, usage: Rate) -> Option<f64> {
+    let drain = usage.0.saturating_sub(p.baseline_rate().0);
+    if drain == 0 || balance == Credits::ZERO {
+        return None;
+    }
+    let b = balance.vcpu_ns() as f64 / NS_PER_SEC as f64; // vCPU-s
+    let d = drain as f64 / PPM_PER_CPU as f64; // vCPU
+    let decline_s = p.decline_ns() as f64 / NS_PER_SEC as f64;
+    if p.mode() == Mode::Unlimited || decline_s == 0.0 {
+        return Some(b / d);
+    }
+    let k = (p.full_rate().0 - p.baseline_rate().0) as f64 / PPM_PER_CPU as f64 / decline_s;
+    let b_d = d * d / (2.0 * k);
+    Some(if b >= b_d {
+        (b - b_d) / d + d / k
+    } else {
+        (2.0 * b / k).sqrt()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,8 +130,10 @@ mod tests {
     }
 
     #[test]
-    fn time_to_empty_is_balance_over_net_drain() {
-        // 12 credits = 720 vCPU-s; using 1 vCPU against a 0.2 vCPU baseline drains 0.8/s.
+    fn time_to_empty_counts_the_decline() {
+        // 12 credits = 720 vCPU-s; using 1 vCPU against a 0.2 vCPU baseline drains 0.8/s until
+        // the grant (k = 1.8 vCPU / 1200 s) meets it at B_d = 0.64 / 0.003 = 213.3 vCPU-s, then
+        // follows the grant down for 0.8 / 0.0015 = 533.3 s: 633.3 + 533.3 s in all.
         let v = view(
             "a",
             &ledger(12.0),
@@ -114,7 +141,7 @@ mod tests {
             Some((Rate(1_000_000), Rate(2_000_000))),
             None,
         );
-        assert!((v.time_to_empty_s.unwrap() - 900.0).abs() < 1e-6);
+        assert_eq!(v.time_to_empty_s, Some(1167.0));
         assert_eq!(v.usage_pct, Some(50.0));
         assert_eq!(v.grant_pct, Some(100.0));
         assert!((v.earn_per_hour - 12.0).abs() < 1e-9);
@@ -139,5 +166,36 @@ mod tests {
             ),
             (None, None, "stopped")
         );
+    }
+
+    /// The closed form against the ledger itself, ticked once a second with min(usage, grant).
+    #[test]
+    fn time_to_empty_matches_the_ledger() {
+        use crate::credit::NS_PER_MIN;
+        for (mode, balance, usage_pct) in [
+            (Mode::Standard, 12.0, 50.0),
+            (Mode::Standard, 2.0, 100.0),
+            (Mode::Standard, 40.0, 30.0),
+            (Mode::Unlimited, 5.0, 80.0),
+        ] {
+            let p = Policy::new(2, Baseline::from_percent(10.0).unwrap())
+                .unwrap()
+                .with_mode(mode);
+            let mut l = Ledger::new(p.clone(), Credits::from_credits(balance).unwrap());
+            l.set_interval(NS_PER_SEC);
+            let usage = Rate::from_percent_of(usage_pct, 2);
+            let predicted = time_to_empty_s(&p, l.balances().balance(), usage).unwrap();
+            let mut t = 0u64;
+            while l.balances().balance() > Credits::ZERO && t < 1000 * NS_PER_MIN {
+                let served = usage.min(l.grant().rate);
+                l.tick(NS_PER_SEC, served.over(NS_PER_SEC));
+                t += NS_PER_SEC;
+            }
+            let actual = t as f64 / NS_PER_SEC as f64;
+            assert!(
+                (actual - predicted).abs() <= 3.0,
+                "{mode} {balance} credits at {usage_pct} %: predicted {predicted:.1} s, ledger {actual} s"
+            );
+        }
     }
 }

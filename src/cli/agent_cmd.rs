@@ -98,6 +98,7 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         state_dir,
         data_dir: g.data_dir(),
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        metrics_listen: a.metrics_listen,
         contention: if a.contention == "off" {
             None
         } else {

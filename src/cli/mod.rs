@@ -19,6 +19,8 @@ use clap::{Args, Parser, Subcommand};
 mod agent_cmd;
 mod check;
 mod fleet;
+mod observe;
+mod top;
 
 use agent_cmd::run_agent;
 use check::check;
@@ -128,6 +130,14 @@ enum Command {
     /// each missing piece.
     Check,
     Simulate(SimulateArgs),
+    /// Plot a VM's real credit curve from its history (balance and surplus above, usage and
+    /// grant below, baseline marked) as SVG, or print the samples with --json/--csv.
+    Plot(PlotArgs),
+    /// Print the Prometheus metrics once (the serving agent's text when it runs with
+    /// --metrics-listen, else the VMs' metrics from their published credits and ledgers).
+    Metrics,
+    /// Live full-screen view of the fleet's credits (q quits).
+    Top,
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
 }
@@ -155,6 +165,9 @@ struct AgentArgs {
     /// Delegate=yes; see contrib/burst-qemu-agent.service) [default: the mount's root].
     #[arg(long, value_name = "DIR|self", env = "BURST_QEMU_CGROUP_PARENT")]
     cgroup_parent: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
+    #[arg(long, value_name = "ADDR", env = "BURST_QEMU_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The cgroup version at --cgroup-mount.
     #[arg(long, value_name = "v1|v2", env = "BURST_QEMU_CGROUP_VERSION", value_parser = ["v1", "v2"])]
     cgroup_version: Option<String>,
@@ -173,6 +186,26 @@ struct AgentArgs {
     /// list (`0-3,6`) [default: every CPU this agent may run on].
     #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
     capacity: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// The VM's name (running or stopped).
+    name: String,
+    /// How far back: 90s, 30m, 6h, 7d (10-second samples for the last hour, 1-minute ones
+    /// for 8 days).
+    #[arg(long, value_name = "DURATION", default_value = "6h")]
+    since: String,
+    /// Where to write the SVG [default: NAME.svg, unless --json or --csv].
+    #[arg(short = 'o', long = "output", value_name = "FILE.svg")]
+    out: Option<PathBuf>,
+    /// Print the samples as a JSON array (t, period_s, balance, surplus, charged, usage_pct,
+    /// grant_pct, baseline_pct; percentages of all the VM's vCPUs).
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// Print the samples as CSV with the --json keys as header.
+    #[arg(long)]
+    csv: bool,
 }
 
 #[derive(Debug, Args)]
@@ -353,6 +386,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Agent(a)) => run_agent(g, a),
         Some(Command::Check) => check(g),
         Some(Command::Simulate(args)) => simulate_cmd(args),
+        Some(Command::Plot(a)) => {
+            observe::plot_cmd(&g.data_dir(), &a.name, &a.since, a.out, a.json, a.csv)
+        }
+        Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
+        Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
         Some(Command::TestGuest(a)) => {
             let kind = if a.halt {
                 Behaviour::Halt

@@ -1,0 +1,63 @@
+//! A VM's history on disk: `<data dir>/history/NAME.bqh`, beside the ledgers, written atomically
+//! when a minute closes, when the VM ends and when the agent stops (see [`crate::history`]).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::credit::{Ledger, Rate, NS_PER_CREDIT};
+use crate::history::{History, Point};
+use crate::state;
+
+/// Where VM `name`'s history is kept.
+pub fn history_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("history").join(format!("{name}.bqh"))
+}
+
+/// Reads a history file; `Ok(None)` when there is none.
+pub fn load(path: &Path) -> io::Result<Option<History>> {
+    match std::fs::read(path) {
+        Ok(bytes) => History::decode(&bytes).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Saves atomically, creating the directory when missing.
+pub fn save(path: &Path, h: &History) -> io::Result<()> {
+    let bytes = h.encode();
+    match state::write_atomic(path, &bytes, 0o644) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            state::write_atomic(path, &bytes, 0o644)
+        }
+        other => other,
+    }
+}
+
+/// The point to record for a ledger and its last measured usage and grant.
+pub fn point(ledger: &Ledger, usage: Rate, grant: Rate) -> Point {
+    let b = ledger.balances();
+    let mc = |c: crate::credit::Credits| c.vcpu_ns() / (NS_PER_CREDIT / 1000);
+    Point {
+        balance_mc: mc(b.balance()),
+        surplus_mc: mc(b.surplus),
+        charged_mc: mc(b.charged),
+        usage_ppm: usage.0,
+        grant_ppm: grant.0,
+        baseline_ppm: ledger.policy().baseline_rate().0,
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,440 @@
+//! Watching credits on real VMs: real QEMU (TCG, the project's busy firmware), the real agent
+//! on real cgroups; its history read back by `plot`, its Prometheus endpoint checked by
+//! promtool and parsed by the Python Prometheus client, and `top` driven in tmux like a person.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burst_qemu::testguest::Behaviour::Busy;
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn ready() -> bool {
+    require_qemu() && require_cgroups()
+}
+
+/// A tool the test needs: under CI its absence fails the test; elsewhere the test skips loudly.
+fn require_tool(tool: &str, probe: &[&str], install: &str) -> bool {
+    let ok = Command::new(tool)
+        .args(probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("{tool} is required in CI ({install}; bash .ci/run does)");
+        }
+        eprintln!("\n*** SKIPPED: {tool} not usable; {install} (bash .ci/run does) ***\n");
+    }
+    ok
+}
+
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write_config(s: &Scratch, name: &str, text: &str) {
+    std::fs::create_dir_all(s.vms()).unwrap();
+    std::fs::write(s.vms().join(format!("{name}.toml")), text).unwrap();
+}
+
+/// An agent serving metrics on an ephemeral port; killed (SIGTERM) when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(s: &Scratch) -> (Self, std::net::SocketAddr) {
+        let _ = std::fs::remove_file(s.state().join("metrics.addr"));
+        let child = bin()
+            .args(["agent", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(s.state())
+            .env("BURST_QEMU_DATA_DIR", s.data())
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let path = s.state().join("metrics.addr");
+        let mut addr = None;
+        wait_until("agent serving metrics", Duration::from_secs(10), || {
+            addr = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|a| a.trim().parse().ok());
+            addr.is_some()
+        });
+        (Agent(child), addr.unwrap())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until the agent has saved `name`'s history after `after` (it does when the VM ends).
+fn wait_history_saved(s: &Scratch, name: &str, after: std::time::SystemTime) {
+    let path = s.data().join("history").join(format!("{name}.bqh"));
+    wait_until("history saved", Duration::from_secs(10), || {
+        std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= after)
+    });
+}
+
+fn plot_json(s: &Scratch, name: &str) -> Vec<Value> {
+    let out = bin()
+        .args(["plot", name, "--since", "1h", "--json"])
+        .env("BURST_QEMU_DATA_DIR", s.data())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
+    if !ready()
+        || !require_tool("promtool", &["--version"], "apt-get install prometheus")
+        || !require_tool(
+            "python3",
+            &["-c", "import prometheus_client"],
+            "pip install prometheus-client",
+        )
+    {
+        return;
+    }
+    let s = Scratch::new();
+    let (agent, addr) = Agent::start(&s);
+    // 0.1 credits = 6 vCPU-s: a few seconds at full speed, then a 3-second decline.
+    write_config(
+        &s,
+        "obs",
+        "vcpus = 2\nbaseline = 10\ninitial_credits = 0.1\ndecline_minutes = 0.05\n",
+    );
+    let mut vm = Launched::start(&s, "obs", &[], &s.qemu_args(Busy));
+    let credits = s.state().join("obs").join("credits.json");
+    let balance_now = || {
+        std::fs::read(&credits)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["balance"].as_f64())
+    };
+    wait_until("the guest spending", Duration::from_secs(30), || {
+        balance_now().is_some_and(|b| b < 0.099)
+    });
+
+    // Metrics, while it runs: valid for promtool, parsed by the reference client.
+    let text = burst_qemu::metrics::scrape(addr).unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let parsed = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, json\n\
+             from prometheus_client.parser import text_string_to_metric_families\n\
+             out = {}\n\
+             for f in text_string_to_metric_families(sys.stdin.read()):\n\
+             \x20   for s in f.samples:\n\
+             \x20       out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value\n\
+             print(json.dumps(out))",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    parsed
+        .stdin
+        .as_ref()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let parsed = parsed.wait_with_output().unwrap();
+    assert!(parsed.status.success());
+    let m: Value = serde_json::from_slice(&parsed.stdout).unwrap();
+    let vm_label = "{\"vm\": \"obs\"}";
+    let balance = m[format!("burst_qemu_cpu_credit_balance{vm_label}")]
+        .as_f64()
+        .unwrap();
+    let util = m[format!("burst_qemu_cpu_utilization_ratio{vm_label}")]
+        .as_f64()
+        .unwrap();
+    let used = m[format!("burst_qemu_cpu_credit_usage_total{vm_label}")]
+        .as_f64()
+        .unwrap();
+    let grant = m[format!("burst_qemu_cpu_grant_ratio{vm_label}")]
+        .as_f64()
+        .unwrap();
+    eprintln!(
+        "while spending: balance {balance}, utilization {util}, grant {grant}, used {used} credits"
+    );
+    assert!(balance > 0.0 && balance < 0.1, "balance {balance}");
+    assert!(
+        util > 0.1,
+        "a busy VM with credits runs above its baseline: {util}"
+    );
+    assert!(used > 0.0, "used {used}");
+    assert_eq!(m[format!("burst_qemu_baseline_ratio{vm_label}")], 0.1);
+    assert!(
+        m["burst_qemu_agent_tick_duration_seconds_count{}"]
+            .as_f64()
+            .unwrap()
+            >= 5.0
+    );
+    // `burst-qemu metrics` prints the serving agent's text.
+    let once = s.cli(&["metrics"]);
+    assert!(once.status.success());
+    assert!(
+        String::from_utf8_lossy(&once.stdout).contains("burst_qemu_cpu_credit_balance{vm=\"obs\"}")
+    );
+
+    // Let it spend its credits and decline, then stop it: the history is saved on the way out.
+    wait_until("credits spent", Duration::from_secs(90), || {
+        balance_now() == Some(0.0)
+    });
+    std::thread::sleep(Duration::from_secs(12));
+    let stopped = std::time::SystemTime::now();
+    assert!(s.cli(&["stop", "obs"]).status.success());
+    vm.wait(Duration::from_secs(30));
+    wait_history_saved(&s, "obs", stopped);
+    let rows = plot_json(&s, "obs");
+    eprintln!("history after 25 s: {rows:?}");
+    assert!(rows.len() >= 3, "10-second samples of 25 s: {}", rows.len());
+    let first = &rows[0];
+    let last = rows.last().unwrap();
+    assert!(rows.iter().all(|r| r["period_s"] == 10));
+    assert!(first["balance"].as_f64().unwrap() > 0.0);
+    assert_eq!(last["balance"].as_f64(), Some(0.0));
+    assert!(first["usage_pct"].as_f64().unwrap() > 10.0, "{first}");
+    assert_eq!(first["grant_pct"].as_f64(), Some(100.0), "{first}");
+    assert!(
+        (last["grant_pct"].as_f64().unwrap() - 10.0).abs() < 1.0,
+        "held to the baseline at the end: {last}"
+    );
+    assert_eq!(last["baseline_pct"].as_f64(), Some(10.0));
+
+    // A stopped VM's history stays readable and plots; a restart under the same name (and a
+    // new agent) continues it.
+    let svg = s.path().join("obs.svg");
+    let out = bin()
+        .args(["plot", "obs", "--since", "1h", "-o"])
+        .arg(&svg)
+        .env("BURST_QEMU_DATA_DIR", s.data())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg_text.contains("<svg") && svg_text.contains("balance") && svg_text.contains("usage")
+    );
+    drop(agent);
+    let (_agent, _) = Agent::start(&s);
+    let mut again = Launched::start(&s, "obs", &[], &s.qemu_args(Busy));
+    std::thread::sleep(Duration::from_secs(12));
+    let stopped = std::time::SystemTime::now();
+    assert!(s.cli(&["stop", "obs"]).status.success());
+    again.wait(Duration::from_secs(30));
+    wait_history_saved(&s, "obs", stopped);
+    let more = plot_json(&s, "obs");
+    assert!(
+        more.len() > rows.len(),
+        "{} then {}",
+        rows.len(),
+        more.len()
+    );
+    assert_eq!(more[0]["t"], rows[0]["t"], "the old samples are kept");
+}
+
+fn tmux(args: &[&str]) -> std::process::Output {
+    Command::new("tmux").args(args).output().unwrap()
+}
+
+fn screen(session: &str) -> String {
+    String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", session]).stdout).into_owned()
+}
+
+fn wait_screen(session: &str, what: &str, cond: impl Fn(&str) -> bool) -> String {
+    let t = Instant::now();
+    loop {
+        let s = screen(session);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{what}: not on screen within 15 s:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills the tmux session when dropped.
+struct Session(String);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = tmux(&["kill-session", "-t", &self.0]);
+    }
+}
+
+#[test]
+fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
+    if !ready() || !require_tool("tmux", &["-V"], "apt-get install tmux") {
+        return;
+    }
+    let s = Scratch::new();
+    let (_agent, _) = Agent::start(&s);
+    write_config(
+        &s,
+        "rich",
+        "vcpus = 1\nbaseline = 20\ninitial_credits = 30\n",
+    );
+    write_config(
+        &s,
+        "poor",
+        "vcpus = 1\nbaseline = 10\ninitial_credits = 0\n",
+    );
+    let _rich = Launched::start(&s, "rich", &[], &s.qemu_args(Busy));
+    let _poor = Launched::start(&s, "poor", &[], &s.qemu_args(Busy));
+    std::thread::sleep(Duration::from_secs(2));
+
+    let session = Session(format!("bqtop{}", std::process::id()));
+    let cmd = format!(
+        "BURST_QEMU_DATA_DIR={} {} top --state-dir {}",
+        s.data().display(),
+        env!("CARGO_BIN_EXE_burst-qemu"),
+        s.state().display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session.0,
+        "-x",
+        "150",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    tmux(&["set-option", "-t", &session.0, "remain-on-exit", "on"]);
+    let shown = wait_screen(&session.0, "both VMs", |s| {
+        s.contains("burst-qemu top: 2 VMs") && s.contains("rich") && s.contains("poor")
+    });
+    eprintln!("{shown}");
+    // Sorted by name: poor first, selected, in the detail pane; it runs at its baseline.
+    let poor_row = shown
+        .lines()
+        .find(|l| l.contains("poor") && l.contains("running"))
+        .unwrap();
+    assert!(
+        poor_row.contains("standard") && poor_row.contains("0.000"),
+        "{poor_row}"
+    );
+    assert!(shown.contains("poor: balance, last hour"));
+    let rich_row = shown
+        .lines()
+        .find(|l| l.contains("rich") && l.contains("running"))
+        .unwrap();
+    assert!(
+        rich_row.contains("100.0%"),
+        "rich is granted full speed: {rich_row}"
+    );
+    assert!(rich_row.contains('█'), "usage bar: {rich_row}");
+
+    // Sort by balance: rich first, the selection stays on poor; up selects rich.
+    tmux(&["send-keys", "-t", &session.0, "b"]);
+    let by_balance = wait_screen(&session.0, "sort by balance", |s| {
+        s.contains("sort: balance")
+    });
+    let order: Vec<&str> = by_balance
+        .lines()
+        .filter(|l| l.contains("running"))
+        .map(|l| if l.contains("rich") { "rich" } else { "poor" })
+        .collect();
+    assert_eq!(order[..2], ["rich", "poor"], "{by_balance}");
+    assert!(
+        by_balance.contains("poor: balance, last hour"),
+        "{by_balance}"
+    );
+    tmux(&["send-keys", "-t", &session.0, "Up"]);
+    let rich = wait_screen(&session.0, "rich selected", |s| {
+        s.contains("rich: balance, last hour")
+    });
+    assert!(rich.contains("rich (running, standard)"), "{rich}");
+
+    // q quits and the terminal is restored (the alternate screen is gone).
+    tmux(&["send-keys", "-t", &session.0, "q"]);
+    wait_screen(&session.0, "top exited", |s| !s.contains("burst-qemu top:"));
+    let dead = tmux(&[
+        "display-message",
+        "-p",
+        "-t",
+        &session.0,
+        "#{pane_dead} #{pane_dead_status}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "1 0");
+
+    // SIGTERM: also a clean exit with the terminal restored.
+    tmux(&["respawn-pane", "-t", &session.0, &cmd]);
+    wait_screen(&session.0, "top again", |s| {
+        s.contains("burst-qemu top: 2 VMs")
+    });
+    let pid = String::from_utf8_lossy(
+        &tmux(&["display-message", "-p", "-t", &session.0, "#{pane_pid}"]).stdout,
+    )
+    .trim()
+    .parse::<i32>()
+    .unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    wait_screen(&session.0, "top exited on SIGTERM", |s| {
+        !s.contains("burst-qemu top:")
+    });
+    let dead = tmux(&[
+        "display-message",
+        "-p",
+        "-t",
+        &session.0,
+        "#{pane_dead} #{pane_dead_status}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "1 0");
+}
