@@ -85,12 +85,7 @@ pub fn boottime_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credit::{Baseline, Ledger};
-
-    fn ledger(balance: f64) -> Ledger {
-        let p = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
-        Ledger::new(p, Credits::from_credits(balance).unwrap())
-    }
+    use crate::agent::test_ledger as ledger;
 
     #[test]
     fn ledger_files_round_trip_and_garbage_is_an_error_not_a_panic() {

@@ -1020,6 +1020,13 @@ fn publish(state_dir: &Path, vm: &mut Vm) {
     }
 }
 
+/// A 2-vCPU, 10 % ledger holding `balance` credits, for the agent's module tests.
+#[cfg(test)]
+pub(crate) fn test_ledger(balance: f64) -> Ledger {
+    let p = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
+    Ledger::new(p, Credits::from_credits(balance).unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

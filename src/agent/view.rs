@@ -122,12 +122,8 @@ pub fn time_to_empty_s(p: &Policy, balance: Credits, usage: Rate) -> Option<f64>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::test_ledger as ledger;
     use crate::credit::{Baseline, Policy};
-
-    fn ledger(balance: f64) -> Ledger {
-        let p = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
-        Ledger::new(p, Credits::from_credits(balance).unwrap())
-    }
 
     #[test]
     fn time_to_empty_counts_the_decline() {
