@@ -419,12 +419,7 @@ fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
     wait_screen(&session.0, "top again", |s| {
         s.contains("burst-qemu top: 2 VMs")
     });
-    let pid = String::from_utf8_lossy(
-        &tmux(&["display-message", "-p", "-t", &session.0, "#{pane_pid}"]).stdout,
-    )
-    .trim()
-    .parse::<i32>()
-    .unwrap();
+    let pid = pane_pid(&session.0);
     kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
     wait_screen(&session.0, "top exited on SIGTERM", |s| {
         !s.contains("burst-qemu top:")
@@ -437,4 +432,22 @@ fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
         "#{pane_dead} #{pane_dead_status}",
     ]);
     assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "1 0");
+
+    // The terminal hangs up (the tmux session is killed): top ends rather than spin on it.
+    tmux(&["respawn-pane", "-t", &session.0, &cmd]);
+    wait_screen(&session.0, "top once more", |s| {
+        s.contains("burst-qemu top: 2 VMs")
+    });
+    let pid = pane_pid(&session.0);
+    tmux(&["kill-session", "-t", &session.0]);
+    wait_until("top gone after hang-up", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
+fn pane_pid(session: &str) -> i32 {
+    String::from_utf8_lossy(&tmux(&["display-message", "-p", "-t", session, "#{pane_pid}"]).stdout)
+        .trim()
+        .parse()
+        .unwrap()
 }
