@@ -301,4 +301,30 @@ mod tests {
         let addr = serve("127.0.0.1:0".parse().unwrap(), snap.clone()).unwrap();
         assert_eq!(scrape(addr).unwrap(), render(&snap.lock().unwrap()));
     }
+
+    /// The shipped Grafana dashboard asks only for metrics that are served.
+    #[test]
+    fn the_grafana_dashboard_uses_served_names() {
+        let dashboard = include_str!("../contrib/grafana/burst-qemu.json");
+        let text = render(&Snapshot {
+            vms: vec![vm("a")],
+            health: Some(Health::default()),
+        });
+        let mut names = 0;
+        for (i, _) in dashboard.match_indices("burst_qemu_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name == "burst_qemu_" {
+                continue;
+            }
+            names += 1;
+            assert!(
+                text.lines().any(|l| l.starts_with(&name)),
+                "{name} is on the dashboard but not served"
+            );
+        }
+        assert!(names >= 9, "{names}");
+    }
 }

@@ -204,10 +204,10 @@ fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
         "while spending: balance {balance}, utilization {util}, grant {grant}, used {used} credits"
     );
     assert!(balance > 0.0 && balance < 0.1, "balance {balance}");
-    assert!(
-        util > 0.1,
-        "a busy VM with credits runs above its baseline: {util}"
-    );
+    // Usage over one 200 ms tick can be 0 on a loaded machine; the 10-second history below
+    // checks it is above the baseline. Here: present, and the grant is the full rate.
+    assert!((0.0..=1.0).contains(&util), "utilization {util}");
+    assert_eq!(grant, 1.0, "granted all vCPUs while credits last");
     assert!(used > 0.0, "used {used}");
     assert_eq!(m[format!("burst_qemu_baseline_ratio{vm_label}")], 0.1);
     assert!(
@@ -225,7 +225,8 @@ fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
 
     // Let it spend its credits and decline, then stop it: the history is saved on the way out.
     wait_until("credits spent", Duration::from_secs(90), || {
-        balance_now() == Some(0.0)
+        // Held at its baseline, a VM starved by a loaded host earns a little: "spent" is < 0.01.
+        balance_now().is_some_and(|b| b < 0.01)
     });
     std::thread::sleep(Duration::from_secs(12));
     let stopped = std::time::SystemTime::now();
@@ -239,11 +240,13 @@ fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
     let last = rows.last().unwrap();
     assert!(rows.iter().all(|r| r["period_s"] == 10));
     assert!(first["balance"].as_f64().unwrap() > 0.0);
-    assert_eq!(last["balance"].as_f64(), Some(0.0));
+    assert!(last["balance"].as_f64().unwrap() < 0.01, "{last}");
     assert!(first["usage_pct"].as_f64().unwrap() > 10.0, "{first}");
     assert_eq!(first["grant_pct"].as_f64(), Some(100.0), "{first}");
     assert!(
-        (last["grant_pct"].as_f64().unwrap() - 10.0).abs() < 1.0,
+        // Within a few thousandths of a credit of 0; a starved VM earns a little, and the
+        // decline law grants baseline + √(2·B·k) for what it earned.
+        last["grant_pct"].as_f64().unwrap() < 25.0,
         "held to the baseline at the end: {last}"
     );
     assert_eq!(last["baseline_pct"].as_f64(), Some(10.0));
@@ -267,6 +270,21 @@ fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
         svg_text.contains("<svg") && svg_text.contains("balance") && svg_text.contains("usage")
     );
     drop(agent);
+    // Without an agent, `metrics` renders the stopped VM from its ledger.
+    let offline = s.cli(&["metrics"]);
+    assert!(offline.status.success());
+    let offline = String::from_utf8_lossy(&offline.stdout);
+    assert!(
+        offline.contains("burst_qemu_vm_running{vm=\"obs\"} 0\n"),
+        "{offline}"
+    );
+    let offline_balance: f64 = offline
+        .lines()
+        .find_map(|l| l.strip_prefix("burst_qemu_cpu_credit_balance{vm=\"obs\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(offline_balance < 0.01, "{offline}");
     let (_agent, _) = Agent::start(&s);
     let mut again = Launched::start(&s, "obs", &[], &s.qemu_args(Busy));
     std::thread::sleep(Duration::from_secs(12));
@@ -367,7 +385,7 @@ fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
         .find(|l| l.contains("poor") && l.contains("running"))
         .unwrap();
     assert!(
-        poor_row.contains("standard") && poor_row.contains("0.000"),
+        poor_row.contains("standard") && poor_row.contains(" 0.00"),
         "{poor_row}"
     );
     assert!(shown.contains("poor: balance, last hour"));
@@ -419,12 +437,7 @@ fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
     wait_screen(&session.0, "top again", |s| {
         s.contains("burst-qemu top: 2 VMs")
     });
-    let pid = String::from_utf8_lossy(
-        &tmux(&["display-message", "-p", "-t", &session.0, "#{pane_pid}"]).stdout,
-    )
-    .trim()
-    .parse::<i32>()
-    .unwrap();
+    let pid = pane_pid(&session.0);
     kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
     wait_screen(&session.0, "top exited on SIGTERM", |s| {
         !s.contains("burst-qemu top:")
@@ -437,4 +450,22 @@ fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
         "#{pane_dead} #{pane_dead_status}",
     ]);
     assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "1 0");
+
+    // The terminal hangs up (the tmux session is killed): top ends rather than spin on it.
+    tmux(&["respawn-pane", "-t", &session.0, &cmd]);
+    wait_screen(&session.0, "top once more", |s| {
+        s.contains("burst-qemu top: 2 VMs")
+    });
+    let pid = pane_pid(&session.0);
+    tmux(&["kill-session", "-t", &session.0]);
+    wait_until("top gone after hang-up", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
+fn pane_pid(session: &str) -> i32 {
+    String::from_utf8_lossy(&tmux(&["display-message", "-p", "-t", session, "#{pane_pid}"]).stdout)
+        .trim()
+        .parse()
+        .unwrap()
 }

@@ -291,6 +291,36 @@ fn draw(f: &mut ratatui::Frame, app: &mut App) {
     f.render_widget(chart_widget, chart);
 }
 
+/// Ends the process when the terminal hangs up, or when a signal's quit is not taken up
+/// within a second: crossterm's reader spins on a closed terminal inside `poll` and would
+/// never return to the loop.
+fn watch_terminal() {
+    std::thread::spawn(|| {
+        let mut quit_seen: Option<Instant> = None;
+        loop {
+            let mut fd = libc::pollfd {
+                fd: 0,
+                events: 0,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, count 1; poll only writes its revents.
+            let n = unsafe { libc::poll(&mut fd, 1, 200) };
+            let hung_up =
+                n > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+            if QUIT.load(Ordering::Relaxed) {
+                quit_seen.get_or_insert_with(Instant::now);
+            }
+            if hung_up || quit_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+                restore_terminal();
+                std::process::exit(0);
+            }
+            if n != 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+}
+
 /// Runs `top` until `q`, Esc, Ctrl-C or a signal.
 pub fn run(state_dir: &Path, data_dir: &Path) -> Result<(), Failure> {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
@@ -311,6 +341,7 @@ pub fn run(state_dir: &Path, data_dir: &Path) -> Result<(), Failure> {
     execute!(io::stdout(), EnterAlternateScreen, cursor::Hide)
         .context("entering the alternate screen")
         .map_err(Failure::host)?;
+    watch_terminal();
     let mut terminal = Terminal::new(ratatui::backend::CrosstermBackend::new(io::stdout()))
         .context("opening the terminal")
         .map_err(Failure::host)?;
