@@ -28,8 +28,8 @@ use ghost_sys as abi;
 use thiserror::Error;
 
 pub mod agent;
-#[cfg(test)]
-mod model;
+#[cfg(any(test, feature = "ghost-model"))]
+pub mod model;
 mod ops;
 
 pub use ops::{AgentOnline, RunOutcome, SwOwner};
