@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     e.set_cpus(&cpus)?;
     let mut agent = GhostAgent::new(&e, &cpus[1..], NCPUS, Config::default())?;
     for &c in &cpus {
-        e.become_agent(c, agent.queue())?;
+        e.become_agent(c, agent.queue().fd())?;
     }
     let mut m = Machine::new(&model, e.id());
     let base = Rate(100_000); // 2 vCPUs × 5 %

@@ -158,6 +158,13 @@ struct AgentArgs {
     /// Exit after this many seconds without VMs.
     #[arg(long, value_name = "SECONDS")]
     idle_exit: Option<f64>,
+    /// How grants are enforced: cgroup CPU bandwidth, or the centralized ghOSt agent
+    /// scheduling the vCPU threads itself (needs a ghOSt kernel, ABI 91).
+    #[arg(long, value_name = "cgroup|ghost", default_value = "cgroup", value_parser = ["cgroup", "ghost"])]
+    enforcer: String,
+    /// CPUs of the ghOSt enclave, comma-separated; the first runs the global agent [default: all].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    ghost_cpus: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Args)]
@@ -620,6 +627,9 @@ fn run_agent(a: AgentArgs) -> Result<(), Failure> {
         }
         Err(e) => return Err(Failure::host(e)),
     };
+    if a.enforcer == "ghost" {
+        return run_ghost_agent(a, state_dir);
+    }
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
         (Some(m), Some("v2")) => (Version::V2, m.clone()),
         (Some(m), Some(_)) => (Version::V1, m.clone()),
@@ -635,6 +645,26 @@ fn run_agent(a: AgentArgs) -> Result<(), Failure> {
     };
     let enforcer = CgroupEnforcer::new(version, &mount, &cgroup::instance_name(&state_dir))
         .context("setting up cgroup CPU bandwidth (run burst-qemu check)")
+        .map_err(Failure::host)?;
+    let settings = Settings {
+        state_dir,
+        data_dir: a.data.get(),
+        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+    };
+    Agent::new(settings, Box::new(enforcer))
+        .run()
+        .map_err(Failure::host)
+}
+
+fn run_ghost_agent(a: AgentArgs, state_dir: PathBuf) -> Result<(), Failure> {
+    let root = PathBuf::from(
+        std::env::var_os("BURST_QEMU_GHOST_ROOT")
+            .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
+    );
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let cpus = a.ghost_cpus.clone().unwrap_or_else(|| (0..all).collect());
+    let enforcer = burst_qemu::enforce::ghost::GhostEnforcer::start(&root, &cpus)
+        .context("starting the ghOSt agent (run burst-qemu check)")
         .map_err(Failure::host)?;
     let settings = Settings {
         state_dir,
@@ -848,7 +878,7 @@ fn check() -> Result<(), Failure> {
             let wanted = ghost_sys::GHOST_VERSION;
             let list = versions.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
             if versions.contains(&wanted) {
-                line(true, "ghOSt", format!("ghostfs at {}, ABI versions {list} (this build speaks {wanted})", ghost_root.display()));
+                line(true, "ghOSt", format!("ghOSt kernel present: ghostfs at {}, ABI versions {list} (this build speaks {wanted}); agent --enforcer ghost can run", ghost_root.display()));
             } else {
                 line(false, "ghOSt", format!("ghostfs at {} offers ABI versions {list}, not {wanted}. Fix: a ghOSt kernel with ABI {wanted} (ghost-kernel branch ghost-v5.11)", ghost_root.display()));
             }

@@ -18,7 +18,7 @@ fn agent_enclave(s: &Setup, n: u32) -> Enclave<'_> {
 
 fn become_agents(e: &Enclave<'_>, q: &Queue, n: u32) {
     for c in 0..=n {
-        e.become_agent(c, q).unwrap();
+        e.become_agent(c, q.fd()).unwrap();
     }
 }
 
