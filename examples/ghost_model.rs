@@ -41,11 +41,15 @@ fn main() -> anyhow::Result<()> {
     let base = Rate(100_000); // 2 vCPUs × 5 %
     let mut vms = Vec::new();
     for vm in 0..100u32 {
-        let grant = if vm % 2 == 0 { Rate(2_000_000) } else { base };
+        let grant = if vm.is_multiple_of(2) {
+            Rate(2_000_000)
+        } else {
+            base
+        };
         let tids: Vec<u32> = (0..2).map(|v| 10_000 + 10 * vm + v).collect();
         agent.add_vm(vm, &tids, grant, base)?;
         for (v, &t) in tids.iter().enumerate() {
-            let work = if (vm + v as u32) % 5 == 0 {
+            let work = if (vm + v as u32).is_multiple_of(5) {
                 Work::BUSY
             } else {
                 Work {

@@ -60,8 +60,25 @@ impl<'a> GhostAgent<'a> {
         possible_cpus: usize,
         config: Config,
     ) -> Result<Self, GhostError> {
+        Self::with_queue(
+            enclave,
+            cpus,
+            possible_cpus,
+            config,
+            abi::GHOST_MAX_QUEUE_ELEMS,
+        )
+    }
+
+    /// [`GhostAgent::new`] with a queue of `elems` slots (a power of two).
+    pub fn with_queue(
+        enclave: &'a Enclave<'a>,
+        cpus: &[u32],
+        possible_cpus: usize,
+        config: Config,
+        elems: u32,
+    ) -> Result<Self, GhostError> {
         let sw = enclave.sw_region(0, 0)?;
-        let queue = enclave.create_queue(abi::GHOST_MAX_QUEUE_ELEMS, 0)?;
+        let queue = enclave.create_queue(elems, 0)?;
         enclave.set_default_queue(&queue)?;
         let cpu_data = enclave.cpu_data(possible_cpus)?;
         Ok(GhostAgent {
@@ -152,7 +169,7 @@ impl<'a> GhostAgent<'a> {
             let Some(&vm) = self.vm_of_tid.get(&tid_of(word.gtid)) else {
                 continue;
             };
-            if !ours {
+            if !ours || self.tasks.contains_key(&word.gtid) {
                 continue;
             }
             let mut word = word;
@@ -210,10 +227,14 @@ impl<'a> GhostAgent<'a> {
     /// One round at `now`: drain, decide, commit. Returns what it did.
     pub fn step(&mut self, now: u64) -> Result<StepReport, GhostError> {
         let mut report = StepReport::default();
-        while let Some(msg) = self.queue.pop()? {
-            report.messages += 1;
-            self.handle(msg.seqnum, msg.message, now)?;
+        if self.queue.take_overflow() > 0 {
+            // Messages were dropped: the status words still hold the truth.
+            tracing::warn!("ghOSt queue overflowed; resynchronizing from the status words");
+            self.drain(now, &mut report)?;
+            self.resync(now);
+            self.discover(now)?;
         }
+        self.drain(now, &mut report)?;
         let actions = self.sched.decide(now);
         let mut cpus = Vec::new();
         let mut runs = Vec::new();
@@ -265,6 +286,37 @@ impl<'a> GhostAgent<'a> {
             }
         }
         Ok(report)
+    }
+
+    fn drain(&mut self, now: u64, report: &mut StepReport) -> Result<(), GhostError> {
+        while let Some(msg) = self.queue.pop()? {
+            report.messages += 1;
+            self.handle(msg.seqnum, msg.message, now)?;
+        }
+        Ok(())
+    }
+
+    /// After lost messages: every known task's seqnum and runnability from its status word.
+    fn resync(&mut self, now: u64) {
+        let known: Vec<(u64, u32)> = self.tasks.iter().map(|(&g, t)| (g, t.sw.index)).collect();
+        for (gtid, index) in known {
+            let Some(word) = self.sw.get(index) else {
+                continue;
+            };
+            if word.gtid != gtid || word.flags & abi::GHOST_SW_F_INUSE == 0 {
+                self.sched.remove_thread(gtid, now);
+                self.tasks.remove(&gtid);
+                continue;
+            }
+            if let Some(t) = self.tasks.get_mut(&gtid) {
+                t.seq = word.barrier;
+            }
+            if word.flags & abi::GHOST_SW_TASK_RUNNABLE != 0 {
+                self.sched.wake(gtid, now);
+            } else {
+                self.sched.stop(gtid, now, false);
+            }
+        }
     }
 
     fn handle(&mut self, seq: u32, msg: Message, now: u64) -> Result<(), GhostError> {

@@ -226,3 +226,22 @@ fn a_task_dying_while_latched_is_forgotten_and_the_others_run_on() {
     let r = rate(&m, &others, 3 * SEC);
     assert!(r > 1.2, "the two others keep both CPUs: {r}");
 }
+
+#[test]
+fn a_full_queue_loses_messages_and_the_agent_recovers_from_the_status_words() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    // 16 slots hold two TASK_NEWs (7 slots each): the other six are dropped.
+    let mut agent =
+        GhostAgent::with_queue(&e, &managed(2), model::NCPUS, Config::default(), 16).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(&mut agent, &mut m, &[(8, Rate(8_000_000), Rate(800_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 2 * SEC, &mut d).unwrap();
+    assert_eq!(agent.tasks(), 8, "every task found despite the overflow");
+    assert!(vms[0]
+        .iter()
+        .all(|g| m.used.get(g).copied().unwrap_or(0) > 0));
+    assert!(rate(&m, &vms[0], 2 * SEC) > 1.95, "both CPUs busy");
+}
