@@ -245,3 +245,22 @@ fn a_full_queue_loses_messages_and_the_agent_recovers_from_the_status_words() {
         .all(|g| m.used.get(g).copied().unwrap_or(0) > 0));
     assert!(rate(&m, &vms[0], 2 * SEC) > 1.95, "both CPUs busy");
 }
+
+#[test]
+fn with_ticks_delivered_the_agent_reads_them_and_still_holds_the_cap() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    m.deliver_ticks(1_000_000);
+    let vms = add_vms(&mut agent, &mut m, &[(2, Rate(300_000), Rate(100_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 5 * SEC, &mut d).unwrap();
+    // 3 CPUs with agents × 1 000 ticks a second × 5 s.
+    assert_eq!(m.ticks, 15_000);
+    let r = rate(&m, &vms[0], 5 * SEC);
+    assert!((r - 0.3).abs() <= 0.005, "{r}");
+    // Every tick bumped its agent's barrier: CPU 1's agent barrier counts them.
+    assert!(s.model.agent_barrier(e.id(), 1).unwrap() >= 5_000);
+}
