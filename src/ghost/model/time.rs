@@ -234,6 +234,35 @@ impl Machine {
         })
     }
 
+    /// The task running `gtid` yields its CPU (`sched_yield`): `TASK_YIELD`, still runnable.
+    pub fn yield_task(&mut self, gtid: u64) -> bool {
+        let id = self.id;
+        self.model.with(id, |e| {
+            let Some(t) = e.tasks.get_mut(&gtid) else {
+                return false;
+            };
+            let Some(cpu) = t.on_cpu.take() else {
+                return false;
+            };
+            let t = t.clone();
+            let seq = e.bump(
+                &t,
+                abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE,
+                t.runtime,
+            );
+            let p = abi::ghost_msg_payload_task_yield {
+                gtid,
+                runtime: t.runtime,
+                cpu: cpu as i32,
+                ..Default::default()
+            };
+            t.queue
+                .as_ref()
+                .and_then(|p| e.queue(p))
+                .is_some_and(|q| q.produce(abi::MSG_TASK_YIELD, seq, as_bytes(&p)))
+        })
+    }
+
     /// The task dies (exits): `TASK_DEAD`, off its CPU, its status word freeable.
     pub fn kill(&mut self, gtid: u64) {
         self.load.remove(&gtid);

@@ -264,3 +264,26 @@ fn with_ticks_delivered_the_agent_reads_them_and_still_holds_the_cap() {
     // Every tick bumped its agent's barrier: CPU 1's agent barrier counts them.
     assert!(s.model.agent_barrier(e.id(), 1).unwrap() >= 5_000);
 }
+
+#[test]
+fn a_yielding_task_leaves_its_cpu_and_is_run_again() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(&mut agent, &mut m, &[(1, Rate(1_000_000), Rate(100_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, SEC / 10, &mut d).unwrap();
+    let g = vms[0][0];
+    assert!((1..=2).any(|c| m.running_on(c) == Some(g)));
+    assert!(m.yield_task(g));
+    assert!((1..=2).all(|c| m.running_on(c) != Some(g)), "off its CPU");
+    drive(&mut m, &mut agent, SEC / 10 + 1, &mut d).unwrap();
+    assert!(
+        (1..=2).any(|c| m.running_on(c) == Some(g)),
+        "run again at once"
+    );
+    drive(&mut m, &mut agent, SEC, &mut d).unwrap();
+    assert!(rate(&m, &vms[0], SEC) > 0.99);
+}
