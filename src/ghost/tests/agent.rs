@@ -287,3 +287,57 @@ fn a_yielding_task_leaves_its_cpu_and_is_run_again() {
     drive(&mut m, &mut agent, SEC, &mut d).unwrap();
     assert!(rate(&m, &vms[0], SEC) > 0.99);
 }
+
+#[test]
+fn a_vm_that_leaves_goes_back_to_cfs_and_its_cpu_goes_to_the_others() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(
+        &mut agent,
+        &mut m,
+        &[
+            (2, Rate(2_000_000), Rate(200_000)),
+            (2, Rate(2_000_000), Rate(200_000)),
+        ],
+    );
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, SEC, &mut d).unwrap();
+    // Leaving: the kernel answers sched_setscheduler(SCHED_OTHER) with TASK_DEPARTED.
+    let model = s.model.clone();
+    let id = e.id();
+    let mut moved = Vec::new();
+    agent
+        .remove_vm(0, |tid| {
+            moved.push(tid);
+            let p = abi::ghost_msg_payload_task_departed {
+                gtid: Model::gtid(tid),
+                ..Default::default()
+            };
+            model.task_event(
+                id,
+                Model::gtid(tid),
+                abi::MSG_TASK_DEPARTED,
+                as_bytes(&p),
+                false,
+            );
+            Ok(())
+        })
+        .unwrap();
+    moved.sort_unstable();
+    assert_eq!(moved, vec![1000, 1001]);
+    let before: Vec<u64> = vms[1].iter().map(|g| m.used[g]).collect();
+    drive(&mut m, &mut agent, 3 * SEC, &mut d).unwrap();
+    assert_eq!(agent.tasks(), 2, "the departed tasks are forgotten");
+    assert!(
+        vms[0].iter().all(|&g| s.model.task(id, g).is_none()),
+        "status words freed"
+    );
+    let got: u64 = vms[1].iter().zip(&before).map(|(g, b)| m.used[g] - b).sum();
+    assert!(
+        got as f64 / (2 * SEC) as f64 > 1.95,
+        "the other VM has both CPUs"
+    );
+}
