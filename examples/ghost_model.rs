@@ -106,5 +106,10 @@ fn main() -> anyhow::Result<()> {
     drop(agent);
     drop(e);
     std::fs::remove_dir_all(&dir)?;
+    anyhow::ensure!(over_grant == 0, "{over_grant} VMs ran above their grant");
+    anyhow::ensure!(
+        total > 15.5,
+        "the CPUs were left idle: {total:.2} of 16 used"
+    );
     Ok(())
 }

@@ -266,9 +266,47 @@ impl<'a> GhostAgent<'a> {
         if cpus.is_empty() {
             return Ok(report);
         }
-        self.enclave.commit(&cpus)?;
         report.committed = cpus.len() as u32;
-        for cpu in cpus {
+        let failed = self.commit_and_wait(&cpus)?;
+        let mut vacate = Vec::new();
+        for (cpu, outcome) in failed {
+            report.failed += 1;
+            if !outcome.is_expected_failure() {
+                tracing::warn!(cpu, ?outcome, "unexpected transaction failure");
+            }
+            if let Some(&(_, tid)) = runs.iter().find(|r| r.0 == cpu) {
+                self.sched.failed(tid, now);
+                vacate.push(cpu);
+            }
+        }
+        // A failed run leaves the CPU's previous task running in the kernel, while the policy
+        // took it off (and charged it up to now): preempt it, so kernel and policy agree and
+        // nothing runs uncharged.
+        if !vacate.is_empty() {
+            for &cpu in &vacate {
+                self.cpu_data.open(
+                    cpu,
+                    TxnRequest {
+                        gtid: abi::GHOST_NULL_GTID,
+                        task_barrier: 0,
+                        agent_barrier: 0,
+                        run_flags: 0,
+                        commit_flags: abi::COMMIT_AT_TXN_COMMIT,
+                    },
+                )?;
+            }
+            for (cpu, outcome) in self.commit_and_wait(&vacate)? {
+                tracing::warn!(cpu, ?outcome, "could not vacate a CPU after a failed run");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Commits the open transactions of `cpus` as a group and waits for each; the failures.
+    fn commit_and_wait(&self, cpus: &[u32]) -> Result<Vec<(u32, super::TxnOutcome)>, GhostError> {
+        self.enclave.commit(cpus)?;
+        let mut failed = Vec::new();
+        for &cpu in cpus {
             let outcome = loop {
                 if let Some(o) = self.cpu_data.outcome(cpu)? {
                     break o;
@@ -276,16 +314,10 @@ impl<'a> GhostAgent<'a> {
                 std::hint::spin_loop();
             };
             if outcome != super::TxnOutcome::Complete {
-                report.failed += 1;
-                if !outcome.is_expected_failure() {
-                    tracing::warn!(cpu, ?outcome, "unexpected transaction failure");
-                }
-                if let Some(&(_, tid)) = runs.iter().find(|r| r.0 == cpu) {
-                    self.sched.failed(tid, now);
-                }
+                failed.push((cpu, outcome));
             }
         }
-        Ok(report)
+        Ok(failed)
     }
 
     fn drain(&mut self, now: u64, report: &mut StepReport) -> Result<(), GhostError> {
