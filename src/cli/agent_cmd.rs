@@ -53,6 +53,9 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         }
         Err(e) => return Err(Failure::host(e)),
     };
+    if a.enforcer == "ghost" {
+        return run_ghost_agent(g, a, state_dir);
+    }
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
         (Some(m), Some("v2")) => (Version::V2, m.clone()),
         (Some(m), Some(_)) => (Version::V1, m.clone()),
@@ -104,6 +107,31 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         } else {
             Some(capacity(a.capacity.as_deref())?)
         },
+    };
+    Agent::new(settings, Box::new(enforcer))
+        .run()
+        .map_err(Failure::host)
+}
+
+/// The agent with the centralized ghOSt agent as its enforcer. The scheduling policy
+/// (`src/sched/`) guarantees baselines and shares the spare itself, so the cgroup contention
+/// stage is off.
+fn run_ghost_agent(g: &Global, a: AgentArgs, state_dir: std::path::PathBuf) -> Result<(), Failure> {
+    let root = std::path::PathBuf::from(
+        std::env::var_os("BURST_QEMU_GHOST_ROOT")
+            .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
+    );
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let cpus = a.ghost_cpus.clone().unwrap_or_else(|| (0..all).collect());
+    let enforcer = burst_qemu::enforce::ghost::GhostEnforcer::start(&root, &cpus)
+        .context("starting the ghOSt agent (run burst-qemu check)")
+        .map_err(Failure::host)?;
+    let settings = Settings {
+        state_dir,
+        data_dir: g.data_dir(),
+        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        contention: None,
+        metrics_listen: a.metrics_listen,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()

@@ -95,7 +95,7 @@ pub(super) fn check(g: &Global) -> Result<(), Failure> {
             let wanted = ghost_sys::GHOST_VERSION;
             let list = versions.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
             if versions.contains(&wanted) {
-                line(true, "ghOSt", format!("ghostfs at {}, ABI versions {list} (this build speaks {wanted})", ghost_root.display()));
+                line(true, "ghOSt", format!("ghOSt kernel present: ghostfs at {}, ABI versions {list} (this build speaks {wanted}); agent --enforcer ghost can run", ghost_root.display()));
             } else {
                 line(false, "ghOSt", format!("ghostfs at {} offers ABI versions {list}, not {wanted}. Fix: a ghOSt kernel with ABI {wanted} (ghost-kernel branch ghost-v5.11)", ghost_root.display()));
             }

@@ -168,6 +168,13 @@ struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
     #[arg(long, value_name = "ADDR", env = "BURST_QEMU_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// How grants are enforced: cgroup CPU bandwidth, or the centralized ghOSt agent
+    /// scheduling the vCPU threads itself (needs a ghOSt kernel, ABI 91).
+    #[arg(long, value_name = "cgroup|ghost", default_value = "cgroup", value_parser = ["cgroup", "ghost"])]
+    enforcer: String,
+    /// CPUs of the ghOSt enclave, comma-separated; the first runs the global agent [default: all].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    ghost_cpus: Option<Vec<u32>>,
     /// The cgroup version at --cgroup-mount.
     #[arg(long, value_name = "v1|v2", env = "BURST_QEMU_CGROUP_VERSION", value_parser = ["v1", "v2"])]
     cgroup_version: Option<String>,

@@ -1,13 +1,14 @@
 //! Enforcement: holding a VM's vCPU threads to a CPU rate. Mechanism only: how much a VM may
 //! run is decided by the ledger; an [`Enforcer`] only makes the kernel keep to it.
 //!
-//! Implementations: [`cgroup::CgroupEnforcer`] (cgroup v1 and v2 CPU bandwidth). A ghOSt agent
-//! implements the same trait by scheduling the threads itself.
+//! Implementations: [`cgroup::CgroupEnforcer`] (cgroup v1 and v2 CPU bandwidth) and
+//! [`ghost::GhostEnforcer`] (the centralized ghOSt agent, scheduling the threads itself).
 //!
 //! CPU time used is measured by the agent from the kernel's own per-thread counters
 //! ([`thread_cpu_ns`]), the same for every enforcer: exact nanoseconds, not samples.
 
 pub mod cgroup;
+pub mod ghost;
 
 use std::io;
 use std::path::PathBuf;

@@ -60,8 +60,25 @@ impl<'a> GhostAgent<'a> {
         possible_cpus: usize,
         config: Config,
     ) -> Result<Self, GhostError> {
+        Self::with_queue(
+            enclave,
+            cpus,
+            possible_cpus,
+            config,
+            abi::GHOST_MAX_QUEUE_ELEMS,
+        )
+    }
+
+    /// [`GhostAgent::new`] with a queue of `elems` slots (a power of two).
+    pub fn with_queue(
+        enclave: &'a Enclave<'a>,
+        cpus: &[u32],
+        possible_cpus: usize,
+        config: Config,
+        elems: u32,
+    ) -> Result<Self, GhostError> {
         let sw = enclave.sw_region(0, 0)?;
-        let queue = enclave.create_queue(abi::GHOST_MAX_QUEUE_ELEMS, 0)?;
+        let queue = enclave.create_queue(elems, 0)?;
         enclave.set_default_queue(&queue)?;
         let cpu_data = enclave.cpu_data(possible_cpus)?;
         Ok(GhostAgent {
@@ -152,7 +169,7 @@ impl<'a> GhostAgent<'a> {
             let Some(&vm) = self.vm_of_tid.get(&tid_of(word.gtid)) else {
                 continue;
             };
-            if !ours {
+            if !ours || self.tasks.contains_key(&word.gtid) {
                 continue;
             }
             let mut word = word;
@@ -210,10 +227,14 @@ impl<'a> GhostAgent<'a> {
     /// One round at `now`: drain, decide, commit. Returns what it did.
     pub fn step(&mut self, now: u64) -> Result<StepReport, GhostError> {
         let mut report = StepReport::default();
-        while let Some(msg) = self.queue.pop()? {
-            report.messages += 1;
-            self.handle(msg.seqnum, msg.message, now)?;
+        if self.queue.take_overflow() > 0 {
+            // Messages were dropped: the status words still hold the truth.
+            tracing::warn!("ghOSt queue overflowed; resynchronizing from the status words");
+            self.drain(now, &mut report)?;
+            self.resync(now);
+            self.discover(now)?;
         }
+        self.drain(now, &mut report)?;
         let actions = self.sched.decide(now);
         let mut cpus = Vec::new();
         let mut runs = Vec::new();
@@ -245,9 +266,47 @@ impl<'a> GhostAgent<'a> {
         if cpus.is_empty() {
             return Ok(report);
         }
-        self.enclave.commit(&cpus)?;
         report.committed = cpus.len() as u32;
-        for cpu in cpus {
+        let failed = self.commit_and_wait(&cpus)?;
+        let mut vacate = Vec::new();
+        for (cpu, outcome) in failed {
+            report.failed += 1;
+            if !outcome.is_expected_failure() {
+                tracing::warn!(cpu, ?outcome, "unexpected transaction failure");
+            }
+            if let Some(&(_, tid)) = runs.iter().find(|r| r.0 == cpu) {
+                self.sched.failed(tid, now);
+                vacate.push(cpu);
+            }
+        }
+        // A failed run leaves the CPU's previous task running in the kernel, while the policy
+        // took it off (and charged it up to now): preempt it, so kernel and policy agree and
+        // nothing runs uncharged.
+        if !vacate.is_empty() {
+            for &cpu in &vacate {
+                self.cpu_data.open(
+                    cpu,
+                    TxnRequest {
+                        gtid: abi::GHOST_NULL_GTID,
+                        task_barrier: 0,
+                        agent_barrier: 0,
+                        run_flags: 0,
+                        commit_flags: abi::COMMIT_AT_TXN_COMMIT,
+                    },
+                )?;
+            }
+            for (cpu, outcome) in self.commit_and_wait(&vacate)? {
+                tracing::warn!(cpu, ?outcome, "could not vacate a CPU after a failed run");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Commits the open transactions of `cpus` as a group and waits for each; the failures.
+    fn commit_and_wait(&self, cpus: &[u32]) -> Result<Vec<(u32, super::TxnOutcome)>, GhostError> {
+        self.enclave.commit(cpus)?;
+        let mut failed = Vec::new();
+        for &cpu in cpus {
             let outcome = loop {
                 if let Some(o) = self.cpu_data.outcome(cpu)? {
                     break o;
@@ -255,16 +314,41 @@ impl<'a> GhostAgent<'a> {
                 std::hint::spin_loop();
             };
             if outcome != super::TxnOutcome::Complete {
-                report.failed += 1;
-                if !outcome.is_expected_failure() {
-                    tracing::warn!(cpu, ?outcome, "unexpected transaction failure");
-                }
-                if let Some(&(_, tid)) = runs.iter().find(|r| r.0 == cpu) {
-                    self.sched.failed(tid, now);
-                }
+                failed.push((cpu, outcome));
             }
         }
-        Ok(report)
+        Ok(failed)
+    }
+
+    fn drain(&mut self, now: u64, report: &mut StepReport) -> Result<(), GhostError> {
+        while let Some(msg) = self.queue.pop()? {
+            report.messages += 1;
+            self.handle(msg.seqnum, msg.message, now)?;
+        }
+        Ok(())
+    }
+
+    /// After lost messages: every known task's seqnum and runnability from its status word.
+    fn resync(&mut self, now: u64) {
+        let known: Vec<(u64, u32)> = self.tasks.iter().map(|(&g, t)| (g, t.sw.index)).collect();
+        for (gtid, index) in known {
+            let Some(word) = self.sw.get(index) else {
+                continue;
+            };
+            if word.gtid != gtid || word.flags & abi::GHOST_SW_F_INUSE == 0 {
+                self.sched.remove_thread(gtid, now);
+                self.tasks.remove(&gtid);
+                continue;
+            }
+            if let Some(t) = self.tasks.get_mut(&gtid) {
+                t.seq = word.barrier;
+            }
+            if word.flags & abi::GHOST_SW_TASK_RUNNABLE != 0 {
+                self.sched.wake(gtid, now);
+            } else {
+                self.sched.stop(gtid, now, false);
+            }
+        }
     }
 
     fn handle(&mut self, seq: u32, msg: Message, now: u64) -> Result<(), GhostError> {

@@ -4,7 +4,7 @@
 //! already in the enclave, and transactions with an explicit version.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use ghost_sys as abi;
@@ -53,11 +53,12 @@ fn cpu_set(cpus: &[u32]) -> Result<libc::cpu_set_t, GhostError> {
 }
 
 impl Enclave<'_> {
-    /// The calling thread becomes the agent of `cpu`, taking its messages from `queue`
+    /// The calling thread becomes the agent of `cpu`, taking its messages from the queue
+    /// `queue_fd` ([`Queue::fd`])
     /// (`become agent <cpu> <qfd>`). `EBUSY` (the previous agent still leaving) is retried
     /// 10 times, 50 ms apart, as userspace does.
-    pub fn become_agent(&self, cpu: u32, queue: &Queue) -> Result<(), GhostError> {
-        let cmd = format!("become agent {cpu} {}", queue.file.as_raw_fd());
+    pub fn become_agent(&self, cpu: u32, queue_fd: RawFd) -> Result<(), GhostError> {
+        let cmd = format!("become agent {cpu} {queue_fd}");
         for attempt in 0.. {
             match self.write("ctl", &cmd) {
                 Err(GhostError::Io { source, .. })
@@ -258,5 +259,12 @@ impl Enclave<'_> {
         let map = super::Mapping::new(&file, abi::GHOST_SW_REGION_SIZE, false)
             .map_err(super::io_at("mapping", &path))?;
         super::StatusWords::new(map)
+    }
+}
+
+impl Queue {
+    /// The queue's fd, for `become agent` (it stays open as long as the queue).
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }

@@ -67,6 +67,10 @@ pub struct Machine {
     load: HashMap<u64, Load>,
     /// CPU time each task received, ns.
     pub used: HashMap<u64, u64>,
+    /// `deliver_ticks`: a `CPU_TICK` per enclave CPU every this many ns.
+    tick: Option<u64>,
+    /// Ticks delivered (and dropped on a full queue).
+    pub ticks: u64,
 }
 
 impl Machine {
@@ -79,7 +83,44 @@ impl Machine {
             now: 0,
             load: HashMap::new(),
             used: HashMap::new(),
+            tick: None,
+            ticks: 0,
         }
+    }
+
+    /// Turns on `deliver_ticks`: every `period` ns each enclave CPU with an agent sends
+    /// `MSG_CPU_TICK` to the default queue, bumping its agent's barrier.
+    pub fn deliver_ticks(&mut self, period: u64) {
+        self.tick = Some(period);
+    }
+
+    fn next_tick(&self) -> Option<u64> {
+        self.tick.map(|p| (self.now / p + 1) * p)
+    }
+
+    fn produce_ticks(&mut self) {
+        let produced = self.model.with(self.id, |e| {
+            let Some(path) = e.default_queue.clone() else {
+                return 0;
+            };
+            let mut cpus: Vec<(u32, u32)> = e.agent_sw.iter().map(|(&c, &i)| (c, i)).collect();
+            cpus.sort_unstable();
+            let mut n = 0;
+            for (cpu, index) in cpus {
+                let (barrier, _, _) = e.sw(index);
+                let seq = barrier.fetch_add(1, std::sync::atomic::Ordering::Release) + 1;
+                let msg = abi::ghost_msg_payload_cpu_tick {
+                    cpu: cpu as i32,
+                    is_agent: 0,
+                };
+                if let Some(q) = e.queue(&path) {
+                    q.produce(abi::MSG_CPU_TICK, seq, as_bytes(&msg));
+                    n += 1;
+                }
+            }
+            n
+        });
+        self.ticks += produced;
     }
 
     /// The simulated time, ns.
@@ -101,7 +142,7 @@ impl Machine {
 
     /// The next time something happens on its own: a burst ends or a sleeper wakes.
     pub fn next_event(&self) -> Option<u64> {
-        self.model.with(self.id, |e| {
+        let tasks = self.model.with(self.id, |e| {
             self.load
                 .iter()
                 .filter_map(|(g, l)| {
@@ -113,7 +154,8 @@ impl Machine {
                     }
                 })
                 .min()
-        })
+        });
+        [tasks, self.next_tick()].into_iter().flatten().min()
     }
 
     /// Runs the CPUs to `t` (no event strictly before it, see [`Machine::next_event`]), then
@@ -121,7 +163,11 @@ impl Machine {
     /// (`TASK_WAKEUP`).
     pub fn advance_to(&mut self, t: u64) {
         let dt = t.saturating_sub(self.now);
+        let tick_due = self.next_tick().is_some_and(|k| k <= t);
         self.now = t;
+        if tick_due {
+            self.produce_ticks();
+        }
         let now = self.now;
         let load = &mut self.load;
         let used = &mut self.used;
@@ -185,6 +231,35 @@ impl Machine {
                 .iter()
                 .find(|(_, t)| t.on_cpu == Some(cpu))
                 .map(|(&g, _)| g)
+        })
+    }
+
+    /// The task running `gtid` yields its CPU (`sched_yield`): `TASK_YIELD`, still runnable.
+    pub fn yield_task(&mut self, gtid: u64) -> bool {
+        let id = self.id;
+        self.model.with(id, |e| {
+            let Some(t) = e.tasks.get_mut(&gtid) else {
+                return false;
+            };
+            let Some(cpu) = t.on_cpu.take() else {
+                return false;
+            };
+            let t = t.clone();
+            let seq = e.bump(
+                &t,
+                abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE,
+                t.runtime,
+            );
+            let p = abi::ghost_msg_payload_task_yield {
+                gtid,
+                runtime: t.runtime,
+                cpu: cpu as i32,
+                ..Default::default()
+            };
+            t.queue
+                .as_ref()
+                .and_then(|p| e.queue(p))
+                .is_some_and(|q| q.produce(abi::MSG_TASK_YIELD, seq, as_bytes(&p)))
         })
     }
 

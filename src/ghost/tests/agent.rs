@@ -18,7 +18,7 @@ fn agent_enclave(s: &Setup, n: u32) -> Enclave<'_> {
 
 fn become_agents(e: &Enclave<'_>, q: &Queue, n: u32) {
     for c in 0..=n {
-        e.become_agent(c, q).unwrap();
+        e.become_agent(c, q.fd()).unwrap();
     }
 }
 
@@ -225,4 +225,119 @@ fn a_task_dying_while_latched_is_forgotten_and_the_others_run_on() {
     let others: Vec<u64> = vms[0].iter().copied().filter(|&g| g != victim).collect();
     let r = rate(&m, &others, 3 * SEC);
     assert!(r > 1.2, "the two others keep both CPUs: {r}");
+}
+
+#[test]
+fn a_full_queue_loses_messages_and_the_agent_recovers_from_the_status_words() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    // 16 slots hold two TASK_NEWs (7 slots each): the other six are dropped.
+    let mut agent =
+        GhostAgent::with_queue(&e, &managed(2), model::NCPUS, Config::default(), 16).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(&mut agent, &mut m, &[(8, Rate(8_000_000), Rate(800_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 2 * SEC, &mut d).unwrap();
+    assert_eq!(agent.tasks(), 8, "every task found despite the overflow");
+    assert!(vms[0]
+        .iter()
+        .all(|g| m.used.get(g).copied().unwrap_or(0) > 0));
+    assert!(rate(&m, &vms[0], 2 * SEC) > 1.95, "both CPUs busy");
+}
+
+#[test]
+fn with_ticks_delivered_the_agent_reads_them_and_still_holds_the_cap() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    m.deliver_ticks(1_000_000);
+    let vms = add_vms(&mut agent, &mut m, &[(2, Rate(300_000), Rate(100_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 5 * SEC, &mut d).unwrap();
+    // 3 CPUs with agents × 1 000 ticks a second × 5 s.
+    assert_eq!(m.ticks, 15_000);
+    let r = rate(&m, &vms[0], 5 * SEC);
+    assert!((r - 0.3).abs() <= 0.005, "{r}");
+    // Every tick bumped its agent's barrier: CPU 1's agent barrier counts them.
+    assert!(s.model.agent_barrier(e.id(), 1).unwrap() >= 5_000);
+}
+
+#[test]
+fn a_yielding_task_leaves_its_cpu_and_is_run_again() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(&mut agent, &mut m, &[(1, Rate(1_000_000), Rate(100_000))]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, SEC / 10, &mut d).unwrap();
+    let g = vms[0][0];
+    assert!((1..=2).any(|c| m.running_on(c) == Some(g)));
+    assert!(m.yield_task(g));
+    assert!((1..=2).all(|c| m.running_on(c) != Some(g)), "off its CPU");
+    drive(&mut m, &mut agent, SEC / 10 + 1, &mut d).unwrap();
+    assert!(
+        (1..=2).any(|c| m.running_on(c) == Some(g)),
+        "run again at once"
+    );
+    drive(&mut m, &mut agent, SEC, &mut d).unwrap();
+    assert!(rate(&m, &vms[0], SEC) > 0.99);
+}
+
+#[test]
+fn a_vm_that_leaves_goes_back_to_cfs_and_its_cpu_goes_to_the_others() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    let vms = add_vms(
+        &mut agent,
+        &mut m,
+        &[
+            (2, Rate(2_000_000), Rate(200_000)),
+            (2, Rate(2_000_000), Rate(200_000)),
+        ],
+    );
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, SEC, &mut d).unwrap();
+    // Leaving: the kernel answers sched_setscheduler(SCHED_OTHER) with TASK_DEPARTED.
+    let model = s.model.clone();
+    let id = e.id();
+    let mut moved = Vec::new();
+    agent
+        .remove_vm(0, |tid| {
+            moved.push(tid);
+            let p = abi::ghost_msg_payload_task_departed {
+                gtid: Model::gtid(tid),
+                ..Default::default()
+            };
+            model.task_event(
+                id,
+                Model::gtid(tid),
+                abi::MSG_TASK_DEPARTED,
+                as_bytes(&p),
+                false,
+            );
+            Ok(())
+        })
+        .unwrap();
+    moved.sort_unstable();
+    assert_eq!(moved, vec![1000, 1001]);
+    let before: Vec<u64> = vms[1].iter().map(|g| m.used[g]).collect();
+    drive(&mut m, &mut agent, 3 * SEC, &mut d).unwrap();
+    assert_eq!(agent.tasks(), 2, "the departed tasks are forgotten");
+    assert!(
+        vms[0].iter().all(|&g| s.model.task(id, g).is_none()),
+        "status words freed"
+    );
+    let got: u64 = vms[1].iter().zip(&before).map(|(g, b)| m.used[g] - b).sum();
+    assert!(
+        got as f64 / (2 * SEC) as f64 > 1.95,
+        "the other VM has both CPUs"
+    );
 }

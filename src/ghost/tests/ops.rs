@@ -6,14 +6,14 @@ use super::*;
 fn an_agent_thread_becomes_the_agent_of_its_cpu_with_its_own_status_word() {
     let s = setup(&[91]);
     let (e, q, sw) = enclave(&s, 64);
-    e.become_agent(2, &q).unwrap();
+    e.become_agent(2, q.fd()).unwrap();
     let info = e.status_word_info(SwOwner::Agent(2)).unwrap();
     let word = sw.get(info.index).unwrap();
     assert_eq!(word.gtid, abi::GHOST_AGENT_GTID as u64);
     assert!(word.flags & abi::GHOST_SW_TASK_IS_AGENT != 0);
     assert!(word.flags & abi::GHOST_SW_CPU_AVAIL != 0);
     // A CPU outside the enclave has no agent to become.
-    assert!(e.become_agent(6, &q).is_err());
+    assert!(e.become_agent(6, q.fd()).is_err());
     assert!(e.status_word_info(SwOwner::Agent(1)).is_err());
 }
 
@@ -21,7 +21,7 @@ fn an_agent_thread_becomes_the_agent_of_its_cpu_with_its_own_status_word() {
 fn agent_online_admits_one_agent_process_until_it_dies() {
     let s = setup(&[91]);
     let (e, q, _) = enclave(&s, 64);
-    e.become_agent(1, &q).unwrap();
+    e.become_agent(1, q.fd()).unwrap();
     assert!(!e.is_agent_online().unwrap());
     let online = e.agent_online().unwrap();
     assert!(e.is_agent_online().unwrap());
@@ -39,7 +39,7 @@ fn agent_online_admits_one_agent_process_until_it_dies() {
 fn idle_wait_with_a_stale_agent_barrier_returns_stale_and_a_ping_moves_the_barrier() {
     let s = setup(&[91]);
     let (e, q, _) = enclave(&s, 64);
-    e.become_agent(3, &q).unwrap();
+    e.become_agent(3, q.fd()).unwrap();
     let barrier = s.model.agent_barrier(e.id(), 3).unwrap();
     assert_eq!(e.idle_wait(3, barrier).unwrap(), RunOutcome::Returned);
     assert_eq!(e.ping(3).unwrap(), RunOutcome::Returned);
@@ -86,7 +86,7 @@ fn a_sync_group_commits_all_or_poisons_the_rest() {
     let (e, mut q, _) = enclave(&s, 64);
     let cpu = e.cpu_data(model::NCPUS).unwrap();
     for c in [1, 2] {
-        e.become_agent(c, &q).unwrap();
+        e.become_agent(c, q.fd()).unwrap();
     }
     let (a, sa) = new_task(&s, &e, &mut q, 21);
     let (b, sb) = new_task(&s, &e, &mut q, 22);
@@ -108,7 +108,7 @@ fn a_transaction_of_another_version_is_refused() {
     let s = setup(&[91]);
     let (e, mut q, _) = enclave(&s, 64);
     let cpu = e.cpu_data(model::NCPUS).unwrap();
-    e.become_agent(1, &q).unwrap();
+    e.become_agent(1, q.fd()).unwrap();
     let (a, sa) = new_task(&s, &e, &mut q, 31);
     cpu.open_versioned(1, run(a, sa), abi::GHOST_TXN_VERSION + 1)
         .unwrap();
@@ -123,7 +123,7 @@ fn a_transaction_of_another_version_is_refused() {
 fn a_ghost_timerfd_delivers_its_type_and_cookie_to_the_agent() {
     let s = setup(&[91]);
     let (e, mut q, _) = enclave(&s, 64);
-    e.become_agent(2, &q).unwrap();
+    e.become_agent(2, q.fd()).unwrap();
     // SAFETY: timerfd_create has no memory arguments; the fd is owned below.
     let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
     assert!(fd >= 0);

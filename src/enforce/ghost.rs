@@ -1,0 +1,315 @@
+//! The ghOSt enforcer: the centralized agent ([`crate::ghost::agent`]) on a real ghOSt
+//! kernel, behind the [`Enforcer`] trait. One thread pinned to the first managed CPU is the
+//! global agent: it spins, draining the queue and committing the policy's decisions for the
+//! other CPUs. One thread per other CPU becomes that CPU's agent and idle-waits in
+//! `GHOST_IOC_RUN` (the kernel runs the committed vCPU threads there). The `Enforcer` calls
+//! reach the global agent as commands over a channel; it applies them between rounds.
+//!
+//! Attaching a VM moves its vCPU threads (only those) into the enclave; detaching moves them
+//! back to CFS; dropping the enforcer destroys the enclave, which sends every task back to
+//! CFS and kills the agents.
+//!
+//! Never run on a real ghOSt kernel (none exists on the development or CI machines); the
+//! agent it drives is tested against the kernel model.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::{EnforceError, Enforcer};
+use crate::credit::Rate;
+use crate::ghost::agent::GhostAgent;
+use crate::ghost::{Enclave, GhostError, Ghostfs, RealKernel, RunOutcome, SwOwner};
+use crate::sched::{Config, VmId};
+use crate::state::VmRecord;
+
+enum Cmd {
+    Attach {
+        vm: VmId,
+        tids: Vec<u32>,
+        baseline: Rate,
+        full: Rate,
+    },
+    Apply {
+        vm: VmId,
+        rate: Rate,
+    },
+    Detach {
+        vm: VmId,
+    },
+}
+
+/// The ghOSt enforcer.
+pub struct GhostEnforcer {
+    root: PathBuf,
+    cpus: Vec<u32>,
+    tx: Sender<Cmd>,
+    stop: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<()>>,
+    ids: HashMap<String, VmId>,
+    next_id: VmId,
+}
+
+fn failed(what: &'static str, path: &Path, e: impl std::fmt::Display) -> EnforceError {
+    EnforceError {
+        what,
+        path: path.to_owned(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+fn pin_to(cpu: u32) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes within it (cpu < 1024
+    // is checked by the caller's cpu list parse).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: sched_setaffinity reads `set` of the given size for the calling thread.
+    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl GhostEnforcer {
+    /// Creates an enclave on `cpus` (at least two: the first runs the global agent) under the
+    /// ghostfs at `root` and starts the agents. Fails at once, with the reason, when there is
+    /// no ghOSt kernel with ABI 91.
+    pub fn start(root: &Path, cpus: &[u32]) -> Result<Self, EnforceError> {
+        if cpus.len() < 2 || cpus.iter().any(|&c| c >= 1024) {
+            return Err(failed(
+                "needs at least two CPUs below 1024 (the first is the global agent's) for",
+                root,
+                format!("{cpus:?}"),
+            ));
+        }
+        Ghostfs::new(root, Box::new(RealKernel))
+            .check_version()
+            .map_err(|e| failed("checking ghOSt at", root, e))?;
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
+        let thread = {
+            let (root_dir, cpus, stop, failure) = (
+                root.to_owned(),
+                cpus.to_vec(),
+                stop.clone(),
+                failure.clone(),
+            );
+            std::thread::Builder::new()
+                .name("ghost-agent".into())
+                .spawn(move || {
+                    if let Err(e) = global_agent(&root_dir, &cpus, &rx, &stop) {
+                        tracing::error!("ghOSt agent: {e}");
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    }
+                })
+                .map_err(|e| failed("starting the ghOSt agent thread for", root, e))?
+        };
+        Ok(GhostEnforcer {
+            root: root.to_owned(),
+            cpus: cpus.to_vec(),
+            tx,
+            stop,
+            failure,
+            thread: Some(thread),
+            ids: HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), EnforceError> {
+        if let Some(f) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(failed("the ghOSt agent failed at", &self.root, f));
+        }
+        self.tx.send(cmd).map_err(|_| {
+            failed(
+                "the ghOSt agent has stopped at",
+                &self.root,
+                "channel closed",
+            )
+        })
+    }
+}
+
+/// The global agent's thread: enclave, satellites, then the loop.
+fn global_agent(
+    root: &Path,
+    cpus: &[u32],
+    rx: &Receiver<Cmd>,
+    stop: &AtomicBool,
+) -> Result<(), GhostError> {
+    let fs = Ghostfs::new(root, Box::new(RealKernel));
+    let enclave = fs.create_enclave(1)?;
+    enclave.set_cpus(cpus)?;
+    let possible = std::thread::available_parallelism().map_or(1024, |n| n.get().max(1024));
+    let result = std::thread::scope(|scope| -> Result<(), GhostError> {
+        let mut agent = GhostAgent::new(&enclave, &cpus[1..], possible, Config::default())?;
+        pin_to(cpus[0])
+            .map_err(|e| GhostError::Misuse(format!("pinning to CPU {}: {e}", cpus[0])))?;
+        let fd = agent.queue().fd();
+        for &cpu in &cpus[1..] {
+            let enclave = &enclave;
+            scope.spawn(move || satellite(enclave, cpu, fd, stop));
+        }
+        enclave.become_agent(cpus[0], fd)?;
+        let _online = enclave.agent_online()?;
+        let mut full: HashMap<VmId, Rate> = HashMap::new();
+        let mut baseline: HashMap<VmId, Rate> = HashMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            while let Ok(cmd) = rx.try_recv() {
+                match cmd {
+                    Cmd::Attach {
+                        vm,
+                        tids,
+                        baseline: b,
+                        full: f,
+                    } => {
+                        full.insert(vm, f);
+                        baseline.insert(vm, b);
+                        agent.add_vm(vm, &tids, f, b)?;
+                    }
+                    Cmd::Apply { vm, rate } => {
+                        let b = baseline.get(&vm).copied().unwrap_or_default();
+                        agent.set_grant(vm, rate, b);
+                    }
+                    Cmd::Detach { vm } => {
+                        agent.remove_vm(vm, |tid| enclave.remove_task(tid))?;
+                        full.remove(&vm);
+                        baseline.remove(&vm);
+                    }
+                }
+            }
+            agent.step(monotonic_ns())?;
+            std::hint::spin_loop();
+        }
+        Ok(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let destroyed = enclave.destroy();
+    result.and(destroyed)
+}
+
+/// A satellite: become `cpu`'s agent, then idle-wait until the enclave dies or `stop`.
+fn satellite(enclave: &Enclave<'_>, cpu: u32, queue: RawFd, stop: &AtomicBool) {
+    let run = || -> Result<(), GhostError> {
+        pin_to(cpu).map_err(|e| GhostError::Misuse(format!("pinning to CPU {cpu}: {e}")))?;
+        enclave.become_agent(cpu, queue)?;
+        let index = enclave.status_word_info(SwOwner::Agent(cpu))?.index;
+        let words = enclave.map_sw_region(0)?;
+        while !stop.load(Ordering::Relaxed) {
+            let barrier = words.get(index).map_or(0, |w| w.barrier);
+            if enclave.idle_wait(cpu, barrier)? == RunOutcome::EnclaveDying {
+                break;
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        tracing::error!(cpu, "ghOSt satellite agent: {e}");
+        stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Enforcer for GhostEnforcer {
+    fn describe(&self) -> String {
+        format!(
+            "ghost (global agent on CPU {}, CPUs {:?})",
+            self.cpus[0],
+            &self.cpus[1..]
+        )
+    }
+
+    fn attach(&mut self, vm: &VmRecord) -> Result<(), EnforceError> {
+        if self.ids.contains_key(&vm.name) {
+            return Ok(());
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ids.insert(vm.name.clone(), id);
+        let full = Rate(u64::from(vm.vcpus) * crate::credit::PPM_PER_CPU);
+        self.send(Cmd::Attach {
+            vm: id,
+            tids: vm.vcpu_tids.clone(),
+            baseline: Rate::from_percent_of(vm.baseline, vm.vcpus),
+            full,
+        })
+    }
+
+    fn apply(&mut self, vm: &str, rate: Rate, _full: Rate) -> Result<(), EnforceError> {
+        let Some(&id) = self.ids.get(vm) else {
+            return Err(failed(
+                "applying a rate to a VM not attached:",
+                Path::new(vm),
+                vm,
+            ));
+        };
+        self.send(Cmd::Apply { vm: id, rate })
+    }
+
+    fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {
+        match self.ids.remove(vm) {
+            Some(id) => self.send(Cmd::Detach { vm: id }),
+            None => Ok(()),
+        }
+    }
+
+    fn cleanup(&mut self, live: &[&str]) {
+        let gone: Vec<String> = self
+            .ids
+            .keys()
+            .filter(|n| !live.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            let _ = self.detach(&name);
+        }
+    }
+}
+
+impl Drop for GhostEnforcer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_ghost_kernel_start_fails_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = GhostEnforcer::start(&dir.path().join("ghost"), &[0, 1])
+            .err()
+            .expect("no ghostfs here");
+        let text = format!("{err}: {}", err.source);
+        assert!(text.contains("ghOSt is not present"), "{text}");
+        let err = GhostEnforcer::start(dir.path(), &[0])
+            .err()
+            .expect("one CPU");
+        assert!(err.what.contains("at least two CPUs"), "{}", err.what);
+    }
+}
