@@ -20,7 +20,7 @@ use crate::state::VmRecord;
 
 /// An enforcement operation that failed.
 #[derive(Debug, Error)]
-#[error("{what} {path}", path = .path.display())]
+#[error("{what} {path}: {source}", path = .path.display())]
 pub struct EnforceError {
     /// What was being done.
     pub what: &'static str,
