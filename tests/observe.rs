@@ -244,8 +244,18 @@ fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
     assert!(rows.iter().all(|r| r["period_s"] == 10));
     assert!(first["balance"].as_f64().unwrap() > 0.0);
     assert!(last["balance"].as_f64().unwrap() < 0.01, "{last}");
-    assert!(first["usage_pct"].as_f64().unwrap() > 10.0, "{first}");
     assert_eq!(first["grant_pct"].as_f64(), Some(100.0), "{first}");
+    // The first sample may hold only the VM's first instants (its start can fall just before a
+    // 10-second boundary, before the guest ran): the burst shows in a sample with credits.
+    let burst = rows
+        .iter()
+        .filter(|r| r["balance"].as_f64().unwrap() > 0.0)
+        .map(|r| r["usage_pct"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        burst > 10.0,
+        "no sample with credits shows the burst: {rows:?}"
+    );
     assert!(
         // Within a few thousandths of a credit of 0; a starved VM earns a little, and the
         // decline law grants baseline + √(2·B·k) for what it earned.
