@@ -75,22 +75,20 @@ pub fn credit_curve(
         .y_desc("credits (vCPU-minutes)")
         .draw()
         .map_err(|e| fail(&e))?;
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|s| (s.hours, s.balance)),
-            BLUE.stroke_width(2),
-        ))
-        .map_err(|e| fail(&e))?
-        .label("balance")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|s| (s.hours, s.surplus)),
-            RED.stroke_width(2),
-        ))
-        .map_err(|e| fail(&e))?
-        .label("surplus")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    line(
+        &mut chart,
+        points.iter().map(|s| (s.hours, s.balance)),
+        BLUE.stroke_width(2),
+        "balance",
+    )
+    .map_err(|e| fail(&e))?;
+    line(
+        &mut chart,
+        points.iter().map(|s| (s.hours, s.surplus)),
+        RED.stroke_width(2),
+        "surplus",
+    )
+    .map_err(|e| fail(&e))?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -112,30 +110,27 @@ pub fn credit_curve(
         .map_err(|e| fail(&e))?;
     let green = RGBColor(0, 140, 0);
     let grey = RGBColor(140, 140, 140);
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|s| (s.hours, s.baseline_pct)),
-            grey.stroke_width(1),
-        ))
-        .map_err(|e| fail(&e))?
-        .label("baseline")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|s| (s.hours, s.usage_pct)),
-            BLACK.stroke_width(1),
-        ))
-        .map_err(|e| fail(&e))?
-        .label(usage_label)
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|s| (s.hours, s.grant_pct)),
-            green.stroke_width(2),
-        ))
-        .map_err(|e| fail(&e))?
-        .label("granted")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2)));
+    line(
+        &mut chart,
+        points.iter().map(|s| (s.hours, s.baseline_pct)),
+        grey.stroke_width(1),
+        "baseline",
+    )
+    .map_err(|e| fail(&e))?;
+    line(
+        &mut chart,
+        points.iter().map(|s| (s.hours, s.usage_pct)),
+        BLACK.stroke_width(1),
+        usage_label,
+    )
+    .map_err(|e| fail(&e))?;
+    line(
+        &mut chart,
+        points.iter().map(|s| (s.hours, s.grant_pct)),
+        green.stroke_width(2),
+        "granted",
+    )
+    .map_err(|e| fail(&e))?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -143,5 +138,23 @@ pub fn credit_curve(
         .draw()
         .map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))?;
+    Ok(())
+}
+
+/// One labelled line of the chart, with its legend entry in the same style.
+fn line<'a>(
+    chart: &mut ChartContext<
+        'a,
+        SVGBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    data: impl Iterator<Item = (f64, f64)>,
+    style: ShapeStyle,
+    label: &str,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    chart
+        .draw_series(LineSeries::new(data, style))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     Ok(())
 }

@@ -78,18 +78,7 @@ impl<'a> GhostAgent<'a> {
         elems: u32,
     ) -> Result<Self, GhostError> {
         let sw = enclave.sw_region(0, 0)?;
-        let queue = enclave.create_queue(elems, 0)?;
-        enclave.set_default_queue(&queue)?;
-        let cpu_data = enclave.cpu_data(possible_cpus)?;
-        Ok(GhostAgent {
-            enclave,
-            queue,
-            sw,
-            cpu_data,
-            sched: Scheduler::new(config, cpus),
-            tasks: HashMap::new(),
-            vm_of_tid: HashMap::new(),
-        })
+        Self::over(enclave, sw, elems, cpus, possible_cpus, config)
     }
 
     /// A restarted agent over an enclave whose region 0 and default queue exist: it maps
@@ -102,7 +91,26 @@ impl<'a> GhostAgent<'a> {
         possible_cpus: usize,
         config: Config,
     ) -> Result<Self, GhostError> {
-        let queue = enclave.create_queue(abi::GHOST_MAX_QUEUE_ELEMS, 0)?;
+        Self::over(
+            enclave,
+            sw,
+            abi::GHOST_MAX_QUEUE_ELEMS,
+            cpus,
+            possible_cpus,
+            config,
+        )
+    }
+
+    /// An agent over `sw` with a new default queue of `elems` slots and no tasks yet.
+    fn over(
+        enclave: &'a Enclave<'a>,
+        sw: StatusWords,
+        elems: u32,
+        cpus: &[u32],
+        possible_cpus: usize,
+        config: Config,
+    ) -> Result<Self, GhostError> {
+        let queue = enclave.create_queue(elems, 0)?;
         enclave.set_default_queue(&queue)?;
         let cpu_data = enclave.cpu_data(possible_cpus)?;
         Ok(GhostAgent {
