@@ -19,6 +19,9 @@ pub struct VmConfig {
     pub initial_credits: Credits,
     /// A balance override (`credits = N`), applied once per change of the value.
     pub credits: Option<Credits>,
+    /// The VM's share of the host's disk bandwidth, percent (its ResCoin template for disk;
+    /// `None`: its disks are not managed).
+    pub disk_share: Option<f64>,
 }
 
 /// A config file that cannot be used.
@@ -58,6 +61,7 @@ struct Raw {
     max_surplus: Option<Spanned<f64>>,
     decline_minutes: Option<Spanned<f64>>,
     credits: Option<Spanned<f64>>,
+    disk_share: Option<Spanned<f64>>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -159,10 +163,24 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
         .as_ref()
         .map(|c| credits(c, "credits"))
         .transpose()?;
+    let disk_share = match &raw.disk_share {
+        Some(d) if !(d.get_ref().is_finite() && *d.get_ref() > 0.0 && *d.get_ref() <= 100.0) => {
+            return Err(invalid(
+                at(&d.span()),
+                "disk_share",
+                format!(
+                    "{} is not a percentage of the host's disk bandwidth in (0, 100]",
+                    d.get_ref()
+                ),
+            ))
+        }
+        d => d.as_ref().map(|d| *d.get_ref()),
+    };
     Ok(VmConfig {
         policy,
         initial_credits,
         credits,
+        disk_share,
     })
 }
 
@@ -205,6 +223,10 @@ pub fn render(config: &VmConfig) -> String {
         Some(c) => format!("credits = {}", Num(c.as_credits())),
         None => "# credits = 50".to_owned(),
     };
+    let disk_line = match config.disk_share {
+        Some(d) => format!("disk_share = {}", Num(d)),
+        None => "# disk_share = 50".to_owned(),
+    };
     format!(
         "# burst-qemu VM config. The running agent applies edits live; percentages are of ONE vCPU,\n\
          # credits are vCPU-minutes (one vCPU at 100 % for one minute).\n\
@@ -233,7 +255,12 @@ pub fn render(config: &VmConfig) -> String {
          decline_minutes = {decline}\n\
          \n\
          # Balance override: set the balance to this many credits, applied once per change.\n\
-         {credits_line}\n",
+         {credits_line}\n\
+         \n\
+         # Share of the host's disk bandwidth (agent --disk-bandwidth), percent: the VM's\n\
+         # guaranteed part when the VMs together read or write more than the host has.\n\
+         # Unset: its disks are not throttled.\n\
+         {disk_line}\n",
         vcpus = p.vcpus(),
         baseline = Num(p.baseline().percent()),
         mode = p.mode(),

@@ -1,12 +1,19 @@
-//! Contention: what each VM may use when the VMs together want more CPU than the host has.
-//! Pure: no I/O, no clock; the agent calls [`Contention::period`] once a period with what it
-//! measured.
+//! Contention: what each VM may use when the VMs together want more of a resource than the
+//! host has. Pure: no I/O, no clock; the agent calls [`Contention::period`] once a period with
+//! what it measured.
 //!
-//! # Units
+//! # Units and resources
 //!
-//! Rates are [`Rate`]s, millionths of one CPU (ppm), like the ledger's; the host's capacity is
-//! a rate too (2 CPUs = 2 000 000). Estimates and accumulated credit are integers of the same
-//! unit (credit: ppm × periods).
+//! One stage per resource, generic over its [`Amount`]: CPU in [`Rate`]s, millionths of one CPU
+//! (ppm), like the ledger's (the host's capacity is a rate too: 2 CPUs = 2 000 000); disk read
+//! or write bandwidth in [`Bps`], bytes per second. Estimates and accumulated credit are
+//! integers of the same unit (credit: unit × periods). The rule is the same for every resource;
+//! only the EWMA weight differs (ResCoin's: 0.7 for CPU, 0.8 for disk).
+//!
+//! For CPU the grant is the ledger's and the template the VM's pooled baseline. For disk
+//! (`disk_share` in a VM's config, `--disk-bandwidth` on the agent) the template is the VM's
+//! share of the host's bandwidth and the grant the whole bandwidth (no credits for disk: the
+//! stage only divides); without contention a disk is not throttled at all.
 //!
 //! # The rule (ResCoin, `../shared/seeds-001-003.md` §2)
 //!
@@ -77,8 +84,44 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::credit::{Rate, PPM_PER_CPU};
 
+/// A quantity one stage shares: a resource's unit per second.
+pub trait Amount: Copy + std::fmt::Debug + PartialEq + Eq {
+    /// The EWMA weight of a new observation, in tenths (ResCoin's α for the resource).
+    const ALPHA_TENTHS: u64;
+    /// The amount's value in its unit.
+    fn get(self) -> u64;
+    /// An amount of `v` units.
+    fn of(v: u64) -> Self;
+}
+
+impl Amount for Rate {
+    /// ResCoin: α = 0.7 for CPU.
+    const ALPHA_TENTHS: u64 = 7;
+    fn get(self) -> u64 {
+        self.0
+    }
+    fn of(v: u64) -> Self {
+        Rate(v)
+    }
+}
+
+/// Disk bandwidth, bytes per second.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bps(pub u64);
+
+impl Amount for Bps {
+    /// ResCoin: α = 0.8 for disk reads and writes.
+    const ALPHA_TENTHS: u64 = 8;
+    fn get(self) -> u64 {
+        self.0
+    }
+    fn of(v: u64) -> Self {
+        Bps(v)
+    }
+}
+
 /// The EWMA weight of a new CPU observation, in tenths (ResCoin: α = 0.7 for CPU).
-pub const ALPHA_TENTHS: u64 = 7;
+pub const ALPHA_TENTHS: u64 = <Rate as Amount>::ALPHA_TENTHS;
 /// Periods in the accumulated-credit window (ResCoin's `WINSZ 10` keeps k = 9).
 pub const WINDOW: usize = 9;
 /// A VM that used at least this share (per mille) of the cap it was held to is held, not idle.
@@ -86,29 +129,29 @@ pub const HELD_PERMILLE: u64 = 900;
 
 /// What the agent measured of one VM over the last period, and what the ledger grants it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Observed {
+pub struct Observed<U = Rate> {
     /// The ledger's grant (the most the VM may use).
-    pub grant: Rate,
+    pub grant: U,
     /// The VM's pooled baseline (ResCoin's template capacity).
-    pub baseline: Rate,
+    pub baseline: U,
     /// What its vCPU threads used over the period.
-    pub used: Rate,
+    pub used: U,
     /// How long its vCPU threads waited on a run queue while runnable, as a rate: CPU the
-    /// host (not its cap) kept from it.
-    pub waited: Rate,
+    /// host (not its cap) kept from it (0 for disk: QEMU does not say).
+    pub waited: U,
 }
 
 /// One VM's allocation for the next period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Allocation {
+pub struct Allocation<U = Rate> {
     /// The cap to enforce: never above the grant.
-    pub rate: Rate,
+    pub rate: U,
     /// Whether the host was contended (otherwise `rate` is the grant).
     pub contended: bool,
     /// The demand observed over the period just ended (see "Observation" above).
-    pub observed: Rate,
+    pub observed: U,
     /// The demand estimate for the next period.
-    pub estimate: Rate,
+    pub estimate: U,
     /// The accumulated credit (ppm × periods).
     pub credit: i64,
 }
@@ -122,14 +165,14 @@ struct History {
 
 /// The contention stage's state: each VM's estimate and window.
 #[derive(Clone, Debug)]
-pub struct Contention {
-    capacity: Rate,
+pub struct Contention<U = Rate> {
+    capacity: U,
     vms: BTreeMap<String, History>,
 }
 
-impl Contention {
+impl<U: Amount> Contention<U> {
     /// A stage for a host whose VMs may use `capacity` in all.
-    pub fn new(capacity: Rate) -> Self {
+    pub fn new(capacity: U) -> Self {
         Contention {
             capacity,
             vms: BTreeMap::new(),
@@ -137,13 +180,42 @@ impl Contention {
     }
 
     /// The capacity shared.
-    pub fn capacity(&self) -> Rate {
+    pub fn capacity(&self) -> U {
         self.capacity
     }
 
     /// Ends a period: takes each VM's observation, returns the allocations for the next one, in
     /// the same order. VMs not named are forgotten.
-    pub fn period(&mut self, observed: &[(&str, Observed)]) -> Vec<Allocation> {
+    pub fn period(&mut self, observed: &[(&str, Observed<U>)]) -> Vec<Allocation<U>> {
+        let observed: Vec<(&str, Observed<u64>)> = observed
+            .iter()
+            .map(|(n, o)| {
+                let o = Observed {
+                    grant: o.grant.get(),
+                    baseline: o.baseline.get(),
+                    used: o.used.get(),
+                    waited: o.waited.get(),
+                };
+                (*n, o)
+            })
+            .collect();
+        self.period_raw(&observed, U::ALPHA_TENTHS)
+            .into_iter()
+            .map(|a| Allocation {
+                rate: U::of(a.rate),
+                contended: a.contended,
+                observed: U::of(a.observed),
+                estimate: U::of(a.estimate),
+                credit: a.credit,
+            })
+            .collect()
+    }
+
+    fn period_raw(
+        &mut self,
+        observed: &[(&str, Observed<u64>)],
+        alpha_tenths: u64,
+    ) -> Vec<Allocation<u64>> {
         self.vms
             .retain(|name, _| observed.iter().any(|(n, _)| n == name));
         let mut est = Vec::with_capacity(observed.len());
@@ -151,32 +223,38 @@ impl Contention {
         let mut credit = Vec::with_capacity(observed.len());
         for (name, o) in observed {
             let h = self.vms.entry((*name).to_owned()).or_default();
-            let held = h
-                .cap
-                .is_some_and(|cap| o.used.0 * 1000 >= cap * HELD_PERMILLE);
+            let held = h.cap.is_some_and(|cap| {
+                u128::from(o.used) * 1000 >= u128::from(cap) * u128::from(HELD_PERMILLE)
+            });
             // Held to its cap: it wants its grant. Otherwise what it ran plus what it waited
             // for (a busy VM on a busy host measures only its fair share of it).
             let obs = if held {
-                o.grant.0.max(o.used.0)
+                o.grant.max(o.used)
             } else {
-                (o.used.0 + o.waited.0).min(o.grant.0.max(o.used.0))
+                o.used.saturating_add(o.waited).min(o.grant.max(o.used))
             };
             let e = match h.estimate {
                 None => obs,
-                Some(prev) => (ALPHA_TENTHS * obs + (10 - ALPHA_TENTHS) * prev) / 10,
+                Some(prev) => {
+                    ((u128::from(alpha_tenths) * u128::from(obs)
+                        + u128::from(10 - alpha_tenths) * u128::from(prev))
+                        / 10) as u64
+                }
             };
             h.estimate = Some(e);
             seen.push(obs);
-            h.unused.push_back(o.baseline.0 as i64 - o.used.0 as i64);
+            h.unused.push_back(
+                o.baseline.min(i64::MAX as u64) as i64 - o.used.min(i64::MAX as u64) as i64,
+            );
             while h.unused.len() > WINDOW {
                 h.unused.pop_front();
             }
             est.push(e);
             credit.push(h.unused.iter().sum::<i64>());
         }
-        let rates = plan(self.capacity.0, observed, &est, &credit);
+        let rates = plan(self.capacity.get(), observed, &est, &credit);
         let contended = rates.is_some();
-        let rates = rates.unwrap_or_else(|| observed.iter().map(|(_, o)| o.grant.0).collect());
+        let rates = rates.unwrap_or_else(|| observed.iter().map(|(_, o)| o.grant).collect());
         observed
             .iter()
             .enumerate()
@@ -185,10 +263,10 @@ impl Contention {
                     h.cap = Some(rates[i]);
                 }
                 Allocation {
-                    rate: Rate(rates[i]),
+                    rate: rates[i],
                     contended,
-                    observed: Rate(seen[i]),
-                    estimate: Rate(est[i]),
+                    observed: seen[i],
+                    estimate: est[i],
                     credit: credit[i],
                 }
             })
@@ -199,13 +277,13 @@ impl Contention {
 /// The allocations under contention, or `None` when there is none.
 fn plan(
     capacity: u64,
-    observed: &[(&str, Observed)],
+    observed: &[(&str, Observed<u64>)],
     est: &[u64],
     credit: &[i64],
 ) -> Option<Vec<u64>> {
     let n = observed.len();
-    let grant: Vec<u64> = observed.iter().map(|(_, o)| o.grant.0).collect();
-    let baseline: Vec<u64> = observed.iter().map(|(_, o)| o.baseline.0).collect();
+    let grant: Vec<u64> = observed.iter().map(|(_, o)| o.grant).collect();
+    let baseline: Vec<u64> = observed.iter().map(|(_, o)| o.baseline).collect();
     let wanted: u64 = (0..n).map(|i| est[i].min(grant[i])).sum();
     if wanted <= capacity {
         return None;
@@ -411,6 +489,41 @@ mod tests {
             waited: Rate(waited),
             ..obs(grant, baseline, used)
         }
+    }
+
+    #[test]
+    fn disk_bandwidth_is_shared_by_the_same_rule_in_bytes_per_second() {
+        // 60 MB/s shared; templates 2:1 (40 and 20 MB/s); both read as fast as they may.
+        const MB: u64 = 1_000_000;
+        let mut c = Contention::new(Bps(60 * MB));
+        let mut caps = [60 * MB, 60 * MB];
+        let mut a = Vec::new();
+        for _ in 0..20 {
+            let o = [
+                (
+                    "a",
+                    Observed {
+                        grant: Bps(60 * MB),
+                        baseline: Bps(40 * MB),
+                        used: Bps(caps[0].min(900 * MB)),
+                        waited: Bps(0),
+                    },
+                ),
+                (
+                    "b",
+                    Observed {
+                        grant: Bps(60 * MB),
+                        baseline: Bps(20 * MB),
+                        used: Bps(caps[1].min(900 * MB)),
+                        waited: Bps(0),
+                    },
+                ),
+            ];
+            a = c.period(&o);
+            caps = [a[0].rate.0, a[1].rate.0];
+        }
+        assert!(a.iter().all(|x| x.contended));
+        assert_eq!((a[0].rate, a[1].rate), (Bps(40 * MB), Bps(20 * MB)));
     }
 
     #[test]

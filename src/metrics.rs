@@ -13,6 +13,8 @@
 //! | `burst_qemu_cpu_grant_ratio` | gauge, 0–1 of all vCPUs | — |
 //! | `burst_qemu_cpu_allocation_ratio` | gauge, 0–1 of all vCPUs (the contention stage's allocation) | — |
 //! | `burst_qemu_baseline_ratio` | gauge, 0–1 per vCPU | the instance type's baseline |
+//! | `burst_qemu_disk_read_bytes_per_second`, `…_write_…` | gauge, bytes/s (VMs with `disk_share`) | `DiskReadBytes` / period |
+//! | `burst_qemu_disk_read_limit_bytes_per_second`, `…_write_…` | gauge, bytes/s (the disk stage's allocation; absent when not throttled) | — |
 //!
 //! each labelled `vm`, and the agent's own `burst_qemu_agent_tick_duration_seconds`
 //! (histogram), `burst_qemu_agent_config_errors` (VMs whose config is not in force) and
@@ -78,7 +80,7 @@ fn escape(v: &str) -> String {
 pub fn render(snap: &Snapshot) -> String {
     let mut out = String::with_capacity(256 + snap.vms.len() * 700);
     type Get = fn(&CreditsView) -> Option<f64>;
-    let families: [(&str, &str, &str, Get); 8] = [
+    let families: [(&str, &str, &str, Get); 12] = [
         (
             "burst_qemu_cpu_credit_balance",
             "gauge",
@@ -126,6 +128,30 @@ pub fn render(snap: &Snapshot) -> String {
             "gauge",
             "Baseline, fraction of one vCPU (pooled over the VM's vCPUs).",
             |v| Some(v.baseline / 100.0),
+        ),
+        (
+            "burst_qemu_disk_read_bytes_per_second",
+            "gauge",
+            "Bytes the VM's drives read per second over the last period (VMs with disk_share).",
+            |v| v.disk.as_ref()?.read_bps.map(|b| b as f64),
+        ),
+        (
+            "burst_qemu_disk_write_bytes_per_second",
+            "gauge",
+            "Bytes the VM's drives wrote per second over the last period (VMs with disk_share).",
+            |v| v.disk.as_ref()?.write_bps.map(|b| b as f64),
+        ),
+        (
+            "burst_qemu_disk_read_limit_bytes_per_second",
+            "gauge",
+            "The read limit the disk stage holds the VM's drives to while the host's disk is contended.",
+            |v| v.disk.as_ref()?.read_limit_bps.map(|b| b as f64),
+        ),
+        (
+            "burst_qemu_disk_write_limit_bytes_per_second",
+            "gauge",
+            "The write limit the disk stage holds the VM's drives to while the host's disk is contended.",
+            |v| v.disk.as_ref()?.write_limit_bps.map(|b| b as f64),
         ),
     ];
     for (name, kind, help, get) in families {
@@ -272,6 +298,7 @@ mod tests {
             allocation_pct: Some(80.0),
             demand_pct: None,
             observed_demand_pct: None,
+            disk: None,
         }
     }
 

@@ -43,6 +43,7 @@ use crate::credit::{Credits, Ledger, Rate, PPM_PER_CPU};
 use crate::enforce::Enforcer;
 use crate::state::{self, Liveness, VmRecord};
 
+pub mod disk;
 pub mod history_file;
 mod ledger_file;
 mod view;
@@ -108,6 +109,9 @@ pub struct Settings {
     pub contention: Option<Rate>,
     /// Serve Prometheus metrics here (`--metrics-listen`); `None`: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The disk bandwidth the VMs with a `disk_share` share (`--disk-bandwidth`); `None`:
+    /// disks are not managed.
+    pub disk_bandwidth: Option<disk::DiskBandwidth>,
 }
 
 enum Wake {
@@ -139,6 +143,7 @@ pub struct Agent {
     settings: Settings,
     enforcer: Box<dyn Enforcer>,
     contention: Option<Contention>,
+    disks: Option<disk::Disks>,
     last_period: Instant,
     vms: HashMap<String, Vm>,
     watched: HashSet<PathBuf>,
@@ -152,6 +157,7 @@ impl Agent {
     pub fn new(settings: Settings, enforcer: Box<dyn Enforcer>) -> Self {
         Agent {
             contention: settings.contention.map(Contention::new),
+            disks: settings.disk_bandwidth.map(disk::Disks::new),
             last_period: Instant::now(),
             settings,
             enforcer,
@@ -512,6 +518,7 @@ impl Agent {
         vm.stale = stale;
         vm.orphaned = orphaned;
         apply_override(&mut vm, &cfg);
+        self.manage_disks(&mut vm, cfg.disk_share);
         // Only threads of this QEMU are ever moved: a recorded id that is no longer one of its
         // threads (reused by another process) is dropped, never enforced on.
         vm.record.vcpu_tids.retain(|&tid| {
@@ -551,7 +558,18 @@ impl Agent {
         }
     }
 
+    /// Puts the VM's disks under the disk stages, or takes them out (`share` `None`).
+    fn manage_disks(&mut self, vm: &mut Vm, share: Option<f64>) {
+        if let Some(disks) = self.disks.as_mut() {
+            disks.set_share(&vm.record.name, share, vm.record.qmp_socket.clone());
+            vm.disk = disks.view(&vm.record.name);
+        }
+    }
+
     fn end(&mut self, name: &str) {
+        if let Some(d) = self.disks.as_mut() {
+            d.forget(name);
+        }
         if let Some(mut vm) = self.vms.remove(name) {
             measure_and_tick(&mut vm);
             persist(&self.settings.data_dir, &mut vm);
@@ -666,6 +684,7 @@ impl Agent {
                     tracing::error!("{name}: {e}");
                 }
                 apply_override(&mut vm, &cfg);
+                self.manage_disks(&mut vm, cfg.disk_share);
                 if vm.stale.take().is_some() {
                     tracing::info!("{name}: config valid again");
                 }
@@ -699,6 +718,12 @@ impl Agent {
         if self.last_period.elapsed() >= CONTENTION_PERIOD {
             self.last_period = Instant::now();
             self.contend();
+            if let Some(disks) = self.disks.as_mut() {
+                disks.period();
+                for (name, vm) in self.vms.iter_mut() {
+                    vm.disk = disks.view(name);
+                }
+            }
         }
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {

@@ -49,6 +49,9 @@ pub struct CreditsView {
     /// its grant when held to its cap), percent of all its vCPUs.
     #[serde(default)]
     pub observed_demand_pct: Option<f64>,
+    /// Its disks, when the agent manages them (`disk_share` and `--disk-bandwidth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<super::disk::DiskView>,
 }
 
 /// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
@@ -85,6 +88,7 @@ pub fn view(
         allocation_pct: None,
         demand_pct: None,
         observed_demand_pct: None,
+        disk: None,
     }
 }
 

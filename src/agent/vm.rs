@@ -43,6 +43,8 @@ pub(super) struct Vm {
     pub(super) last_publish: Instant,
     pub(super) published: HashMap<&'static str, String>,
     pub(super) history: crate::history::History,
+    /// Its disks under the disk stages (`None`: not managed).
+    pub(super) disk: Option<super::disk::DiskView>,
 }
 
 pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64) -> Vm {
@@ -68,6 +70,7 @@ pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>,
         last_publish: Instant::now(),
         published: HashMap::new(),
         history: crate::history::History::new(),
+        disk: None,
     }
 }
 
@@ -117,6 +120,7 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
         initial_credits: Policy::default_initial_credits(r.vcpus.max(1)),
         policy,
         credits: None,
+        disk_share: None,
     }
 }
 
@@ -250,6 +254,7 @@ pub(super) fn publish(state_dir: &Path, vm: &mut Vm) {
         observed_demand_pct: vm
             .allocation
             .map(|a| (a.observed.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
+        disk: vm.disk.clone(),
         ..v
     };
     let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));

@@ -102,6 +102,7 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         data_dir: g.data_dir(),
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         metrics_listen: a.metrics_listen,
+        disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
         contention: if a.contention == "off" {
             None
         } else {
@@ -132,6 +133,7 @@ fn run_ghost_agent(g: &Global, a: AgentArgs, state_dir: std::path::PathBuf) -> R
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         contention: None,
         metrics_listen: a.metrics_listen,
+        disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
     };
     Agent::new(settings, Box::new(enforcer))
         .run()

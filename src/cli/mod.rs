@@ -193,6 +193,13 @@ struct AgentArgs {
     /// list (`0-3,6`) [default: every CPU this agent may run on].
     #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
     capacity: Option<String>,
+    /// The host's disk bandwidth, bytes/s (`100M`, `1Gi`; `READ,WRITE` when they differ),
+    /// shared by ResCoin's rule among the VMs whose config sets `disk_share`: while they
+    /// together read (or write) more, each VM's drives are throttled to its allocation
+    /// through QMP [default: disks are not managed].
+    #[arg(long, value_name = "BYTES/S[,BYTES/S]", env = "BURST_QEMU_DISK_BANDWIDTH",
+          value_parser = burst_qemu::agent::disk::parse_bandwidth)]
+    disk_bandwidth: Option<burst_qemu::agent::disk::DiskBandwidth>,
 }
 
 #[derive(Debug, Args)]

@@ -52,6 +52,15 @@ pub fn require_cgroups() -> bool {
     ok
 }
 
+/// A capability is missing: under CI the test fails; elsewhere it is skipped with a loud
+/// message (the caller returns).
+pub fn skip_or_fail(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("required in CI: {why}");
+    }
+    eprintln!("\n*** SKIPPED: {why} ***\n");
+}
+
 /// Whether this runs inside a guest of the harness (tests/guest/run names it `bq-guest`),
 /// where everything, the VMs' QEMU included, is emulated: CPU shares scatter more there.
 pub fn nested_guest() -> bool {
