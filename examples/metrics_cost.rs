@@ -47,6 +47,8 @@ fn main() {
             allocation_pct: Some(100.0),
             demand_pct: Some(40.0),
             observed_demand_pct: Some(40.0),
+            pins: None,
+            pin_changes: None,
         })
         .collect();
     let snap = Arc::new(Mutex::new(Snapshot {

@@ -346,6 +346,7 @@ fn resolve_config(
             policy,
             initial_credits: flag_credits.unwrap_or(file.initial_credits),
             credits: file.credits,
+            cpus: file.cpus,
         };
         return Ok((cfg, true));
     }
@@ -369,6 +370,7 @@ fn resolve_config(
         initial_credits: flag_credits.unwrap_or(Policy::default_initial_credits(vcpus)),
         policy,
         credits: None,
+        cpus: None,
     };
     Ok((cfg, true))
 }

@@ -272,6 +272,8 @@ mod tests {
             allocation_pct: Some(80.0),
             demand_pct: None,
             observed_demand_pct: None,
+            pins: None,
+            pin_changes: None,
         }
     }
 

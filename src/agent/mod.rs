@@ -45,6 +45,7 @@ use crate::state::{self, Liveness, VmRecord};
 
 pub mod history_file;
 mod ledger_file;
+mod pinning;
 mod view;
 mod vm;
 
@@ -108,6 +109,9 @@ pub struct Settings {
     pub contention: Option<Rate>,
     /// Serve Prometheus metrics here (`--metrics-listen`); `None`: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The vCPU pinning balancer (`--balance cpu`): the CPUs it manages and its interval;
+    /// `None`: off.
+    pub balance: Option<(Vec<u32>, Duration)>,
 }
 
 enum Wake {
@@ -145,12 +149,18 @@ pub struct Agent {
     /// What the metrics server shows, when one runs.
     metrics: Option<std::sync::Arc<std::sync::Mutex<crate::metrics::Snapshot>>>,
     health: crate::metrics::Health,
+    balancer: Option<crate::balance::pin::PinBalancer>,
 }
 
 impl Agent {
     /// An agent over `enforcer`. The caller holds the [`AgentLock`].
     pub fn new(settings: Settings, enforcer: Box<dyn Enforcer>) -> Self {
+        let balancer = settings
+            .balance
+            .clone()
+            .map(|(cpus, every)| crate::balance::pin::PinBalancer::new(cpus, every));
         Agent {
+            balancer,
             contention: settings.contention.map(Contention::new),
             last_period: Instant::now(),
             settings,
@@ -700,6 +710,7 @@ impl Agent {
             self.last_period = Instant::now();
             self.contend();
         }
+        self.balance_cpus();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {

@@ -49,6 +49,13 @@ pub struct CreditsView {
     /// its grant when held to its cap), percent of all its vCPUs.
     #[serde(default)]
     pub observed_demand_pct: Option<f64>,
+    /// The CPU each vCPU is pinned to (`null` while not pinned to one), when the agent runs the
+    /// pinning balancer (`--balance cpu`).
+    #[serde(default)]
+    pub pins: Option<Vec<Option<u32>>>,
+    /// Pin changes the balancer made to this VM's vCPUs since the agent started.
+    #[serde(default)]
+    pub pin_changes: Option<u64>,
 }
 
 /// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
@@ -85,6 +92,8 @@ pub fn view(
         allocation_pct: None,
         demand_pct: None,
         observed_demand_pct: None,
+        pins: None,
+        pin_changes: None,
     }
 }
 

@@ -43,6 +43,10 @@ pub(super) struct Vm {
     pub(super) last_publish: Instant,
     pub(super) published: HashMap<&'static str, String>,
     pub(super) history: crate::history::History,
+    /// The CPUs its config lets the pinning balancer use (`cpus`).
+    pub(super) cpus: Option<Vec<u32>>,
+    /// Its vCPUs' pins and pin changes, when the pinning balancer runs.
+    pub(super) pins: Option<(Vec<Option<u32>>, u64)>,
 }
 
 pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64) -> Vm {
@@ -68,6 +72,8 @@ pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>,
         last_publish: Instant::now(),
         published: HashMap::new(),
         history: crate::history::History::new(),
+        cpus: None,
+        pins: None,
     }
 }
 
@@ -117,11 +123,13 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
         initial_credits: Policy::default_initial_credits(r.vcpus.max(1)),
         policy,
         credits: None,
+        cpus: None,
     }
 }
 
 /// Applies `credits = N` once per change of its value.
 pub(super) fn apply_override(vm: &mut Vm, cfg: &VmConfig) {
+    vm.cpus = cfg.cpus.clone();
     if cfg.credits != vm.credits_applied {
         if let Some(c) = cfg.credits {
             vm.ledger.set_balance(c);
@@ -250,6 +258,8 @@ pub(super) fn publish(state_dir: &Path, vm: &mut Vm) {
         observed_demand_pct: vm
             .allocation
             .map(|a| (a.observed.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
+        pins: vm.pins.as_ref().map(|p| p.0.clone()),
+        pin_changes: vm.pins.as_ref().map(|p| p.1),
         ..v
     };
     let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));

@@ -54,6 +54,11 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         Err(e) => return Err(Failure::host(e)),
     };
     if a.enforcer == "ghost" {
+        if a.balance == "cpu" {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--balance cpu pins vCPU threads, which the ghOSt agent schedules itself: use it with --enforcer cgroup"
+            )));
+        }
         return run_ghost_agent(g, a, state_dir);
     }
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
@@ -107,10 +112,31 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         } else {
             Some(capacity(a.capacity.as_deref())?)
         },
+        balance: balance_settings(&a)?,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()
         .map_err(Failure::host)
+}
+
+/// The pinning balancer's settings from `--balance`, `--balance-cpus`, `--balance-interval`.
+fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failure> {
+    use burst_qemu::balance::pin;
+    if a.balance != "cpu" {
+        return Ok(None);
+    }
+    let cpus = match a.balance_cpus.as_deref() {
+        Some(text) => pin::parse_cpu_list(text)
+            .map_err(|e| Failure::usage(anyhow::anyhow!("--balance-cpus: {e}")))?,
+        None => pin::own_cpus(),
+    };
+    let every = a.balance_interval;
+    if !(every.is_finite() && every >= 0.2) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--balance-interval must be a number of seconds ≥ 0.2"
+        )));
+    }
+    Ok(Some((cpus, Duration::from_secs_f64(every))))
 }
 
 /// The agent with the centralized ghOSt agent as its enforcer. The scheduling policy
@@ -132,6 +158,7 @@ fn run_ghost_agent(g: &Global, a: AgentArgs, state_dir: std::path::PathBuf) -> R
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         contention: None,
         metrics_listen: a.metrics_listen,
+        balance: None,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()

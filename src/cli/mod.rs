@@ -193,6 +193,23 @@ struct AgentArgs {
     /// list (`0-3,6`) [default: every CPU this agent may run on].
     #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
     capacity: Option<String>,
+    /// `cpu`: run the vCPU pinning balancer, which pins every vCPU thread to one CPU so that
+    /// the CPUs carry equal demand, and re-pins only when that is off by more than 5 % and a
+    /// new plan is clearly better (README: "The vCPU pinning balancer"); `off`: never pin.
+    #[arg(long, value_name = "cpu|off", default_value = "off", value_parser = ["cpu", "off"], env = "BURST_QEMU_BALANCE")]
+    balance: String,
+    /// The CPUs the pinning balancer uses, as a list (`0-3,6`) [default: every CPU this agent
+    /// may run on].
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_BALANCE_CPUS")]
+    balance_cpus: Option<String>,
+    /// Seconds between the pinning balancer's plans.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        env = "BURST_QEMU_BALANCE_INTERVAL"
+    )]
+    balance_interval: f64,
 }
 
 #[derive(Debug, Args)]
