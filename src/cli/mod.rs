@@ -305,13 +305,16 @@ struct StopArgs {
     shutdown_timeout: f64,
 }
 
-/// Write the project's test firmware (for QEMU's `-bios`): every vCPU busy, or every vCPU
-/// halted with --halt.
+/// Write the project's test firmware (for QEMU's `-bios`): every vCPU busy, every vCPU
+/// halted with --halt, or busy a share of the time with --duty PCT.
 #[derive(Debug, Args)]
 struct TestGuestArgs {
     /// Halt every vCPU instead of spinning.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "duty")]
     halt: bool,
+    /// Keep every vCPU busy PCT % of each 20 ms (1–99), halted the rest (local APIC timer).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(1..=99))]
+    duty: Option<u8>,
     /// Where to write the 64 KiB image.
     #[arg(value_name = "FILE")]
     out: PathBuf,
@@ -416,10 +419,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
         Some(Command::TestGuest(a)) => {
-            let kind = if a.halt {
-                Behaviour::Halt
-            } else {
-                Behaviour::Busy
+            let kind = match (a.halt, a.duty) {
+                (true, _) => Behaviour::Halt,
+                (false, Some(pct)) => Behaviour::Duty(pct),
+                (false, None) => Behaviour::Busy,
             };
             testguest::write(&a.out, kind)
                 .with_context(|| format!("writing {}", a.out.display()))
