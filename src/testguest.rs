@@ -360,7 +360,10 @@ mod tests {
             ROM_BASE + DUTY_LOOP as u32
         );
         // Every IDT gate points at the handler, which EOIs and returns.
-        assert_eq!(&a[IDT..IDT + 8], &[0x40, 0x02, 0x08, 0x00, 0x00, 0x8E, 0x0F, 0x00]);
+        assert_eq!(
+            &a[IDT..IDT + 8],
+            &[0x40, 0x02, 0x08, 0x00, 0x00, 0x8E, 0x0F, 0x00]
+        );
         assert_eq!(&a[IDT + 255 * 8..IDT + 256 * 8], &a[IDT..IDT + 8]);
         assert_eq!(a[IRQ_HANDLER + 10], 0xCF);
     }
