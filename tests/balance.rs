@@ -166,7 +166,9 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
             .collect()
     };
     let t0 = Instant::now();
-    let mut samples: Vec<(f64, u64, Vec<u32>, Vec<(u64, u64)>)> = Vec::new();
+    // (seconds, pin changes, each vCPU's CPU, each vCPU's cumulative (run, wait))
+    type Sample = (f64, u64, Vec<u32>, Vec<(u64, u64)>);
+    let mut samples: Vec<Sample> = Vec::new();
     eprintln!("{title}: t(s)  changes  per-CPU demand (run+wait, CPUs) | per-CPU use");
     let mut prev = (read(), Instant::now());
     while t0.elapsed() < RUN {

@@ -156,6 +156,8 @@ impl PinBalancer {
                     places.push(None);
                     continue;
                 };
+                // A thread first seen now (or a reused id) has no reading until the next one.
+                let fresh = self.threads.get(&tid).is_none_or(|t| t.pid != vm.pid);
                 let t = self.threads.entry(tid).or_insert(Thread {
                     pid: vm.pid,
                     run,
@@ -163,7 +165,7 @@ impl PinBalancer {
                     demand: None,
                 });
                 let reading = match elapsed {
-                    Some(dt) if t.pid == vm.pid && dt > 0.0 => {
+                    Some(dt) if !fresh && dt > 0.0 => {
                         Some((run.saturating_sub(t.run) + wait.saturating_sub(t.wait)) as f64 / dt)
                     }
                     _ => None,
@@ -172,7 +174,7 @@ impl PinBalancer {
                     pid: vm.pid,
                     run,
                     wait,
-                    demand: t.demand,
+                    demand: if fresh { None } else { t.demand },
                 };
                 raw.push(reading);
                 places.push(placement(vm.pid, tid));
