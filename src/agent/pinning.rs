@@ -20,11 +20,8 @@ impl Agent {
             .iter()
             .filter_map(|n| self.vms.get(*n))
             .map(|vm| {
-                let grant = vm.ledger.grant().rate;
-                let cap = match vm.allocation {
-                    Some(a) if a.contended => a.rate.min(grant),
-                    _ => grant,
-                };
+                // The credit grant, not the contention allocation (see crate::balance::cpu).
+                let cap = vm.ledger.grant().rate;
                 VmInput {
                     name: &vm.record.name,
                     pid: vm.record.pid,

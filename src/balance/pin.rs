@@ -5,8 +5,11 @@
 //! change is logged and counted; the state is published in `<state dir>/balance.json`.
 //!
 //! Demand per vCPU (see [`super::cpu`]): (Δrun + Δwait) / Δt, capped at one CPU, scaled into
-//! the VM's cap (grant, or contention allocation when lower) and smoothed over intervals
-//! (half the new reading, half the old), so one noisy interval does not move anything.
+//! the VM's credit grant and smoothed over intervals (half the new reading, half the old).
+//!
+//! A plan chosen for a better balance (not one that must pin a floating vCPU) is applied only
+//! when the interval before also asked for one: a single noisy interval (a neighbour's burst,
+//! a VM starting) never moves anything, at the cost of one interval's delay.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,7 +38,7 @@ pub struct VmInput<'a> {
     pub tids: &'a [u32],
     /// The CPUs its config allows (`cpus`); `None`: every managed CPU.
     pub allowed: Option<&'a [u32]>,
-    /// What it may run now (grant, or the contention allocation when lower), in CPUs.
+    /// What its credit grant lets it run now, in CPUs.
     pub cap_cpus: f64,
 }
 
@@ -79,6 +82,8 @@ pub struct PinBalancer {
     /// Pin changes per VM name.
     changes: HashMap<String, u64>,
     published: Published,
+    /// The last interval asked for a (non-forced) plan.
+    pending: bool,
 }
 
 /// The CPUs this process may run on (the default set of managed CPUs).
@@ -105,6 +110,7 @@ impl PinBalancer {
             last: None,
             threads: HashMap::new(),
             changes: HashMap::new(),
+            pending: false,
         }
     }
 
@@ -233,6 +239,21 @@ impl PinBalancer {
         self.published.mean = spread.mean;
         self.published.sigma = spread.sigma;
         self.published.balanced = spread.balanced(&self.params);
+        let decision = match decision {
+            Decision::Apply(plan) if !plan.forced && !self.pending => {
+                self.pending = true;
+                tracing::debug!(
+                    "balance: a plan would lower σ {:.3} → {:.3}; waiting one interval to confirm",
+                    plan.before.sigma,
+                    plan.after.sigma
+                );
+                Decision::Keep(plan.before)
+            }
+            other => {
+                self.pending = false;
+                other
+            }
+        };
         if let Decision::Apply(plan) = decision {
             self.published.plans += 1;
             tracing::info!(
