@@ -84,6 +84,8 @@ pub struct PinBalancer {
     published: Published,
     /// The last interval asked for a (non-forced) plan.
     pending: bool,
+    /// VMs whose CPU list names none of the managed CPUs (warned once each).
+    warned: std::collections::HashSet<String>,
 }
 
 /// The CPUs this process may run on (the default set of managed CPUs).
@@ -111,6 +113,7 @@ impl PinBalancer {
             threads: HashMap::new(),
             changes: HashMap::new(),
             pending: false,
+            warned: Default::default(),
         }
     }
 
@@ -148,6 +151,21 @@ impl PinBalancer {
         self.changes
             .retain(|name, _| vms.iter().any(|v| v.name == name));
 
+        for vm in vms {
+            let outside = vm
+                .allowed
+                .is_some_and(|a| !a.iter().any(|c| self.cpus.contains(c)));
+            if outside && self.warned.insert(vm.name.to_owned()) {
+                tracing::warn!(
+                    "{}: its cpus = {:?} names none of the CPUs the balancer manages ({:?}): any of those is used",
+                    vm.name,
+                    vm.allowed.unwrap_or_default(),
+                    self.cpus
+                );
+            } else if !outside {
+                self.warned.remove(vm.name);
+            }
+        }
         let mut vcpus: Vec<Vcpu> = Vec::new();
         let mut owners: Vec<(usize, usize, u32, u32)> = Vec::new(); // (vm, vcpu, pid, tid)
         let mut pins = std::collections::BTreeMap::new();
