@@ -354,8 +354,10 @@ impl Agent {
         let mut vms: Vec<CreditsView> = self
             .vms
             .values()
-            .map(|vm| {
-                view(
+            .map(|vm| CreditsView {
+                pins: vm.pins.as_ref().map(|p| p.0.clone()),
+                pin_changes: vm.pins.as_ref().map(|p| p.1),
+                ..view(
                     &vm.record.name,
                     &vm.ledger,
                     vm.used_total,
