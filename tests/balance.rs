@@ -414,6 +414,29 @@ fn in_guest_gt_tc3_eight_unpinned_heavy_and_light() {
     unpinned_heavy_and_light(&first_cpus(4), 8, 50);
 }
 
+#[test]
+fn bad_balance_flags_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, says) in [
+        (&["--balance-cpus", "9999"][..], "--balance-cpus"),
+        (&["--balance-cpus", "1-0"][..], "--balance-cpus"),
+        (&["--balance-cpus", "x"][..], "--balance-cpus"),
+        (&["--balance-interval", "0"][..], "--balance-interval"),
+        (&["--enforcer", "ghost"][..], "--balance cpu"),
+    ] {
+        let out = bin()
+            .args(["agent", "--state-dir"])
+            .arg(dir.path())
+            .args(["--balance", "cpu"])
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
+}
+
 fn harness() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
 }

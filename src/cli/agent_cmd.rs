@@ -61,6 +61,7 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         }
         return run_ghost_agent(g, a, state_dir);
     }
+    let balance = balance_settings(&a)?;
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
         (Some(m), Some("v2")) => (Version::V2, m.clone()),
         (Some(m), Some(_)) => (Version::V1, m.clone()),
@@ -112,7 +113,7 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         } else {
             Some(capacity(a.capacity.as_deref())?)
         },
-        balance: balance_settings(&a)?,
+        balance,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()
@@ -130,6 +131,22 @@ fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failu
             .map_err(|e| Failure::usage(anyhow::anyhow!("--balance-cpus: {e}")))?,
         None => pin::own_cpus(),
     };
+    // A CPU that is not online would fail every sched_setaffinity to it.
+    if let Some(online) = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|t| pin::parse_cpu_list(t.trim()).ok())
+    {
+        let offline: Vec<u32> = cpus
+            .iter()
+            .copied()
+            .filter(|c| !online.contains(c))
+            .collect();
+        if !offline.is_empty() {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--balance-cpus: CPU(s) {offline:?} are not online (online: {online:?})"
+            )));
+        }
+    }
     let every = a.balance_interval;
     if !(every.is_finite() && every >= 0.2) {
         return Err(Failure::usage(anyhow::anyhow!(
