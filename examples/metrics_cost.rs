@@ -48,6 +48,8 @@ fn main() {
             demand_pct: Some(40.0),
             observed_demand_pct: Some(40.0),
             disk: None,
+            pins: None,
+            pin_changes: None,
         })
         .collect();
     let snap = Arc::new(Mutex::new(Snapshot {

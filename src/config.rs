@@ -22,6 +22,9 @@ pub struct VmConfig {
     /// The VM's share of the host's disk bandwidth, percent (its ResCoin template for disk;
     /// `None`: its disks are not managed).
     pub disk_share: Option<f64>,
+    /// The host CPUs the pinning balancer may put this VM's vCPUs on (`cpus = "0-1"` or
+    /// `cpus = [0, 1]`); `None`: any CPU it manages.
+    pub cpus: Option<Vec<u32>>,
 }
 
 /// A config file that cannot be used.
@@ -62,6 +65,15 @@ struct Raw {
     decline_minutes: Option<Spanned<f64>>,
     credits: Option<Spanned<f64>>,
     disk_share: Option<Spanned<f64>>,
+    cpus: Option<Spanned<CpuSpec>>,
+}
+
+/// `cpus = "0-1,3"` or `cpus = [0, 1, 3]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CpuSpec {
+    Text(String),
+    List(Vec<i64>),
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -176,11 +188,26 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
         }
         d => d.as_ref().map(|d| *d.get_ref()),
     };
+    let cpus = raw
+        .cpus
+        .as_ref()
+        .map(|c| {
+            let list = match c.get_ref() {
+                CpuSpec::Text(t) => crate::balance::pin::parse_cpu_list(t),
+                CpuSpec::List(l) if l.is_empty() => Err("an empty CPU list".into()),
+                CpuSpec::List(l) => crate::balance::pin::parse_cpu_list(
+                    &l.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+                ),
+            };
+            list.map_err(|e| invalid(at(&c.span()), "cpus", e))
+        })
+        .transpose()?;
     Ok(VmConfig {
         policy,
         initial_credits,
         credits,
         disk_share,
+        cpus,
     })
 }
 
@@ -227,6 +254,13 @@ pub fn render(config: &VmConfig) -> String {
         Some(d) => format!("disk_share = {}", Num(d)),
         None => "# disk_share = 50".to_owned(),
     };
+    let cpus_line = match &config.cpus {
+        Some(c) => format!(
+            "cpus = [{}]",
+            c.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        None => "# cpus = \"0-1\"".to_owned(),
+    };
     format!(
         "# burst-qemu VM config. The running agent applies edits live; percentages are of ONE vCPU,\n\
          # credits are vCPU-minutes (one vCPU at 100 % for one minute).\n\
@@ -260,7 +294,11 @@ pub fn render(config: &VmConfig) -> String {
          # Share of the host's disk bandwidth (agent --disk-bandwidth), percent: the VM's\n\
          # guaranteed part when the VMs together read or write more than the host has.\n\
          # Unset: its disks are not throttled.\n\
-         {disk_line}\n",
+         {disk_line}\n\
+         \n\
+         # Host CPUs the pinning balancer (agent --balance cpu) may pin this VM's vCPUs to,\n\
+         # as \"0-1,3\" or [0, 1, 3]. Default: any CPU the agent manages.\n\
+         {cpus_line}\n",
         vcpus = p.vcpus(),
         baseline = Num(p.baseline().percent()),
         mode = p.mode(),
@@ -311,6 +349,9 @@ mod tests {
         assert_eq!(parse_str(&render(&c)).unwrap(), c);
         let d = parse_str("vcpus = 1\nbaseline = 5\n").unwrap();
         assert_eq!(parse_str(&render(&d)).unwrap(), d);
+        let e = parse_str("vcpus = 1\nbaseline = 5\ncpus = \"1,0-0\"\n").unwrap();
+        assert_eq!(e.cpus, Some(vec![0, 1]));
+        assert_eq!(parse_str(&render(&e)).unwrap(), e);
     }
 
     #[test]
@@ -333,6 +374,11 @@ mod tests {
         );
         assert!(err("vcpus = 2\nbaseline = 5\ndecline_minutes = 0\n")
             .starts_with("vms/a.toml:3: decline_minutes:"));
+        assert!(err("vcpus = 2\nbaseline = 5\ncpus = \"1-0\"\n")
+            .starts_with("vms/a.toml:3: cpus: \"1-0\": the range runs backwards"));
+        assert!(err("vcpus = 2\nbaseline = 5\n\ncpus = [-1]\n").starts_with("vms/a.toml:4: cpus:"));
+        assert!(err("vcpus = 2\nbaseline = 5\ncpus = []\n").starts_with("vms/a.toml:3: cpus:"));
+        assert!(err("vcpus = 2\nbaseline = 5\ncpus = 1.5\n").starts_with("vms/a.toml:3: cpus:"));
         assert_eq!(
             err("vcpus = 2\nbaseline = \"5\"\n"),
             "vms/a.toml:2: baseline: invalid type: string \"5\", expected f64"

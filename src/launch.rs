@@ -346,7 +346,8 @@ fn resolve_config(
             policy,
             initial_credits: flag_credits.unwrap_or(file.initial_credits),
             credits: file.credits,
-            disk_share: None,
+            disk_share: file.disk_share,
+            cpus: file.cpus,
         };
         return Ok((cfg, true));
     }
@@ -371,6 +372,7 @@ fn resolve_config(
         policy,
         credits: None,
         disk_share: None,
+        cpus: None,
     };
     Ok((cfg, true))
 }

@@ -12,6 +12,7 @@
 //! | [`config`] | `vms/NAME.toml`: parse, validate, render; errors name file, line and field |
 //! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
 //! | [`enforce`] | the `Enforcer` trait and its cgroup v1/v2 implementation: mechanism only |
+//! | [`balance`] | the vCPU pinning balancer: a pure planner and the agent's `sched_setaffinity` mechanism |
 //! | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, mappings, queues, status words, transactions |
 //! | [`launch`] | QEMU argv, QMP handshake, vCPU thread ids, lifecycle and signals |
 //! | [`sched`] | the scheduling policy (cap, baseline guarantee, spare by credits): pure, for ghOSt and sched_ext |
@@ -31,6 +32,7 @@
 //! ```
 
 pub mod agent;
+pub mod balance;
 pub mod config;
 pub mod contention;
 pub mod credit;

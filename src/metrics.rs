@@ -162,6 +162,19 @@ pub fn render(snap: &Snapshot) -> String {
             }
         }
     }
+    // Only when the agent runs the pinning balancer (`--balance cpu`).
+    if snap.vms.iter().any(|v| v.pin_changes.is_some()) {
+        let name = "burst_qemu_vcpu_pin_changes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Pin changes the vCPU pinning balancer made to the VM's vCPU threads since the agent started.\n# TYPE {name} counter"
+        );
+        for v in &snap.vms {
+            if let Some(c) = v.pin_changes {
+                let _ = writeln!(out, "{name}{{vm=\"{}\"}} {c}", escape(&v.name));
+            }
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP burst_qemu_vm_running Whether the VM runs (1) or is stopped (0).\n\
@@ -299,7 +312,23 @@ mod tests {
             demand_pct: None,
             observed_demand_pct: None,
             disk: None,
+            pins: None,
+            pin_changes: None,
         }
+    }
+
+    #[test]
+    fn pin_changes_are_a_family_only_when_the_balancer_runs() {
+        let mut snap = Snapshot {
+            vms: vec![vm("a"), vm("b")],
+            health: None,
+        };
+        assert!(!render(&snap).contains("pin_changes"));
+        snap.vms[0].pin_changes = Some(3);
+        let text = render(&snap);
+        assert!(text.contains("# TYPE burst_qemu_vcpu_pin_changes_total counter"));
+        assert!(text.contains("burst_qemu_vcpu_pin_changes_total{vm=\"a\"} 3\n"));
+        assert!(!text.contains("burst_qemu_vcpu_pin_changes_total{vm=\"b\"}"));
     }
 
     #[test]

@@ -46,6 +46,7 @@ use crate::state::{self, Liveness, VmRecord};
 pub mod disk;
 pub mod history_file;
 mod ledger_file;
+mod pinning;
 mod view;
 mod vm;
 
@@ -112,6 +113,9 @@ pub struct Settings {
     /// The disk bandwidth the VMs with a `disk_share` share (`--disk-bandwidth`); `None`:
     /// disks are not managed.
     pub disk_bandwidth: Option<disk::DiskBandwidth>,
+    /// The vCPU pinning balancer (`--balance cpu`): the CPUs it manages and its interval;
+    /// `None`: off.
+    pub balance: Option<(Vec<u32>, Duration)>,
 }
 
 enum Wake {
@@ -150,12 +154,18 @@ pub struct Agent {
     /// What the metrics server shows, when one runs.
     metrics: Option<std::sync::Arc<std::sync::Mutex<crate::metrics::Snapshot>>>,
     health: crate::metrics::Health,
+    balancer: Option<crate::balance::pin::PinBalancer>,
 }
 
 impl Agent {
     /// An agent over `enforcer`. The caller holds the [`AgentLock`].
     pub fn new(settings: Settings, enforcer: Box<dyn Enforcer>) -> Self {
+        let balancer = settings
+            .balance
+            .clone()
+            .map(|(cpus, every)| crate::balance::pin::PinBalancer::new(cpus, every));
         Agent {
+            balancer,
             contention: settings.contention.map(Contention::new),
             disks: settings.disk_bandwidth.map(disk::Disks::new),
             last_period: Instant::now(),
@@ -350,8 +360,10 @@ impl Agent {
         let mut vms: Vec<CreditsView> = self
             .vms
             .values()
-            .map(|vm| {
-                view(
+            .map(|vm| CreditsView {
+                pins: vm.pins.as_ref().map(|p| p.0.clone()),
+                pin_changes: vm.pins.as_ref().map(|p| p.1),
+                ..view(
                     &vm.record.name,
                     &vm.ledger,
                     vm.used_total,
@@ -725,6 +737,7 @@ impl Agent {
                 }
             }
         }
+        self.balance_cpus();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {

@@ -52,6 +52,13 @@ pub struct CreditsView {
     /// Its disks, when the agent manages them (`disk_share` and `--disk-bandwidth`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<super::disk::DiskView>,
+    /// The CPU each vCPU is pinned to (`null` while not pinned to one), when the agent runs the
+    /// pinning balancer (`--balance cpu`).
+    #[serde(default)]
+    pub pins: Option<Vec<Option<u32>>>,
+    /// Pin changes the balancer made to this VM's vCPUs since the agent started.
+    #[serde(default)]
+    pub pin_changes: Option<u64>,
 }
 
 /// The view of a ledger; `usage` and `grant` are rates over the last tick (running VMs only).
@@ -89,6 +96,8 @@ pub fn view(
         demand_pct: None,
         observed_demand_pct: None,
         disk: None,
+        pins: None,
+        pin_changes: None,
     }
 }
 

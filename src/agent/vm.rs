@@ -45,6 +45,10 @@ pub(super) struct Vm {
     pub(super) history: crate::history::History,
     /// Its disks under the disk stages (`None`: not managed).
     pub(super) disk: Option<super::disk::DiskView>,
+    /// The CPUs its config lets the pinning balancer use (`cpus`).
+    pub(super) cpus: Option<Vec<u32>>,
+    /// Its vCPUs' pins and pin changes, when the pinning balancer runs.
+    pub(super) pins: Option<(Vec<Option<u32>>, u64)>,
 }
 
 pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64) -> Vm {
@@ -71,6 +75,8 @@ pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>,
         published: HashMap::new(),
         history: crate::history::History::new(),
         disk: None,
+        cpus: None,
+        pins: None,
     }
 }
 
@@ -121,11 +127,13 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
         policy,
         credits: None,
         disk_share: None,
+        cpus: None,
     }
 }
 
 /// Applies `credits = N` once per change of its value.
 pub(super) fn apply_override(vm: &mut Vm, cfg: &VmConfig) {
+    vm.cpus = cfg.cpus.clone();
     if cfg.credits != vm.credits_applied {
         if let Some(c) = cfg.credits {
             vm.ledger.set_balance(c);
@@ -255,6 +263,8 @@ pub(super) fn publish(state_dir: &Path, vm: &mut Vm) {
             .allocation
             .map(|a| (a.observed.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
         disk: vm.disk.clone(),
+        pins: vm.pins.as_ref().map(|p| p.0.clone()),
+        pin_changes: vm.pins.as_ref().map(|p| p.1),
         ..v
     };
     let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));

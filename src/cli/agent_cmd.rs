@@ -54,8 +54,14 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         Err(e) => return Err(Failure::host(e)),
     };
     if a.enforcer == "ghost" {
+        if a.balance == "cpu" {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--balance cpu pins vCPU threads, which the ghOSt agent schedules itself: use it with --enforcer cgroup"
+            )));
+        }
         return run_ghost_agent(g, a, state_dir);
     }
+    let balance = balance_settings(&a)?;
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
         (Some(m), Some("v2")) => (Version::V2, m.clone()),
         (Some(m), Some(_)) => (Version::V1, m.clone()),
@@ -108,10 +114,47 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         } else {
             Some(capacity(a.capacity.as_deref())?)
         },
+        balance,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()
         .map_err(Failure::host)
+}
+
+/// The pinning balancer's settings from `--balance`, `--balance-cpus`, `--balance-interval`.
+fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failure> {
+    use burst_qemu::balance::pin;
+    if a.balance != "cpu" {
+        return Ok(None);
+    }
+    let cpus = match a.balance_cpus.as_deref() {
+        Some(text) => pin::parse_cpu_list(text)
+            .map_err(|e| Failure::usage(anyhow::anyhow!("--balance-cpus: {e}")))?,
+        None => pin::own_cpus(),
+    };
+    // A CPU that is not online would fail every sched_setaffinity to it.
+    if let Some(online) = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|t| pin::parse_cpu_list(t.trim()).ok())
+    {
+        let offline: Vec<u32> = cpus
+            .iter()
+            .copied()
+            .filter(|c| !online.contains(c))
+            .collect();
+        if !offline.is_empty() {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--balance-cpus: CPU(s) {offline:?} are not online (online: {online:?})"
+            )));
+        }
+    }
+    let every = a.balance_interval;
+    if !(every.is_finite() && every >= 0.2) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--balance-interval must be a number of seconds ≥ 0.2"
+        )));
+    }
+    Ok(Some((cpus, Duration::from_secs_f64(every))))
 }
 
 /// The agent with the centralized ghOSt agent as its enforcer. The scheduling policy
@@ -134,6 +177,7 @@ fn run_ghost_agent(g: &Global, a: AgentArgs, state_dir: std::path::PathBuf) -> R
         contention: None,
         metrics_listen: a.metrics_listen,
         disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
+        balance: None,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()

@@ -75,6 +75,8 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 let live = read_view(&dir, &vm.name);
                 v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
                 v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
+                v["pins"] = live.as_ref().and_then(|v| v.pins.clone()).into();
+                v["pin_changes"] = live.as_ref().and_then(|v| v.pin_changes).into();
                 v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
                 let error = config_error(&dir, &vm.name);
                 v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
@@ -85,7 +87,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
         let mut out = format!(
-            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} VCPU TIDS\n",
+            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {:<7} VCPU TIDS\n",
             "NAME",
             "PID",
             "VCPUS",
@@ -95,7 +97,8 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
             "BALANCE",
             "GRANT",
             "ALLOC",
-            "CONFIG"
+            "CONFIG",
+            "PINS"
         );
         let mut stale = String::new();
         let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}%"));
@@ -114,7 +117,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 stale.push_str(&format!("{}: ledger not saved: {e}\n", vm.name));
             }
             out.push_str(&format!(
-                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {}\n",
+                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {:<7} {}\n",
                 vm.name,
                 vm.pid,
                 vm.vcpus,
@@ -130,6 +133,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 pct(live.as_ref().and_then(|v| v.grant_pct)),
                 pct(live.as_ref().and_then(|v| v.allocation_pct)),
                 if error.is_some() { "stale" } else { "ok" },
+                pins_text(live.as_ref().and_then(|v| v.pins.as_deref())),
                 tids.join(",")
             ));
         }
@@ -139,6 +143,19 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
         .write_all(out.as_bytes())
         .context("writing to stdout")
         .map_err(Failure::host)
+}
+
+/// The `PINS` column: each vCPU's CPU (`*` while not pinned to one), `-` when the agent does
+/// not balance.
+fn pins_text(pins: Option<&[Option<u32>]>) -> String {
+    match pins {
+        None => "-".into(),
+        Some(p) => p
+            .iter()
+            .map(|c| c.map_or("*".to_owned(), |c| c.to_string()))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
 }
 
 pub(super) fn find_vm(g: &Global, name: &str) -> Result<(VmRecord, state::Liveness), Failure> {

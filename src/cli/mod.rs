@@ -200,6 +200,23 @@ struct AgentArgs {
     #[arg(long, value_name = "BYTES/S[,BYTES/S]", env = "BURST_QEMU_DISK_BANDWIDTH",
           value_parser = burst_qemu::agent::disk::parse_bandwidth)]
     disk_bandwidth: Option<burst_qemu::agent::disk::DiskBandwidth>,
+    /// `cpu`: run the vCPU pinning balancer, which pins every vCPU thread to one CPU so that
+    /// the CPUs carry equal demand, and re-pins only when that is off by more than 5 % and a
+    /// new plan is clearly better (README: "The vCPU pinning balancer"); `off`: never pin.
+    #[arg(long, value_name = "cpu|off", default_value = "off", value_parser = ["cpu", "off"], env = "BURST_QEMU_BALANCE")]
+    balance: String,
+    /// The CPUs the pinning balancer uses, as a list (`0-3,6`) [default: every CPU this agent
+    /// may run on].
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_BALANCE_CPUS")]
+    balance_cpus: Option<String>,
+    /// Seconds between the pinning balancer's plans.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        env = "BURST_QEMU_BALANCE_INTERVAL"
+    )]
+    balance_interval: f64,
 }
 
 #[derive(Debug, Args)]
@@ -295,13 +312,16 @@ struct StopArgs {
     shutdown_timeout: f64,
 }
 
-/// Write the project's test firmware (for QEMU's `-bios`): every vCPU busy, or every vCPU
-/// halted with --halt.
+/// Write the project's test firmware (for QEMU's `-bios`): every vCPU busy, every vCPU
+/// halted with --halt, or busy a share of the time with --duty PCT.
 #[derive(Debug, Args)]
 struct TestGuestArgs {
     /// Halt every vCPU instead of spinning.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "duty")]
     halt: bool,
+    /// Keep every vCPU busy PCT % of each 20 ms (1–99), halted the rest (local APIC timer).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(1..=99))]
+    duty: Option<u8>,
     /// Where to write the 64 KiB image.
     #[arg(value_name = "FILE")]
     out: PathBuf,
@@ -406,10 +426,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
         Some(Command::TestGuest(a)) => {
-            let kind = if a.halt {
-                Behaviour::Halt
-            } else {
-                Behaviour::Busy
+            let kind = match (a.halt, a.duty) {
+                (true, _) => Behaviour::Halt,
+                (false, Some(pct)) => Behaviour::Duty(pct),
+                (false, None) => Behaviour::Busy,
             };
             testguest::write(&a.out, kind)
                 .with_context(|| format!("writing {}", a.out.display()))
