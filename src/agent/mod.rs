@@ -45,6 +45,7 @@ use crate::state::{self, Liveness, VmRecord};
 
 pub mod history_file;
 mod ledger_file;
+pub mod memory;
 mod view;
 mod vm;
 
@@ -108,6 +109,8 @@ pub struct Settings {
     pub contention: Option<Rate>,
     /// Serve Prometheus metrics here (`--metrics-listen`); `None`: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The balloon memory coordinator ([`memory`]); `None`: off.
+    pub memory: Option<memory::MemorySettings>,
 }
 
 enum Wake {
@@ -224,6 +227,12 @@ impl Agent {
             tracing::info!("serving Prometheus metrics on http://{bound}/metrics");
             self.metrics = Some(snap);
         }
+        // Its own thread (QMP may block); stopped when this function returns.
+        let _memory = self
+            .settings
+            .memory
+            .clone()
+            .map(|m| memory::spawn(self.settings.state_dir.clone(), m));
         self.scan(&mut watcher);
         let live: Vec<String> = self.vms.keys().cloned().collect();
         self.enforcer

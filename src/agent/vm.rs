@@ -117,6 +117,7 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
         initial_credits: Policy::default_initial_credits(r.vcpus.max(1)),
         policy,
         credits: None,
+        memory: None,
     }
 }
 

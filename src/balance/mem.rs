@@ -167,7 +167,8 @@ pub struct Target {
     pub name: String,
     /// The new balloon target, MiB.
     pub target: u64,
-    /// Why (for the log).
+    /// Why (for the log; not read back from a trace).
+    #[serde(skip_deserializing, default)]
     pub why: &'static str,
 }
 
