@@ -441,7 +441,12 @@ mod tests {
         assert!(err("vcpus = 1\nbaseline = 5\nbalance_memory = 1\n")
             .starts_with("vms/a.toml:3: balance_memory:"));
         // Off unless asked for; the keys are still checked.
-        assert_eq!(parse_str("vcpus = 1\nbaseline = 5\nmemory_min = 300\n").unwrap().memory, None);
+        assert_eq!(
+            parse_str("vcpus = 1\nbaseline = 5\nmemory_min = 300\n")
+                .unwrap()
+                .memory,
+            None
+        );
     }
 
     #[test]

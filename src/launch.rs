@@ -198,9 +198,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// currentMemory).
 pub fn memory_args(args: &[OsString], m: &config::MemoryConfig) -> Vec<String> {
     let mut extra = Vec::new();
-    let has_balloon = option(args, "device")
-        .iter()
-        .any(|(_, v)| v.split(',').next().is_some_and(|d| d.starts_with("virtio-balloon")));
+    let has_balloon = option(args, "device").iter().any(|(_, v)| {
+        v.split(',')
+            .next()
+            .is_some_and(|d| d.starts_with("virtio-balloon"))
+    });
     if !has_balloon {
         extra.extend(["-device".to_owned(), BALLOON_DEVICE.to_owned()]);
     }
@@ -901,11 +903,9 @@ mod tests {
             memory_args(&os(&["-kernel", "k"]), &m),
             ["-device", BALLOON_DEVICE, "-m", "2048M"]
         );
-        assert!(memory_args(
-            &os(&["-m", "1G", "-device", "virtio-balloon-pci,id=b"]),
-            &m
-        )
-        .is_empty());
+        assert!(
+            memory_args(&os(&["-m", "1G", "-device", "virtio-balloon-pci,id=b"]), &m).is_empty()
+        );
     }
 
     #[test]

@@ -140,6 +140,8 @@ struct Tracked {
     boot_mb: u64,
     config: MemoryConfig,
     target: Option<u64>,
+    /// When `target` was set.
+    target_at: Instant,
     activity: Activity,
     last_change: Option<String>,
     published: Option<MemoryView>,
@@ -198,17 +200,22 @@ impl State {
                 t.config = cfg;
             }
             let r = read(record, t, s);
-            if let (Some(actual), Some(stats)) = (r.actual, r.stats) {
-                let active = t.activity.observe(stats.used_fraction());
+            if let Some(actual) = r.actual {
+                let stats = r.stats.filter(|st| !settling(t, actual, st, s.interval));
+                if let Some(st) = &stats {
+                    t.activity.observe(st.used_fraction());
+                }
                 let ceiling = t.config.max.map_or(t.boot_mb, |m| m.min(t.boot_mb));
+                // A VM without usable stats this round is still counted (its memory is
+                // held), but the planner leaves it alone.
                 inputs.push(mem::Vm {
                     name: record.name.clone(),
                     floor: t.config.min.min(ceiling),
                     ceiling,
                     shares: t.config.shares,
                     actual,
-                    stats: Some(stats),
-                    active,
+                    stats,
+                    active: t.activity.value(),
                 });
             }
             readings.insert(record.name.clone(), r);
@@ -241,6 +248,7 @@ impl State {
                         target.why
                     );
                     t.target = Some(target.target);
+                    t.target_at = Instant::now();
                     t.last_change = Some(target.why.to_owned());
                 }
                 Err(e) => {
@@ -260,6 +268,16 @@ impl State {
             publish(state_dir, &name, t, &r, s);
         }
     }
+}
+
+/// Whether a VM's balloon is still moving, so that its stats describe another size: the last
+/// target is not reached yet (for at most 3 intervals: a guest that cannot inflate further must
+/// not freeze its VM), or the guest's MemTotal is above the balloon's size (stats from before
+/// an inflation).
+fn settling(t: &Tracked, actual: u64, stats: &Stats, interval: Duration) -> bool {
+    let moving =
+        t.target.is_some_and(|tg| tg.abs_diff(actual) > 16) && t.target_at.elapsed() < 3 * interval;
+    moving || stats.total > actual
 }
 
 fn qmp(record: &VmRecord) -> Result<qmp::Client, qmp::Error> {
@@ -307,6 +325,7 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
         boot_mb,
         config: cfg.clone(),
         target,
+        target_at: Instant::now(),
         activity: Activity::default(),
         last_change: target.map(|_| "memory_start".to_owned()),
         published: None,
@@ -436,10 +455,13 @@ fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &Memor
         at: (unix_now() * 10.0).round() / 10.0,
     };
     if t.published.as_ref().map(|p| &p.state) != Some(&view.state) {
-        tracing::info!("{name}: memory {state}{}", match &view.error {
-            Some(e) => format!(": {e}"),
-            None => String::new(),
-        });
+        tracing::info!(
+            "{name}: memory {state}{}",
+            match &view.error {
+                Some(e) => format!(": {e}"),
+                None => String::new(),
+            }
+        );
     }
     let dir = state_dir.join(name);
     if dir.is_dir() {
@@ -507,14 +529,21 @@ mod tests {
         assert_eq!(parse_stats(&minus, 1001.0, Duration::from_secs(2)), None);
         minus["stats"]["stat-available-memory"] = u64::MAX.into();
         assert_eq!(parse_stats(&minus, 1001.0, Duration::from_secs(2)), None);
-        assert_eq!(parse_stats(&serde_json::json!("garbage"), 1.0, Duration::from_secs(2)), None);
+        assert_eq!(
+            parse_stats(&serde_json::json!("garbage"), 1.0, Duration::from_secs(2)),
+            None
+        );
     }
 
     #[test]
     fn host_memavailable_is_read_from_meminfo() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("meminfo");
-        std::fs::write(&p, "MemTotal: 24000000 kB\nMemFree: 1 kB\nMemAvailable:   2048000 kB\n").unwrap();
+        std::fs::write(
+            &p,
+            "MemTotal: 24000000 kB\nMemFree: 1 kB\nMemAvailable:   2048000 kB\n",
+        )
+        .unwrap();
         assert_eq!(host_available_mb(&p), Some(2000));
         std::fs::write(&p, "MemTotal: 1 kB\n").unwrap();
         assert_eq!(host_available_mb(&p), None);

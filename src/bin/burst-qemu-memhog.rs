@@ -9,10 +9,12 @@
 //!
 //! ```text
 //! burst-qemu-memhog [--rate MB/s] [--max MB] [--chunk MB] [--margin MB] [--stall S]
-//!                   [--hold S] [--free-rate MB/s] [--idle S] [--touch]
+//!                   [--grow-for S] [--hold S] [--free-rate MB/s] [--idle S] [--touch]
 //! ```
-//! Prints one line a second (`t=… hog=… MB avail=… MB`) and `REACHED N MB` or `FAILED at N
-//! MB`, `FREED`, `DONE`.
+//! Defaults: 64 MB/s in 4 MB chunks up to 1024 MB, margin 48 MB, stall 10 s, hold 5 s, free
+//! at once, no idling. `--grow-for` ends the growth after S seconds however far it got.
+//! Prints one line a second (`t=… hog=… MB avail=… MB`) and `REACHED N MB`, `FAILED at N MB`
+//! or `STOPPED at N MB`, then `FREED`, `DONE`.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ struct Args {
     hold: f64,
     free_rate: f64,
     idle: f64,
+    grow_for: f64,
     touch: bool,
 }
 
@@ -38,6 +41,7 @@ fn parse() -> Result<Args, String> {
         hold: 5.0,
         free_rate: 0.0,
         idle: 0.0,
+        grow_for: 0.0,
         touch: false,
     };
     let mut it = std::env::args().skip(1);
@@ -62,6 +66,7 @@ fn parse() -> Result<Args, String> {
             "--hold" => a.hold = num(&value)?,
             "--free-rate" => a.free_rate = num(&value)?,
             "--idle" => a.idle = num(&value)?,
+            "--grow-for" => a.grow_for = num(&value)?,
             _ => return Err(format!("unknown flag {flag} (see the head of the source)")),
         }
     }
@@ -112,6 +117,10 @@ fn main() {
     let mut outcome = "REACHED";
     while (held.len() as u64) * a.chunk < a.max {
         report(&held, &mut last_report);
+        if a.grow_for > 0.0 && grow_start.elapsed().as_secs_f64() >= a.grow_for {
+            outcome = "STOPPED at";
+            break;
+        }
         // Keep to the rate.
         let due = (held.len() as f64 + 1.0) * a.chunk as f64 / a.rate;
         let ahead = due - grow_start.elapsed().as_secs_f64();

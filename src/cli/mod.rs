@@ -203,13 +203,28 @@ struct AgentArgs {
     #[arg(long, value_name = "thresholds|idle-tax|off", default_value = "thresholds", value_parser = ["thresholds", "idle-tax", "off"], env = "BURST_QEMU_MEMORY_POLICY")]
     memory_policy: String,
     /// Seconds between memory coordinator rounds (and the guests' stats polling interval).
-    #[arg(long, value_name = "SECONDS", default_value_t = 2.0, env = "BURST_QEMU_MEMORY_INTERVAL")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        env = "BURST_QEMU_MEMORY_INTERVAL"
+    )]
     memory_interval: f64,
     /// The idle-memory tax rate, percent (idle-tax policy).
-    #[arg(long, value_name = "PCT", default_value_t = 75.0, env = "BURST_QEMU_IDLE_TAX")]
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 75.0,
+        env = "BURST_QEMU_IDLE_TAX"
+    )]
     idle_tax: f64,
     /// Host memory (MemAvailable) the coordinator never gives to VMs, MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 200, env = "BURST_QEMU_HOST_RESERVE")]
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 200,
+        env = "BURST_QEMU_HOST_RESERVE"
+    )]
     host_reserve: u64,
     /// A cap on the memory all balanced VMs hold together, MiB [default: only the host limits].
     #[arg(long, value_name = "MIB", env = "BURST_QEMU_MEMORY_POOL")]

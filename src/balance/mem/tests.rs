@@ -177,7 +177,7 @@ fn thresholds_four_hogs_stop_at_the_pool() {
     let sum: u64 = last.iter().sum();
     assert!(sum <= 4000 && sum >= 4000 - 4 * s.min_change, "{last:?}");
     assert!(
-        last.iter().all(|&a| a < 2048 && a >= 900),
+        last.iter().all(|a| (900..2048).contains(a)),
         "shared: {last:?}"
     );
 }
@@ -185,7 +185,7 @@ fn thresholds_four_hogs_stop_at_the_pool() {
 #[test]
 fn thresholds_keeps_the_host_reserve_and_takes_back_when_the_host_is_short() {
     let s = Settings::default();
-    let mut g = vec![Guest::new("a", 2048, 1500), Guest::new("b", 2048, 512)];
+    let mut g = [Guest::new("a", 2048, 1500), Guest::new("b", 2048, 512)];
     g[1].hog = 512 - KERNEL - BASE_USE - 50;
     g[1].refresh();
     // The host has 150 MiB free: 50 below its reserve. a gives back; b grows only by what a
