@@ -441,20 +441,80 @@ fn one_hog_frees_while_another_grows() {
     }
 }
 
-/// The split (active VM's share of the two VMs' memory) over the last `n` rounds, and each
-/// VM's smoothed active fraction in the last.
+/// The split (active VM's share of the two VMs' memory) over the last `n` rounds that saw both
+/// with stats, and each VM's smoothed active fraction in the last.
 fn split(t: &[TraceLine], n: usize) -> (f64, f64, f64) {
-    let last: Vec<&TraceLine> = t.iter().rev().take(n).collect();
+    let both = |l: &&TraceLine| {
+        ["idle", "active"]
+            .iter()
+            .all(|name| l.vms.iter().any(|v| v.name == *name && v.stats.is_some()))
+    };
+    let last: Vec<&TraceLine> = t.iter().rev().filter(both).take(n).collect();
+    assert_eq!(last.len(), n, "fewer than {n} rounds saw both VMs");
+    let size = |l: &TraceLine, name: &str| {
+        l.vms
+            .iter()
+            .find(|v| v.name == name)
+            .map_or(0.0, |v| v.actual as f64)
+    };
     let share = last
         .iter()
-        .map(|l| {
-            let size = |name: &str| l.vms.iter().find(|v| v.name == name).unwrap().actual as f64;
-            size("active") / (size("active") + size("idle"))
-        })
+        .map(|l| size(l, "active") / (size(l, "active") + size(l, "idle")))
         .sum::<f64>()
         / n as f64;
-    let f = |name: &str| last[0].vms.iter().find(|v| v.name == name).unwrap().active;
+    let f = |name: &str| {
+        last[0]
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .map_or(0.0, |v| v.active)
+    };
     (share, f("active"), f("idle"))
+}
+
+/// Waits until the coordinator has settled: 4 rounds in a row (after round `from`) that saw
+/// both VMs with stats and moved nothing. Returns how long it took, s.
+fn settle(s: &Scratch, from: usize, within: Duration) -> f64 {
+    let started = Instant::now();
+    loop {
+        let t = trace(s);
+        let tail: Vec<&TraceLine> = t.iter().skip(from).rev().take(4).collect();
+        let quiet = tail.len() == 4
+            && tail.iter().all(|l| {
+                l.targets.is_empty() && l.vms.len() == 2 && l.vms.iter().all(|v| v.stats.is_some())
+            });
+        if quiet {
+            return started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > within {
+            let tail: Vec<String> = t
+                .iter()
+                .rev()
+                .take(8)
+                .map(|l| {
+                    let vms: Vec<String> = l
+                        .vms
+                        .iter()
+                        .map(|v| {
+                            format!("{} {} {:?}", v.name, v.actual, v.stats.map(|s| s.available))
+                        })
+                        .collect();
+                    format!(
+                        "{vms:?} -> {:?}",
+                        l.targets
+                            .iter()
+                            .map(|t| (&t.name, t.target))
+                            .collect::<Vec<_>>()
+                    )
+                })
+                .collect();
+            panic!(
+                "not settled in {within:?}; last rounds (newest first):\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// Idle tax (Waldspurger §5.4, fact sheet §3.3): two VMs with equal shares, one idle, one
@@ -483,14 +543,14 @@ fn idle_tax_moves_memory_from_the_idle_vm() {
     };
     let f0 = flags("0");
     let mut agent0 = agent(&s, &f0.iter().map(String::as_str).collect::<Vec<_>>());
-    let hungry = hog("--rate 128 --max 3400 --stall 0 --grow-for 100 --hold 0");
+    let hungry = hog("--rate 128 --max 3400 --stall 0 --grow-for 200 --hold 0");
     let hungry: Vec<&str> = hungry.iter().map(String::as_str).collect();
     let mut guests = vec![
         guest(
             &s,
             "idle",
             "memory_max = 3400\nmemory_start = 2600\n",
-            &["sleep", "125"],
+            &["sleep", "250"],
         ),
         guest(
             &s,
@@ -499,7 +559,8 @@ fn idle_tax_moves_memory_from_the_idle_vm() {
             &hungry,
         ),
     ];
-    std::thread::sleep(Duration::from_secs(40));
+    let took = settle(&s, 0, Duration::from_secs(120));
+    eprintln!("tax 0 %: settled {took:.0} s after the guests started");
     let _ = agent0.kill();
     let _ = agent0.wait();
     let t = trace(&s);
@@ -511,7 +572,8 @@ fn idle_tax_moves_memory_from_the_idle_vm() {
     let phase1 = t.len();
     let f75 = flags("75");
     let mut agent75 = agent(&s, &f75.iter().map(String::as_str).collect::<Vec<_>>());
-    std::thread::sleep(Duration::from_secs(50));
+    let took = settle(&s, phase1, Duration::from_secs(120));
+    eprintln!("tax 75 %: settled {took:.0} s after the agent restarted");
     let _ = agent75.kill();
     let _ = agent75.wait();
     let t = trace(&s);

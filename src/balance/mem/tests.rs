@@ -367,3 +367,35 @@ proptest! {
         check_invariants(&s, &vms, host, &t);
     }
 }
+
+/// A recorded run (`agent --memory-trace`, thresholds, no pool): one Debian 6.1 guest running
+/// `burst-qemu-memhog --rate 64 --max 900` and one idle guest, both `-m 1024` started at 384
+/// MiB. Each round's input, planned again, gives the recorded targets and keeps the invariants.
+#[test]
+fn recorded_rounds_replay_to_the_same_targets() {
+    let text = include_str!("traces/one-hog-two-vms.jsonl");
+    let s = Settings::default();
+    let mut rounds = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let vms: Vec<Vm> = serde_json::from_value(v["vms"].clone()).unwrap();
+        let host = v["host_available"].as_u64().unwrap();
+        let recorded: Vec<(String, u64)> = v["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap().to_owned(),
+                    t["target"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let planned = plan(&s, &vms, host);
+        check_invariants(&s, &vms, host, &planned);
+        let planned: Vec<(String, u64)> = planned.into_iter().map(|t| (t.name, t.target)).collect();
+        assert_eq!(planned, recorded, "round {line}");
+        rounds += 1;
+    }
+    assert!(rounds >= 20);
+}
