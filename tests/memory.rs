@@ -220,10 +220,16 @@ fn falls(t: &[TraceLine], name: &str, from: f64) -> Vec<(f64, u64, u64)> {
 }
 
 const VM: &str = "memory_max = 1024\nmemory_start = 384\n";
-const IDLE: &[&str] = &["sleep", "75"];
+const IDLE: &[&str] = &["sleep", "110"];
 
 fn hog(args: &str) -> Vec<String> {
-    let mut v = vec![hog_bin().to_owned()];
+    // Like runtestN.py, which sets every VM to 512 MiB before the programs start: each hog
+    // waits until its balloon is down at the start size.
+    let mut v = vec![
+        hog_bin().to_owned(),
+        "--after-total".into(),
+        (START + 16).to_string(),
+    ];
     v.extend(args.split_whitespace().map(str::to_owned));
     v
 }
@@ -543,7 +549,7 @@ fn idle_tax_moves_memory_from_the_idle_vm() {
     };
     let f0 = flags("0");
     let mut agent0 = agent(&s, &f0.iter().map(String::as_str).collect::<Vec<_>>());
-    let hungry = hog("--rate 128 --max 3400 --stall 0 --grow-for 200 --hold 0");
+    let hungry = hog("--after-total 1416 --rate 128 --max 3400 --stall 0 --grow-for 200 --hold 0");
     let hungry: Vec<&str> = hungry.iter().map(String::as_str).collect();
     let mut guests = vec![
         guest(

@@ -142,6 +142,8 @@ struct Tracked {
     target: Option<u64>,
     /// When `target` was set.
     target_at: Instant,
+    /// The balloon's size in the previous round.
+    last_actual: Option<u64>,
     activity: Activity,
     last_change: Option<String>,
     published: Option<MemoryView>,
@@ -202,6 +204,7 @@ impl State {
             let r = read(record, t, s);
             if let Some(actual) = r.actual {
                 let stats = r.stats.filter(|st| !settling(t, actual, st, s.interval));
+                t.last_actual = Some(actual);
                 if let Some(st) = &stats {
                     t.activity.observe(st.used_fraction());
                 }
@@ -326,6 +329,7 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
         config: cfg.clone(),
         target,
         target_at: Instant::now(),
+        last_actual: None,
         activity: Activity::default(),
         last_change: target.map(|_| "memory_start".to_owned()),
         published: None,

@@ -9,10 +9,13 @@
 //!
 //! ```text
 //! burst-qemu-memhog [--rate MB/s] [--max MB] [--chunk MB] [--margin MB] [--stall S]
-//!                   [--grow-for S] [--hold S] [--free-rate MB/s] [--idle S] [--touch]
+//!                   [--after-total MB] [--grow-for S] [--hold S] [--free-rate MB/s]
+//!                   [--idle S] [--touch]
 //! ```
 //! Defaults: 64 MB/s in 4 MB chunks up to 1024 MB, margin 48 MB, stall 10 s, hold 5 s, free
-//! at once, no idling. `--grow-for` ends the growth after S seconds however far it got.
+//! at once, no idling. `--after-total` first waits until the guest's MemTotal is at most MB
+//! (the balloon has brought the VM down to its start size). `--grow-for` ends the growth after
+//! S seconds however far it got.
 //! Prints one line a second (`t=… hog=… MB avail=… MB`) and `REACHED N MB`, `FAILED at N MB`
 //! or `STOPPED at N MB`, then `FREED`, `DONE`.
 
@@ -28,6 +31,7 @@ struct Args {
     free_rate: f64,
     idle: f64,
     grow_for: f64,
+    after_total: u64,
     touch: bool,
 }
 
@@ -42,6 +46,7 @@ fn parse() -> Result<Args, String> {
         free_rate: 0.0,
         idle: 0.0,
         grow_for: 0.0,
+        after_total: 0,
         touch: false,
     };
     let mut it = std::env::args().skip(1);
@@ -67,6 +72,7 @@ fn parse() -> Result<Args, String> {
             "--free-rate" => a.free_rate = num(&value)?,
             "--idle" => a.idle = num(&value)?,
             "--grow-for" => a.grow_for = num(&value)?,
+            "--after-total" => a.after_total = num(&value)? as u64,
             _ => return Err(format!("unknown flag {flag} (see the head of the source)")),
         }
     }
@@ -76,15 +82,19 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn mem_available_mb() -> u64 {
+fn meminfo_mb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| {
             t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb / 1024)
+}
+
+fn mem_available_mb() -> u64 {
+    meminfo_mb("MemAvailable:")
 }
 
 const MB: usize = 1 << 20;
@@ -97,6 +107,20 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if a.after_total > 0 {
+        // Like the published test scripts, which set every VM's memory before the programs
+        // start: wait (at most 5 minutes) until the balloon has brought MemTotal down.
+        let waited = Instant::now();
+        while meminfo_mb("MemTotal:") > a.after_total && waited.elapsed() < Duration::from_secs(300)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!(
+            "MemTotal {} MB after {:.1} s",
+            meminfo_mb("MemTotal:"),
+            waited.elapsed().as_secs_f64()
+        );
+    }
     let start = Instant::now();
     let mut held: Vec<Vec<u8>> = Vec::new();
     let mut last_report = Instant::now() - Duration::from_secs(1);
