@@ -91,7 +91,12 @@ fn agent(s: &Scratch, flags: &[&str]) -> Child {
         .open(s.state().join("agent.log"))
         .unwrap();
     let child = bin()
-        .args(["agent", "--contention", "off", "--memory-interval", "2"])
+        .args(["agent", "--contention", "off"])
+        .args(if flags.contains(&"--memory-interval") {
+            &[][..]
+        } else {
+            &["--memory-interval", "2"][..]
+        })
         .arg("--memory-trace")
         .arg(s.path().join("trace.jsonl"))
         .args(flags)
@@ -357,10 +362,16 @@ fn four_hogs_are_limited_by_the_host() {
         most >= POOL - 200,
         "the hogs used only {most} of the {POOL} MiB pool"
     );
+    // The published rules feed the neediest VM first and do not take from one needy VM for
+    // another: whichever hogs grew first hold the pool (not an equal split).
+    let grew = guests
+        .iter()
+        .filter(|g| curve(&t, &g.name).iter().any(|x| x.1 > START + 64))
+        .count();
+    assert!(grew >= 2, "only {grew} hogs grew");
     for g in &guests {
         let c = curve(&t, &g.name);
         let peak = c.iter().map(|x| x.1).max().unwrap();
-        assert!(peak > START + 64, "{}: never grew ({peak} MiB)", g.name);
         assert!(
             peak < 1000,
             "{}: reached {peak} MiB although the host was the limit",
@@ -627,4 +638,51 @@ fn assert_no_oom_only(guests: &[Guest]) {
             assert!(!c.contains(bad), "{}: guest OOM ({bad}):\n{c}", g.name);
         }
     }
+}
+
+/// A VM without a balloon driver (the project's firmware guest: no Linux) asks for memory
+/// balancing: the launcher adds the balloon, QEMU's stats stay −1, and the coordinator leaves
+/// the VM alone and shows it as `no-driver` in `burst-qemu mem`.
+#[test]
+fn a_vm_without_a_balloon_driver_is_left_alone_and_shown() {
+    if !require_qemu() || !require_cgroups() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut agent = agent(&s, &["--memory-interval", "0.5"]);
+    write_config(
+        &s,
+        "fw",
+        "vcpus = 1\nbaseline = 100\nbalance_memory = true\nmemory_min = 64\nmemory_start = 96\n",
+    );
+    let qemu = s.qemu_args(burst_qemu::testguest::Behaviour::Halt);
+    let qemu: Vec<String> = qemu
+        .into_iter()
+        .map(|a| if a == "16" { "128".into() } else { a })
+        .collect();
+    let _vm = Launched::start(&s, "fw", &[], &qemu);
+    let mut last = serde_json::Value::Null;
+    wait_until("mem to show no-driver", Duration::from_secs(30), || {
+        let out = s.cli(&["mem", "--json"]);
+        last = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        last[0]["state"] == "no-driver"
+    });
+    // The start size was asked for once; without a driver the balloon never moved.
+    assert_eq!(last[0]["actual_mb"], 128, "{last}");
+    assert_eq!(last[0]["unused_mb"], serde_json::Value::Null, "{last}");
+    let table = String::from_utf8(s.cli(&["mem"]).stdout).unwrap();
+    assert!(
+        table.contains("fw") && table.contains("no-driver"),
+        "{table}"
+    );
+    let ls = s.cli(&["ls", "--json"]);
+    let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(ls[0]["memory"]["state"], "no-driver", "{ls}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let rounds = trace(&s);
+    assert!(
+        rounds.iter().all(|l| l.targets.is_empty()),
+        "a balloon moved"
+    );
 }

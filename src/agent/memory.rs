@@ -31,8 +31,10 @@ use crate::state::{self, VmRecord};
 
 /// The file each memory-balanced VM's view is published in, in its runtime dir.
 pub const MEMORY_JSON: &str = "memory.json";
-/// How long a VM may go without stats after adoption before it is shown as having no driver.
-pub const DRIVER_GRACE: Duration = Duration::from_secs(30);
+/// How many intervals a VM may go without stats after adoption before it is shown as having no
+/// balloon driver (at the default 2 s, 20 s: a Linux guest under TCG loads its driver within
+/// a few seconds of boot).
+pub const DRIVER_GRACE_ROUNDS: u32 = 10;
 /// How long one QMP answer may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -242,6 +244,17 @@ impl State {
             let Some(t) = self.vms.get_mut(&target.name) else {
                 continue;
             };
+            let actual = inputs
+                .iter()
+                .find(|v| v.name == target.name)
+                .map_or(0, |v| v.actual);
+            if t.target
+                .is_some_and(|pending| pending <= target.target && target.target < actual)
+            {
+                // A shrink to above a shrink still in flight (a guest slow to inflate to
+                // memory_start): it would undo part of it.
+                continue;
+            }
             match set_target(record, target.target) {
                 Ok(()) => {
                     tracing::debug!(
@@ -436,7 +449,11 @@ fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &Memor
     let state = match (&r.error, &r.stats) {
         (Some(_), _) if t.balloon_path.is_some() => "error",
         (_, Some(_)) => "balanced",
-        _ if t.balloon_path.is_none() || t.adopted.elapsed() >= DRIVER_GRACE => "no-driver",
+        _ if t.balloon_path.is_none()
+            || t.adopted.elapsed() >= DRIVER_GRACE_ROUNDS * s.interval =>
+        {
+            "no-driver"
+        }
         _ => "waiting",
     };
     let view = MemoryView {
