@@ -25,6 +25,31 @@ pub struct VmConfig {
     /// The host CPUs the pinning balancer may put this VM's vCPUs on (`cpus = "0-1"` or
     /// `cpus = [0, 1]`); `None`: any CPU it manages.
     pub cpus: Option<Vec<u32>>,
+    /// The memory coordinator's settings (`balance_memory = true` and the `memory_*` keys);
+    /// `None`: this VM's memory is not balanced.
+    pub memory: Option<MemoryConfig>,
+}
+
+/// A VM's settings for the balloon memory coordinator, MiB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Never ballooned below this (`memory_min`, default 200).
+    pub min: u64,
+    /// Never above this (`memory_max`); the boot size (`-m`) when absent or lower. The
+    /// launcher boots at `-m memory_max` when QEMU has no `-m`.
+    pub max: Option<u64>,
+    /// Ballooned to this once the VM is adopted (`memory_start`, like libvirt's
+    /// currentMemory); absent: it starts at its boot size.
+    pub start: Option<u64>,
+    /// Shares for the idle-tax policy (`memory_shares`, default 1000).
+    pub shares: u64,
+}
+
+impl MemoryConfig {
+    /// The default floor, MiB.
+    pub const DEFAULT_MIN: u64 = 200;
+    /// The default shares.
+    pub const DEFAULT_SHARES: u64 = 1000;
 }
 
 /// A config file that cannot be used.
@@ -66,6 +91,11 @@ struct Raw {
     credits: Option<Spanned<f64>>,
     disk_share: Option<Spanned<f64>>,
     cpus: Option<Spanned<CpuSpec>>,
+    balance_memory: Option<Spanned<bool>>,
+    memory_min: Option<Spanned<i64>>,
+    memory_max: Option<Spanned<i64>>,
+    memory_start: Option<Spanned<i64>>,
+    memory_shares: Option<Spanned<i64>>,
 }
 
 /// `cpus = "0-1,3"` or `cpus = [0, 1, 3]`.
@@ -114,6 +144,7 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
         invalid(line, &field, message)
     })?;
     let at = |s: &std::ops::Range<usize>| line_of(text, s.start);
+    let memory = memory_config(&raw, &|s, f, m| invalid(at(s), f, m))?;
 
     let vcpus = raw
         .vcpus
@@ -208,7 +239,72 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
         credits,
         disk_share,
         cpus,
+        memory,
     })
+}
+
+type Invalid<'a> = dyn Fn(&std::ops::Range<usize>, &str, String) -> ConfigError + 'a;
+
+/// The `memory_*` keys: sizes in MiB, 64 ≤ memory_min ≤ memory_start ≤ memory_max.
+fn memory_config(raw: &Raw, invalid: &Invalid) -> Result<Option<MemoryConfig>, ConfigError> {
+    let mib = |v: &Option<Spanned<i64>>, field: &str, lo: i64, hi: i64| {
+        v.as_ref()
+            .map(|s| {
+                let x = *s.get_ref();
+                if (lo..=hi).contains(&x) {
+                    Ok((x as u64, s.span()))
+                } else {
+                    Err(invalid(
+                        &s.span(),
+                        field,
+                        format!("{x} is out of range: give {lo} to {hi}"),
+                    ))
+                }
+            })
+            .transpose()
+    };
+    const MAX_MIB: i64 = 1 << 30; // 1 PiB
+    let min = mib(&raw.memory_min, "memory_min", 64, MAX_MIB)?;
+    let max = mib(&raw.memory_max, "memory_max", 64, MAX_MIB)?;
+    let start = mib(&raw.memory_start, "memory_start", 64, MAX_MIB)?;
+    let shares = mib(&raw.memory_shares, "memory_shares", 1, 1_000_000)?;
+    let floor = min.as_ref().map_or(MemoryConfig::DEFAULT_MIN, |m| m.0);
+    if let Some((m, span)) = &max {
+        if *m < floor {
+            return Err(invalid(
+                span,
+                "memory_max",
+                format!("{m} is below memory_min ({floor})"),
+            ));
+        }
+    }
+    if let Some((st, span)) = &start {
+        if *st < floor {
+            return Err(invalid(
+                span,
+                "memory_start",
+                format!("{st} is below memory_min ({floor})"),
+            ));
+        }
+        if let Some((m, _)) = &max {
+            if st > m {
+                return Err(invalid(
+                    span,
+                    "memory_start",
+                    format!("{st} is above memory_max ({m})"),
+                ));
+            }
+        }
+    }
+    if !raw.balance_memory.as_ref().is_some_and(|b| *b.get_ref()) {
+        return Ok(None);
+    }
+    Ok(Some(MemoryConfig {
+        min: floor,
+        max: max.map(|m| m.0),
+        start: start.map(|s| s.0),
+        shares: shares.map_or(MemoryConfig::DEFAULT_SHARES, |s| s.0),
+    }))
 }
 
 /// Reads and validates a config file.
@@ -298,14 +394,38 @@ pub fn render(config: &VmConfig) -> String {
          \n\
          # Host CPUs the pinning balancer (agent --balance cpu) may pin this VM's vCPUs to,\n\
          # as \"0-1,3\" or [0, 1, 3]. Default: any CPU the agent manages.\n\
-         {cpus_line}\n",
+         {cpus_line}\n\
+         \n\
+         # Balloon memory coordinator (sizes in MiB; see the README): balance this VM's memory,\n\
+         # never below memory_min (default 200) nor above memory_max (default: the boot -m);\n\
+         # balloon to memory_start once running; memory_shares for the idle-tax policy.\n\
+         {memory_lines}\n",
         vcpus = p.vcpus(),
         baseline = Num(p.baseline().percent()),
         mode = p.mode(),
         initial = Num(config.initial_credits.as_credits()),
         default_max = Num(default_max.as_credits()),
         decline = Num(p.decline_ns() as f64 / crate::credit::NS_PER_MIN as f64),
+        memory_lines = memory_lines(config.memory.as_ref()),
     )
+}
+
+fn memory_lines(m: Option<&MemoryConfig>) -> String {
+    let Some(m) = m else {
+        return "# balance_memory = true\n# memory_min = 200\n# memory_shares = 1000".into();
+    };
+    let mut lines = vec![
+        "balance_memory = true".to_owned(),
+        format!("memory_min = {}", m.min),
+    ];
+    if let Some(x) = m.max {
+        lines.push(format!("memory_max = {x}"));
+    }
+    if let Some(x) = m.start {
+        lines.push(format!("memory_start = {x}"));
+    }
+    lines.push(format!("memory_shares = {}", m.shares));
+    lines.join("\n")
 }
 
 /// Writes `config` to `path` atomically (a temporary file renamed over it).
@@ -352,6 +472,49 @@ mod tests {
         let e = parse_str("vcpus = 1\nbaseline = 5\ncpus = \"1,0-0\"\n").unwrap();
         assert_eq!(e.cpus, Some(vec![0, 1]));
         assert_eq!(parse_str(&render(&e)).unwrap(), e);
+        let m = parse_str(
+            "vcpus = 1\nbaseline = 5\nbalance_memory = true\nmemory_max = 2048\nmemory_start = 512\nmemory_shares = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            m.memory,
+            Some(MemoryConfig {
+                min: 200,
+                max: Some(2048),
+                start: Some(512),
+                shares: 3
+            })
+        );
+        assert_eq!(parse_str(&render(&m)).unwrap(), m);
+    }
+
+    #[test]
+    fn memory_keys_are_validated_with_their_line() {
+        let base = "vcpus = 1\nbaseline = 5\nbalance_memory = true\n";
+        let e = |extra: &str| err(&format!("{base}{extra}"));
+        assert_eq!(
+            e("memory_min = 10\n"),
+            "vms/a.toml:4: memory_min: 10 is out of range: give 64 to 1073741824"
+        );
+        assert_eq!(
+            e("memory_max = 100\n"),
+            "vms/a.toml:4: memory_max: 100 is below memory_min (200)"
+        );
+        assert_eq!(
+            e("memory_max = 500\nmemory_start = 600\n"),
+            "vms/a.toml:5: memory_start: 600 is above memory_max (500)"
+        );
+        assert!(e("memory_shares = 0\n").starts_with("vms/a.toml:4: memory_shares:"));
+        assert!(e("memory_min = \"big\"\n").starts_with("vms/a.toml:4: memory_min:"));
+        assert!(err("vcpus = 1\nbaseline = 5\nbalance_memory = 1\n")
+            .starts_with("vms/a.toml:3: balance_memory:"));
+        // Off unless asked for; the keys are still checked.
+        assert_eq!(
+            parse_str("vcpus = 1\nbaseline = 5\nmemory_min = 300\n")
+                .unwrap()
+                .memory,
+            None
+        );
     }
 
     #[test]

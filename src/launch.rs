@@ -192,6 +192,29 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// The value of QEMU option `opt` (given as `-opt` or `--opt`), with its index.
+/// The arguments a memory-balanced VM needs beyond the user's: a balloon device when QEMU has
+/// none (`-device virtio-balloon-pci,id=balloon0`), and `-m memory_max` when QEMU has no `-m`
+/// (the VM boots at its ceiling and is ballooned down to `memory_start`, as libvirt does for
+/// currentMemory).
+pub fn memory_args(args: &[OsString], m: &config::MemoryConfig) -> Vec<String> {
+    let mut extra = Vec::new();
+    let has_balloon = option(args, "device").iter().any(|(_, v)| {
+        v.split(',')
+            .next()
+            .is_some_and(|d| d.starts_with("virtio-balloon"))
+    });
+    if !has_balloon {
+        extra.extend(["-device".to_owned(), BALLOON_DEVICE.to_owned()]);
+    }
+    if let (Some(max), true) = (m.max, option(args, "m").is_empty()) {
+        extra.extend(["-m".to_owned(), format!("{max}M")]);
+    }
+    extra
+}
+
+/// The balloon device the launcher adds (its QOM path is `/machine/peripheral/balloon0`).
+pub const BALLOON_DEVICE: &str = "virtio-balloon-pci,id=balloon0";
+
 fn option<'a>(args: &'a [OsString], opt: &str) -> Vec<(usize, &'a str)> {
     let mut found = Vec::new();
     let mut i = 0;
@@ -348,6 +371,7 @@ fn resolve_config(
             credits: file.credits,
             disk_share: file.disk_share,
             cpus: file.cpus,
+            memory: file.memory,
         };
         return Ok((cfg, true));
     }
@@ -373,6 +397,7 @@ fn resolve_config(
         credits: None,
         disk_share: None,
         cpus: None,
+        memory: None,
     };
     Ok((cfg, true))
 }
@@ -458,6 +483,9 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
     }
     if option(args, "name").is_empty() {
         cmd.arg("-name").arg(format!("{name},debug-threads=on"));
+    }
+    if let Some(m) = &cfg.memory {
+        cmd.args(memory_args(args, m));
     }
     let mut keep_fds = passed_fds(args);
     let monitor = match user_socket {
@@ -864,6 +892,23 @@ mod tests {
         assert_eq!(
             user_qmp_socket(&os(&["-qmp", "unix:/tmp/q.sock,server,nowait"])),
             Some(PathBuf::from("/tmp/q.sock"))
+        );
+    }
+
+    #[test]
+    fn memory_balanced_vms_get_a_balloon_and_boot_at_their_max() {
+        let m = config::MemoryConfig {
+            min: 200,
+            max: Some(2048),
+            start: Some(512),
+            shares: 1000,
+        };
+        assert_eq!(
+            memory_args(&os(&["-kernel", "k"]), &m),
+            ["-device", BALLOON_DEVICE, "-m", "2048M"]
+        );
+        assert!(
+            memory_args(&os(&["-m", "1G", "-device", "virtio-balloon-pci,id=b"]), &m).is_empty()
         );
     }
 

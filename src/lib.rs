@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`agent`] | the loop: measure → `Ledger::tick` → `Enforcer::apply`; publishing; persistence |
+//! | [`balance`] | fleet balancers: balloon memory coordinator (pure planners) |
 //! | [`config`] | `vms/NAME.toml`: parse, validate, render; errors name file, line and field |
 //! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
 //! | [`enforce`] | the `Enforcer` trait and its cgroup v1/v2 implementation: mechanism only |

@@ -46,6 +46,7 @@ use crate::state::{self, Liveness, VmRecord};
 pub mod disk;
 pub mod history_file;
 mod ledger_file;
+pub mod memory;
 mod pinning;
 mod view;
 mod vm;
@@ -116,6 +117,8 @@ pub struct Settings {
     /// The vCPU pinning balancer (`--balance cpu`): the CPUs it manages and its interval;
     /// `None`: off.
     pub balance: Option<(Vec<u32>, Duration)>,
+    /// The balloon memory coordinator ([`memory`]); `None`: off.
+    pub memory: Option<memory::MemorySettings>,
 }
 
 enum Wake {
@@ -240,6 +243,12 @@ impl Agent {
             tracing::info!("serving Prometheus metrics on http://{bound}/metrics");
             self.metrics = Some(snap);
         }
+        // Its own thread (QMP may block); stopped when this function returns.
+        let _memory = self
+            .settings
+            .memory
+            .clone()
+            .map(|m| memory::spawn(self.settings.state_dir.clone(), m));
         self.scan(&mut watcher);
         let live: Vec<String> = self.vms.keys().cloned().collect();
         self.enforcer

@@ -128,6 +128,7 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
         credits: None,
         disk_share: None,
         cpus: None,
+        memory: None,
     }
 }
 

@@ -40,6 +40,40 @@ pub(super) fn capacity(arg: Option<&str>) -> Result<burst_qemu::credit::Rate, Fa
     Ok(Rate(count * PPM_PER_CPU))
 }
 
+/// The memory coordinator's settings from the flags (`None` for `--memory-policy off`).
+fn memory_settings(a: &AgentArgs) -> Result<Option<agent::memory::MemorySettings>, Failure> {
+    use burst_qemu::balance::mem;
+    if a.memory_policy == "off" {
+        return Ok(None);
+    }
+    let bad = |what: String| Failure::usage(anyhow::anyhow!(what));
+    let policy: mem::Policy = a.memory_policy.parse().map_err(bad)?;
+    if !(0.0..=95.0).contains(&a.idle_tax) {
+        return Err(bad(format!(
+            "--idle-tax {}: give a percentage from 0 to 95",
+            a.idle_tax
+        )));
+    }
+    if !(a.memory_interval >= 0.5 && a.memory_interval <= 3600.0) {
+        return Err(bad(format!(
+            "--memory-interval {}: give 0.5 to 3600 seconds",
+            a.memory_interval
+        )));
+    }
+    Ok(Some(agent::memory::MemorySettings {
+        planner: mem::Settings {
+            policy,
+            tax: a.idle_tax / 100.0,
+            host_reserve: a.host_reserve,
+            pool: a.memory_pool,
+            ..mem::Settings::default()
+        },
+        interval: Duration::from_secs_f64(a.memory_interval),
+        meminfo: "/proc/meminfo".into(),
+        trace: a.memory_trace.clone(),
+    }))
+}
+
 pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
     let state_dir = g.state_dir();
     let _lock = match agent::lock(&state_dir) {
@@ -109,6 +143,7 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         metrics_listen: a.metrics_listen,
         disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
+        memory: memory_settings(&a)?,
         contention: if a.contention == "off" {
             None
         } else {
@@ -178,6 +213,7 @@ fn run_ghost_agent(g: &Global, a: AgentArgs, state_dir: std::path::PathBuf) -> R
         metrics_listen: a.metrics_listen,
         disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
         balance: None,
+        memory: memory_settings(&a)?,
     };
     Agent::new(settings, Box::new(enforcer))
         .run()

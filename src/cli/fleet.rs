@@ -78,6 +78,8 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 v["pins"] = live.as_ref().and_then(|v| v.pins.clone()).into();
                 v["pin_changes"] = live.as_ref().and_then(|v| v.pin_changes).into();
                 v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
+                v["memory"] = serde_json::to_value(super::mem::read_memory(&dir, &vm.name))
+                    .unwrap_or_default();
                 let error = config_error(&dir, &vm.name);
                 v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
                 v["config_error"] = error.into();

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 mod agent_cmd;
 mod check;
 mod fleet;
+mod mem;
 mod observe;
 mod top;
 
@@ -123,9 +124,12 @@ enum Command {
     Resume(NameArgs),
     /// Show a VM's credits (running or stopped), or set its balance with --set.
     Credits(CreditsArgs),
+    /// Show the memory coordinator's view of the memory-balanced VMs (sizes in MiB): balloon
+    /// target, actual size, unused memory, floor, ceiling, shares, active fraction.
+    Mem(LsArgs),
     /// Run the credit agent for a state dir in the foreground (launchers start one
     /// automatically when none runs).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Report what this host supports: QEMU, KVM, cgroup CPU bandwidth, ghOSt; and the fix for
     /// each missing piece.
     Check,
@@ -217,6 +221,41 @@ struct AgentArgs {
         env = "BURST_QEMU_BALANCE_INTERVAL"
     )]
     balance_interval: f64,
+    /// The balloon memory coordinator, for VMs whose config says `balance_memory = true`:
+    /// `thresholds` (the published coordinator rules), `idle-tax` (shares with an idle-memory
+    /// tax) or `off`.
+    #[arg(long, value_name = "thresholds|idle-tax|off", default_value = "thresholds", value_parser = ["thresholds", "idle-tax", "off"], env = "BURST_QEMU_MEMORY_POLICY")]
+    memory_policy: String,
+    /// Seconds between memory coordinator rounds (and the guests' stats polling interval).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        env = "BURST_QEMU_MEMORY_INTERVAL"
+    )]
+    memory_interval: f64,
+    /// The idle-memory tax rate, percent (idle-tax policy).
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 75.0,
+        env = "BURST_QEMU_IDLE_TAX"
+    )]
+    idle_tax: f64,
+    /// Host memory (MemAvailable) the coordinator never gives to VMs, MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 200,
+        env = "BURST_QEMU_HOST_RESERVE"
+    )]
+    host_reserve: u64,
+    /// A cap on the memory all balanced VMs hold together, MiB [default: only the host limits].
+    #[arg(long, value_name = "MIB", env = "BURST_QEMU_MEMORY_POOL")]
+    memory_pool: Option<u64>,
+    /// Append each coordinator round (planner input and output) as a JSON line to FILE.
+    #[arg(long, value_name = "FILE", env = "BURST_QEMU_MEMORY_TRACE")]
+    memory_trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -417,7 +456,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Pause(a)) => qmp_on(g, &a, qmp::qapi::qmp::stop {}),
         Some(Command::Resume(a)) => qmp_on(g, &a, qmp::qapi::qmp::cont {}),
         Some(Command::Credits(a)) => credits(g, a),
-        Some(Command::Agent(a)) => run_agent(g, a),
+        Some(Command::Mem(a)) => mem::mem(g, a),
+        Some(Command::Agent(a)) => run_agent(g, *a),
         Some(Command::Check) => check(g),
         Some(Command::Simulate(args)) => simulate_cmd(args),
         Some(Command::Plot(a)) => {

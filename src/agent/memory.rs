@@ -1,0 +1,572 @@
+//! The balloon memory coordinator's mechanism: a thread of the agent that, every interval,
+//! reads each memory-balanced VM's balloon and guest stats over QMP and the host's
+//! MemAvailable, asks the pure planner ([`crate::balance::mem`]) for targets, sets them with
+//! QMP `balloon`, and publishes `<state dir>/<name>/memory.json` for `burst-qemu mem`.
+//!
+//! It runs apart from the credit loop because QMP can block (a busy or dying QEMU answers
+//! late, up to the timeout) and the credit tick must not wait for it. Each round opens one
+//! short QMP session per VM and closes it, so `ls`, `pause` and other clients (QEMU serves one
+//! at a time) get the monitor between rounds.
+//!
+//! Per VM and round: `qom-set guest-stats-polling-interval` (re-armed every round, as libvirt's
+//! coordinators do, since QEMU's timer stops when the guest stops answering), `qom-get
+//! guest-stats`, `query-balloon`; at adoption, `query-memory-size-summary` (the boot size, the
+//! ceiling) and, for a VM not yet ballooned, `balloon memory_start`. The VM's config is re-read
+//! every round, so edits of `memory_*` apply within one interval (a bad edit keeps the last
+//! good settings; the credit loop reports it).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::balance::mem::{self, Activity, Stats, MIB};
+use crate::config::{self, MemoryConfig};
+use crate::state::{self, VmRecord};
+
+/// The file each memory-balanced VM's view is published in, in its runtime dir.
+pub const MEMORY_JSON: &str = "memory.json";
+/// How many intervals a VM may go without stats after adoption before it is shown as having no
+/// balloon driver (at the default 2 s, 20 s: a Linux guest under TCG loads its driver within
+/// a few seconds of boot).
+pub const DRIVER_GRACE_ROUNDS: u32 = 10;
+/// How long one QMP answer may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The coordinator's settings.
+#[derive(Clone, Debug)]
+pub struct MemorySettings {
+    /// The planner's settings.
+    pub planner: mem::Settings,
+    /// How often the coordinator runs (and the guest's stats polling interval).
+    pub interval: Duration,
+    /// Where the host's MemAvailable is read (`/proc/meminfo`).
+    pub meminfo: PathBuf,
+    /// Append each round's planner input and output as a JSON line here (`--memory-trace`).
+    pub trace: Option<PathBuf>,
+}
+
+/// What `burst-qemu mem` shows of a VM (`memory.json`); sizes MiB.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryView {
+    /// The VM.
+    pub name: String,
+    /// `balanced`, `waiting` (no stats yet), `no-driver` (no stats after the grace period:
+    /// left alone), or `error` (QMP failed this round).
+    pub state: String,
+    /// The policy in force.
+    pub policy: String,
+    /// The floor (`memory_min`).
+    pub floor_mb: u64,
+    /// The ceiling: boot size, or `memory_max` when lower.
+    pub ceiling_mb: u64,
+    /// Shares (`memory_shares`).
+    pub shares: u64,
+    /// The last balloon target set (`None` before any).
+    pub target_mb: Option<u64>,
+    /// The balloon's actual size (`query-balloon`).
+    pub actual_mb: Option<u64>,
+    /// The guest's unused memory (MemAvailable, `stat-available-memory`).
+    pub unused_mb: Option<u64>,
+    /// The guest's free memory (`stat-free-memory`).
+    pub free_mb: Option<u64>,
+    /// The guest's MemTotal (`stat-total-memory`).
+    pub total_mb: Option<u64>,
+    /// The smoothed active fraction (idle-tax's f).
+    pub active_fraction: Option<f64>,
+    /// Why the target last moved.
+    pub last_change: Option<String>,
+    /// The QMP error of this round, if any.
+    pub error: Option<String>,
+    /// Unix time of this view.
+    pub at: f64,
+}
+
+/// The running coordinator; dropping it stops the thread.
+pub struct Coordinator {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the coordinator thread for the VMs of `state_dir`.
+pub fn spawn(state_dir: PathBuf, settings: MemorySettings) -> Coordinator {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name("memory".into())
+        .spawn(move || {
+            tracing::info!(
+                "memory coordinator: {} policy, every {:?}, host reserve {} MiB{}",
+                settings.planner.policy,
+                settings.interval,
+                settings.planner.host_reserve,
+                settings
+                    .planner
+                    .pool
+                    .map_or(String::new(), |p| format!(", pool {p} MiB"))
+            );
+            let mut c = State::default();
+            while !flag.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                c.round(&state_dir, &settings);
+                // Sleep in short slices so that a stopping agent is not held up.
+                while started.elapsed() < settings.interval && !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+        .ok();
+    Coordinator { stop, thread }
+}
+
+/// One balanced VM, as the coordinator knows it between rounds.
+struct Tracked {
+    pid: u32,
+    qemu_start: u64,
+    adopted: Instant,
+    balloon_path: Option<String>,
+    boot_mb: u64,
+    config: MemoryConfig,
+    target: Option<u64>,
+    /// When `target` was set.
+    target_at: Instant,
+    /// The balloon's size in the previous round.
+    last_actual: Option<u64>,
+    activity: Activity,
+    last_change: Option<String>,
+    published: Option<MemoryView>,
+}
+
+#[derive(Default)]
+struct State {
+    vms: HashMap<String, Tracked>,
+}
+
+/// One round's reading of a VM.
+struct Reading {
+    actual: Option<u64>,
+    stats: Option<Stats>,
+    error: Option<String>,
+}
+
+impl State {
+    fn round(&mut self, state_dir: &Path, s: &MemorySettings) {
+        let records = state::running(state_dir);
+        self.vms.retain(|name, t| {
+            records
+                .iter()
+                .any(|(r, _)| &r.name == name && r.pid == t.pid && r.qemu_start == t.qemu_start)
+        });
+        let mut inputs = Vec::new();
+        let mut readings = HashMap::new();
+        for (record, _) in &records {
+            let loaded = config::load(&record.config).ok();
+            let Some(cfg) = loaded
+                .map(|c| c.memory)
+                .unwrap_or_else(|| self.vms.get(&record.name).map(|t| t.config.clone()))
+            else {
+                if self.vms.remove(&record.name).is_some() {
+                    tracing::info!("{}: memory no longer balanced", record.name);
+                    let _ = std::fs::remove_file(state_dir.join(&record.name).join(MEMORY_JSON));
+                }
+                continue;
+            };
+            if !self.vms.contains_key(&record.name) {
+                match adopt(record, &cfg, s) {
+                    Ok(t) => {
+                        self.vms.insert(record.name.clone(), t);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{}: memory: cannot adopt yet: {e}", record.name);
+                        continue;
+                    }
+                }
+            }
+            let Some(t) = self.vms.get_mut(&record.name) else {
+                continue;
+            };
+            if t.config != cfg {
+                tracing::info!("{}: memory settings applied: {cfg:?}", record.name);
+                t.config = cfg;
+            }
+            let r = read(record, t, s);
+            if let Some(actual) = r.actual {
+                let stats = r.stats.filter(|st| !settling(t, actual, st, s.interval));
+                t.last_actual = Some(actual);
+                if let Some(st) = &stats {
+                    t.activity.observe(st.used_fraction());
+                }
+                let ceiling = t.config.max.map_or(t.boot_mb, |m| m.min(t.boot_mb));
+                // A VM without usable stats this round is still counted (its memory is
+                // held), but the planner leaves it alone.
+                inputs.push(mem::Vm {
+                    name: record.name.clone(),
+                    floor: t.config.min.min(ceiling),
+                    ceiling,
+                    shares: t.config.shares,
+                    actual,
+                    stats,
+                    active: t.activity.value(),
+                });
+            }
+            readings.insert(record.name.clone(), r);
+        }
+        let host = host_available_mb(&s.meminfo);
+        let targets = match host {
+            Some(h) if !inputs.is_empty() => mem::plan(&s.planner, &inputs, h),
+            None => {
+                tracing::error!(
+                    "memory: cannot read MemAvailable from {}: no balloon moves",
+                    s.meminfo.display()
+                );
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        for target in &targets {
+            let Some((record, _)) = records.iter().find(|(r, _)| r.name == target.name) else {
+                continue;
+            };
+            let Some(t) = self.vms.get_mut(&target.name) else {
+                continue;
+            };
+            let actual = inputs
+                .iter()
+                .find(|v| v.name == target.name)
+                .map_or(0, |v| v.actual);
+            if t.target
+                .is_some_and(|pending| pending <= target.target && target.target < actual)
+            {
+                // A shrink to above a shrink still in flight (a guest slow to inflate to
+                // memory_start): it would undo part of it.
+                continue;
+            }
+            match set_target(record, target.target) {
+                Ok(()) => {
+                    tracing::debug!(
+                        "{}: balloon {} MiB ({})",
+                        target.name,
+                        target.target,
+                        target.why
+                    );
+                    t.target = Some(target.target);
+                    t.target_at = Instant::now();
+                    t.last_change = Some(target.why.to_owned());
+                }
+                Err(e) => {
+                    if let Some(r) = readings.get_mut(&target.name) {
+                        r.error = Some(format!("balloon: {e}"));
+                    }
+                }
+            }
+        }
+        if let Some(path) = &s.trace {
+            trace(path, host, &inputs, &targets);
+        }
+        for (name, r) in readings {
+            let Some(t) = self.vms.get_mut(&name) else {
+                continue;
+            };
+            publish(state_dir, &name, t, &r, s);
+        }
+    }
+}
+
+/// Whether a VM's balloon is still moving, so that its stats describe another size: the last
+/// target is not reached yet (for at most 3 intervals: a guest that cannot inflate further must
+/// not freeze its VM), or the guest's MemTotal is above the balloon's size (stats from before
+/// an inflation).
+fn settling(t: &Tracked, actual: u64, stats: &Stats, interval: Duration) -> bool {
+    let moving =
+        t.target.is_some_and(|tg| tg.abs_diff(actual) > 16) && t.target_at.elapsed() < 3 * interval;
+    moving || stats.total > actual
+}
+
+fn qmp(record: &VmRecord) -> Result<qmp::Client, qmp::Error> {
+    qmp::Client::connect(&record.qmp_socket, QMP_TIMEOUT)
+}
+
+fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tracked, qmp::Error> {
+    let mut c = qmp(record)?;
+    let boot = c.execute(qmp::qapi::qmp::query_memory_size_summary {})?;
+    let boot_mb = boot.base_memory / MIB;
+    let balloon_path = find_balloon(&mut c);
+    let actual = c
+        .execute(qmp::qapi::qmp::query_balloon {})
+        .map(|b| b.actual.max(0) as u64 / MIB)
+        .ok();
+    let mut target = None;
+    match (&balloon_path, cfg.start) {
+        (None, _) => tracing::warn!(
+            "{}: memory balancing asked for, but QEMU has no virtio-balloon device",
+            record.name
+        ),
+        // Boot at the ceiling, then down to memory_start — once: a VM already ballooned (an
+        // agent restart) keeps its size.
+        (Some(_), Some(start)) if actual == Some(boot_mb) && start < boot_mb => {
+            c.execute(qmp::qapi::qmp::balloon {
+                value: (start * MIB) as i64,
+            })?;
+            target = Some(start);
+        }
+        _ => {}
+    }
+    tracing::info!(
+        "{}: memory balanced ({} policy): boot {boot_mb} MiB, floor {} MiB, start {}, balloon {}",
+        record.name,
+        s.planner.policy,
+        cfg.min,
+        target.map_or("unchanged".to_owned(), |t| format!("{t} MiB")),
+        balloon_path.as_deref().unwrap_or("none")
+    );
+    Ok(Tracked {
+        pid: record.pid,
+        qemu_start: record.qemu_start,
+        adopted: Instant::now(),
+        balloon_path,
+        boot_mb,
+        config: cfg.clone(),
+        target,
+        target_at: Instant::now(),
+        last_actual: None,
+        activity: Activity::default(),
+        last_change: target.map(|_| "memory_start".to_owned()),
+        published: None,
+    })
+}
+
+/// The QOM path of the VM's virtio-balloon device, if it has one.
+fn find_balloon(c: &mut qmp::Client) -> Option<String> {
+    for parent in ["/machine/peripheral", "/machine/peripheral-anon"] {
+        let Ok(children) = c.execute(qmp::qapi::qmp::qom_list {
+            path: parent.into(),
+        }) else {
+            continue;
+        };
+        for child in children {
+            if child.type_.starts_with("child<virtio-balloon") {
+                return Some(format!("{parent}/{}", child.name));
+            }
+        }
+    }
+    None
+}
+
+fn read(record: &VmRecord, t: &Tracked, s: &MemorySettings) -> Reading {
+    let mut r = Reading {
+        actual: None,
+        stats: None,
+        error: None,
+    };
+    let Some(path) = &t.balloon_path else {
+        r.error = Some("no virtio-balloon device".into());
+        return r;
+    };
+    let result = qmp(record).and_then(|mut c| {
+        c.execute(qmp::qapi::qmp::qom_set {
+            path: path.clone(),
+            property: "guest-stats-polling-interval".into(),
+            value: Value::from(s.interval.as_secs().max(1)),
+        })?;
+        let stats = c.execute(qmp::qapi::qmp::qom_get {
+            path: path.clone(),
+            property: "guest-stats".into(),
+        })?;
+        let actual = c.execute(qmp::qapi::qmp::query_balloon {})?;
+        Ok((stats, actual.actual))
+    });
+    match result {
+        Ok((stats, actual)) => {
+            r.actual = Some(actual.max(0) as u64 / MIB);
+            r.stats = parse_stats(&stats, unix_now(), s.interval);
+        }
+        Err(e) => r.error = Some(e.to_string()),
+    }
+    r
+}
+
+/// The guest's stats from `qom-get guest-stats`, MiB; `None` while the guest has not answered
+/// (`last-update` 0), when it stopped answering (3 intervals and 5 s behind `now`), or when a
+/// stat the planner needs is −1 (unsupported: QEMU sends −1, or 2⁶⁴−1 read unsigned).
+pub fn parse_stats(v: &Value, now: f64, interval: Duration) -> Option<Stats> {
+    let updated = v.get("last-update")?.as_i64()?;
+    if updated <= 0 || now - updated as f64 > 3.0 * interval.as_secs_f64() + 5.0 {
+        return None;
+    }
+    let stat = |k: &str| {
+        let x = v.get("stats")?.get(k)?;
+        x.as_i64()
+            .filter(|&n| n >= 0)
+            .map(|n| n as u64)
+            .or_else(|| x.as_u64().filter(|&n| n < 1 << 62))
+            .map(|b| b / MIB)
+    };
+    Some(Stats {
+        free: stat("stat-free-memory")?,
+        available: stat("stat-available-memory")?,
+        total: stat("stat-total-memory")?,
+    })
+}
+
+fn set_target(record: &VmRecord, target_mb: u64) -> Result<(), qmp::Error> {
+    qmp(record)?
+        .execute(qmp::qapi::qmp::balloon {
+            value: (target_mb * MIB) as i64,
+        })
+        .map(drop)
+}
+
+/// The host's MemAvailable, MiB.
+pub fn host_available_mb(meminfo: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(meminfo).ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &MemorySettings) {
+    let ceiling = t.config.max.map_or(t.boot_mb, |m| m.min(t.boot_mb));
+    let state = match (&r.error, &r.stats) {
+        (Some(_), _) if t.balloon_path.is_some() => "error",
+        (_, Some(_)) => "balanced",
+        _ if t.balloon_path.is_none()
+            || t.adopted.elapsed() >= DRIVER_GRACE_ROUNDS * s.interval =>
+        {
+            "no-driver"
+        }
+        _ => "waiting",
+    };
+    let view = MemoryView {
+        name: name.to_owned(),
+        state: state.into(),
+        policy: s.planner.policy.to_string(),
+        floor_mb: t.config.min,
+        ceiling_mb: ceiling,
+        shares: t.config.shares,
+        target_mb: t.target,
+        actual_mb: r.actual,
+        unused_mb: r.stats.map(|x| x.available),
+        free_mb: r.stats.map(|x| x.free),
+        total_mb: r.stats.map(|x| x.total),
+        active_fraction: r
+            .stats
+            .map(|_| (t.activity.value() * 1000.0).round() / 1000.0),
+        last_change: t.last_change.clone(),
+        error: r.error.clone(),
+        at: (unix_now() * 10.0).round() / 10.0,
+    };
+    if t.published.as_ref().map(|p| &p.state) != Some(&view.state) {
+        tracing::info!(
+            "{name}: memory {state}{}",
+            match &view.error {
+                Some(e) => format!(": {e}"),
+                None => String::new(),
+            }
+        );
+    }
+    let dir = state_dir.join(name);
+    if dir.is_dir() {
+        let text = serde_json::to_string_pretty(&view).unwrap_or_default() + "\n";
+        let _ = state::write_published(&dir.join(MEMORY_JSON), text.as_bytes());
+    }
+    t.published = Some(view);
+}
+
+/// One round of the coordinator, as `--memory-trace` records it (a JSON line); replayed by the
+/// planner's tests.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TraceLine {
+    /// Unix time.
+    pub at: f64,
+    /// The host's MemAvailable, MiB.
+    pub host_available: Option<u64>,
+    /// The planner's input.
+    pub vms: Vec<mem::Vm>,
+    /// Its output.
+    pub targets: Vec<mem::Target>,
+}
+
+fn trace(path: &Path, host: Option<u64>, vms: &[mem::Vm], targets: &[mem::Target]) {
+    let line = serde_json::json!({
+        "at": (unix_now() * 10.0).round() / 10.0,
+        "host_available": host,
+        "vms": vms,
+        "targets": targets,
+    });
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        tracing::warn!("memory trace {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_stats_are_read_in_mib_and_minus_one_is_no_stats() {
+        let v = serde_json::json!({
+            "stats": {
+                "stat-free-memory": 300u64 << 20,
+                "stat-available-memory": 400u64 << 20,
+                "stat-total-memory": 1000u64 << 20,
+                "stat-swap-in": -1,
+            },
+            "last-update": 1000,
+        });
+        let s = parse_stats(&v, 1001.0, Duration::from_secs(2)).unwrap();
+        assert_eq!((s.free, s.available, s.total), (300, 400, 1000));
+        // Stale (the guest stopped answering) or never answered.
+        assert_eq!(parse_stats(&v, 1012.0, Duration::from_secs(2)), None);
+        let mut never = v.clone();
+        never["last-update"] = 0.into();
+        assert_eq!(parse_stats(&never, 1.0, Duration::from_secs(2)), None);
+        let mut minus = v.clone();
+        minus["stats"]["stat-available-memory"] = (-1).into();
+        assert_eq!(parse_stats(&minus, 1001.0, Duration::from_secs(2)), None);
+        minus["stats"]["stat-available-memory"] = u64::MAX.into();
+        assert_eq!(parse_stats(&minus, 1001.0, Duration::from_secs(2)), None);
+        assert_eq!(
+            parse_stats(&serde_json::json!("garbage"), 1.0, Duration::from_secs(2)),
+            None
+        );
+    }
+
+    #[test]
+    fn host_memavailable_is_read_from_meminfo() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meminfo");
+        std::fs::write(
+            &p,
+            "MemTotal: 24000000 kB\nMemFree: 1 kB\nMemAvailable:   2048000 kB\n",
+        )
+        .unwrap();
+        assert_eq!(host_available_mb(&p), Some(2000));
+        std::fs::write(&p, "MemTotal: 1 kB\n").unwrap();
+        assert_eq!(host_available_mb(&p), None);
+    }
+}

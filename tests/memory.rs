@@ -1,0 +1,688 @@
+//! The balloon memory coordinator on real Linux guests (Debian 12's 6.1 kernel through the
+//! guest harness, `tests/guest/run --prepare`), replaying the published scenarios (fact sheet
+//! `seeds-001-003.md` §1.5, §5) with `burst-qemu-memhog` inside the guests.
+//!
+//! Scaled down for 2 shared cores under TCG (said in each test): VMs boot at `-m 1024` (not
+//! 2048) and are ballooned to 384 MiB (not 512) at start; the hogs allocate 64–128 MiB/s.
+//! Every VM is a burst-qemu VM whose config asks for memory balancing: the launcher adds the
+//! balloon device and `-m memory_max`; the agent (started here with the coordinator's flags)
+//! records every round with `--memory-trace`, which the checks read.
+//!
+//! Pass criteria (fact sheet §5): hogs reach their maximum unless the host (here the pool cap,
+//! `--memory-pool`) is the limit; idle VMs keep their floor and ~100 MiB unused; no guest OOM
+//! kill (the guest consoles); host reserve kept; memory given back in steps after a hog frees.
+//! Under CI a missing QEMU, busybox, kernel or cgroup fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burst_qemu::agent::memory::TraceLine;
+use common::*;
+
+fn ready() -> bool {
+    if !require_qemu() || !require_cgroups() {
+        return false;
+    }
+    let busybox = Path::new("/bin/busybox").exists();
+    if !busybox {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "busybox-static is required in CI (bash .ci/run installs it)"
+        );
+        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
+    }
+    busybox
+}
+
+fn hog_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_burst-qemu-memhog")
+}
+
+/// One guest VM of a scenario.
+struct Guest {
+    name: String,
+    console: PathBuf,
+    vm: Option<Launched>,
+}
+
+/// Prepares a Debian 6.1 guest that runs `command`, writes its config and launches it.
+fn guest(s: &Scratch, name: &str, config: &str, command: &[&str]) -> Guest {
+    let dir = s.path().join(format!("guest-{name}"));
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run"))
+        .args(["--kernel", "debian-6.1", "--prepare"])
+        .arg(&dir)
+        .arg("--")
+        .args(command)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "guest/run --prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args = std::fs::read_to_string(dir.join("qemu-args")).unwrap();
+    let console = s.path().join(format!("{name}.console"));
+    let mut qemu = vec![QEMU.to_owned(), "-accel".into(), "tcg,thread=multi".into()];
+    qemu.extend(args.lines().map(str::to_owned));
+    qemu.extend(["-serial".into(), format!("file:{}", console.display())]);
+    write_config(
+        s,
+        name,
+        &format!("vcpus = 1\nbaseline = 100\nbalance_memory = true\n{config}"),
+    );
+    let vm = Launched::start(s, name, &[], &qemu);
+    Guest {
+        name: name.into(),
+        console,
+        vm: Some(vm),
+    }
+}
+
+/// The agent with the coordinator's flags, logging to `<state>/agent.log`, tracing rounds to
+/// `<scratch>/trace.jsonl`.
+fn agent(s: &Scratch, flags: &[&str]) -> Child {
+    std::fs::create_dir_all(s.state()).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.state().join("agent.log"))
+        .unwrap();
+    let child = bin()
+        .args(["agent", "--contention", "off"])
+        .args(if flags.contains(&"--memory-interval") {
+            &[][..]
+        } else {
+            &["--memory-interval", "2"][..]
+        })
+        .arg("--memory-trace")
+        .arg(s.path().join("trace.jsonl"))
+        .args(flags)
+        .arg("--state-dir")
+        .arg(s.state())
+        .env("BURST_QEMU_DATA_DIR", s.data())
+        .env("BURST_QEMU_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until("the agent", Duration::from_secs(10), || {
+        s.state().join("agent.lock").exists()
+    });
+    child
+}
+
+fn trace(s: &Scratch) -> Vec<TraceLine> {
+    std::fs::read_to_string(s.path().join("trace.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// (time since the first round, actual, unused) of VM `name` in every round that saw it once
+/// its balloon had come down from the boot size to `memory_start` (the VMs boot at their
+/// ceiling and are ballooned down during boot: that first fall is not the coordinator's).
+fn curve(t: &[TraceLine], name: &str) -> Vec<(f64, u64, Option<u64>)> {
+    curve_from(t, name, START)
+}
+
+fn curve_from(t: &[TraceLine], name: &str, start: u64) -> Vec<(f64, u64, Option<u64>)> {
+    let t0 = t.first().map_or(0.0, |l| l.at);
+    t.iter()
+        .filter_map(|l| {
+            let v = l.vms.iter().find(|v| v.name == name)?;
+            Some((l.at - t0, v.actual, v.stats.map(|s| s.available)))
+        })
+        .skip_while(|x| x.2.is_none() || x.1 > start + 16)
+        .collect()
+}
+
+const START: u64 = 384;
+
+/// Waits for every guest to power off (its command done); panics after `within`.
+fn wait_done(guests: &mut [Guest], within: Duration) {
+    let deadline = Instant::now() + within;
+    for g in guests.iter_mut() {
+        let vm = g.vm.as_mut().unwrap();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let status = vm.wait(left.max(Duration::from_secs(1)));
+        assert!(status.success(), "{}: launcher exited {status}", g.name);
+    }
+}
+
+/// The guest's console: its command's output, and the kernel's messages (an OOM kill is
+/// KERN_ERR, printed under `quiet`).
+fn console(g: &Guest) -> String {
+    std::fs::read_to_string(&g.console).unwrap_or_default()
+}
+
+fn assert_no_oom(guests: &[Guest]) {
+    for g in guests {
+        let c = console(g);
+        for bad in [
+            "Out of memory",
+            "oom-kill",
+            "invoked oom-killer",
+            "Killed process",
+        ] {
+            assert!(!c.contains(bad), "{}: guest OOM ({bad}):\n{c}", g.name);
+        }
+        assert!(
+            c.contains("BURST-QEMU-GUEST-EXIT=0"),
+            "{}: the guest command failed:\n{c}",
+            g.name
+        );
+    }
+}
+
+/// Prints the key figures of each VM's curve (the README's table comes from this).
+fn report(t: &[TraceLine], guests: &[Guest]) {
+    for g in guests {
+        // From the first round with stats (the balloon down from the boot size).
+        let c = curve_from(t, &g.name, u64::MAX / 2);
+        let booted = t
+            .iter()
+            .filter(|l| l.vms.iter().any(|v| v.name == g.name))
+            .count()
+            - c.len();
+        eprintln!(
+            "{:<6} ballooned down from its boot size in {booted} rounds",
+            g.name
+        );
+        let peak = c.iter().map(|x| x.1).max().unwrap_or(0);
+        let low = c.iter().map(|x| x.1).min().unwrap_or(0);
+        let first = c.first().map_or(0, |x| x.1);
+        let last = c.last().map_or(0, |x| x.1);
+        let min_unused = c.iter().filter_map(|x| x.2).min().unwrap_or(0);
+        let t_peak = c.iter().find(|x| x.1 == peak).map_or(0.0, |x| x.0);
+        eprintln!(
+            "{:<6} start {first:>5} MiB  peak {peak:>5} MiB at {t_peak:>5.1} s  low {low:>5} MiB  end {last:>5} MiB  min unused {min_unused:>4} MiB",
+            g.name
+        );
+    }
+    let host_min = t.iter().filter_map(|l| l.host_available).min().unwrap_or(0);
+    let held_max = t
+        .iter()
+        .map(|l| l.vms.iter().map(|v| v.actual).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "rounds {}  host MemAvailable min {host_min} MiB  VMs' total max {held_max} MiB",
+        t.len()
+    );
+}
+
+/// The rounds in which VM `name`'s actual size fell, after `from` s: (time, size before, after).
+fn falls(t: &[TraceLine], name: &str, from: f64) -> Vec<(f64, u64, u64)> {
+    let c = curve(t, name);
+    c.windows(2)
+        .filter(|w| w[0].0 >= from && w[1].1 < w[0].1)
+        .map(|w| (w[1].0, w[0].1, w[1].1))
+        .collect()
+}
+
+const VM: &str = "memory_max = 1024\nmemory_start = 384\n";
+const IDLE: &[&str] = &["sleep", "110"];
+
+fn hog(args: &str) -> Vec<String> {
+    // Like runtestN.py, which sets every VM to 512 MiB before the programs start: each hog
+    // waits until its balloon is down at the start size.
+    let mut v = vec![
+        hog_bin().to_owned(),
+        "--after-total".into(),
+        (START + 16).to_string(),
+    ];
+    v.extend(args.split_whitespace().map(str::to_owned));
+    v
+}
+
+fn run_guests(s: &Scratch, specs: &[(&str, Vec<String>)]) -> Vec<Guest> {
+    specs
+        .iter()
+        .map(|(name, cmd)| {
+            let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            guest(s, name, VM, &cmd)
+        })
+        .collect()
+}
+
+fn idle() -> Vec<String> {
+    IDLE.iter().map(|s| s.to_string()).collect()
+}
+
+/// GT TC1: only VM1 runs the hog. It grows to its maximum fed by the idle VMs and the host,
+/// allocation then fails at the ceiling, it frees, and the coordinator takes the memory back
+/// in steps. (Scaled: 1024 MiB ceilings, 384 MiB start.)
+#[test]
+fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut agent = agent(&s, &["--memory-policy", "thresholds"]);
+    let mut guests = run_guests(
+        &s,
+        &[
+            (
+                "vm1",
+                hog("--rate 64 --max 1024 --stall 6 --hold 4 --idle 40"),
+            ),
+            ("vm2", idle()),
+            ("vm3", idle()),
+            ("vm4", idle()),
+        ],
+    );
+    wait_done(&mut guests, Duration::from_secs(240));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let t = trace(&s);
+    report(&t, &guests);
+    assert_no_oom(&guests);
+    let hog = curve(&t, "vm1");
+    let peak = hog.iter().map(|x| x.1).max().unwrap();
+    assert!(
+        peak >= 1000,
+        "the hog reached {peak} MiB, not its 1024 ceiling"
+    );
+    let t_peak = hog.iter().find(|x| x.1 == peak).unwrap().0;
+    for g in &guests[1..] {
+        let c = curve(&t, &g.name);
+        assert!(c.iter().all(|x| x.1 >= 200), "{}: below its floor", g.name);
+        let unused = c.last().unwrap().2.unwrap();
+        assert!(unused >= 100, "{}: ends with {unused} MiB unused", g.name);
+        assert!(
+            c.iter().map(|x| x.1).min().unwrap() < 384,
+            "{}: the idle VM gave nothing",
+            g.name
+        );
+    }
+    let falls = falls(&t, "vm1", t_peak);
+    assert!(
+        falls.len() >= 4,
+        "given back in {} steps: {falls:?}",
+        falls.len()
+    );
+    assert!(
+        falls.iter().all(|(_, a, b)| a - b <= 128 + 16),
+        "a jump: {falls:?}"
+    );
+    let end = hog.last().unwrap().1;
+    assert!(end <= 450, "the hog VM still holds {end} MiB after freeing");
+    assert!(t.iter().all(|l| l.host_available.unwrap() >= 200));
+}
+
+/// The first time (s) by which every guest's balloon was down at `memory_start`.
+fn all_started(t: &[TraceLine], guests: &[Guest]) -> f64 {
+    guests
+        .iter()
+        .map(|g| curve(t, &g.name).first().map_or(f64::MAX, |x| x.0))
+        .fold(0.0, f64::max)
+}
+
+/// GT TC2: all four VMs run the hog. They grow from the host until the host can no longer
+/// afford it — here the pool cap, `--memory-pool 2136` (4 × 384 + 600 MiB), stands in for a
+/// host whose free memory runs out —, allocation then fails in every guest, they free, and
+/// the coordinator reclaims from all.
+#[test]
+fn four_hogs_are_limited_by_the_host() {
+    if !ready() {
+        return;
+    }
+    const POOL: u64 = 4 * START + 600;
+    let s = Scratch::new();
+    let mut agent = agent(&s, &["--memory-pool", &POOL.to_string()]);
+    let h = || hog("--rate 64 --max 1024 --stall 6 --hold 4 --idle 40");
+    let mut guests = run_guests(
+        &s,
+        &[("vm1", h()), ("vm2", h()), ("vm3", h()), ("vm4", h())],
+    );
+    wait_done(&mut guests, Duration::from_secs(240));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let t = trace(&s);
+    report(&t, &guests);
+    assert_no_oom(&guests);
+    let from = all_started(&t, &guests);
+    let t0 = t[0].at;
+    let mut most = 0;
+    for l in t.iter().filter(|l| l.at - t0 > from) {
+        let held: u64 = l.vms.iter().map(|v| v.actual).sum();
+        // Targets never exceed the pool; a balloon that inflates slower than another deflates
+        // may overshoot it by a step for one round.
+        assert!(
+            held <= POOL + 128,
+            "the VMs hold {held} MiB, over the pool {POOL}"
+        );
+        most = most.max(held);
+    }
+    assert!(
+        most >= POOL - 200,
+        "the hogs used only {most} of the {POOL} MiB pool"
+    );
+    // The published rules feed the neediest VM first and do not take from one needy VM for
+    // another: whichever hogs grew first hold the pool (not an equal split).
+    let grew = guests
+        .iter()
+        .filter(|g| curve(&t, &g.name).iter().any(|x| x.1 > START + 64))
+        .count();
+    assert!(grew >= 2, "only {grew} hogs grew");
+    for g in &guests {
+        let c = curve(&t, &g.name);
+        let peak = c.iter().map(|x| x.1).max().unwrap();
+        assert!(
+            peak < 1000,
+            "{}: reached {peak} MiB although the host was the limit",
+            g.name
+        );
+        assert!(
+            console(g).contains("FAILED at"),
+            "{}: the hog did not fail",
+            g.name
+        );
+        let end = c.last().unwrap().1;
+        assert!(
+            end < peak - 64,
+            "{}: not reclaimed ({peak} → {end} MiB)",
+            g.name
+        );
+    }
+}
+
+/// GT TC3: VM1's hog A stops at 256 MiB (scaled from 512) and frees; VM2's hog B runs to its
+/// maximum; VM3–4 idle. With the pool at 2000 MiB, B can reach its ceiling only with the memory
+/// A gives back: memory flows from VM1 and the idle VMs to VM2.
+#[test]
+fn one_hog_frees_while_another_grows() {
+    if !ready() {
+        return;
+    }
+    const POOL: u64 = 2000;
+    let s = Scratch::new();
+    let mut agent = agent(&s, &["--memory-pool", &POOL.to_string()]);
+    let mut guests = run_guests(
+        &s,
+        &[
+            (
+                "vm1",
+                hog("--rate 64 --max 256 --stall 6 --hold 6 --idle 50"),
+            ),
+            (
+                "vm2",
+                hog("--rate 48 --max 1024 --stall 25 --hold 4 --idle 30"),
+            ),
+            ("vm3", idle()),
+            ("vm4", idle()),
+        ],
+    );
+    wait_done(&mut guests, Duration::from_secs(240));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let t = trace(&s);
+    report(&t, &guests);
+    assert_no_oom(&guests);
+    let a = curve(&t, "vm1");
+    let b = curve(&t, "vm2");
+    let a_peak = a.iter().map(|x| x.1).max().unwrap();
+    let b_peak = b.iter().map(|x| x.1).max().unwrap();
+    let t_b_peak = b.iter().find(|x| x.1 == b_peak).unwrap().0;
+    assert!(b_peak >= 1000, "B reached {b_peak} MiB, not its ceiling");
+    assert!(
+        console(&guests[0]).contains("REACHED 256 MB"),
+        "A did not stop at 256 MiB"
+    );
+    // A had given back before B peaked, and the idle VMs gave too.
+    let a_then = a.iter().rev().find(|x| x.0 <= t_b_peak).unwrap().1;
+    assert!(
+        a_then < a_peak,
+        "A still held its peak {a_peak} MiB when B peaked"
+    );
+    for g in &guests[2..] {
+        let c = curve(&t, &g.name);
+        assert!(c.iter().all(|x| x.1 >= 200), "{}: below its floor", g.name);
+        assert!(
+            c.iter().map(|x| x.1).min().unwrap() < START,
+            "{}: gave nothing",
+            g.name
+        );
+    }
+    let from = all_started(&t, &guests);
+    for l in t.iter().filter(|l| l.at - t[0].at > from) {
+        let held: u64 = l.vms.iter().map(|v| v.actual).sum();
+        assert!(
+            held <= POOL + 128,
+            "the VMs hold {held} MiB, over the pool {POOL}"
+        );
+    }
+}
+
+/// The split (active VM's share of the two VMs' memory) over the last `n` rounds that saw both
+/// with stats, and each VM's smoothed active fraction in the last.
+fn split(t: &[TraceLine], n: usize) -> (f64, f64, f64) {
+    let both = |l: &&TraceLine| {
+        ["idle", "active"]
+            .iter()
+            .all(|name| l.vms.iter().any(|v| v.name == *name && v.stats.is_some()))
+    };
+    let last: Vec<&TraceLine> = t.iter().rev().filter(both).take(n).collect();
+    assert_eq!(last.len(), n, "fewer than {n} rounds saw both VMs");
+    let size = |l: &TraceLine, name: &str| {
+        l.vms
+            .iter()
+            .find(|v| v.name == name)
+            .map_or(0.0, |v| v.actual as f64)
+    };
+    let share = last
+        .iter()
+        .map(|l| size(l, "active") / (size(l, "active") + size(l, "idle")))
+        .sum::<f64>()
+        / n as f64;
+    let f = |name: &str| {
+        last[0]
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .map_or(0.0, |v| v.active)
+    };
+    (share, f("active"), f("idle"))
+}
+
+/// Waits until the coordinator has settled: 4 rounds in a row (after round `from`) that saw
+/// both VMs with stats and moved nothing. Returns how long it took, s.
+fn settle(s: &Scratch, from: usize, within: Duration) -> f64 {
+    let started = Instant::now();
+    loop {
+        let t = trace(s);
+        let tail: Vec<&TraceLine> = t.iter().skip(from).rev().take(4).collect();
+        let quiet = tail.len() == 4
+            && tail.iter().all(|l| {
+                l.targets.is_empty() && l.vms.len() == 2 && l.vms.iter().all(|v| v.stats.is_some())
+            });
+        if quiet {
+            return started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > within {
+            let tail: Vec<String> = t
+                .iter()
+                .rev()
+                .take(8)
+                .map(|l| {
+                    let vms: Vec<String> = l
+                        .vms
+                        .iter()
+                        .map(|v| {
+                            format!("{} {} {:?}", v.name, v.actual, v.stats.map(|s| s.available))
+                        })
+                        .collect();
+                    format!(
+                        "{vms:?} -> {:?}",
+                        l.targets
+                            .iter()
+                            .map(|t| (&t.name, t.target))
+                            .collect::<Vec<_>>()
+                    )
+                })
+                .collect();
+            panic!(
+                "not settled in {within:?}; last rounds (newest first):\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Idle tax (Waldspurger §5.4, fact sheet §3.3): two VMs with equal shares, one idle, one
+/// active and hungry, sharing a 4000 MiB pool; the idle one starts with 2600 MiB. With a 0 %
+/// tax memory settles at 50/50; the agent is then restarted with the default 75 % and it
+/// settles at 80/20 (±5 points). The VMs boot at `-m 3400`.
+///
+/// The active fraction comes from guest stats (1 − MemAvailable/MemTotal, smoothed), not from
+/// ESX's page sampling, so the idle guest's own ~130 MiB count as active: the oracle with the
+/// measured fractions, P_a/P_i = c_i/c_a, is printed beside the 80/20 of f = 0 and 1.
+#[test]
+fn idle_tax_moves_memory_from_the_idle_vm() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let flags = |tax: &str| {
+        vec![
+            "--memory-policy".to_owned(),
+            "idle-tax".into(),
+            "--idle-tax".into(),
+            tax.to_owned(),
+            "--memory-pool".into(),
+            "4000".into(),
+        ]
+    };
+    let f0 = flags("0");
+    let mut agent0 = agent(&s, &f0.iter().map(String::as_str).collect::<Vec<_>>());
+    let hungry = hog("--after-total 1416 --rate 128 --max 3400 --stall 0 --grow-for 200 --hold 0");
+    let hungry: Vec<&str> = hungry.iter().map(String::as_str).collect();
+    let mut guests = vec![
+        guest(
+            &s,
+            "idle",
+            "memory_max = 3400\nmemory_start = 2600\n",
+            &["sleep", "250"],
+        ),
+        guest(
+            &s,
+            "active",
+            "memory_max = 3400\nmemory_start = 1400\n",
+            &hungry,
+        ),
+    ];
+    let took = settle(&s, 0, Duration::from_secs(120));
+    eprintln!("tax 0 %: settled {took:.0} s after the guests started");
+    let _ = agent0.kill();
+    let _ = agent0.wait();
+    let t = trace(&s);
+    let (zero, fa0, fi0) = split(&t, 3);
+    eprintln!(
+        "tax 0 %: active holds {:.1} % (f active {fa0:.2}, idle {fi0:.2})",
+        zero * 100.0
+    );
+    let phase1 = t.len();
+    let f75 = flags("75");
+    let mut agent75 = agent(&s, &f75.iter().map(String::as_str).collect::<Vec<_>>());
+    let took = settle(&s, phase1, Duration::from_secs(120));
+    eprintln!("tax 75 %: settled {took:.0} s after the agent restarted");
+    let _ = agent75.kill();
+    let _ = agent75.wait();
+    let t = trace(&s);
+    report(&t, &guests);
+    let (taxed, fa, fi) = split(&t[phase1..], 3);
+    let k = 4.0;
+    let oracle = {
+        let (ci, ca) = (fi + k * (1.0 - fi), fa + k * (1.0 - fa));
+        ci / (ci + ca)
+    };
+    eprintln!(
+        "tax 75 %: active holds {:.1} % (f active {fa:.2}, idle {fi:.2}; oracle with these f {:.1} %)",
+        taxed * 100.0,
+        oracle * 100.0
+    );
+    for g in &mut guests {
+        drop(g.vm.take());
+    }
+    assert_no_oom_only(&guests);
+    assert!(
+        (zero - 0.5).abs() <= 0.05,
+        "0 % tax: active holds {:.1} %",
+        zero * 100.0
+    );
+    assert!(
+        (taxed - 0.8).abs() <= 0.05,
+        "75 % tax: active holds {:.1} %",
+        taxed * 100.0
+    );
+    let idle = curve_from(&t, "idle", 2600);
+    assert!(idle
+        .iter()
+        .all(|x| x.1 >= 200 && x.2.is_none_or(|u| u >= 100)));
+}
+
+fn assert_no_oom_only(guests: &[Guest]) {
+    for g in guests {
+        let c = console(g);
+        for bad in [
+            "Out of memory",
+            "oom-kill",
+            "invoked oom-killer",
+            "Killed process",
+        ] {
+            assert!(!c.contains(bad), "{}: guest OOM ({bad}):\n{c}", g.name);
+        }
+    }
+}
+
+/// A VM without a balloon driver (the project's firmware guest: no Linux) asks for memory
+/// balancing: the launcher adds the balloon, QEMU's stats stay −1, and the coordinator leaves
+/// the VM alone and shows it as `no-driver` in `burst-qemu mem`.
+#[test]
+fn a_vm_without_a_balloon_driver_is_left_alone_and_shown() {
+    if !require_qemu() || !require_cgroups() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut agent = agent(&s, &["--memory-interval", "0.5"]);
+    write_config(
+        &s,
+        "fw",
+        "vcpus = 1\nbaseline = 100\nbalance_memory = true\nmemory_min = 64\nmemory_start = 96\n",
+    );
+    let qemu = s.qemu_args(burst_qemu::testguest::Behaviour::Halt);
+    let qemu: Vec<String> = qemu
+        .into_iter()
+        .map(|a| if a == "16" { "128".into() } else { a })
+        .collect();
+    let _vm = Launched::start(&s, "fw", &[], &qemu);
+    let mut last = serde_json::Value::Null;
+    wait_until("mem to show no-driver", Duration::from_secs(30), || {
+        let out = s.cli(&["mem", "--json"]);
+        last = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        last[0]["state"] == "no-driver"
+    });
+    // The start size was asked for once; without a driver the balloon never moved.
+    assert_eq!(last[0]["actual_mb"], 128, "{last}");
+    assert_eq!(last[0]["unused_mb"], serde_json::Value::Null, "{last}");
+    let table = String::from_utf8(s.cli(&["mem"]).stdout).unwrap();
+    assert!(
+        table.contains("fw") && table.contains("no-driver"),
+        "{table}"
+    );
+    let ls = s.cli(&["ls", "--json"]);
+    let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(ls[0]["memory"]["state"], "no-driver", "{ls}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let rounds = trace(&s);
+    assert!(
+        rounds.iter().all(|l| l.targets.is_empty()),
+        "a balloon moved"
+    );
+}
