@@ -6,7 +6,8 @@
 //!
 //! One stage per resource, generic over its [`Amount`]: CPU in [`Rate`]s, millionths of one CPU
 //! (ppm), like the ledger's (the host's capacity is a rate too: 2 CPUs = 2 000 000); disk read
-//! or write bandwidth in [`Bps`], bytes per second. Estimates and accumulated credit are
+//! or write bandwidth in [`Bps`], bytes per second; memory in [`Mib`] (`--memory-policy rescoin`,
+//! see [`crate::balance::mem_rescoin`]). Estimates and accumulated credit are
 //! integers of the same unit (credit: unit × periods). The rule is the same for every resource;
 //! only the EWMA weight differs (ResCoin's: 0.7 for CPU, 0.8 for disk).
 //!
@@ -120,6 +121,21 @@ impl Amount for Bps {
     }
 }
 
+/// Memory, MiB (the balloon's unit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mib(pub u64);
+
+impl Amount for Mib {
+    /// ResCoin: α = 0.8 for memory.
+    const ALPHA_TENTHS: u64 = 8;
+    fn get(self) -> u64 {
+        self.0
+    }
+    fn of(v: u64) -> Self {
+        Mib(v)
+    }
+}
+
 /// The EWMA weight of a new CPU observation, in tenths (ResCoin: α = 0.7 for CPU).
 pub const ALPHA_TENTHS: u64 = <Rate as Amount>::ALPHA_TENTHS;
 /// Periods in the accumulated-credit window (ResCoin's `WINSZ 10` keeps k = 9).
@@ -182,6 +198,12 @@ impl<U: Amount> Contention<U> {
     /// The capacity shared.
     pub fn capacity(&self) -> U {
         self.capacity
+    }
+
+    /// Changes the capacity shared from the next period on (memory: what the host can spare
+    /// changes as it runs).
+    pub fn set_capacity(&mut self, capacity: U) {
+        self.capacity = capacity;
     }
 
     /// Ends a period: takes each VM's observation, returns the allocations for the next one, in

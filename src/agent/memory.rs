@@ -79,6 +79,9 @@ pub struct MemoryView {
     pub total_mb: Option<u64>,
     /// The smoothed active fraction (idle-tax's f).
     pub active_fraction: Option<f64>,
+    /// ResCoin's allocation (`rescoin` policy only): what the VM should hold, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_mb: Option<u64>,
     /// Why the target last moved.
     pub last_change: Option<String>,
     /// The QMP error of this round, if any.
@@ -148,12 +151,16 @@ struct Tracked {
     last_actual: Option<u64>,
     activity: Activity,
     last_change: Option<String>,
+    /// ResCoin's last allocation (`rescoin` policy).
+    allocation: Option<u64>,
     published: Option<MemoryView>,
 }
 
 #[derive(Default)]
 struct State {
     vms: HashMap<String, Tracked>,
+    /// ResCoin's state (estimates, accumulated credit), for the `rescoin` policy.
+    rescoin: crate::balance::mem_rescoin::Rescoin,
 }
 
 /// One round's reading of a VM.
@@ -227,6 +234,15 @@ impl State {
         }
         let host = host_available_mb(&s.meminfo);
         let targets = match host {
+            Some(h) if !inputs.is_empty() && s.planner.policy == mem::Policy::Rescoin => {
+                let (targets, allotted) = self.rescoin.plan(&s.planner, &inputs, h);
+                for (name, a) in allotted {
+                    if let Some(t) = self.vms.get_mut(&name) {
+                        t.allocation = Some(a.allocation);
+                    }
+                }
+                targets
+            }
             Some(h) if !inputs.is_empty() => mem::plan(&s.planner, &inputs, h),
             None => {
                 tracing::error!(
@@ -345,6 +361,7 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
         last_actual: None,
         activity: Activity::default(),
         last_change: target.map(|_| "memory_start".to_owned()),
+        allocation: None,
         published: None,
     })
 }
@@ -471,6 +488,7 @@ fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &Memor
         active_fraction: r
             .stats
             .map(|_| (t.activity.value() * 1000.0).round() / 1000.0),
+        allocation_mb: t.allocation,
         last_change: t.last_change.clone(),
         error: r.error.clone(),
         at: (unix_now() * 10.0).round() / 10.0,

@@ -53,6 +53,9 @@ pub enum Policy {
     Thresholds,
     /// Shares with an idle-memory tax.
     IdleTax,
+    /// ResCoin's rule on memory (templates by shares); stateful, so the coordinator plans it
+    /// with [`super::mem_rescoin::Rescoin`], not [`plan`].
+    Rescoin,
 }
 
 impl std::str::FromStr for Policy {
@@ -61,8 +64,9 @@ impl std::str::FromStr for Policy {
         match s {
             "thresholds" => Ok(Policy::Thresholds),
             "idle-tax" => Ok(Policy::IdleTax),
+            "rescoin" => Ok(Policy::Rescoin),
             _ => Err(format!(
-                "unknown memory policy {s:?}: give thresholds or idle-tax"
+                "unknown memory policy {s:?}: give thresholds, idle-tax or rescoin"
             )),
         }
     }
@@ -73,6 +77,7 @@ impl std::fmt::Display for Policy {
         f.write_str(match self {
             Policy::Thresholds => "thresholds",
             Policy::IdleTax => "idle-tax",
+            Policy::Rescoin => "rescoin",
         })
     }
 }
@@ -184,6 +189,8 @@ pub fn plan(settings: &Settings, vms: &[Vm], host_available: u64) -> Vec<Target>
     match settings.policy {
         Policy::Thresholds => thresholds(settings, &mut work, budget),
         Policy::IdleTax => idle_tax(settings, &mut work, budget, held),
+        // Stateless callers get the published rules; the coordinator plans `rescoin` itself.
+        Policy::Rescoin => thresholds(settings, &mut work, budget),
     }
     work.iter()
         .filter_map(|w| {

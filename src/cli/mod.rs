@@ -223,8 +223,9 @@ struct AgentArgs {
     balance_interval: f64,
     /// The balloon memory coordinator, for VMs whose config says `balance_memory = true`:
     /// `thresholds` (the published coordinator rules), `idle-tax` (shares with an idle-memory
-    /// tax) or `off`.
-    #[arg(long, value_name = "thresholds|idle-tax|off", default_value = "thresholds", value_parser = ["thresholds", "idle-tax", "off"], env = "BURST_QEMU_MEMORY_POLICY")]
+    /// tax), `rescoin` (ResCoin's rule, templates by `memory_shares`, as for CPU and disk) or
+    /// `off`.
+    #[arg(long, value_name = "thresholds|idle-tax|rescoin|off", default_value = "thresholds", value_parser = ["thresholds", "idle-tax", "rescoin", "off"], env = "BURST_QEMU_MEMORY_POLICY")]
     memory_policy: String,
     /// Seconds between memory coordinator rounds (and the guests' stats polling interval).
     #[arg(

@@ -1,0 +1,291 @@
+//! Memory as ResCoin's third resource (`--memory-policy rescoin`): the contention stage of
+//! [`crate::contention`], in MiB, drives the balloon targets. Pure: no I/O, no clock; the
+//! coordinator calls [`Rescoin::plan`] once a round. State: each VM's demand estimate and its
+//! accumulated credit, kept by the stage.
+//!
+//! # The mapping
+//!
+//! * **Capacity** `C_h`: the memory the balanced VMs may hold together: the pool
+//!   (`--memory-pool`) when given, else what they hold plus the host's MemAvailable above its
+//!   reserve. VMs without stats (no balloon driver) keep what they hold, which is taken off.
+//! * **Template** `tc_i`: the VM's part of the capacity by its `memory_shares`.
+//! * **Demand**: what the guest uses (balloon size − MemAvailable) plus the unused memory it is
+//!   always left (`keep_unused`, 100 MiB): a VM asks for room to grow. ResCoin's α for memory is
+//!   0.8. A VM that uses ≥ 90 % of what it was allotted is held and asks for its ceiling, as
+//!   in the stage's rule.
+//! * **Grant**: the VM's ceiling (boot size or `memory_max`): there are no credits for memory.
+//! * **Allocation**: contended, the stage's (every VM min(estimate, template) first, the spare
+//!   by |accumulated credit|, never above the ceiling); uncontended, the estimate itself
+//!   (ResCoin's step 2), so idle memory goes back to the host rather than every VM being
+//!   inflated to its ceiling.
+//!
+//! # What the balloon does with it
+//!
+//! The targets move toward the allocations under the coordinator's invariants, the same as for
+//! the other policies: one step at a time (`step_up`/`step_down`), never below the floor nor
+//! above the ceiling, never leaving a VM less than `keep_unused` of unused memory (so a VM over
+//! its allocation is squeezed only down to what it uses: the balloon cannot take memory a guest
+//! holds without swapping or killing, and a burstable host must do neither), and growth only
+//! out of what the host can spare above its reserve plus what others give back in the same round.
+
+use crate::contention::{Contention, Mib, Observed};
+
+use super::mem::{Settings, Target, Vm};
+
+/// The ResCoin memory planner's state.
+#[derive(Debug)]
+pub struct Rescoin {
+    stage: Contention<Mib>,
+}
+
+impl Default for Rescoin {
+    fn default() -> Self {
+        Rescoin {
+            stage: Contention::new(Mib(0)),
+        }
+    }
+}
+
+/// One VM's allocation, with what the stage saw, for the log and the view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allotted {
+    /// MiB the VM should hold.
+    pub allocation: u64,
+    /// Its template, MiB.
+    pub template: u64,
+    /// Whether the host's memory was contended.
+    pub contended: bool,
+}
+
+impl Rescoin {
+    /// The next targets (VMs left out keep theirs) and each planned VM's allocation.
+    /// `host_available` is the host's MemAvailable, MiB.
+    pub fn plan(
+        &mut self,
+        s: &Settings,
+        vms: &[Vm],
+        host_available: u64,
+    ) -> (Vec<Target>, Vec<(String, Allotted)>) {
+        let held: u64 = vms.iter().map(|v| v.actual).sum();
+        let spare_host = host_available.saturating_sub(s.host_reserve);
+        let fixed: u64 = vms
+            .iter()
+            .filter(|v| v.stats.is_none())
+            .map(|v| v.actual)
+            .sum();
+        let capacity = s.pool.unwrap_or(held + spare_host).saturating_sub(fixed);
+        self.stage.set_capacity(Mib(capacity));
+        let planned: Vec<&Vm> = vms.iter().filter(|v| v.stats.is_some()).collect();
+        let shares: u64 = planned.iter().map(|v| v.shares.max(1)).sum::<u64>().max(1);
+        let observed: Vec<(&str, Observed<Mib>)> = planned
+            .iter()
+            .map(|v| {
+                let st = v.stats.expect("filtered");
+                let used = v.actual.saturating_sub(st.available.min(v.actual));
+                let template = (u128::from(capacity) * u128::from(v.shares.max(1))
+                    / u128::from(shares)) as u64;
+                let want = (used + s.keep_unused).min(v.ceiling);
+                (
+                    v.name.as_str(),
+                    Observed {
+                        grant: Mib(v.ceiling),
+                        baseline: Mib(template.min(v.ceiling)),
+                        used: Mib(want),
+                        waited: Mib(0),
+                    },
+                )
+            })
+            .collect();
+        let plan = self.stage.period(&observed);
+        let allotted: Vec<(String, Allotted)> = observed
+            .iter()
+            .zip(&plan)
+            .map(|((name, o), a)| {
+                let allocation = if a.contended {
+                    a.rate.0
+                } else {
+                    a.estimate.0.min(o.grant.0)
+                };
+                (
+                    (*name).to_owned(),
+                    Allotted {
+                        allocation,
+                        template: o.baseline.0,
+                        contended: a.contended,
+                    },
+                )
+            })
+            .collect();
+        // Shrinks first: what they give back, with the host's spare above its reserve, is all
+        // growth may take this round.
+        let mut next: Vec<(usize, u64, &'static str)> = Vec::new();
+        let mut given = 0u64;
+        for (i, v) in planned.iter().enumerate() {
+            let st = v.stats.expect("filtered");
+            let used = v.actual.saturating_sub(st.available.min(v.actual));
+            let lowest = (used + s.keep_unused).max(v.floor).min(v.ceiling);
+            let want = allotted[i]
+                .1
+                .allocation
+                .clamp(v.floor.min(v.ceiling), v.ceiling);
+            if want + s.min_change <= v.actual {
+                let to = want.max(lowest).max(v.actual.saturating_sub(s.step_down));
+                if to < v.actual {
+                    given += v.actual - to;
+                    next.push((i, to, "above its allocation: giving back"));
+                }
+            }
+        }
+        let mut budget = given
+            + match s.pool {
+                Some(pool) => pool.saturating_sub(held).min(spare_host),
+                None => spare_host,
+            };
+        // Growth, the VMs furthest below their allocation first.
+        let mut order: Vec<usize> = (0..planned.len()).collect();
+        order.sort_by_key(|&i| {
+            std::cmp::Reverse(allotted[i].1.allocation.saturating_sub(planned[i].actual))
+        });
+        for i in order {
+            let v = planned[i];
+            let want = allotted[i].1.allocation.min(v.ceiling);
+            if want >= v.actual + s.min_change {
+                let grow = (want - v.actual).min(s.step_up).min(budget);
+                if grow > 0 {
+                    budget -= grow;
+                    next.push((i, v.actual + grow, "below its allocation: growing"));
+                }
+            }
+        }
+        let targets = next
+            .into_iter()
+            .map(|(i, target, why)| Target {
+                name: planned[i].name.clone(),
+                target,
+                why,
+            })
+            .collect();
+        (targets, allotted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::mem::Stats;
+
+    fn vm(name: &str, shares: u64, actual: u64, used: u64) -> Vm {
+        Vm {
+            name: name.into(),
+            floor: 200,
+            ceiling: 2048,
+            shares,
+            actual,
+            stats: Some(Stats {
+                free: actual.saturating_sub(used),
+                available: actual.saturating_sub(used),
+                total: actual,
+            }),
+            active: 1.0,
+        }
+    }
+
+    /// Rounds of guests that each want `want` MiB and use what they get up to it; with
+    /// `cycle`, each frees everything every `cycle` rounds (at staggered rounds) and grows again,
+    /// as the published hogs do. Returns the most each held over the last two cycles.
+    fn run(
+        s: &Settings,
+        want: &[(&str, u64, u64)],
+        rounds: usize,
+        host: u64,
+        cycle: Option<usize>,
+    ) -> Vec<u64> {
+        let mut r = Rescoin::default();
+        let mut actual: Vec<u64> = want.iter().map(|_| 512).collect();
+        let mut peak = vec![0; want.len()];
+        for round in 0..rounds {
+            let vms: Vec<Vm> = want
+                .iter()
+                .zip(&actual)
+                .enumerate()
+                .map(|(i, (&(n, sh, w), &a))| {
+                    let freed = cycle.is_some_and(|c| (round + i * c / 2) % c == 0);
+                    let used = if freed {
+                        50
+                    } else {
+                        w.min(a.saturating_sub(20))
+                    };
+                    vm(n, sh, a, used)
+                })
+                .collect();
+            let (targets, _) = r.plan(s, &vms, host);
+            for t in targets {
+                let i = want.iter().position(|w| w.0 == t.name).unwrap();
+                actual[i] = t.target;
+            }
+            if rounds - round <= 2 * cycle.unwrap_or(1) {
+                for (p, a) in peak.iter_mut().zip(&actual) {
+                    *p = (*p).max(*a);
+                }
+            }
+        }
+        peak
+    }
+
+    #[test]
+    fn memory_in_use_is_never_taken_back() {
+        // Both hogs fill what they get and never free: what they hold stays theirs, and the
+        // pool is never exceeded.
+        let s = Settings {
+            pool: Some(1800),
+            ..Settings::default()
+        };
+        let got = run(
+            &s,
+            &[("a", 2000, 4000), ("b", 1000, 4000)],
+            60,
+            100_000,
+            None,
+        );
+        assert!(got.iter().sum::<u64>() <= 1800, "{got:?}");
+    }
+
+    #[test]
+    fn hungry_vms_that_free_and_grow_again_split_a_pool_by_their_shares() {
+        let s = Settings {
+            pool: Some(1800),
+            ..Settings::default()
+        };
+        // Shares 2:1, both want far more than the pool; each frees all every 30 rounds.
+        let got = run(
+            &s,
+            &[("a", 2000, 4000), ("b", 1000, 4000)],
+            300,
+            100_000,
+            Some(30),
+        );
+        assert!(got.iter().sum::<u64>() <= 1800 + 128, "{got:?}");
+        let ratio = got[0] as f64 / got[1] as f64;
+        eprintln!("peaks {got:?}");
+        assert!((ratio - 2.0).abs() <= 0.2, "{got:?}");
+    }
+
+    #[test]
+    fn uncontended_vms_hold_their_use_plus_headroom_not_their_ceiling() {
+        let s = Settings::default();
+        let got = run(&s, &[("a", 1000, 300), ("b", 1000, 300)], 40, 100_000, None);
+        for g in got {
+            assert!((380..=460).contains(&g), "{g}");
+        }
+    }
+
+    #[test]
+    fn the_host_reserve_bounds_growth() {
+        let s = Settings::default();
+        // The host has 300 MiB available: 100 above the reserve.
+        let mut r = Rescoin::default();
+        let vms = [vm("a", 1000, 512, 500)];
+        let (targets, _) = r.plan(&s, &vms, 300);
+        assert!(targets.iter().all(|t| t.target <= 612), "{targets:?}");
+    }
+}
