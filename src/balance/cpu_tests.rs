@@ -369,3 +369,46 @@ proptest! {
         prop_assert!(c.iter().max().unwrap() - c.iter().min().unwrap() <= 1, "{:?}", c);
     }
 }
+
+/// The rows of a recorded trace: per interval, each vCPU's demand.
+fn trace(text: &str) -> Vec<Vec<f64>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(',').skip(1).map(|x| x.parse().unwrap()).collect())
+        .collect()
+}
+
+/// A recorded run (2 heavy, 2 light one-vCPU VMs on the dev host) replayed interval by interval,
+/// with the raw readings (not even the agent's smoothing): from every vCPU on CPU 0, or all
+/// floating, one plan pairs a heavy with a light on each CPU, and no reading afterwards moves
+/// anything although the light VMs' readings wander between 0.52 and 0.69.
+#[test]
+fn a_recorded_heavy_and_light_run_is_balanced_once_and_left_alone() {
+    let rows = trace(include_str!("traces/host-2heavy-2light.csv"));
+    assert_eq!(rows.len(), 20);
+    let cpus = [0, 1];
+    for start in [Placement::Pinned(0), Placement::Floating { last: 0 }] {
+        let mut now = vec![start; 4];
+        let mut plans = 0;
+        for (k, row) in rows.iter().enumerate() {
+            let vcpus: Vec<Vcpu> = row
+                .iter()
+                .zip(&now)
+                .map(|(&demand, &now)| Vcpu {
+                    demand,
+                    now,
+                    allowed: vec![],
+                })
+                .collect();
+            if let Decision::Apply(p) = plan(&cpus, &vcpus, &Params::default()) {
+                assert_eq!(k, 0, "{start:?}: a second plan at interval {k}: {p:?}");
+                plans += 1;
+                now = p.pins.iter().map(|&c| Placement::Pinned(c)).collect();
+            }
+        }
+        assert_eq!(plans, 1);
+        let at: Vec<u32> = now.iter().map(|p| p.cpu()).collect();
+        assert_ne!(at[0], at[2], "the heavy ones apart: {at:?}");
+        assert_ne!(at[1], at[3], "the light ones apart: {at:?}");
+    }
+}
