@@ -267,6 +267,19 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
         assert_eq!(view["pins"], serde_json::json!([cpu]), "{title}: {name}");
         cpu_of.insert(name.clone(), cpu);
     }
+    // `ls --json` and `ls` show them too.
+    let ls: serde_json::Value = serde_json::from_slice(&s.cli(&["ls", "--json"]).stdout).unwrap();
+    for row in ls.as_array().unwrap() {
+        let name = row["name"].as_str().unwrap();
+        assert_eq!(
+            row["pins"],
+            serde_json::json!([cpu_of[name]]),
+            "{title}: {name}"
+        );
+        assert!(row["pin_changes"].is_u64(), "{title}: {row}");
+    }
+    let text = String::from_utf8(s.cli(&["ls"]).stdout).unwrap();
+    assert!(text.lines().next().unwrap().contains(" PINS "), "{text}");
     let log = std::fs::read_to_string(s.state().join("agent.log")).unwrap_or_default();
     for line in log.lines().filter(|l| {
         l.contains("balance: plan") || l.contains(") pinned to CPU ") || l.contains("contended")
