@@ -199,6 +199,26 @@ fn idle_fleets_are_balanced() {
 }
 
 #[test]
+fn a_better_balance_waits_for_a_second_interval_a_forced_pin_does_not() {
+    let mut c = Confirm::default();
+    let unbalanced: Vec<Vcpu> = (0..4).map(|_| pinned(1.0, 0)).collect();
+    let balanced: Vec<Vcpu> = (0..4).map(|i| pinned(1.0, i % 2)).collect();
+    let p = Params::default();
+    let ask = |v: &[Vcpu]| plan(&[0, 1], v, &p);
+    // One noisy interval, then balanced again: nothing.
+    assert!(matches!(c.admit(ask(&unbalanced)), Decision::Keep(_)));
+    assert!(matches!(c.admit(ask(&balanced)), Decision::Keep(_)));
+    assert!(matches!(c.admit(ask(&unbalanced)), Decision::Keep(_)));
+    // Two in a row: applied; then the rule starts over.
+    assert!(matches!(c.admit(ask(&unbalanced)), Decision::Apply(_)));
+    assert!(matches!(c.admit(ask(&unbalanced)), Decision::Keep(_)));
+    // A floating vCPU is pinned at once.
+    let mut c = Confirm::default();
+    let floating = vec![floating(1.0, 0), pinned(1.0, 1)];
+    assert!(matches!(c.admit(ask(&floating)), Decision::Apply(p) if p.forced));
+}
+
+#[test]
 fn vm_demands_are_capped_by_the_grant() {
     assert_eq!(vm_demands(&[0.5, 0.3], 2.0), vec![0.5, 0.3]);
     assert_eq!(vm_demands(&[1.0, 1.0], 0.5), vec![0.25, 0.25]);
