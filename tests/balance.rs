@@ -267,6 +267,19 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
         assert_eq!(view["pins"], serde_json::json!([cpu]), "{title}: {name}");
         cpu_of.insert(name.clone(), cpu);
     }
+    // `ls --json` and `ls` show them too.
+    let ls: serde_json::Value = serde_json::from_slice(&s.cli(&["ls", "--json"]).stdout).unwrap();
+    for row in ls.as_array().unwrap() {
+        let name = row["name"].as_str().unwrap();
+        assert_eq!(
+            row["pins"],
+            serde_json::json!([cpu_of[name]]),
+            "{title}: {name}"
+        );
+        assert!(row["pin_changes"].is_u64(), "{title}: {row}");
+    }
+    let text = String::from_utf8(s.cli(&["ls"]).stdout).unwrap();
+    assert!(text.lines().next().unwrap().contains(" PINS "), "{text}");
     let log = std::fs::read_to_string(s.state().join("agent.log")).unwrap_or_default();
     for line in log.lines().filter(|l| {
         l.contains("balance: plan") || l.contains(") pinned to CPU ") || l.contains("contended")
@@ -412,6 +425,53 @@ fn in_guest_gt_tc2_eight_all_on_cpu0() {
 #[ignore = "needs 4 CPUs: run inside the harness's 4-CPU guest by eight_vms_on_four_cpus_in_a_guest"]
 fn in_guest_gt_tc3_eight_unpinned_heavy_and_light() {
     unpinned_heavy_and_light(&first_cpus(4), 8, 50);
+}
+
+/// A VM's `cpus` list in its config is respected, applied live, and a bad edit keeps the last
+/// good one (and says why).
+#[test]
+fn a_vms_cpu_list_is_respected_and_applied_live() {
+    if !require_qemu() || !require_cgroups() {
+        return;
+    }
+    let cpus = first_cpus(2);
+    let s = Scratch::new();
+    let _agent = start_balancing_agent(&s, &cpus);
+    write_config(
+        &s,
+        "fixed",
+        &format!("vcpus = 1\nbaseline = 100\ncpus = \"{}\"\n", cpus[1]),
+    );
+    let flags = ["--vcpus", "1", "--baseline", "100"];
+    let fixed = Launched::start(&s, "fixed", &flags, &s.qemu_args(Behaviour::Busy));
+    let free = Launched::start(&s, "free", &flags, &s.qemu_args(Behaviour::Busy));
+    let (f, g) = (fixed.record.vcpu_tids[0], free.record.vcpu_tids[0]);
+    set_affinity(f, &[cpus[0]]);
+    set_affinity(g, &[cpus[0]]);
+    let t = wait_until("fixed on its CPU", Duration::from_secs(15), || {
+        affinity(f) == [cpus[1]] && affinity(g) == [cpus[0]]
+    });
+    eprintln!("cpus = {}: moved there in {t:?}", cpus[1]);
+    // Live: the list now names the other CPU; both swap.
+    write_config(
+        &s,
+        "fixed",
+        &format!("vcpus = 1\nbaseline = 100\ncpus = [{}]\n", cpus[0]),
+    );
+    let t = wait_until(
+        "fixed follows its edited list",
+        Duration::from_secs(15),
+        || affinity(f) == [cpus[0]] && affinity(g) == [cpus[1]],
+    );
+    eprintln!("cpus = [{}]: moved there in {t:?}", cpus[0]);
+    // A bad edit: named, and the last good list stays in force.
+    write_config(&s, "fixed", "vcpus = 1\nbaseline = 100\ncpus = \"1-0\"\n");
+    wait_until("the error is published", Duration::from_secs(5), || {
+        std::fs::read_to_string(s.state().join("fixed/config_error"))
+            .is_ok_and(|e| e.contains(":3: cpus:"))
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(affinity(f), [cpus[0]]);
 }
 
 #[test]

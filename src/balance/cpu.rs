@@ -164,6 +164,30 @@ pub enum Decision {
     Apply(Plan),
 }
 
+/// The confirmation rule between intervals: a plan chosen for a better balance (not a forced
+/// one) is let through only when the interval before also produced one, so a single noisy
+/// interval (a neighbour's burst, a VM starting) never moves anything.
+#[derive(Clone, Debug, Default)]
+pub struct Confirm {
+    pending: bool,
+}
+
+impl Confirm {
+    /// This interval's decision, after the rule.
+    pub fn admit(&mut self, decision: Decision) -> Decision {
+        match decision {
+            Decision::Apply(plan) if !plan.forced && !self.pending => {
+                self.pending = true;
+                Decision::Keep(plan.before)
+            }
+            other => {
+                self.pending = false;
+                other
+            }
+        }
+    }
+}
+
 /// The per-CPU loads of `cpus` when vCPU `i` is on `at[i]` (a CPU outside `cpus` adds nothing).
 pub fn loads(cpus: &[u32], demands: &[f64], at: &[u32]) -> Vec<f64> {
     let mut l = vec![0.0; cpus.len()];

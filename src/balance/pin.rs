@@ -82,8 +82,8 @@ pub struct PinBalancer {
     /// Pin changes per VM name.
     changes: HashMap<String, u64>,
     published: Published,
-    /// The last interval asked for a (non-forced) plan.
-    pending: bool,
+    /// Plans for a better balance wait for a second interval.
+    confirm: cpu::Confirm,
     /// VMs whose CPU list names none of the managed CPUs (warned once each).
     warned: std::collections::HashSet<String>,
 }
@@ -112,7 +112,7 @@ impl PinBalancer {
             last: None,
             threads: HashMap::new(),
             changes: HashMap::new(),
-            pending: false,
+            confirm: cpu::Confirm::default(),
             warned: Default::default(),
         }
     }
@@ -257,21 +257,7 @@ impl PinBalancer {
         self.published.mean = spread.mean;
         self.published.sigma = spread.sigma;
         self.published.balanced = spread.balanced(&self.params);
-        let decision = match decision {
-            Decision::Apply(plan) if !plan.forced && !self.pending => {
-                self.pending = true;
-                tracing::debug!(
-                    "balance: a plan would lower σ {:.3} → {:.3}; waiting one interval to confirm",
-                    plan.before.sigma,
-                    plan.after.sigma
-                );
-                Decision::Keep(plan.before)
-            }
-            other => {
-                self.pending = false;
-                other
-            }
-        };
+        let decision = self.confirm.admit(decision);
         if let Decision::Apply(plan) = decision {
             self.published.plans += 1;
             tracing::info!(
