@@ -286,13 +286,19 @@ impl State {
     }
 }
 
-/// Whether a VM's balloon is still moving, so that its stats describe another size: the last
-/// target is not reached yet (for at most 3 intervals: a guest that cannot inflate further must
-/// not freeze its VM), or the guest's MemTotal is above the balloon's size (stats from before
+/// Whether a VM's balloon is still moving, so that planning from its size would undo the move
+/// in flight (a slow inflation to `memory_start` read as unused memory), or its stats describe
+/// another size: the last target is not reached yet and the balloon moved toward it since the
+/// last round or was set less than 3 intervals ago (a guest that cannot inflate further must
+/// not freeze its VM); or the guest's MemTotal is above the balloon's size (stats from before
 /// an inflation).
 fn settling(t: &Tracked, actual: u64, stats: &Stats, interval: Duration) -> bool {
-    let moving =
-        t.target.is_some_and(|tg| tg.abs_diff(actual) > 16) && t.target_at.elapsed() < 3 * interval;
+    let moving = t.target.is_some_and(|tg| {
+        let progressed = t
+            .last_actual
+            .is_some_and(|last| tg.abs_diff(actual) + 4 < tg.abs_diff(last));
+        tg.abs_diff(actual) > 16 && (progressed || t.target_at.elapsed() < 3 * interval)
+    });
     moving || stats.total > actual
 }
 
@@ -554,6 +560,67 @@ mod tests {
             parse_stats(&serde_json::json!("garbage"), 1.0, Duration::from_secs(2)),
             None
         );
+    }
+
+    fn tracked(target: u64, set_ago: Duration, last_actual: Option<u64>) -> Tracked {
+        Tracked {
+            pid: 1,
+            qemu_start: 1,
+            adopted: Instant::now(),
+            balloon_path: Some("/machine/peripheral/balloon0".into()),
+            boot_mb: 1024,
+            config: MemoryConfig {
+                min: 200,
+                max: None,
+                start: Some(384),
+                shares: 1000,
+            },
+            target: Some(target),
+            target_at: Instant::now().checked_sub(set_ago).unwrap(),
+            last_actual,
+            activity: Activity::default(),
+            last_change: None,
+            published: None,
+        }
+    }
+
+    #[test]
+    fn a_balloon_on_its_way_is_not_planned_from() {
+        let i = Duration::from_secs(2);
+        let st = |total| Stats {
+            free: 500,
+            available: 500,
+            total,
+        };
+        // Just set, or still moving toward its target: settling.
+        assert!(settling(
+            &tracked(384, Duration::ZERO, None),
+            1000,
+            &st(900),
+            i
+        ));
+        assert!(settling(
+            &tracked(384, 30 * i, Some(1010)),
+            900,
+            &st(850),
+            i
+        ));
+        // Stuck for long (a guest that cannot inflate): planned from where it is.
+        assert!(!settling(
+            &tracked(384, 30 * i, Some(900)),
+            900,
+            &st(850),
+            i
+        ));
+        // Reached: planned.
+        assert!(!settling(
+            &tracked(384, Duration::ZERO, Some(390)),
+            390,
+            &st(340),
+            i
+        ));
+        // Stats from before an inflation (MemTotal above the balloon's size).
+        assert!(settling(&tracked(384, 30 * i, Some(384)), 384, &st(900), i));
     }
 
     #[test]
