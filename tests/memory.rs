@@ -376,8 +376,10 @@ fn four_hogs_are_limited_by_the_host() {
             g.name
         );
         let end = c.last().unwrap().1;
+        // Back below its start size (a hog that started last may have found the pool held
+        // and never grown).
         assert!(
-            end < peak - 64,
+            end < peak.saturating_sub(64).max(START),
             "{}: not reclaimed ({peak} → {end} MiB)",
             g.name
         );
