@@ -179,40 +179,33 @@ fn assert_no_oom(guests: &[Guest]) {
 }
 
 /// Prints the key figures of each VM's curve (the README's table comes from this).
-fn report(t: &[TraceLine], guests: &[Guest]) {
+fn report(t: &[TraceLine], guests: &[Guest], start: u64) {
+    eprintln!("| VM | at start | ready after | peak (after start) | low | end | min unused | steps down after peak (largest) |");
     for g in guests {
-        // From the first round with stats (the balloon down from the boot size).
-        let c = curve_from(t, &g.name, u64::MAX / 2);
-        let booted = t
-            .iter()
-            .filter(|l| l.vms.iter().any(|v| v.name == g.name))
-            .count()
-            - c.len();
-        eprintln!(
-            "{:<6} ballooned down from its boot size in {booted} rounds",
-            g.name
-        );
+        // From the round in which the balloon was down from the boot size at `start`.
+        let c = curve_from(t, &g.name, start);
+        let t0 = c.first().map_or(0.0, |x| x.0);
         let peak = c.iter().map(|x| x.1).max().unwrap_or(0);
         let low = c.iter().map(|x| x.1).min().unwrap_or(0);
         let first = c.first().map_or(0, |x| x.1);
         let last = c.last().map_or(0, |x| x.1);
         let min_unused = c.iter().filter_map(|x| x.2).min().unwrap_or(0);
         let t_peak = c.iter().find(|x| x.1 == peak).map_or(0.0, |x| x.0);
+        let down: Vec<u64> = c
+            .windows(2)
+            .filter(|w| w[0].0 >= t_peak && w[1].1 < w[0].1)
+            .map(|w| w[0].1 - w[1].1)
+            .collect();
         eprintln!(
-            "{:<6} start {first:>5} MiB  peak {peak:>5} MiB at {t_peak:>5.1} s  low {low:>5} MiB  end {last:>5} MiB  min unused {min_unused:>4} MiB",
-            g.name
+            "| {} | {first} MiB | {t0:.0} s | {peak} MiB at +{:.0} s | {low} MiB | {last} MiB | {min_unused} MiB | {} ({} MiB) |",
+            g.name,
+            t_peak - t0,
+            down.len(),
+            down.iter().max().unwrap_or(&0)
         );
     }
     let host_min = t.iter().filter_map(|l| l.host_available).min().unwrap_or(0);
-    let held_max = t
-        .iter()
-        .map(|l| l.vms.iter().map(|v| v.actual).sum::<u64>())
-        .max()
-        .unwrap_or(0);
-    eprintln!(
-        "rounds {}  host MemAvailable min {host_min} MiB  VMs' total max {held_max} MiB",
-        t.len()
-    );
+    eprintln!("rounds {}  host MemAvailable min {host_min} MiB", t.len());
 }
 
 /// The rounds in which VM `name`'s actual size fell, after `from` s: (time, size before, after).
@@ -225,7 +218,7 @@ fn falls(t: &[TraceLine], name: &str, from: f64) -> Vec<(f64, u64, u64)> {
 }
 
 const VM: &str = "memory_max = 1024\nmemory_start = 384\n";
-const IDLE: &[&str] = &["sleep", "110"];
+const IDLE: &[&str] = &["sleep", "95"];
 
 fn hog(args: &str) -> Vec<String> {
     // Like runtestN.py, which sets every VM to 512 MiB before the programs start: each hog
@@ -268,7 +261,7 @@ fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
         &[
             (
                 "vm1",
-                hog("--rate 64 --max 1024 --stall 6 --hold 4 --idle 40"),
+                hog("--rate 64 --max 1024 --stall 6 --hold 4 --idle 25"),
             ),
             ("vm2", idle()),
             ("vm3", idle()),
@@ -279,7 +272,7 @@ fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
     let _ = agent.kill();
     let _ = agent.wait();
     let t = trace(&s);
-    report(&t, &guests);
+    report(&t, &guests, START);
     assert_no_oom(&guests);
     let hog = curve(&t, "vm1");
     let peak = hog.iter().map(|x| x.1).max().unwrap();
@@ -334,7 +327,7 @@ fn four_hogs_are_limited_by_the_host() {
     const POOL: u64 = 4 * START + 600;
     let s = Scratch::new();
     let mut agent = agent(&s, &["--memory-pool", &POOL.to_string()]);
-    let h = || hog("--rate 64 --max 1024 --stall 6 --hold 4 --idle 40");
+    let h = || hog("--rate 64 --max 1024 --stall 6 --hold 4 --idle 25");
     let mut guests = run_guests(
         &s,
         &[("vm1", h()), ("vm2", h()), ("vm3", h()), ("vm4", h())],
@@ -343,7 +336,7 @@ fn four_hogs_are_limited_by_the_host() {
     let _ = agent.kill();
     let _ = agent.wait();
     let t = trace(&s);
-    report(&t, &guests);
+    report(&t, &guests, START);
     assert_no_oom(&guests);
     let from = all_started(&t, &guests);
     let t0 = t[0].at;
@@ -383,8 +376,10 @@ fn four_hogs_are_limited_by_the_host() {
             g.name
         );
         let end = c.last().unwrap().1;
+        // Back below its start size (a hog that started last may have found the pool held
+        // and never grown).
         assert!(
-            end < peak - 64,
+            end < peak.saturating_sub(64).max(START),
             "{}: not reclaimed ({peak} → {end} MiB)",
             g.name
         );
@@ -421,7 +416,7 @@ fn one_hog_frees_while_another_grows() {
     let _ = agent.kill();
     let _ = agent.wait();
     let t = trace(&s);
-    report(&t, &guests);
+    report(&t, &guests, START);
     assert_no_oom(&guests);
     let a = curve(&t, "vm1");
     let b = curve(&t, "vm2");
@@ -496,9 +491,16 @@ fn settle(s: &Scratch, from: usize, within: Duration) -> f64 {
     loop {
         let t = trace(s);
         let tail: Vec<&TraceLine> = t.iter().skip(from).rev().take(4).collect();
+        // Quiet while the active VM is hungry (its hog has started and finds no more
+        // memory): before its hog starts, nothing moves either.
         let quiet = tail.len() == 4
             && tail.iter().all(|l| {
-                l.targets.is_empty() && l.vms.len() == 2 && l.vms.iter().all(|v| v.stats.is_some())
+                l.targets.is_empty()
+                    && l.vms.len() == 2
+                    && l.vms.iter().all(|v| v.stats.is_some())
+                    && l.vms
+                        .iter()
+                        .any(|v| v.name == "active" && v.stats.is_some_and(|st| st.available < 100))
             });
         if quiet {
             return started.elapsed().as_secs_f64();
@@ -594,7 +596,7 @@ fn idle_tax_moves_memory_from_the_idle_vm() {
     let _ = agent75.kill();
     let _ = agent75.wait();
     let t = trace(&s);
-    report(&t, &guests);
+    report(&t, &guests, u64::MAX / 2);
     let (taxed, fa, fi) = split(&t[phase1..], 3);
     let k = 4.0;
     let oracle = {
@@ -678,6 +680,33 @@ fn a_vm_without_a_balloon_driver_is_left_alone_and_shown() {
     let ls = s.cli(&["ls", "--json"]);
     let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(ls[0]["memory"]["state"], "no-driver", "{ls}");
+    // memory_* edits apply live, within a round or two; a bad edit keeps the last good ones.
+    let base =
+        "vcpus = 1\nbaseline = 100\nbalance_memory = true\nmemory_min = 64\nmemory_start = 96\n";
+    write_config(
+        &s,
+        "fw",
+        &format!("{base}memory_shares = 7\nmemory_max = 100\n"),
+    );
+    let mem = || -> serde_json::Value {
+        serde_json::from_slice(&s.cli(&["mem", "--json"]).stdout).unwrap_or_default()
+    };
+    wait_until("the edit to apply", Duration::from_secs(10), || {
+        let m = mem();
+        m[0]["shares"] == 7 && m[0]["ceiling_mb"] == 100
+    });
+    write_config(&s, "fw", &format!("{base}memory_shares = 0\n"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        mem()[0]["shares"],
+        7,
+        "a bad edit replaced the last good settings"
+    );
+    // balance_memory off: the VM leaves the coordinator.
+    write_config(&s, "fw", "vcpus = 1\nbaseline = 100\n");
+    wait_until("the VM to leave", Duration::from_secs(10), || {
+        mem().as_array().is_some_and(|a| a.is_empty())
+    });
     let _ = agent.kill();
     let _ = agent.wait();
     let rounds = trace(&s);

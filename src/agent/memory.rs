@@ -149,6 +149,12 @@ struct Tracked {
     target_at: Instant,
     /// The balloon's size in the previous round.
     last_actual: Option<u64>,
+    /// (actual, MemTotal) in the previous round with stats.
+    last_sample: Option<(u64, u64)>,
+    /// actual − MemTotal, learned from two identical samples in a row: constant for a VM (the
+    /// balloon driver takes inflated pages out of MemTotal), so stats that disagree with it
+    /// describe another balloon size.
+    overhead: Option<u64>,
     activity: Activity,
     last_change: Option<String>,
     /// ResCoin's last allocation (`rescoin` policy).
@@ -212,6 +218,12 @@ impl State {
             }
             let r = read(record, t, s);
             if let Some(actual) = r.actual {
+                if let Some(st) = &r.stats {
+                    if t.last_sample == Some((actual, st.total)) && actual >= st.total {
+                        t.overhead = Some(actual - st.total);
+                    }
+                    t.last_sample = Some((actual, st.total));
+                }
                 let stats = r.stats.filter(|st| !settling(t, actual, st, s.interval));
                 t.last_actual = Some(actual);
                 if let Some(st) = &stats {
@@ -302,14 +314,24 @@ impl State {
     }
 }
 
-/// Whether a VM's balloon is still moving, so that its stats describe another size: the last
-/// target is not reached yet (for at most 3 intervals: a guest that cannot inflate further must
-/// not freeze its VM), or the guest's MemTotal is above the balloon's size (stats from before
-/// an inflation).
+/// Whether a VM's balloon is still moving, so that planning from its size would undo the move
+/// in flight (a slow inflation to `memory_start` read as unused memory), or its stats describe
+/// another size: the last target is not reached yet and the balloon moved toward it since the
+/// last round or was set less than 3 intervals ago (a guest that cannot inflate further must
+/// not freeze its VM); or the stats are from another balloon size (the guest polls its stats on
+/// its own clock: MemTotal disagrees with the balloon's size by more than the VM's constant
+/// overhead, or is above it).
 fn settling(t: &Tracked, actual: u64, stats: &Stats, interval: Duration) -> bool {
-    let moving =
-        t.target.is_some_and(|tg| tg.abs_diff(actual) > 16) && t.target_at.elapsed() < 3 * interval;
-    moving || stats.total > actual
+    let moving = t.target.is_some_and(|tg| {
+        let progressed = t
+            .last_actual
+            .is_some_and(|last| tg.abs_diff(actual) + 4 < tg.abs_diff(last));
+        tg.abs_diff(actual) > 16 && (progressed || t.target_at.elapsed() < 3 * interval)
+    });
+    let stale = t
+        .overhead
+        .is_some_and(|o| (actual as i64 - stats.total as i64 - o as i64).abs() > 8);
+    moving || stale || stats.total > actual
 }
 
 fn qmp(record: &VmRecord) -> Result<qmp::Client, qmp::Error> {
@@ -359,6 +381,8 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
         target,
         target_at: Instant::now(),
         last_actual: None,
+        last_sample: None,
+        overhead: None,
         activity: Activity::default(),
         last_change: target.map(|_| "memory_start".to_owned()),
         allocation: None,
@@ -572,6 +596,71 @@ mod tests {
             parse_stats(&serde_json::json!("garbage"), 1.0, Duration::from_secs(2)),
             None
         );
+    }
+
+    fn tracked(target: u64, set_ago: Duration, last_actual: Option<u64>) -> Tracked {
+        Tracked {
+            pid: 1,
+            qemu_start: 1,
+            adopted: Instant::now(),
+            balloon_path: Some("/machine/peripheral/balloon0".into()),
+            boot_mb: 1024,
+            config: MemoryConfig {
+                min: 200,
+                max: None,
+                start: Some(384),
+                shares: 1000,
+            },
+            target: Some(target),
+            target_at: Instant::now().checked_sub(set_ago).unwrap(),
+            last_actual,
+            last_sample: None,
+            overhead: Some(40),
+            activity: Activity::default(),
+            last_change: None,
+            published: None,
+        }
+    }
+
+    #[test]
+    fn a_balloon_on_its_way_is_not_planned_from() {
+        let i = Duration::from_secs(2);
+        let st = |total| Stats {
+            free: 500,
+            available: 500,
+            total,
+        };
+        // Just set, or still moving toward its target: settling.
+        assert!(settling(
+            &tracked(384, Duration::ZERO, None),
+            1000,
+            &st(900),
+            i
+        ));
+        assert!(settling(
+            &tracked(384, 30 * i, Some(1010)),
+            900,
+            &st(860),
+            i
+        ));
+        // Stuck for long (a guest that cannot inflate): planned from where it is.
+        assert!(!settling(
+            &tracked(384, 30 * i, Some(900)),
+            900,
+            &st(860),
+            i
+        ));
+        // Reached: planned.
+        assert!(!settling(
+            &tracked(384, Duration::ZERO, Some(390)),
+            390,
+            &st(350),
+            i
+        ));
+        // Stats from before an inflation (MemTotal above the balloon's size), or from another
+        // size (MemTotal off the VM's overhead of 40 MiB).
+        assert!(settling(&tracked(384, 30 * i, Some(384)), 384, &st(900), i));
+        assert!(settling(&tracked(384, 30 * i, Some(384)), 384, &st(300), i));
     }
 
     #[test]
