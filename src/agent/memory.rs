@@ -618,6 +618,7 @@ mod tests {
             overhead: Some(40),
             activity: Activity::default(),
             last_change: None,
+            allocation: None,
             published: None,
         }
     }
