@@ -715,3 +715,119 @@ fn a_vm_without_a_balloon_driver_is_left_alone_and_shown() {
         "a balloon moved"
     );
 }
+
+/// Memory as ResCoin's third resource (`--memory-policy rescoin`, issue 13): two hungry VMs with
+/// `memory_shares` 2:1 share a pool that holds neither's ceiling. Memory in use is never taken
+/// back, so the VMs are held to their templates while both are short of memory (each asking for
+/// its ceiling), and each regrows only to its allocation while the other holds. Pass: in the
+/// rounds in which both are short of memory, the split is 2:1 (±10 %); the pool is kept and no
+/// guest is OOM-killed.
+#[test]
+fn rescoin_splits_a_contended_pool_by_shares() {
+    if !ready() {
+        return;
+    }
+    const POOL: u64 = 1152;
+    let s = Scratch::new();
+    let mut agent = agent(
+        &s,
+        &[
+            "--memory-policy",
+            "rescoin",
+            "--memory-pool",
+            &POOL.to_string(),
+        ],
+    );
+    let cycle = |hold: u32, n: u32| {
+        let h = hog_bin();
+        let mut script = format!(
+            "{h} --after-total {} --rate 64 --max 1024 --stall 4 --hold {hold}",
+            START + 16
+        );
+        for _ in 1..n {
+            script.push_str(&format!(
+                "; {h} --rate 64 --max 1024 --stall 4 --hold {hold}"
+            ));
+        }
+        // The hogs that stop growing say FAILED (the pool is full): expected here.
+        script.push_str("; echo CYCLES DONE");
+        vec!["sh".to_owned(), "-c".to_owned(), script]
+    };
+    let specs = [
+        ("a", "memory_shares = 2000\n", cycle(2, 4)),
+        ("b", "memory_shares = 1000\n", cycle(9, 3)),
+    ];
+    let mut guests: Vec<Guest> = specs
+        .iter()
+        .map(|(name, shares, cmd)| {
+            let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            guest(&s, name, &format!("{VM}{shares}"), &cmd)
+        })
+        .collect();
+    wait_done(&mut guests, Duration::from_secs(300));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let t = trace(&s);
+    report(&t, &guests, START);
+    assert_no_oom(&guests);
+    if std::env::var_os("BQ_DUMP").is_some() {
+        for l in &t {
+            let v: Vec<String> = l
+                .vms
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} act {} avail {:?}",
+                        v.name,
+                        v.actual,
+                        v.stats.map(|s| s.available)
+                    )
+                })
+                .collect();
+            let tg: Vec<String> = l
+                .targets
+                .iter()
+                .map(|x| format!("{}->{} ({})", x.name, x.target, x.why))
+                .collect();
+            eprintln!("{:6.1} {:?} {:?}", l.at - t[0].at, v, tg);
+        }
+    }
+    // The rounds in which both guests were short of memory (both asking for more than the
+    // pool can give): there the pool must be split by the shares.
+    let from = all_started(&t, &guests);
+    let both: Vec<(u64, u64)> = t
+        .iter()
+        .filter(|l| l.at - t[0].at > from)
+        .filter_map(|l| {
+            let get = |n: &str| l.vms.iter().find(|v| v.name == n);
+            let (a, b) = (get("a")?, get("b")?);
+            let needy =
+                |v: &burst_qemu::balance::mem::Vm| v.stats.is_some_and(|s| s.available < 100);
+            (needy(a) && needy(b)).then_some((a.actual, b.actual))
+        })
+        .collect();
+    assert!(
+        both.len() >= 5,
+        "only {} rounds with both VMs short of memory",
+        both.len()
+    );
+    let mut ratios: Vec<f64> = both.iter().map(|(a, b)| *a as f64 / *b as f64).collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios[ratios.len() / 2];
+    let (pa, pb) = both[both.len() / 2];
+    eprintln!(
+        "rescoin: {} rounds with both VMs short of memory; median split a/b {ratio:.2} (e.g. {pa} / {pb} MiB; shares 2:1, pool {POOL} MiB)",
+        both.len()
+    );
+    for l in t.iter().filter(|l| l.at - t[0].at > from) {
+        let held: u64 = l.vms.iter().map(|v| v.actual).sum();
+        assert!(
+            held <= POOL + 128,
+            "the VMs hold {held} MiB, over the pool {POOL}"
+        );
+    }
+    assert!(
+        (ratio - 2.0).abs() <= 0.5,
+        "late peaks {pa} / {pb} MiB: ratio {ratio:.2}, not 2"
+    );
+}

@@ -11,13 +11,21 @@
 //! * **Template** `tc_i`: the VM's part of the capacity by its `memory_shares`.
 //! * **Demand**: what the guest uses (balloon size − MemAvailable) plus the unused memory it is
 //!   always left (`keep_unused`, 100 MiB): a VM asks for room to grow. ResCoin's α for memory is
-//!   0.8. A VM that uses ≥ 90 % of what it was allotted is held and asks for its ceiling, as
-//!   in the stage's rule.
+//!   0.8. A guest short of unused memory (below `grow_below`, the coordinator's "needy") asks
+//!   for its ceiling, as a CPU VM held at its cap asks for its grant: what it holds says
+//!   nothing of what it wants.
 //! * **Grant**: the VM's ceiling (boot size or `memory_max`): there are no credits for memory.
-//! * **Allocation**: contended, the stage's (every VM min(estimate, template) first, the spare
-//!   by |accumulated credit|, never above the ceiling); uncontended, the estimate itself
-//!   (ResCoin's step 2), so idle memory goes back to the host rather than every VM being
-//!   inflated to its ceiling.
+//! * **Allocation**: uncontended, the estimate itself (ResCoin's step 2), so idle memory goes
+//!   back to the host rather than every VM being inflated to its ceiling. Contended, the
+//!   stage's allocation but never above the template: **the spare is not lent**. CPU or disk
+//!   lent to a VM beyond its template is taken back within a period when its owner wants it;
+//!   memory a guest has filled cannot be taken back without the guest swapping or being
+//!   OOM-killed, so a VM lent its neighbour's idle template would keep it (measured on real
+//!   guests: two hungry VMs with shares 2:1 ended at the same size, each having grabbed what
+//!   the other left while it freed). The capacity being the sum of the templates, reserving
+//!   templates leaves no spare under contention; the accumulated credit still steers the
+//!   stage's view of who is hungry. A deviation from both ResCoin's README (`tc + wr·C_e`) and
+//!   code (`min(est, tc) + wr·C_e`), for memory only.
 //!
 //! # What the balloon does with it
 //!
@@ -84,7 +92,14 @@ impl Rescoin {
                 let used = v.actual.saturating_sub(st.available.min(v.actual));
                 let template = (u128::from(capacity) * u128::from(v.shares.max(1))
                     / u128::from(shares)) as u64;
-                let want = (used + s.keep_unused).min(v.ceiling);
+                // A guest short of unused memory wants more than it shows: like a CPU VM held
+                // at its cap, it asks for its ceiling (else one VM's freeing makes the host
+                // look uncontended and the other takes the memory for good).
+                let want = if st.available < s.grow_below {
+                    v.ceiling
+                } else {
+                    (used + s.keep_unused).min(v.ceiling)
+                };
                 (
                     v.name.as_str(),
                     Observed {
@@ -102,7 +117,8 @@ impl Rescoin {
             .zip(&plan)
             .map(|((name, o), a)| {
                 let allocation = if a.contended {
-                    a.rate.0
+                    // Memory lent is not called back: the spare is never lent (see above).
+                    a.rate.0.min(o.baseline.0)
                 } else {
                     a.estimate.0.min(o.grant.0)
                 };
