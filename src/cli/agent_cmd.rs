@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use burst_qemu::agent::{self, Agent, AgentError, Settings};
 use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
+use burst_qemu::enforce::scx;
 
 use super::*;
 
@@ -56,6 +57,17 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
     if a.enforcer == "ghost" {
         return run_ghost_agent(g, a, state_dir);
     }
+    let scx = match a.enforcer.as_str() {
+        "scx" => true,
+        "auto" => scx::BUILT && scx::kernel_supports(),
+        _ => false,
+    };
+    if scx && !scx::BUILT {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--enforcer scx: this burst-qemu was built without the `scx` feature \
+             (cargo build --features scx; needs clang-19)"
+        )));
+    }
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
         (Some(m), Some("v2")) => (Version::V2, m.clone()),
         (Some(m), Some(_)) => (Version::V1, m.clone()),
@@ -102,15 +114,62 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         data_dir: g.data_dir(),
         idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         metrics_listen: a.metrics_listen,
-        contention: if a.contention == "off" {
+        // The sched_ext scheduler guarantees baselines and splits the spare itself.
+        contention: if a.contention == "off" || scx {
             None
         } else {
             Some(capacity(a.capacity.as_deref())?)
         },
     };
+    if scx {
+        let cpus = a
+            .scx_cpus
+            .as_deref()
+            .map(|l| cpu_list(l).map_err(Failure::usage))
+            .transpose()?;
+        let exe = std::env::current_exe().map_err(Failure::host)?;
+        let enforcer = scx::ScxEnforcer::start(enforcer, &exe, cpus)
+            .context("starting the sched_ext scheduler (run burst-qemu check)")
+            .map_err(Failure::host)?;
+        tracing::info!(
+            "enforcer: {}",
+            burst_qemu::enforce::Enforcer::describe(&enforcer)
+        );
+        return Agent::new(settings, Box::new(enforcer))
+            .run()
+            .map_err(Failure::host);
+    }
     Agent::new(settings, Box::new(enforcer))
         .run()
         .map_err(Failure::host)
+}
+
+/// A CPU list: `1-3,6`.
+fn cpu_list(text: &str) -> anyhow::Result<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u32, u32) = match (a.trim().parse(), b.trim().parse()) {
+            (Ok(a), Ok(b)) if a <= b && b < 1024 => (a, b),
+            _ => anyhow::bail!("--scx-cpus {text:?}: give a CPU list below 1024 (1-3,6)"),
+        };
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
+}
+
+/// `burst-qemu scx-scheduler`: the sched_ext scheduler process the scx enforcer starts.
+pub(super) fn run_scx_scheduler() -> Result<(), Failure> {
+    #[cfg(feature = "scx")]
+    {
+        scx::loader::run().map_err(Failure::host)
+    }
+    #[cfg(not(feature = "scx"))]
+    {
+        Err(Failure::usage(anyhow::anyhow!(
+            "built without the `scx` feature (cargo build --features scx)"
+        )))
+    }
 }
 
 /// The agent with the centralized ghOSt agent as its enforcer. The scheduling policy

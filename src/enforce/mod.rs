@@ -2,13 +2,15 @@
 //! run is decided by the ledger; an [`Enforcer`] only makes the kernel keep to it.
 //!
 //! Implementations: [`cgroup::CgroupEnforcer`] (cgroup v1 and v2 CPU bandwidth) and
-//! [`ghost::GhostEnforcer`] (the centralized ghOSt agent, scheduling the threads itself).
+//! [`ghost::GhostEnforcer`] (the centralized ghOSt agent, scheduling the threads itself) and
+//! [`scx::ScxEnforcer`] (burst-qemu's own sched_ext BPF scheduler, cgroup quota as backstop).
 //!
 //! CPU time used is measured by the agent from the kernel's own per-thread counters
 //! ([`thread_cpu_ns`]), the same for every enforcer: exact nanoseconds, not samples.
 
 pub mod cgroup;
 pub mod ghost;
+pub mod scx;
 
 use std::io;
 use std::path::PathBuf;
