@@ -21,6 +21,7 @@ fn ready() -> bool {
 /// VM's credits right after).
 fn enforced(s: &Scratch, name: &str) {
     view(s, name);
+    expect_enforcer(s, name);
 }
 
 fn share(vm: &Launched, secs: f64) -> f64 {

@@ -128,7 +128,7 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
             .map(|l| cpu_list(l).map_err(Failure::usage))
             .transpose()?;
         let exe = std::env::current_exe().map_err(Failure::host)?;
-        let enforcer = scx::ScxEnforcer::start(enforcer, &exe, cpus)
+        let enforcer = scx::ScxEnforcer::start(enforcer, &exe, cpus, &settings.state_dir)
             .context("starting the sched_ext scheduler (run burst-qemu check)")
             .map_err(Failure::host)?;
         tracing::info!(
@@ -159,13 +159,14 @@ fn cpu_list(text: &str) -> anyhow::Result<Vec<u32>> {
 }
 
 /// `burst-qemu scx-scheduler`: the sched_ext scheduler process the scx enforcer starts.
-pub(super) fn run_scx_scheduler() -> Result<(), Failure> {
+pub(super) fn run_scx_scheduler(stats: Option<&std::path::Path>) -> Result<(), Failure> {
     #[cfg(feature = "scx")]
     {
-        scx::loader::run().map_err(Failure::host)
+        scx::loader::run(stats).map_err(Failure::host)
     }
     #[cfg(not(feature = "scx"))]
     {
+        let _ = stats;
         Err(Failure::usage(anyhow::anyhow!(
             "built without the `scx` feature (cargo build --features scx)"
         )))

@@ -142,7 +142,14 @@ enum Command {
     TestGuest(TestGuestArgs),
     /// The sched_ext scheduler process (started by `agent --enforcer scx`).
     #[command(hide = true)]
-    ScxScheduler,
+    ScxScheduler(ScxSchedulerArgs),
+}
+
+#[derive(Debug, Args)]
+struct ScxSchedulerArgs {
+    /// Publish the scheduler's state and per-VM figures to this JSON file each second.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -407,7 +414,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
-        Some(Command::ScxScheduler) => agent_cmd::run_scx_scheduler(),
+        Some(Command::ScxScheduler(a)) => agent_cmd::run_scx_scheduler(a.stats.as_deref()),
         Some(Command::TestGuest(a)) => {
             let kind = if a.halt {
                 Behaviour::Halt

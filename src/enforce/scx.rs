@@ -57,14 +57,15 @@ pub fn kernel_state() -> Option<(String, String)> {
 }
 
 /// One command from the agent to the scheduler process, one line of text each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// `vm IDX BASE_NS GRANT_NS`: VM slot `IDX` may run `GRANT_NS` of CPU per period, of which
-    /// `BASE_NS` before any VM gets more than its own baseline.
+    /// `vm IDX BASE_NS GRANT_NS NAME`: VM `NAME` (slot `IDX`) may run `GRANT_NS` of CPU per
+    /// period, of which `BASE_NS` before any VM gets more than its own baseline.
     Vm {
         idx: u32,
         base_ns: u64,
         grant_ns: u64,
+        name: String,
     },
     /// `free IDX`: the slot is unused.
     Free { idx: u32 },
@@ -82,7 +83,8 @@ impl Command {
                 idx,
                 base_ns,
                 grant_ns,
-            } => format!("vm {idx} {base_ns} {grant_ns}\n"),
+                name,
+            } => format!("vm {idx} {base_ns} {grant_ns} {name}\n"),
             Command::Free { idx } => format!("free {idx}\n"),
             Command::Tid { tid, idx } => format!("tid {tid} {idx}\n"),
             Command::Untid { tid } => format!("untid {tid}\n"),
@@ -111,6 +113,11 @@ impl Command {
                 idx: idx_of(num("slot")?)?,
                 base_ns: num("baseline")?,
                 grant_ns: num("grant")?,
+                name: match words.next() {
+                    Some(n) if crate::launch::validate_name(n).is_ok() => n.to_owned(),
+                    Some(n) => return Err(format!("vm: bad name {n:?}")),
+                    None => return Err("vm: missing name".into()),
+                },
             },
             "free" => Command::Free {
                 idx: idx_of(num("slot")?)?,
@@ -131,6 +138,38 @@ impl Command {
     }
 }
 
+/// What the scheduler process publishes about itself each second (`<state dir>/scx.json`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// The scheduler process.
+    pub pid: u32,
+    /// The kernel's sched_ext state and scheduler (`enabled`, `burst_qemu`).
+    pub state: String,
+    pub ops: String,
+    /// Per VM: CPU charged by the BPF scheduler since it loaded, and how often one of its
+    /// threads was held back for want of budget.
+    pub vms: std::collections::BTreeMap<String, VmStats>,
+}
+
+/// One VM in [`Stats`].
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct VmStats {
+    pub cpu_ns: u64,
+    pub held: u64,
+    pub base_ns: u64,
+    pub grant_ns: u64,
+}
+
+/// Where the scheduler process of the agent of `state_dir` publishes its [`Stats`].
+pub fn stats_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("scx.json")
+}
+
+/// The published [`Stats`], if any.
+pub fn read_stats(state_dir: &Path) -> Option<Stats> {
+    serde_json::from_slice(&std::fs::read(stats_path(state_dir)).ok()?).ok()
+}
+
 /// ns of CPU per [`PERIOD`] at `rate`.
 pub fn budget_ns(rate: Rate) -> u64 {
     (u128::from(rate.0) * PERIOD.as_nanos() / u128::from(PPM_PER_CPU)) as u64
@@ -146,7 +185,7 @@ struct Managed {
 }
 
 impl Managed {
-    fn commands(&self) -> Vec<Command> {
+    fn commands(&self, name: &str) -> Vec<Command> {
         // A held thread must never wait past the watchdog: a grant of 0 pauses the VM, and
         // the scheduler always gets a budget of at least 1 % of one CPU.
         let grant = budget_ns(self.grant).max(budget_ns(Rate(PPM_PER_CPU / 100)));
@@ -154,6 +193,7 @@ impl Managed {
             idx: self.idx,
             base_ns: budget_ns(self.baseline).min(grant),
             grant_ns: grant,
+            name: name.to_owned(),
         }];
         cmds.extend(
             self.tids
@@ -174,6 +214,7 @@ pub struct ScxEnforcer {
     backstop: CgroupEnforcer,
     cpus: Option<Vec<u32>>,
     exe: PathBuf,
+    stats: PathBuf,
     sched: Option<Scheduler>,
     vms: HashMap<String, Managed>,
     last_start: Instant,
@@ -228,6 +269,7 @@ impl ScxEnforcer {
         backstop: CgroupEnforcer,
         exe: &Path,
         cpus: Option<Vec<u32>>,
+        state_dir: &Path,
     ) -> Result<Self, EnforceError> {
         if !kernel_supports() {
             return Err(failed(
@@ -236,11 +278,13 @@ impl ScxEnforcer {
                 "missing",
             ));
         }
-        let sched = spawn(exe)?;
+        let stats = stats_path(state_dir);
+        let sched = spawn(exe, &stats)?;
         Ok(ScxEnforcer {
             backstop,
             cpus,
             exe: exe.to_owned(),
+            stats,
             sched: Some(sched),
             vms: HashMap::new(),
             last_start: Instant::now(),
@@ -296,7 +340,7 @@ impl ScxEnforcer {
             return Ok(false);
         }
         self.last_start = Instant::now();
-        let sched = spawn(&self.exe)?;
+        let sched = spawn(&self.exe, &self.stats)?;
         self.restarts += 1;
         tracing::warn!(
             "sched_ext scheduler restarted (pid {}, restart {})",
@@ -304,7 +348,7 @@ impl ScxEnforcer {
             self.restarts
         );
         self.sched = Some(sched);
-        let all: Vec<Command> = self.vms.values().flat_map(Managed::commands).collect();
+        let all: Vec<Command> = self.vms.iter().flat_map(|(n, m)| m.commands(n)).collect();
         self.send(&all);
         Ok(true)
     }
@@ -341,9 +385,11 @@ impl ScxEnforcer {
     }
 }
 
-fn spawn(exe: &Path) -> Result<Scheduler, EnforceError> {
+fn spawn(exe: &Path, stats: &Path) -> Result<Scheduler, EnforceError> {
     let mut child = std::process::Command::new(exe)
         .arg("scx-scheduler")
+        .arg("--stats")
+        .arg(stats)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -415,7 +461,7 @@ impl Enforcer for ScxEnforcer {
             qmp: vm.qmp_socket.clone(),
             paused: false,
         };
-        let cmds = m.commands();
+        let cmds = m.commands(&vm.name);
         self.vms.insert(vm.name.clone(), m);
         self.send(&cmds);
         Ok(())
@@ -432,7 +478,7 @@ impl Enforcer for ScxEnforcer {
         };
         let changed = m.grant != rate;
         m.grant = rate;
-        let cmds = m.commands();
+        let cmds = m.commands(vm);
         if changed {
             self.send(&cmds[..1]);
         }
@@ -507,18 +553,21 @@ mod tests {
                 idx: 3,
                 base_ns: 20_000_000,
                 grant_ns: 200_000_000,
+                name: "web-1.a_b".into(),
             },
             Command::Free { idx: 63 },
             Command::Tid { tid: 4242, idx: 0 },
             Command::Untid { tid: 1 },
         ] {
-            assert_eq!(Command::parse(&c.line()), Ok(c));
+            assert_eq!(Command::parse(&c.line()), Ok(c.clone()));
         }
         for (bad, why) in [
             ("", "empty"),
-            ("vm 64 1 2", "out of range"),
-            ("vm 1 x 2", "not a number"),
+            ("vm 64 1 2 a", "out of range"),
+            ("vm 1 x 2 a", "not a number"),
             ("vm 1 2", "missing grant"),
+            ("vm 1 2 3", "missing name"),
+            ("vm 1 2 3 a/b", "bad name"),
             ("tid 1 2 3", "too many"),
             ("tid 99999999999 1", "thread id"),
             ("go 1", "unknown"),
@@ -540,13 +589,14 @@ mod tests {
             qmp: PathBuf::new(),
             paused: false,
         };
-        let cmds = m.commands();
+        let cmds = m.commands("v");
         assert_eq!(
             cmds[0],
             Command::Vm {
                 idx: 1,
                 base_ns: 1_000_000,
-                grant_ns: 1_000_000
+                grant_ns: 1_000_000,
+                name: "v".into(),
             }
         );
         assert_eq!(cmds.len(), 3);

@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use libbpf_rs::{MapCore, MapFlags, ObjectBuilder};
 
-use super::{kernel_state, Command, OPS_NAME, PERIOD};
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{kernel_state, Command, Stats, VmStats, OPS_NAME, PERIOD};
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
 
@@ -24,19 +27,26 @@ fn find<'a>(obj: &'a libbpf_rs::Object, name: &str) -> anyhow::Result<libbpf_rs:
         .with_context(|| format!("BPF map {name} missing from the object"))
 }
 
-fn apply(obj: &libbpf_rs::Object, cmd: Command) -> anyhow::Result<()> {
+fn apply(
+    obj: &libbpf_rs::Object,
+    names: &mut HashMap<u32, String>,
+    cmd: Command,
+) -> anyhow::Result<()> {
     match cmd {
         Command::Vm {
             idx,
             base_ns,
             grant_ns,
+            name,
         } => {
+            names.insert(idx, name);
             let mut v = Vec::with_capacity(16);
             v.extend_from_slice(&base_ns.to_ne_bytes());
             v.extend_from_slice(&grant_ns.to_ne_bytes());
             find(obj, "budgets")?.update(&idx.to_ne_bytes(), &v, MapFlags::ANY)?;
         }
         Command::Free { idx } => {
+            names.remove(&idx);
             find(obj, "budgets")?.update(&idx.to_ne_bytes(), &[0u8; 16], MapFlags::ANY)?;
         }
         Command::Tid { tid, idx } => {
@@ -50,17 +60,63 @@ fn apply(obj: &libbpf_rs::Object, cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the scheduler process (see the module docs).
-pub fn run() -> anyhow::Result<()> {
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    bytes
+        .get(at..at + 8)
+        .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// Writes [`Stats`] to `path` (atomically: a new file renamed over the old).
+fn publish(
+    obj: &libbpf_rs::Object,
+    names: &HashMap<u32, String>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let (state, ops) = kernel_state().unwrap_or_default();
+    let mut stats = Stats {
+        pid: std::process::id(),
+        state,
+        ops,
+        vms: Default::default(),
+    };
+    let (usage, budgets) = (find(obj, "usage")?, find(obj, "budgets")?);
+    for (idx, name) in names {
+        let key = idx.to_ne_bytes();
+        let u = usage.lookup(&key, MapFlags::ANY)?.unwrap_or_default();
+        let b = budgets.lookup(&key, MapFlags::ANY)?.unwrap_or_default();
+        stats.vms.insert(
+            name.clone(),
+            VmStats {
+                cpu_ns: u64_at(&u, 8),
+                held: u64_at(&u, 16),
+                base_ns: u64_at(&b, 0),
+                grant_ns: u64_at(&b, 8),
+            },
+        );
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&stats)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Runs the scheduler process (see the module docs); publishes [`Stats`] to `stats` each
+/// second.
+pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     // Die with the agent that started us (its pipe closing is the other signal).
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    if let Some((state, ops)) = kernel_state() {
-        if state != "disabled" {
-            bail!("sched_ext is {state} (scheduler {ops:?}): another BPF scheduler is loaded");
+    // A scheduler whose process just died (a restarted agent's) takes a moment to unload.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match kernel_state() {
+            None => bail!("this kernel has no sched_ext (/sys/kernel/sched_ext missing)"),
+            Some((state, _)) if state == "disabled" => break,
+            Some((state, ops)) if std::time::Instant::now() > deadline => {
+                bail!("sched_ext is {state} (scheduler {ops:?}): another BPF scheduler is loaded")
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(50)),
         }
-    } else {
-        bail!("this kernel has no sched_ext (/sys/kernel/sched_ext missing)");
     }
     let open = ObjectBuilder::default()
         .open_memory(OBJECT)
@@ -99,10 +155,22 @@ pub fn run() -> anyhow::Result<()> {
             }
         }
     });
+    let mut names = HashMap::new();
+    let mut published = std::time::Instant::now() - Duration::from_secs(2);
     loop {
+        if let Some(path) = stats {
+            if published.elapsed() >= Duration::from_secs(1) {
+                published = std::time::Instant::now();
+                if let Err(e) = publish(&obj, &names, path) {
+                    eprintln!("burst-qemu scx-scheduler: {}: {e:#}", path.display());
+                }
+            }
+        }
         match rx.recv_timeout(Duration::from_millis(250)) {
             Ok(line) => match Command::parse(&line) {
-                Ok(cmd) => apply(&obj, cmd).with_context(|| format!("applying {line:?}"))?,
+                Ok(cmd) => {
+                    apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
+                }
                 Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
             },
             Err(mpsc::RecvTimeoutError::Disconnected) => {
