@@ -262,9 +262,11 @@ fn set_affinity(tid: u32, cpus: &[u32]) -> io::Result<()> {
 }
 
 impl ScxEnforcer {
-    /// Starts the scheduler process (`exe scx-scheduler`) and waits until its BPF scheduler is
-    /// enabled. `cpus`: the CPUs the vCPU threads are confined to (keep other busy threads off
-    /// them: on 6.12 the fair class runs before sched_ext); `None` leaves affinities alone.
+    /// The enforcer; its scheduler process (`exe scx-scheduler`) runs while it has VMs: the
+    /// kernel runs one BPF scheduler at a time, and an agent without VMs (each state dir has
+    /// its own) should not hold it. `cpus`: the CPUs the vCPU threads are confined to (keep
+    /// other busy threads off them: on 6.12 the fair class runs before sched_ext); `None`
+    /// leaves affinities alone.
     pub fn start(
         backstop: CgroupEnforcer,
         exe: &Path,
@@ -278,16 +280,14 @@ impl ScxEnforcer {
                 "missing",
             ));
         }
-        let stats = stats_path(state_dir);
-        let sched = spawn(exe, &stats)?;
         Ok(ScxEnforcer {
             backstop,
             cpus,
             exe: exe.to_owned(),
-            stats,
-            sched: Some(sched),
+            stats: stats_path(state_dir),
+            sched: None,
             vms: HashMap::new(),
-            last_start: Instant::now(),
+            last_start: Instant::now() - Duration::from_secs(60),
             restarts: 0,
         })
     }
@@ -321,9 +321,12 @@ impl ScxEnforcer {
         }
     }
 
-    /// Restarts a scheduler process that has died (at most once a second), and sends it
-    /// every VM. Returns whether it restarted one.
+    /// Starts the scheduler process when there are VMs and none runs (after a death: at most
+    /// once a second), and sends it every VM. Returns whether it started one.
     fn keep_alive(&mut self) -> Result<bool, EnforceError> {
+        if self.vms.is_empty() {
+            return Ok(false);
+        }
         if let Some(s) = self.sched.as_mut() {
             match s.child.try_wait() {
                 Ok(None) => return Ok(false),
@@ -341,12 +344,16 @@ impl ScxEnforcer {
         }
         self.last_start = Instant::now();
         let sched = spawn(&self.exe, &self.stats)?;
+        if self.restarts > 0 {
+            tracing::warn!(
+                "sched_ext scheduler restarted (pid {}, start {})",
+                sched.child.id(),
+                self.restarts + 1
+            );
+        } else {
+            tracing::info!("sched_ext scheduler started (pid {})", sched.child.id());
+        }
         self.restarts += 1;
-        tracing::warn!(
-            "sched_ext scheduler restarted (pid {}, restart {})",
-            sched.child.id(),
-            self.restarts
-        );
         self.sched = Some(sched);
         let all: Vec<Command> = self.vms.iter().flat_map(|(n, m)| m.commands(n)).collect();
         self.send(&all);
@@ -463,6 +470,10 @@ impl Enforcer for ScxEnforcer {
         };
         let cmds = m.commands(&vm.name);
         self.vms.insert(vm.name.clone(), m);
+        if self.sched.is_none() {
+            // Sends every VM when it starts. A failure leaves the cgroup quota in force.
+            return self.keep_alive().map(|_| ());
+        }
         self.send(&cmds);
         Ok(())
     }
@@ -491,6 +502,9 @@ impl Enforcer for ScxEnforcer {
             let mut cmds: Vec<Command> = m.tids.iter().map(|&tid| Command::Untid { tid }).collect();
             cmds.push(Command::Free { idx: m.idx });
             self.send(&cmds);
+        }
+        if self.vms.is_empty() {
+            self.stop();
         }
         self.backstop.detach(vm)
     }
@@ -526,9 +540,20 @@ impl Enforcer for ScxEnforcer {
 
 impl Drop for ScxEnforcer {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl ScxEnforcer {
+    fn stop(&mut self) {
         // End of input: the scheduler process unloads the BPF scheduler and exits.
         if let Some(mut s) = self.sched.take() {
             drop(s.stdin);
+            let _ = std::fs::remove_file(&self.stats);
+            tracing::info!(
+                "no VMs left: sched_ext scheduler (pid {}) stopped",
+                s.child.id()
+            );
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = s.child.try_wait() {

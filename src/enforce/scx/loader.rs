@@ -107,7 +107,7 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     // A scheduler whose process just died (a restarted agent's) takes a moment to unload.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
     loop {
         match kernel_state() {
             None => bail!("this kernel has no sched_ext (/sys/kernel/sched_ext missing)"),

@@ -1,0 +1,136 @@
+//! sched_ext on a real kernel: the enforcement suite and the scx enforcer's own suite
+//! (tests/scx_inside.rs) run inside the shared `scx-6.12` guest kernel (Linux 6.12.117 with
+//! CONFIG_SCHED_CLASS_EXT), booted by the guest harness (`tests/guest/run`) with this machine's
+//! root shared read-only, so the guest runs these very test binaries and the burst-qemu just
+//! built with `--features scx`. The agent there runs `--enforcer scx` (BURST_QEMU_ENFORCER),
+//! with the vCPU threads on CPUs 1-2 of 3 (on 6.12 the fair class runs before sched_ext, so the
+//! guest's own busy threads stay on CPU 0 as much as the kernel lets them).
+//!
+//! Built only with the `scx` feature (Cargo.toml `required-features`). Under CI a missing
+//! QEMU, busybox or kernel fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The newest sibling test binary `name-<hash>` in this binary's directory.
+fn sibling(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap();
+    let dir = me.parent().unwrap();
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&format!("{name}-"))
+                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no {name} test binary beside {}", me.display()))
+        .1
+}
+
+fn ready() -> bool {
+    let busybox = Path::new("/bin/busybox").exists();
+    if !common::require_qemu() {
+        return false;
+    }
+    if !busybox {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "busybox-static is required in CI (bash .ci/run installs it)"
+        );
+        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
+    }
+    busybox
+}
+
+/// Boots the scx-6.12 guest with 3 CPUs and runs `command`; returns its output and whether it
+/// exited 0.
+fn boot(command: &[&str]) -> (String, bool) {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run"))
+        .args([
+            "--kernel",
+            "scx-6.12",
+            "--cpus",
+            "3",
+            "--mem",
+            "2048",
+            "--timeout",
+            "900",
+        ])
+        .arg("--")
+        .args(command)
+        .env("CI", "1")
+        .env("BURST_QEMU_GUEST_TIMING", "1")
+        .env("BURST_QEMU_ENFORCER", "scx")
+        .env("BURST_QEMU_SCX_CPUS", "1-2")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text, out.status.success())
+}
+
+/// Runs `command` in the guest; panics with its output unless it exits 0. One retry, said
+/// loudly, when the guest kernel died of an `int3` oops: QEMU 7.2's multi-threaded TCG
+/// sometimes executes a stale int3 while the kernel patches a static key (sched_ext flips
+/// several when a scheduler loads or unloads), which no real CPU does.
+fn in_guest(command: &[&str]) -> String {
+    let (text, ok) = boot(command);
+    if !ok && text.contains("Oops: int3") {
+        eprintln!(
+            "{text}\n*** the guest kernel hit TCG's int3 text-poke race; retrying once ***\n"
+        );
+        let (text, ok) = boot(command);
+        eprintln!("{text}");
+        assert!(ok, "in the scx-6.12 guest (second try)");
+        return text;
+    }
+    eprintln!("{text}");
+    assert!(ok, "in the scx-6.12 guest");
+    text
+}
+
+fn suite(binary: &str) {
+    if !ready() {
+        return;
+    }
+    let bin = sibling(binary);
+    let text = in_guest(&[bin.to_str().unwrap(), "--test-threads", "1"]);
+    assert!(text.contains("test result: ok"), "{text}");
+    assert!(
+        !text.contains("SKIPPED"),
+        "something skipped in the guest: {text}"
+    );
+}
+
+#[test]
+fn the_enforcement_suite_passes_on_the_scx_enforcer_on_linux_6_12() {
+    suite("enforcement");
+}
+
+#[test]
+fn the_scx_enforcers_own_suite_passes_on_linux_6_12() {
+    suite("scx_inside");
+}
+
+#[test]
+fn check_reports_sched_ext_inside_the_guest() {
+    if !ready() {
+        return;
+    }
+    let text = in_guest(&[env!("CARGO_BIN_EXE_burst-qemu"), "check"]);
+    assert!(
+        text.contains("ok  sched_ext              kernel supports sched_ext (state disabled, no BPF scheduler loaded); this build has the sched_ext scheduler (feature scx); agent --enforcer scx can run"),
+        "{text}"
+    );
+}
