@@ -60,6 +60,13 @@ pub trait Enforcer: Send {
         Ok(())
     }
 
+    /// Tells the enforcer `vm`'s baseline (it changes with live config edits), for enforcers
+    /// that guarantee baselines themselves. Called with every `apply`.
+    fn baseline(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        let _ = (vm, rate);
+        Ok(())
+    }
+
     /// Checks that what `attach` and `apply` set up for `vm` is still in place, and puts back
     /// what someone else removed or rewrote (a deleted cgroup, a thread moved out, a quota
     /// written by hand). Returns what was repaired, if anything. Called about once a second.

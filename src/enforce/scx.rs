@@ -517,6 +517,17 @@ impl Enforcer for ScxEnforcer {
         self.backstop.weigh(vm, rate)
     }
 
+    fn baseline(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        if let Some(m) = self.vms.get_mut(vm) {
+            if m.baseline != rate {
+                m.baseline = rate;
+                let cmds = m.commands(vm);
+                self.send(&cmds[..1]);
+            }
+        }
+        Ok(())
+    }
+
     fn verify(&mut self, vm: &VmRecord) -> Result<Option<String>, EnforceError> {
         let mut repaired = Vec::new();
         if self.keep_alive()? {
