@@ -165,15 +165,15 @@ impl Fleet {
             .collect()
     }
 
-    fn agent_cpu_ns(&self) -> u64 {
-        let mut pids = vec![];
-        if let Ok(t) = std::fs::read_to_string(self.state().join("agent.lock")) {
-            pids.extend(t.trim().parse::<u32>().ok());
-        }
-        if let Some(st) = burst_qemu::enforce::scx::read_stats(&self.state()) {
-            pids.push(st.pid);
-        }
-        pids.iter().map(|&p| process_cpu_ns(p)).sum()
+    /// CPU time of the agent and of its scheduler process (0 without one), in ns.
+    fn agent_cpu_ns(&self) -> (u64, u64) {
+        let agent = std::fs::read_to_string(self.state().join("agent.lock"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .map_or(0, process_cpu_ns);
+        let sched = burst_qemu::enforce::scx::read_stats(&self.state())
+            .map_or(0, |st| process_cpu_ns(st.pid));
+        (agent, sched)
     }
 }
 
@@ -327,13 +327,18 @@ fn agent_cost(launcher: &Path, halt: &Path) {
         let t = Instant::now();
         std::thread::sleep(Duration::from_secs(10));
         let b = fleet.agent_cpu_ns();
-        let pct = (b - a) as f64 * 100.0 / t.elapsed().as_nanos() as f64;
-        println!("   {label:<42} {pct:.2} % of one CPU");
+        let ns = t.elapsed().as_nanos() as f64;
+        let (agent, sched) = (
+            (b.0 - a.0) as f64 * 100.0 / ns,
+            (b.1 - a.1) as f64 * 100.0 / ns,
+        );
+        let pct = agent + sched;
+        let label = format!("{label}: agent {agent:.2} + scheduler {sched:.2} =");
+        println!("   {label:<60} {pct:.2} % of one CPU");
     }
 }
 
 fn main() {
-    assert!(burst_qemu::enforce::scx::BUILT, "build with --features scx");
     assert!(
         burst_qemu::enforce::scx::kernel_supports(),
         "needs a sched_ext kernel (tests/guest/run --kernel scx-6.12)"

@@ -156,17 +156,22 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
         }
     });
     let mut names = HashMap::new();
-    let mut published = std::time::Instant::now() - Duration::from_secs(2);
+    let mut checked = std::time::Instant::now() - Duration::from_secs(2);
     loop {
-        if let Some(path) = stats {
-            if published.elapsed() >= Duration::from_secs(1) {
-                published = std::time::Instant::now();
+        // Once a second: is the scheduler still enabled, and the figures for the agent.
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            match kernel_state() {
+                Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
+                other => bail!("the kernel disabled the BPF scheduler (see dmesg): {other:?}"),
+            }
+            if let Some(path) = stats {
                 if let Err(e) = publish(&obj, &names, path) {
                     eprintln!("burst-qemu scx-scheduler: {}: {e:#}", path.display());
                 }
             }
         }
-        match rx.recv_timeout(Duration::from_millis(250)) {
+        match rx.recv_timeout(Duration::from_secs(1).saturating_sub(checked.elapsed())) {
             Ok(line) => match Command::parse(&line) {
                 Ok(cmd) => {
                     apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
@@ -178,10 +183,6 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        match kernel_state() {
-            Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
-            other => bail!("the kernel disabled the BPF scheduler (see dmesg): {other:?}"),
         }
     }
 }
