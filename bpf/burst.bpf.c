@@ -49,7 +49,6 @@ typedef _Bool bool;
 
 /* Helpers (ids from uapi linux/bpf.h). */
 static void *(*const bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
-static u64 (*const bpf_ktime_get_ns)(void) = (void *)5;
 static u32 (*const bpf_get_smp_processor_id)(void) = (void *)8;
 struct bpf_timer {
 	u64 __opaque[2];
@@ -64,8 +63,13 @@ struct sched_ext_entity {
 	u64 slice;
 } __attribute__((preserve_access_index));
 
+struct sched_entity {
+	u64 sum_exec_runtime;
+} __attribute__((preserve_access_index));
+
 struct task_struct {
 	int pid;
+	struct sched_entity se;
 	struct sched_ext_entity scx;
 } __attribute__((preserve_access_index));
 
@@ -113,7 +117,7 @@ struct usage {
 };
 
 struct running {
-	u64 since;
+	u64 since; /* the running thread's se.sum_exec_runtime when last charged */
 	u32 vm1; /* the VM running there + 1; 0 when none (the array starts zeroed) */
 	u32 pad;
 };
@@ -224,13 +228,15 @@ static __always_inline bool someone_below_baseline(u32 except)
 	return c.found;
 }
 
-/* Charges the CPU time since the last charge on `cpu` to the VM running there. */
-static __always_inline u32 charge(u32 cpu)
+/* Charges the CPU time `p` ran on `cpu` since the last charge to its VM. The kernel's own
+ * per-thread runtime (se.sum_exec_runtime, updated before ops.tick and ops.stopping) is what
+ * /proc/PID/task/TID/schedstat shows and the agent's ledger charges: one clock for all. */
+static __always_inline u32 charge(u32 cpu, struct task_struct *p)
 {
 	struct running *r = bpf_map_lookup_elem(&cpus, &cpu);
 	if (!r || !r->vm1)
 		return NO_VM;
-	u64 now = bpf_ktime_get_ns();
+	u64 now = p->se.sum_exec_runtime;
 	u32 vm = r->vm1 - 1;
 	u64 delta = now > r->since ? now - r->since : 0;
 	r->since = now;
@@ -349,7 +355,7 @@ void bq_running(unsigned long long *ctx)
 	struct running *r = bpf_map_lookup_elem(&cpus, &cpu);
 	if (!r)
 		return;
-	r->since = bpf_ktime_get_ns();
+	r->since = p->se.sum_exec_runtime;
 	u32 vm = vm_of(p);
 	r->vm1 = vm == NO_VM ? 0 : vm + 1;
 }
@@ -357,8 +363,9 @@ void bq_running(unsigned long long *ctx)
 SEC("struct_ops/bq_stopping")
 void bq_stopping(unsigned long long *ctx)
 {
+	struct task_struct *p = (void *)ctx[0];
 	u32 cpu = bpf_get_smp_processor_id();
-	charge(cpu);
+	charge(cpu, p);
 	struct running *r = bpf_map_lookup_elem(&cpus, &cpu);
 	if (r)
 		r->vm1 = 0;
@@ -368,7 +375,7 @@ SEC("struct_ops/bq_tick")
 void bq_tick(unsigned long long *ctx)
 {
 	struct task_struct *p = (void *)ctx[0];
-	u32 vm = charge(bpf_get_smp_processor_id());
+	u32 vm = charge(bpf_get_smp_processor_id(), p);
 	if (vm == NO_VM)
 		return;
 	struct budget *b = bpf_map_lookup_elem(&budgets, &vm);
@@ -386,11 +393,12 @@ static long refill_vm_cb(u64 index, void *unused)
 	struct usage *u = bpf_map_lookup_elem(&usage, &i);
 	if (!b || !u)
 		return 0;
-	/* Overshoot (at most a tick) is carried into the next period, never more than one
-	 * period's grant. */
+	/* Overshoot (a tick, or longer when the CPU itself stalled, as a vCPU of an emulated
+	 * host does) is carried into the next periods, up to ten periods' grant: a VM is held
+	 * at most a second, far below the watchdog. */
 	u64 used = u->used_ns;
 	u64 over = used > b->grant_ns ? used - b->grant_ns : 0;
-	u->used_ns = over > b->grant_ns ? b->grant_ns : over;
+	u->used_ns = over > 10 * b->grant_ns ? 10 * b->grant_ns : over;
 	return 0;
 }
 
