@@ -317,10 +317,7 @@ fn agent_cost(launcher: &Path, halt: &Path) {
     let vms: Vec<(String, u32, f64, f64)> =
         (0..10).map(|i| (format!("vm{i}"), 1, 10.0, 5.0)).collect();
     println!("3. agent cost, 10 1-vCPU VMs (idle guests), over 10 s after 3 s");
-    for (enforcer, label) in [
-        ("cgroup", "cgroup enforcer (agent)"),
-        ("scx", "scx enforcer (agent + scheduler process)"),
-    ] {
+    for (enforcer, label) in [("cgroup", "cgroup enforcer"), ("scx", "scx enforcer")] {
         let fleet = Fleet::start(launcher, halt, enforcer, "off", &vms);
         std::thread::sleep(Duration::from_secs(3));
         let a = fleet.agent_cpu_ns();
@@ -334,7 +331,7 @@ fn agent_cost(launcher: &Path, halt: &Path) {
         );
         let pct = agent + sched;
         let label = format!("{label}: agent {agent:.2} + scheduler {sched:.2} =");
-        println!("   {label:<60} {pct:.2} % of one CPU");
+        println!("   {label:<55} {pct:.2} % of one CPU");
     }
 }
 
