@@ -381,7 +381,10 @@ fn check_reports_this_hosts_capabilities() {
         text.contains("cgroup CPU bandwidth") && text.contains("is writable"),
         "{text}"
     );
-    assert!(text.contains("ghOSt") && text.contains("sched_ext"), "{text}");
+    assert!(
+        text.contains("ghOSt") && text.contains("sched_ext"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -59,7 +59,12 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
     }
     let scx = match a.enforcer.as_str() {
         "scx" => true,
-        "auto" => scx::BUILT && scx::kernel_supports(),
+        // Not when another BPF scheduler holds sched_ext: ours could not load.
+        "auto" => {
+            scx::BUILT
+                && scx::kernel_state()
+                    .is_some_and(|(_, ops)| ops.is_empty() || ops == scx::OPS_NAME)
+        }
         _ => false,
     };
     if scx && !scx::BUILT {

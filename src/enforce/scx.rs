@@ -207,6 +207,8 @@ impl Managed {
 struct Scheduler {
     child: Child,
     stdin: ChildStdin,
+    /// Set once the process says its BPF scheduler is enabled.
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The sched_ext enforcer (see the module docs).
@@ -219,6 +221,10 @@ pub struct ScxEnforcer {
     vms: HashMap<String, Managed>,
     last_start: Instant,
     restarts: u32,
+    /// Consecutive scheduler processes that died before enabling their BPF scheduler (a
+    /// foreign one loaded, a kernel that refuses ours): each doubles the wait before the next
+    /// start, up to a minute.
+    quick_deaths: u32,
 }
 
 fn failed(what: &'static str, path: &Path, e: impl std::fmt::Display) -> EnforceError {
@@ -289,6 +295,7 @@ impl ScxEnforcer {
             vms: HashMap::new(),
             last_start: Instant::now() - Duration::from_secs(60),
             restarts: 0,
+            quick_deaths: 0,
         })
     }
 
@@ -321,8 +328,9 @@ impl ScxEnforcer {
         }
     }
 
-    /// Starts the scheduler process when there are VMs and none runs (after a death: at most
-    /// once a second), and sends it every VM. Returns whether it started one.
+    /// Starts the scheduler process when there are VMs and none runs (after a death: a second
+    /// later, longer after repeated quick deaths), and sends it every VM. Returns whether it
+    /// started one.
     fn keep_alive(&mut self) -> Result<bool, EnforceError> {
         if self.vms.is_empty() {
             return Ok(false);
@@ -337,9 +345,15 @@ impl ScxEnforcer {
                 ),
                 Err(e) => tracing::error!("sched_ext scheduler: {e}"),
             }
+            if s.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                self.quick_deaths = 0;
+            } else {
+                self.quick_deaths += 1;
+            }
             self.sched = None;
         }
-        if self.last_start.elapsed() < Duration::from_secs(1) {
+        let wait = Duration::from_secs(1 << self.quick_deaths.min(6)).min(Duration::from_secs(60));
+        if self.last_start.elapsed() < wait {
             return Ok(false);
         }
         self.last_start = Instant::now();
@@ -408,10 +422,13 @@ fn spawn(exe: &Path, stats: &Path) -> Result<Scheduler, EnforceError> {
     // holds its commands; the cgroup quotas hold the VMs). Whether it worked is logged here,
     // and a process that failed is seen dead by `keep_alive`.
     let pid = child.id();
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ready.clone();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         if line.trim() == "ready" {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("sched_ext scheduler (pid {pid}) enabled");
         } else {
             tracing::error!(
@@ -420,7 +437,11 @@ fn spawn(exe: &Path, stats: &Path) -> Result<Scheduler, EnforceError> {
             );
         }
     });
-    Ok(Scheduler { child, stdin })
+    Ok(Scheduler {
+        child,
+        stdin,
+        ready,
+    })
 }
 
 impl Enforcer for ScxEnforcer {

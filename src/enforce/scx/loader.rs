@@ -131,6 +131,30 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     conf.extend_from_slice(&cpus.to_ne_bytes());
     conf.extend_from_slice(&0u32.to_ne_bytes());
     find(&obj, "conf")?.update(&0u32.to_ne_bytes(), &conf, MapFlags::ANY)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The VMs the agent sent with the start (all of them, after a restart) go into the maps
+    // before the scheduler is enabled: a thread it does not know yet would run uncapped.
+    let mut names = HashMap::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => match Command::parse(&line) {
+                Ok(cmd) => {
+                    apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
+                }
+                Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
+            },
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
     let mut ops = obj
         .maps_mut()
         .find(|m| m.name() == "burst_ops")
@@ -146,16 +170,6 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     println!("ready");
     std::io::stdout().flush()?;
 
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut names = HashMap::new();
     let mut checked = std::time::Instant::now() - Duration::from_secs(2);
     loop {
         // Once a second: is the scheduler still enabled, and the figures for the agent.
