@@ -213,7 +213,8 @@ fn a_restarted_agent_takes_the_vms_over_again() {
     );
     // Looser than after a scheduler's death (3 points): across an agent's restart the VM
     // measured about 4 points over its quota for that second (24 % at 20 %) in the cgroup
-    // fallback alone, every time; not understood yet.
+    // fallback alone, every time; the cgroup enforcer shows it too across its agent's restart
+    // (22 %), so it comes with the restart, not with sched_ext; not understood yet.
     assert!(
         without <= allowed + 6.0,
         "{without:.2} % over {allowed:.2} %"
