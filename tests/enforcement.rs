@@ -21,6 +21,7 @@ fn ready() -> bool {
 /// VM's credits right after).
 fn enforced(s: &Scratch, name: &str) {
     view(s, name);
+    expect_enforcer(s, name);
 }
 
 fn share(vm: &Launched, secs: f64) -> f64 {
@@ -380,7 +381,10 @@ fn check_reports_this_hosts_capabilities() {
         text.contains("cgroup CPU bandwidth") && text.contains("is writable"),
         "{text}"
     );
-    assert!(text.contains("ghOSt"), "{text}");
+    assert!(
+        text.contains("ghOSt") && text.contains("sched_ext"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -636,6 +636,12 @@ impl Agent {
         if let Err(e) = self.enforcer.weigh(name, cap) {
             tracing::error!("{name}: {e:#}");
         }
+        if let Err(e) = self
+            .enforcer
+            .baseline(name, vm.ledger.policy().baseline_rate())
+        {
+            tracing::error!("{name}: {e:#}");
+        }
     }
 
     /// Ends a contention period: plans every VM's allocation from what it used.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use burst_qemu::agent::{self, Agent, AgentError, Settings};
 use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
+use burst_qemu::enforce::scx;
 
 use super::*;
 
@@ -95,6 +96,27 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         }
         return run_ghost_agent(g, a, state_dir);
     }
+    let scx = match a.enforcer.as_str() {
+        "scx" => true,
+        // Not when another BPF scheduler holds sched_ext: ours could not load.
+        "auto" => {
+            scx::BUILT
+                && scx::kernel_state()
+                    .is_some_and(|(_, ops)| ops.is_empty() || ops == scx::OPS_NAME)
+        }
+        _ => false,
+    };
+    if scx && !scx::BUILT {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--enforcer scx: this burst-qemu was built without the `scx` feature \
+             (cargo build --features scx; needs clang-19)"
+        )));
+    }
+    if scx && a.balance == "cpu" {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--balance cpu pins vCPU threads, which the sched_ext scheduler places itself: use it with --enforcer cgroup"
+        )));
+    }
     let balance = balance_settings(&a)?;
     let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
         (Some(m), Some("v2")) => (Version::V2, m.clone()),
@@ -144,13 +166,35 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         metrics_listen: a.metrics_listen,
         disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
         memory: memory_settings(&a)?,
-        contention: if a.contention == "off" {
+        // The sched_ext scheduler guarantees baselines and splits the spare itself.
+        contention: if a.contention == "off" || scx {
             None
         } else {
             Some(capacity(a.capacity.as_deref())?)
         },
         balance,
     };
+    if scx {
+        let cpus = a
+            .scx_cpus
+            .as_deref()
+            .map(|l| {
+                burst_qemu::balance::pin::parse_cpu_list(l)
+                    .map_err(|e| Failure::usage(anyhow::anyhow!("--scx-cpus {l:?}: {e}")))
+            })
+            .transpose()?;
+        let exe = std::env::current_exe().map_err(Failure::host)?;
+        let enforcer = scx::ScxEnforcer::start(enforcer, &exe, cpus, &settings.state_dir)
+            .context("starting the sched_ext scheduler (run burst-qemu check)")
+            .map_err(Failure::host)?;
+        tracing::info!(
+            "enforcer: {}",
+            burst_qemu::enforce::Enforcer::describe(&enforcer)
+        );
+        return Agent::new(settings, Box::new(enforcer))
+            .run()
+            .map_err(Failure::host);
+    }
     Agent::new(settings, Box::new(enforcer))
         .run()
         .map_err(Failure::host)
@@ -190,6 +234,21 @@ fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failu
         )));
     }
     Ok(Some((cpus, Duration::from_secs_f64(every))))
+}
+
+/// `burst-qemu scx-scheduler`: the sched_ext scheduler process the scx enforcer starts.
+pub(super) fn run_scx_scheduler(stats: Option<&std::path::Path>) -> Result<(), Failure> {
+    #[cfg(feature = "scx")]
+    {
+        scx::loader::run(stats).map_err(Failure::host)
+    }
+    #[cfg(not(feature = "scx"))]
+    {
+        let _ = stats;
+        Err(Failure::usage(anyhow::anyhow!(
+            "built without the `scx` feature (cargo build --features scx)"
+        )))
+    }
 }
 
 /// The agent with the centralized ghOSt agent as its enforcer. The scheduling policy

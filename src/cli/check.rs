@@ -106,6 +106,8 @@ pub(super) fn check(g: &Global) -> Result<(), Failure> {
             format!("{e}. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) with ghostfs mounted at /sys/fs/ghost (mount -t ghost ghost /sys/fs/ghost); cgroup enforcement is used without it"),
         ),
     }
+    let (ok, detail) = sched_ext_line(&g.state_dir());
+    line(ok, "sched_ext", detail);
     // The fleet of this state dir: VMs whose ledgers cannot be saved, or without a launcher.
     let state_dir = g.state_dir();
     for (vm, liveness) in state::running(&state_dir) {
@@ -138,4 +140,46 @@ pub(super) fn check(g: &Global) -> Result<(), Failure> {
             "required pieces are missing"
         )))
     }
+}
+
+/// The `sched_ext` line: kernel support and its state, whether this build has the scheduler,
+/// and what this state dir's scheduler publishes. Optional: cgroup enforcement works without.
+fn sched_ext_line(state_dir: &std::path::Path) -> (bool, String) {
+    use burst_qemu::enforce::scx;
+    let built = if scx::BUILT {
+        "this build has the sched_ext scheduler (feature scx)"
+    } else {
+        "this build lacks the sched_ext scheduler (Fix: cargo build --features scx, needs clang-19, libelf-dev, zlib1g-dev, pkg-config)"
+    };
+    let Some((state, ops)) = scx::kernel_state() else {
+        return (
+            false,
+            format!("this kernel has no sched_ext (/sys/kernel/sched_ext missing; needs Linux 6.12+ with CONFIG_SCHED_CLASS_EXT). Optional: cgroup enforcement is used without it; {built}"),
+        );
+    };
+    let loaded = if ops.is_empty() {
+        format!("state {state}, no BPF scheduler loaded")
+    } else {
+        format!("state {state}, BPF scheduler {ops:?} loaded")
+    };
+    let ours = match scx::read_stats(state_dir) {
+        Some(st) if std::path::Path::new(&format!("/proc/{}", st.pid)).exists() => format!(
+            "; this state dir's agent schedules {} VM(s) with it (scheduler pid {})",
+            st.vms.len(),
+            st.pid
+        ),
+        _ => String::new(),
+    };
+    let usable = scx::BUILT && (ops.is_empty() || ops == scx::OPS_NAME);
+    let verdict = if usable {
+        "agent --enforcer scx can run (the default here)"
+    } else if !scx::BUILT {
+        "agent --enforcer scx cannot run"
+    } else {
+        "another BPF scheduler is loaded: agent --enforcer scx cannot run until it exits"
+    };
+    (
+        usable,
+        format!("kernel supports sched_ext ({loaded}){ours}; {built}; {verdict}"),
+    )
 }

@@ -144,6 +144,16 @@ enum Command {
     Top,
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
+    /// The sched_ext scheduler process (started by `agent --enforcer scx`).
+    #[command(hide = true)]
+    ScxScheduler(ScxSchedulerArgs),
+}
+
+#[derive(Debug, Args)]
+struct ScxSchedulerArgs {
+    /// Publish the scheduler's state and per-VM figures to this JSON file each second.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -172,10 +182,16 @@ struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
     #[arg(long, value_name = "ADDR", env = "BURST_QEMU_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// How grants are enforced: cgroup CPU bandwidth, or the centralized ghOSt agent
-    /// scheduling the vCPU threads itself (needs a ghOSt kernel, ABI 91).
-    #[arg(long, value_name = "cgroup|ghost", default_value = "cgroup", value_parser = ["cgroup", "ghost"])]
+    /// How grants are enforced: cgroup CPU bandwidth; burst-qemu's sched_ext scheduler
+    /// scheduling the vCPU threads from per-VM budgets, cgroup quotas kept as a backstop (needs
+    /// Linux 6.12+ with sched_ext and a build with the `scx` feature); or the centralized ghOSt
+    /// agent (needs a ghOSt kernel, ABI 91). `auto`: scx where it can run, else cgroup.
+    #[arg(long, value_name = "auto|cgroup|scx|ghost", default_value = "auto", value_parser = ["auto", "cgroup", "scx", "ghost"], env = "BURST_QEMU_ENFORCER")]
     enforcer: String,
+    /// With --enforcer scx: the CPUs the vCPU threads run on (keep other busy threads off
+    /// them: on 6.12 the normal scheduler runs before sched_ext) [default: all].
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_SCX_CPUS")]
+    scx_cpus: Option<String>,
     /// CPUs of the ghOSt enclave, comma-separated; the first runs the global agent [default: all].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     ghost_cpus: Option<Vec<u32>>,
@@ -466,6 +482,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
+        Some(Command::ScxScheduler(a)) => agent_cmd::run_scx_scheduler(a.stats.as_deref()),
         Some(Command::TestGuest(a)) => {
             let kind = match (a.halt, a.duty) {
                 (true, _) => Behaviour::Halt,

@@ -2,13 +2,15 @@
 //! run is decided by the ledger; an [`Enforcer`] only makes the kernel keep to it.
 //!
 //! Implementations: [`cgroup::CgroupEnforcer`] (cgroup v1 and v2 CPU bandwidth) and
-//! [`ghost::GhostEnforcer`] (the centralized ghOSt agent, scheduling the threads itself).
+//! [`ghost::GhostEnforcer`] (the centralized ghOSt agent, scheduling the threads itself) and
+//! [`scx::ScxEnforcer`] (burst-qemu's own sched_ext BPF scheduler, cgroup quota as backstop).
 //!
 //! CPU time used is measured by the agent from the kernel's own per-thread counters
 //! ([`thread_cpu_ns`]), the same for every enforcer: exact nanoseconds, not samples.
 
 pub mod cgroup;
 pub mod ghost;
+pub mod scx;
 
 use std::io;
 use std::path::PathBuf;
@@ -54,6 +56,13 @@ pub trait Enforcer: Send {
     /// allocation), so that between two plans the kernel splits a busy host as the contention
     /// stage planned. Enforcers that schedule by themselves ignore it.
     fn weigh(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        let _ = (vm, rate);
+        Ok(())
+    }
+
+    /// Tells the enforcer `vm`'s baseline (it changes with live config edits), for enforcers
+    /// that guarantee baselines themselves. Called with every `apply`.
+    fn baseline(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
         let _ = (vm, rate);
         Ok(())
     }

@@ -293,3 +293,28 @@ pub fn start_agent(s: &Scratch) -> Child {
         .spawn()
         .unwrap()
 }
+
+/// With `BURST_QEMU_ENFORCER=scx` (the suites rerun inside the scx-6.12 guest by tests/scx.rs):
+/// waits until the sched_ext scheduler publishes `name` as one of its VMs, so a suite run "on
+/// the scx enforcer" cannot quietly pass on the cgroup one. Otherwise does nothing.
+pub fn expect_enforcer(s: &Scratch, name: &str) {
+    if std::env::var("BURST_QEMU_ENFORCER").as_deref() != Ok("scx") {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = burst_qemu::enforce::scx::read_stats(&s.state());
+        if let Some(st) = &stats {
+            if st.state == "enabled" && st.ops == "burst_qemu" && st.vms.contains_key(name) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "BURST_QEMU_ENFORCER=scx but the sched_ext scheduler does not schedule {name}: \
+             {stats:?}; agent log:\n{}",
+            std::fs::read_to_string(s.state().join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,659 @@
+//! The sched_ext enforcer: burst-qemu's own BPF scheduler (`bpf/burst.bpf.c`, loaded by
+//! [`loader`] in a child process, `burst-qemu scx-scheduler`) schedules the VMs' vCPU threads
+//! (only those: partial mode) from per-VM budgets, with the cgroup quota kept as a backstop.
+//!
+//! Why a child process: the loaded scheduler lives as long as the process holding its
+//! struct_ops link, and sched_ext unloads it (every thread back to the fair class) when that
+//! process dies; a small process of its own keeps libbpf out of the agent, can be killed and
+//! restarted on its own, and dies with the agent (`PR_SET_PDEATHSIG`, and end of input).
+//!
+//! The agent talks to it over a pipe, one line per command (see [`Command`]); it applies the
+//! commands to the BPF maps. Every rate the agent applies is also written as the cgroup quota
+//! ([`CgroupEnforcer`]): while the BPF scheduler runs, 6.12 does not apply `cpu.max` to
+//! SCHED_EXT threads; when it dies the threads fall back to the fair class and `cpu.max` holds
+//! them at once. The agent restarts a dead scheduler within about a second ([`Enforcer::verify`]).
+//!
+//! A VM whose grant is 0 is paused with QMP `stop` rather than starved (a runnable thread held
+//! past `timeout_ms` would make the kernel abort the scheduler), and resumed with `cont`.
+
+#[cfg(feature = "scx")]
+pub mod loader;
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cgroup::CgroupEnforcer;
+use super::{EnforceError, Enforcer};
+use crate::credit::{Rate, PPM_PER_CPU};
+use crate::state::VmRecord;
+
+/// Where the kernel shows sched_ext (`state`: `enabled`, `disabled`, …).
+pub const SYSFS: &str = "/sys/kernel/sched_ext";
+/// The scheduler's name, as `/sys/kernel/sched_ext/root/ops` shows it.
+pub const OPS_NAME: &str = "burst_qemu";
+/// The scheduling policy number of SCHED_EXT (uapi).
+pub const SCHED_EXT: i32 = 7;
+/// The most VMs one scheduler holds (its DSQs and map sizes; `MAX_VMS` in the BPF code).
+pub const MAX_VMS: u32 = 64;
+/// The budget period.
+pub const PERIOD: Duration = Duration::from_millis(100);
+
+/// Whether the running kernel offers sched_ext.
+pub fn kernel_supports() -> bool {
+    Path::new(SYSFS).join("state").exists()
+}
+
+/// Whether this binary was built with the sched_ext scheduler (feature `scx`).
+pub const BUILT: bool = cfg!(feature = "scx");
+
+/// The kernel's sched_ext state and the loaded scheduler's name, if any.
+pub fn kernel_state() -> Option<(String, String)> {
+    let state = std::fs::read_to_string(Path::new(SYSFS).join("state")).ok()?;
+    let ops = std::fs::read_to_string(Path::new(SYSFS).join("root/ops")).unwrap_or_default();
+    Some((state.trim().to_owned(), ops.trim().to_owned()))
+}
+
+/// One command from the agent to the scheduler process, one line of text each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `vm IDX BASE_NS GRANT_NS NAME`: VM `NAME` (slot `IDX`) may run `GRANT_NS` of CPU per
+    /// period, of which `BASE_NS` before any VM gets more than its own baseline.
+    Vm {
+        idx: u32,
+        base_ns: u64,
+        grant_ns: u64,
+        name: String,
+    },
+    /// `free IDX`: the slot is unused.
+    Free { idx: u32 },
+    /// `tid TID IDX`: thread `TID` is a vCPU of VM slot `IDX`.
+    Tid { tid: u32, idx: u32 },
+    /// `untid TID`.
+    Untid { tid: u32 },
+}
+
+impl Command {
+    /// The line for this command (with its newline).
+    pub fn line(&self) -> String {
+        match self {
+            Command::Vm {
+                idx,
+                base_ns,
+                grant_ns,
+                name,
+            } => format!("vm {idx} {base_ns} {grant_ns} {name}\n"),
+            Command::Free { idx } => format!("free {idx}\n"),
+            Command::Tid { tid, idx } => format!("tid {tid} {idx}\n"),
+            Command::Untid { tid } => format!("untid {tid}\n"),
+        }
+    }
+
+    /// Parses one line; `Err` says what is wrong with it.
+    pub fn parse(line: &str) -> Result<Command, String> {
+        let mut words = line.split_ascii_whitespace();
+        let verb = words.next().ok_or("empty line")?;
+        let mut num = |what: &str| -> Result<u64, String> {
+            let w = words.next().ok_or(format!("{verb}: missing {what}"))?;
+            w.parse()
+                .map_err(|_| format!("{verb}: {what} {w:?} is not a number"))
+        };
+        let idx_of = |v: u64| -> Result<u32, String> {
+            if v < u64::from(MAX_VMS) {
+                Ok(v as u32)
+            } else {
+                Err(format!("VM slot {v} out of range (0..{MAX_VMS})"))
+            }
+        };
+        let tid_of = |v: u64| u32::try_from(v).map_err(|_| format!("thread id {v} out of range"));
+        let cmd = match verb {
+            "vm" => Command::Vm {
+                idx: idx_of(num("slot")?)?,
+                base_ns: num("baseline")?,
+                grant_ns: num("grant")?,
+                name: match words.next() {
+                    Some(n) if crate::launch::validate_name(n).is_ok() => n.to_owned(),
+                    Some(n) => return Err(format!("vm: bad name {n:?}")),
+                    None => return Err("vm: missing name".into()),
+                },
+            },
+            "free" => Command::Free {
+                idx: idx_of(num("slot")?)?,
+            },
+            "tid" => Command::Tid {
+                tid: tid_of(num("thread id")?)?,
+                idx: idx_of(num("slot")?)?,
+            },
+            "untid" => Command::Untid {
+                tid: tid_of(num("thread id")?)?,
+            },
+            other => return Err(format!("unknown command {other:?}")),
+        };
+        if words.next().is_some() {
+            return Err(format!("{verb}: too many fields"));
+        }
+        Ok(cmd)
+    }
+}
+
+/// What the scheduler process publishes about itself each second (`<state dir>/scx.json`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// The scheduler process.
+    pub pid: u32,
+    /// The kernel's sched_ext state and scheduler (`enabled`, `burst_qemu`).
+    pub state: String,
+    pub ops: String,
+    /// Per VM: CPU charged by the BPF scheduler since it loaded, and how often one of its
+    /// threads was held back for want of budget.
+    pub vms: std::collections::BTreeMap<String, VmStats>,
+}
+
+/// One VM in [`Stats`].
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct VmStats {
+    pub cpu_ns: u64,
+    pub held: u64,
+    pub base_ns: u64,
+    pub grant_ns: u64,
+}
+
+/// Where the scheduler process of the agent of `state_dir` publishes its [`Stats`].
+pub fn stats_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("scx.json")
+}
+
+/// The published [`Stats`], if any.
+pub fn read_stats(state_dir: &Path) -> Option<Stats> {
+    serde_json::from_slice(&std::fs::read(stats_path(state_dir)).ok()?).ok()
+}
+
+/// ns of CPU per [`PERIOD`] at `rate`.
+pub fn budget_ns(rate: Rate) -> u64 {
+    (u128::from(rate.0) * PERIOD.as_nanos() / u128::from(PPM_PER_CPU)) as u64
+}
+
+struct Managed {
+    idx: u32,
+    tids: Vec<u32>,
+    baseline: Rate,
+    grant: Rate,
+    qmp: PathBuf,
+    paused: bool,
+}
+
+impl Managed {
+    fn commands(&self, name: &str) -> Vec<Command> {
+        // A held thread must never wait past the watchdog: a grant of 0 pauses the VM, and
+        // the scheduler always gets a budget of at least 1 % of one CPU.
+        let grant = budget_ns(self.grant).max(budget_ns(Rate(PPM_PER_CPU / 100)));
+        let mut cmds = vec![Command::Vm {
+            idx: self.idx,
+            base_ns: budget_ns(self.baseline).min(grant),
+            grant_ns: grant,
+            name: name.to_owned(),
+        }];
+        cmds.extend(
+            self.tids
+                .iter()
+                .map(|&tid| Command::Tid { tid, idx: self.idx }),
+        );
+        cmds
+    }
+}
+
+struct Scheduler {
+    child: Child,
+    stdin: ChildStdin,
+    /// Set once the process says its BPF scheduler is enabled.
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The sched_ext enforcer (see the module docs).
+pub struct ScxEnforcer {
+    backstop: CgroupEnforcer,
+    cpus: Option<Vec<u32>>,
+    exe: PathBuf,
+    stats: PathBuf,
+    sched: Option<Scheduler>,
+    vms: HashMap<String, Managed>,
+    last_start: Instant,
+    restarts: u32,
+    /// Consecutive scheduler processes that died before enabling their BPF scheduler (a
+    /// foreign one loaded, a kernel that refuses ours): each doubles the wait before the next
+    /// start, up to a minute.
+    quick_deaths: u32,
+}
+
+fn failed(what: &'static str, path: &Path, e: impl std::fmt::Display) -> EnforceError {
+    EnforceError {
+        what,
+        path: path.to_owned(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// Sets thread `tid`'s policy to SCHED_EXT (kept when the scheduler dies: the thread returns
+/// to the fair class until one loads again).
+fn set_ext(tid: u32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads the sched_param it is given.
+    if unsafe { libc::sched_setscheduler(tid as libc::pid_t, SCHED_EXT, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn policy_of(tid: u32) -> i32 {
+    // SAFETY: sched_getscheduler takes a thread id and returns a number or -1.
+    unsafe { libc::sched_getscheduler(tid as libc::pid_t) }
+}
+
+fn set_affinity(tid: u32, cpus: &[u32]) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus.iter().filter(|&&c| c < 1024) {
+        // SAFETY: cpu < 1024 = CPU_SETSIZE, within the set.
+        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    }
+    // SAFETY: sched_setaffinity reads `set` of the given size.
+    if unsafe { libc::sched_setaffinity(tid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set) }
+        != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl ScxEnforcer {
+    /// The enforcer; its scheduler process (`exe scx-scheduler`) runs while it has VMs: the
+    /// kernel runs one BPF scheduler at a time, and an agent without VMs (each state dir has
+    /// its own) should not hold it. `cpus`: the CPUs the vCPU threads are confined to (keep
+    /// other busy threads off them: on 6.12 the fair class runs before sched_ext); `None`
+    /// leaves affinities alone.
+    pub fn start(
+        backstop: CgroupEnforcer,
+        exe: &Path,
+        cpus: Option<Vec<u32>>,
+        state_dir: &Path,
+    ) -> Result<Self, EnforceError> {
+        if !kernel_supports() {
+            return Err(failed(
+                "this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT, Linux 6.12+):",
+                Path::new(SYSFS),
+                "missing",
+            ));
+        }
+        Ok(ScxEnforcer {
+            backstop,
+            cpus,
+            exe: exe.to_owned(),
+            stats: stats_path(state_dir),
+            sched: None,
+            vms: HashMap::new(),
+            last_start: Instant::now() - Duration::from_secs(60),
+            restarts: 0,
+            quick_deaths: 0,
+        })
+    }
+
+    /// The scheduler process's pid, while it runs.
+    pub fn scheduler_pid(&self) -> Option<u32> {
+        self.sched.as_ref().map(|s| s.child.id())
+    }
+
+    fn send(&mut self, cmds: &[Command]) {
+        let Some(s) = self.sched.as_mut() else { return };
+        let text: String = cmds.iter().map(Command::line).collect();
+        if let Err(e) = s
+            .stdin
+            .write_all(text.as_bytes())
+            .and_then(|_| s.stdin.flush())
+        {
+            tracing::error!(
+                "sched_ext scheduler (pid {}) unreachable: {e}; the cgroup quotas hold the VMs",
+                s.child.id()
+            );
+            self.reap();
+        }
+    }
+
+    fn reap(&mut self) {
+        if let Some(mut s) = self.sched.take() {
+            let _ = s.child.kill();
+            let status = s.child.wait();
+            tracing::error!("sched_ext scheduler ended ({status:?})");
+        }
+    }
+
+    /// Starts the scheduler process when there are VMs and none runs (after a death: a second
+    /// later, longer after repeated quick deaths), and sends it every VM. Returns whether it
+    /// started one.
+    fn keep_alive(&mut self) -> Result<bool, EnforceError> {
+        if self.vms.is_empty() {
+            return Ok(false);
+        }
+        if let Some(s) = self.sched.as_mut() {
+            match s.child.try_wait() {
+                Ok(None) => return Ok(false),
+                Ok(Some(status)) => tracing::error!(
+                    "sched_ext scheduler (pid {}) exited ({status}); the cgroup quotas hold the \
+                     VMs until it is restarted",
+                    s.child.id()
+                ),
+                Err(e) => tracing::error!("sched_ext scheduler: {e}"),
+            }
+            if s.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                self.quick_deaths = 0;
+            } else {
+                self.quick_deaths += 1;
+            }
+            self.sched = None;
+        }
+        let wait = Duration::from_secs(1 << self.quick_deaths.min(6)).min(Duration::from_secs(60));
+        if self.last_start.elapsed() < wait {
+            return Ok(false);
+        }
+        self.last_start = Instant::now();
+        let sched = spawn(&self.exe, &self.stats)?;
+        if self.restarts > 0 {
+            tracing::warn!(
+                "sched_ext scheduler restarted (pid {}, start {})",
+                sched.child.id(),
+                self.restarts + 1
+            );
+        } else {
+            tracing::info!("sched_ext scheduler started (pid {})", sched.child.id());
+        }
+        self.restarts += 1;
+        self.sched = Some(sched);
+        let all: Vec<Command> = self.vms.iter().flat_map(|(n, m)| m.commands(n)).collect();
+        self.send(&all);
+        Ok(true)
+    }
+
+    fn pause(&mut self, vm: &str, pause: bool) {
+        let Some(m) = self.vms.get_mut(vm) else {
+            return;
+        };
+        if m.paused == pause {
+            return;
+        }
+        let result = qmp::Client::connect(&m.qmp, Duration::from_secs(2)).and_then(|mut c| {
+            if pause {
+                c.execute(qmp::qapi::qmp::stop {}).map(|_| ())
+            } else {
+                c.execute(qmp::qapi::qmp::cont {}).map(|_| ())
+            }
+        });
+        match result {
+            Ok(()) => {
+                m.paused = pause;
+                tracing::info!(
+                    "{vm}: {} (grant {})",
+                    if pause {
+                        "paused: no CPU granted"
+                    } else {
+                        "resumed"
+                    },
+                    m.grant.0
+                );
+            }
+            Err(e) => tracing::error!("{vm}: QMP {}: {e}", if pause { "stop" } else { "cont" }),
+        }
+    }
+}
+
+fn spawn(exe: &Path, stats: &Path) -> Result<Scheduler, EnforceError> {
+    let mut child = std::process::Command::new(exe)
+        .arg("scx-scheduler")
+        .arg("--stats")
+        .arg(stats)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| failed("starting the sched_ext scheduler", exe, e))?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    // Loading runs the verifier (seconds under TCG): the agent goes on meanwhile (the pipe
+    // holds its commands; the cgroup quotas hold the VMs). Whether it worked is logged here,
+    // and a process that failed is seen dead by `keep_alive`.
+    let pid = child.id();
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ready.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        if line.trim() == "ready" {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("sched_ext scheduler (pid {pid}) enabled");
+        } else {
+            tracing::error!(
+                "sched_ext scheduler (pid {pid}) failed to start (its error is above); the \
+                 cgroup quotas hold the VMs"
+            );
+        }
+    });
+    Ok(Scheduler {
+        child,
+        stdin,
+        ready,
+    })
+}
+
+impl Enforcer for ScxEnforcer {
+    fn describe(&self) -> String {
+        format!(
+            "sched_ext (scheduler pid {}, CPUs {}), backstop {}",
+            self.scheduler_pid()
+                .map_or("none".into(), |p| p.to_string()),
+            self.cpus
+                .as_ref()
+                .map_or("all".into(), |c| format!("{c:?}")),
+            self.backstop.describe()
+        )
+    }
+
+    fn attach(&mut self, vm: &VmRecord) -> Result<(), EnforceError> {
+        self.backstop.attach(vm)?;
+        for &tid in &vm.vcpu_tids {
+            if let Some(cpus) = &self.cpus {
+                set_affinity(tid, cpus)
+                    .map_err(|e| failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e))?;
+            }
+            set_ext(tid)
+                .map_err(|e| failed("setting SCHED_EXT on a vCPU thread of", &vm.qmp_socket, e))?;
+        }
+        if self.vms.contains_key(&vm.name) {
+            return Ok(());
+        }
+        let used: Vec<u32> = self.vms.values().map(|m| m.idx).collect();
+        let Some(idx) = (0..MAX_VMS).find(|i| !used.contains(i)) else {
+            return Err(failed(
+                "too many VMs for the sched_ext scheduler (64); not scheduling",
+                &vm.qmp_socket,
+                &vm.name,
+            ));
+        };
+        let baseline = Rate::from_percent_of(vm.baseline, vm.vcpus);
+        let m = Managed {
+            idx,
+            tids: vm.vcpu_tids.clone(),
+            baseline,
+            grant: baseline,
+            qmp: vm.qmp_socket.clone(),
+            paused: false,
+        };
+        let cmds = m.commands(&vm.name);
+        self.vms.insert(vm.name.clone(), m);
+        if self.sched.is_none() {
+            // Sends every VM when it starts. A failure leaves the cgroup quota in force.
+            return self.keep_alive().map(|_| ());
+        }
+        self.send(&cmds);
+        Ok(())
+    }
+
+    fn apply(&mut self, vm: &str, rate: Rate, full: Rate) -> Result<(), EnforceError> {
+        self.backstop.apply(vm, rate, full)?;
+        let Some(m) = self.vms.get_mut(vm) else {
+            return Err(failed(
+                "applying a rate to a VM not attached:",
+                Path::new(vm),
+                vm,
+            ));
+        };
+        let changed = m.grant != rate;
+        m.grant = rate;
+        let cmds = m.commands(vm);
+        if changed {
+            self.send(&cmds[..1]);
+        }
+        self.pause(vm, rate.0 == 0);
+        Ok(())
+    }
+
+    fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {
+        if let Some(m) = self.vms.remove(vm) {
+            let mut cmds: Vec<Command> = m.tids.iter().map(|&tid| Command::Untid { tid }).collect();
+            cmds.push(Command::Free { idx: m.idx });
+            self.send(&cmds);
+        }
+        if self.vms.is_empty() {
+            self.stop();
+        }
+        self.backstop.detach(vm)
+    }
+
+    fn cleanup(&mut self, live: &[&str]) {
+        self.backstop.cleanup(live);
+    }
+
+    fn weigh(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        self.backstop.weigh(vm, rate)
+    }
+
+    fn baseline(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+        if let Some(m) = self.vms.get_mut(vm) {
+            if m.baseline != rate {
+                m.baseline = rate;
+                let cmds = m.commands(vm);
+                self.send(&cmds[..1]);
+            }
+        }
+        Ok(())
+    }
+
+    fn verify(&mut self, vm: &VmRecord) -> Result<Option<String>, EnforceError> {
+        let mut repaired = Vec::new();
+        if self.keep_alive()? {
+            repaired.push("the sched_ext scheduler had died: restarted".to_owned());
+        }
+        if let Some(r) = self.backstop.verify(vm)? {
+            repaired.push(r);
+        }
+        for &tid in &vm.vcpu_tids {
+            let p = policy_of(tid);
+            if p >= 0 && p != SCHED_EXT {
+                set_ext(tid).map_err(|e| {
+                    failed("setting SCHED_EXT on a vCPU thread of", &vm.qmp_socket, e)
+                })?;
+                repaired.push(format!("thread {tid} had policy {p}, not SCHED_EXT"));
+            }
+        }
+        Ok((!repaired.is_empty()).then(|| repaired.join("; ")))
+    }
+}
+
+impl Drop for ScxEnforcer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl ScxEnforcer {
+    fn stop(&mut self) {
+        // End of input: the scheduler process unloads the BPF scheduler and exits.
+        if let Some(mut s) = self.sched.take() {
+            drop(s.stdin);
+            let _ = std::fs::remove_file(&self.stats);
+            tracing::info!(
+                "no VMs left: sched_ext scheduler (pid {}) stopped",
+                s.child.id()
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = s.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_garbage_is_refused_with_a_reason() {
+        for c in [
+            Command::Vm {
+                idx: 3,
+                base_ns: 20_000_000,
+                grant_ns: 200_000_000,
+                name: "web-1.a_b".into(),
+            },
+            Command::Free { idx: 63 },
+            Command::Tid { tid: 4242, idx: 0 },
+            Command::Untid { tid: 1 },
+        ] {
+            assert_eq!(Command::parse(&c.line()), Ok(c.clone()));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("vm 64 1 2 a", "out of range"),
+            ("vm 1 x 2 a", "not a number"),
+            ("vm 1 2", "missing grant"),
+            ("vm 1 2 3", "missing name"),
+            ("vm 1 2 3 a/b", "bad name"),
+            ("tid 1 2 3", "too many"),
+            ("tid 99999999999 1", "thread id"),
+            ("go 1", "unknown"),
+        ] {
+            let e = Command::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn budgets_are_per_period_and_never_zero() {
+        assert_eq!(budget_ns(Rate(PPM_PER_CPU)), 100_000_000);
+        assert_eq!(budget_ns(Rate(200_000)), 20_000_000);
+        let m = Managed {
+            idx: 1,
+            tids: vec![10, 11],
+            baseline: Rate(400_000),
+            grant: Rate(0),
+            qmp: PathBuf::new(),
+            paused: false,
+        };
+        let cmds = m.commands("v");
+        assert_eq!(
+            cmds[0],
+            Command::Vm {
+                idx: 1,
+                base_ns: 1_000_000,
+                grant_ns: 1_000_000,
+                name: "v".into(),
+            }
+        );
+        assert_eq!(cmds.len(), 3);
+    }
+}

@@ -1,0 +1,202 @@
+//! The scheduler process (`burst-qemu scx-scheduler`, started by the agent): loads
+//! `bpf/burst.bpf.c` with libbpf, enables it, prints `ready`, then applies the agent's
+//! commands (one per line on stdin, [`super::Command`]) to the BPF maps until its input ends.
+//! Exits non-zero when the kernel disables the scheduler (an error, the watchdog, SysRq-S), so
+//! that the agent restarts it.
+
+use std::io::{BufRead, Write};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use libbpf_rs::{MapCore, MapFlags, ObjectBuilder};
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{kernel_state, Command, Stats, VmStats, OPS_NAME, PERIOD};
+
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
+
+/// How long a thread runs before dispatch decides again (BPF `conf.slice_ns`).
+const SLICE: Duration = Duration::from_millis(5);
+
+fn find<'a>(obj: &'a libbpf_rs::Object, name: &str) -> anyhow::Result<libbpf_rs::Map<'a>> {
+    obj.maps()
+        .find(|m| m.name() == name)
+        .with_context(|| format!("BPF map {name} missing from the object"))
+}
+
+fn apply(
+    obj: &libbpf_rs::Object,
+    names: &mut HashMap<u32, String>,
+    cmd: Command,
+) -> anyhow::Result<()> {
+    match cmd {
+        Command::Vm {
+            idx,
+            base_ns,
+            grant_ns,
+            name,
+        } => {
+            names.insert(idx, name);
+            let mut v = Vec::with_capacity(16);
+            v.extend_from_slice(&base_ns.to_ne_bytes());
+            v.extend_from_slice(&grant_ns.to_ne_bytes());
+            find(obj, "budgets")?.update(&idx.to_ne_bytes(), &v, MapFlags::ANY)?;
+        }
+        Command::Free { idx } => {
+            names.remove(&idx);
+            find(obj, "budgets")?.update(&idx.to_ne_bytes(), &[0u8; 16], MapFlags::ANY)?;
+        }
+        Command::Tid { tid, idx } => {
+            find(obj, "tasks")?.update(&tid.to_ne_bytes(), &idx.to_ne_bytes(), MapFlags::ANY)?;
+        }
+        Command::Untid { tid } => {
+            // Absent already is fine.
+            let _ = find(obj, "tasks")?.delete(&tid.to_ne_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    bytes
+        .get(at..at + 8)
+        .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// Writes [`Stats`] to `path` (atomically: a new file renamed over the old).
+fn publish(
+    obj: &libbpf_rs::Object,
+    names: &HashMap<u32, String>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let (state, ops) = kernel_state().unwrap_or_default();
+    let mut stats = Stats {
+        pid: std::process::id(),
+        state,
+        ops,
+        vms: Default::default(),
+    };
+    let (usage, budgets) = (find(obj, "usage")?, find(obj, "budgets")?);
+    for (idx, name) in names {
+        let key = idx.to_ne_bytes();
+        let u = usage.lookup(&key, MapFlags::ANY)?.unwrap_or_default();
+        let b = budgets.lookup(&key, MapFlags::ANY)?.unwrap_or_default();
+        stats.vms.insert(
+            name.clone(),
+            VmStats {
+                cpu_ns: u64_at(&u, 8),
+                held: u64_at(&u, 16),
+                base_ns: u64_at(&b, 0),
+                grant_ns: u64_at(&b, 8),
+            },
+        );
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&stats)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Runs the scheduler process (see the module docs); publishes [`Stats`] to `stats` each
+/// second.
+pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
+    // Die with the agent that started us (its pipe closing is the other signal).
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // A scheduler whose process just died (a restarted agent's) takes a moment to unload.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match kernel_state() {
+            None => bail!("this kernel has no sched_ext (/sys/kernel/sched_ext missing)"),
+            Some((state, _)) if state == "disabled" => break,
+            Some((state, ops)) if std::time::Instant::now() > deadline => {
+                bail!("sched_ext is {state} (scheduler {ops:?}): another BPF scheduler is loaded")
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let open = ObjectBuilder::default()
+        .open_memory(OBJECT)
+        .context("opening the BPF object")?;
+    let mut obj = open
+        .load()
+        .context("loading the BPF scheduler (verifier or kernel BTF mismatch)")?;
+    let cpus = libbpf_rs::num_possible_cpus().context("counting CPUs")? as u32;
+    let mut conf = Vec::with_capacity(24);
+    conf.extend_from_slice(&(PERIOD.as_nanos() as u64).to_ne_bytes());
+    conf.extend_from_slice(&(SLICE.as_nanos() as u64).to_ne_bytes());
+    conf.extend_from_slice(&cpus.to_ne_bytes());
+    conf.extend_from_slice(&0u32.to_ne_bytes());
+    find(&obj, "conf")?.update(&0u32.to_ne_bytes(), &conf, MapFlags::ANY)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The VMs the agent sent with the start (all of them, after a restart) go into the maps
+    // before the scheduler is enabled: a thread it does not know yet would run uncapped.
+    let mut names = HashMap::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => match Command::parse(&line) {
+                Ok(cmd) => {
+                    apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
+                }
+                Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
+            },
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+    let mut ops = obj
+        .maps_mut()
+        .find(|m| m.name() == "burst_ops")
+        .context("struct_ops map burst_ops missing")?;
+    let _link = ops
+        .attach_struct_ops()
+        .context("enabling the BPF scheduler (struct_ops)")?;
+    match kernel_state() {
+        Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
+        other => bail!("the BPF scheduler did not become enabled: {other:?}"),
+    }
+    eprintln!("burst-qemu scx-scheduler: BPF scheduler {OPS_NAME} enabled on {cpus} CPUs");
+    println!("ready");
+    std::io::stdout().flush()?;
+
+    let mut checked = std::time::Instant::now() - Duration::from_secs(2);
+    loop {
+        // Once a second: is the scheduler still enabled, and the figures for the agent.
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            match kernel_state() {
+                Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
+                other => bail!("the kernel disabled the BPF scheduler (see dmesg): {other:?}"),
+            }
+            if let Some(path) = stats {
+                if let Err(e) = publish(&obj, &names, path) {
+                    eprintln!("burst-qemu scx-scheduler: {}: {e:#}", path.display());
+                }
+            }
+        }
+        match rx.recv_timeout(Duration::from_secs(1).saturating_sub(checked.elapsed())) {
+            Ok(line) => match Command::parse(&line) {
+                Ok(cmd) => {
+                    apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
+                }
+                Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
+            },
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                eprintln!("burst-qemu scx-scheduler: input closed; unloading");
+                return Ok(());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
