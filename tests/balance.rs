@@ -15,7 +15,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -497,21 +496,9 @@ fn bad_balance_flags_are_refused_by_name() {
     }
 }
 
-fn harness() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
-}
-
 #[test]
 fn eight_vms_on_four_cpus_in_a_guest() {
-    if !require_qemu() {
-        return;
-    }
-    if !Path::new("/bin/busybox").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "busybox-static is required in CI (bash .ci/run installs it)"
-        );
-        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
+    if !require_harness() {
         return;
     }
     let me = std::env::current_exe().unwrap();

@@ -9,54 +9,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The newest sibling test binary `name-<hash>` in this binary's directory.
-fn sibling(name: &str) -> PathBuf {
-    let me = std::env::current_exe().unwrap();
-    let dir = me.parent().unwrap();
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix(&format!("{name}-"))
-                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .unwrap_or_else(|| panic!("no {name} test binary beside {}", me.display()))
-        .1
-}
-
-fn harness() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
-}
-
-/// Whether the harness can run here (QEMU and a static busybox). Under CI a missing piece
-/// fails; elsewhere the test skips loudly.
-fn ready() -> bool {
-    let busybox = Path::new("/bin/busybox").exists();
-    if !common::require_qemu() {
-        return false;
-    }
-    if !busybox {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "busybox-static is required in CI (bash .ci/run installs it)"
-        );
-        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
-    }
-    busybox
-}
 
 /// Boots `kernel` and runs `command` in it; panics with the guest's output unless it exits 0.
 fn in_guest(kernel: &str, command: &[&str]) -> String {
-    let out = Command::new(harness())
+    let out = Command::new(common::harness())
         .args([
             "--kernel",
             kernel,
@@ -88,10 +45,10 @@ fn in_guest(kernel: &str, command: &[&str]) -> String {
 }
 
 fn suite(kernel: &str, binary: &str, extra: &[&str]) {
-    if !ready() {
+    if !common::require_harness() {
         return;
     }
-    let bin = sibling(binary);
+    let bin = common::sibling(binary);
     let mut command = vec![bin.to_str().unwrap(), "--test-threads", "1"];
     command.extend_from_slice(extra);
     let text = in_guest(kernel, &command);
@@ -121,7 +78,7 @@ fn the_contention_test_passes_on_debian_6_12_with_cgroup_v2() {
 
 #[test]
 fn check_reports_cgroup_v2_usable_inside_the_guest() {
-    if !ready() {
+    if !common::require_harness() {
         return;
     }
     let text = in_guest("debian-6.1", &[env!("CARGO_BIN_EXE_burst-qemu"), "check"]);

@@ -13,40 +13,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde::{Deserialize, Serialize};
 
 const MB: f64 = 1_000_000.0;
 
-#[derive(Serialize)]
-struct QueryBlockstats {}
-
-impl qmp::qapi::Command for QueryBlockstats {
-    type Ok = Vec<Drive>;
-    const NAME: &'static str = "query-blockstats";
-    const ALLOW_OOB: bool = false;
-}
-
-#[derive(Deserialize)]
-struct Drive {
-    #[serde(default)]
-    qdev: Option<String>,
-    stats: Stats,
-}
-
-#[derive(Deserialize)]
-struct Stats {
-    rd_bytes: u64,
-}
-
-/// Bytes the VM's virtio disk has read, from QEMU.
+/// Bytes the VM's guest drives have read, from QEMU.
 fn read_bytes(socket: &Path) -> u64 {
-    let mut q = qmp::Client::connect(socket, Duration::from_secs(5)).unwrap();
-    q.execute(&QueryBlockstats {})
-        .unwrap()
-        .iter()
-        .filter(|d| d.qdev.as_deref().is_some_and(|q| !q.is_empty()))
-        .map(|d| d.stats.rd_bytes)
-        .sum()
+    burst_qemu::agent::disk::drive_bytes(socket).unwrap().0
 }
 
 /// A prepared Linux guest that reads its first disk over and over, bypassing its page cache.

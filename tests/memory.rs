@@ -23,18 +23,7 @@ use burst_qemu::agent::memory::TraceLine;
 use common::*;
 
 fn ready() -> bool {
-    if !require_qemu() || !require_cgroups() {
-        return false;
-    }
-    let busybox = Path::new("/bin/busybox").exists();
-    if !busybox {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "busybox-static is required in CI (bash .ci/run installs it)"
-        );
-        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
-    }
-    busybox
+    require_harness() && require_cgroups()
 }
 
 fn hog_bin() -> &'static str {

@@ -11,44 +11,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// The newest sibling test binary `name-<hash>` in this binary's directory.
-fn sibling(name: &str) -> PathBuf {
-    let me = std::env::current_exe().unwrap();
-    let dir = me.parent().unwrap();
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix(&format!("{name}-"))
-                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .unwrap_or_else(|| panic!("no {name} test binary beside {}", me.display()))
-        .1
-}
-
-fn ready() -> bool {
-    let busybox = Path::new("/bin/busybox").exists();
-    if !common::require_qemu() {
-        return false;
-    }
-    if !busybox {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "busybox-static is required in CI (bash .ci/run installs it)"
-        );
-        eprintln!("\n*** SKIPPED: no /bin/busybox (apt-get install busybox-static) ***\n");
-    }
-    busybox
-}
 
 /// Boots the scx-6.12 guest with 3 CPUs and runs `command`; returns its output and whether it
 /// exited 0.
@@ -105,10 +69,10 @@ fn in_guest(command: &[&str]) -> String {
 /// Runs each test of sibling binary `binary` in a guest of its own (a short run, so that an
 /// emulator fault costs one test's boot, not the suite's).
 fn suite(binary: &str) {
-    if !ready() {
+    if !common::require_harness() {
         return;
     }
-    let bin = sibling(binary);
+    let bin = common::sibling(binary);
     let list = Command::new(&bin)
         .args(["--list", "--format", "terse"])
         .output()
@@ -140,7 +104,7 @@ fn the_scx_enforcers_own_suite_passes_on_linux_6_12() {
 
 #[test]
 fn check_reports_sched_ext_inside_the_guest() {
-    if !ready() {
+    if !common::require_harness() {
         return;
     }
     let text = in_guest(&[env!("CARGO_BIN_EXE_burst-qemu"), "check"]);

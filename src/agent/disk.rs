@@ -345,6 +345,18 @@ fn converse(job: &Job, applied: Option<Limits>) -> Result<(u64, u64), String> {
     Ok((sum(|c| c.rd_bytes), sum(|c| c.wr_bytes)))
 }
 
+/// The bytes a VM's guest drives have read and written, from QEMU (`query-blockstats`, summed
+/// over the drives that belong to a guest device).
+pub fn drive_bytes(socket: &std::path::Path) -> Result<(u64, u64), String> {
+    let job = Job {
+        name: String::new(),
+        socket: socket.to_owned(),
+        limits: Limits::default(),
+    };
+    // `applied` equal to the job's limits: nothing is changed, only read.
+    converse(&job, Some(job.limits))
+}
+
 // The three QMP messages, with only the fields used: QEMU 7.2 and the `qapi` crate's newer
 // schema disagree on fields this code does not need, and a missing one must not fail a read.
 

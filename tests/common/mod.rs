@@ -61,6 +61,46 @@ pub fn skip_or_fail(why: &str) {
     eprintln!("\n*** SKIPPED: {why} ***\n");
 }
 
+/// Whether the guest harness (tests/guest/run) can run here: QEMU and a static busybox. Under
+/// CI a missing piece fails; elsewhere the test skips loudly.
+pub fn require_harness() -> bool {
+    if !require_qemu() {
+        return false;
+    }
+    let busybox = Path::new("/bin/busybox").exists();
+    if !busybox {
+        skip_or_fail("no /bin/busybox (apt-get install busybox-static; bash .ci/run does)");
+    }
+    busybox
+}
+
+/// The guest harness.
+pub fn harness() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
+}
+
+/// The newest sibling test binary `name-<hash>` in this binary's directory (to run it inside a
+/// guest).
+pub fn sibling(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap();
+    let dir = me.parent().unwrap();
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&format!("{name}-"))
+                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no {name} test binary beside {}", me.display()))
+        .1
+}
+
 /// Whether this runs inside a guest of the harness (tests/guest/run names it `bq-guest`),
 /// where everything, the VMs' QEMU included, is emulated: CPU shares scatter more there.
 pub fn nested_guest() -> bool {
