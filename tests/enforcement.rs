@@ -488,9 +488,19 @@ fn a_delegated_cgroup_parent_holds_the_agent_and_its_vms() {
         .stderr(log)
         .spawn()
         .unwrap();
-    wait_until("agent up", Duration::from_secs(5), || {
-        burst_qemu::state::agent_running(&s.state())
-    });
+    // 20 s: an emulated guest on a busy host starts it slowly; its log says why if it never
+    // comes up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !burst_qemu::state::agent_running(&s.state()) {
+        if std::time::Instant::now() > deadline || agent.try_wait().unwrap().is_some() {
+            let log = std::fs::read_to_string(s.state().join("agent.log")).unwrap_or_default();
+            panic!(
+                "the agent in {} did not come up; its log:\n{log}",
+                delegated.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let vm = Launched::start(
         &s,
         "del",

@@ -139,7 +139,16 @@ impl Rescoin {
         for (i, v) in planned.iter().enumerate() {
             let st = v.stats.expect("filtered");
             let used = v.actual.saturating_sub(st.available.min(v.actual));
-            let lowest = (used + s.keep_unused).max(v.floor).min(v.ceiling);
+            // Only a donor gives back (unused above keep_unused + hysteresis, as in
+            // `thresholds`), and only down to the middle of that band: the stats are up to an
+            // interval old, and a guest growing meanwhile would be squeezed into an OOM kill
+            // (seen on a real guest when this took all but keep_unused).
+            if st.available <= s.keep_unused + s.hysteresis {
+                continue;
+            }
+            let lowest = (used + s.keep_unused + s.hysteresis / 2)
+                .max(v.floor)
+                .min(v.ceiling);
             let want = allotted[i]
                 .1
                 .allocation
