@@ -185,7 +185,18 @@ fn the_ledger_charges_what_the_threads_measured_within_one_percent() {
     assert!(s.cli(&["resume", "acct"]).status.success());
     std::thread::sleep(Duration::from_secs(4));
     assert!(s.cli(&["pause", "acct"]).status.success());
-    std::thread::sleep(Duration::from_millis(1000)); // several ticks with nothing running
+    // Until the published total settles: it is published once a second, and in an emulated
+    // guest the vCPU threads take a moment to stop after `pause` returns.
+    let mut last = f64::NAN;
+    let settle = std::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = view(&s, "acct")["used_total_s"].as_f64().unwrap();
+        if now == last || std::time::Instant::now() > settle {
+            break;
+        }
+        last = now;
+    }
     let charged = view(&s, "acct")["used_total_s"].as_f64().unwrap() - charged0;
     let measured = thread_s() - measured0;
     eprintln!("ledger charged {charged:.4} vCPU-s, threads measured {measured:.4} s");
