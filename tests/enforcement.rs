@@ -370,7 +370,7 @@ fn a_second_agent_on_the_same_state_dir_refuses_to_start() {
         &["--vcpus", "1", "--baseline", "10"],
         &s.qemu_args(Halt),
     );
-    wait_until("agent up", Duration::from_secs(5), || {
+    wait_until("agent up", Duration::from_secs(20), || {
         burst_qemu::state::agent_running(&s.state())
     });
     let out = s.cli(&["agent"]);
