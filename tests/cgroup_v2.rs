@@ -9,38 +9,10 @@
 
 mod common;
 
-use std::process::Command;
-
 /// Boots `kernel` and runs `command` in it; panics with the guest's output unless it exits 0.
 fn in_guest(kernel: &str, command: &[&str]) -> String {
-    let out = Command::new(common::harness())
-        .args([
-            "--kernel",
-            kernel,
-            "--cpus",
-            "2",
-            "--mem",
-            "2048",
-            "--timeout",
-            "900",
-        ])
-        .arg("--")
-        .args(command)
-        .env("CI", "1")
-        .env("BURST_QEMU_GUEST_TIMING", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    assert!(
-        out.status.success(),
-        "in the {kernel} guest: {}",
-        out.status
-    );
+    let (text, ok) = common::boot_guest(kernel, 2, command, &[]);
+    assert!(ok, "in the {kernel} guest: failed");
     text
 }
 

@@ -11,38 +11,7 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
-
-/// Boots the scx-6.12 guest with 3 CPUs and runs `command`; returns its output and whether it
-/// exited 0.
-fn boot(command: &[&str]) -> (String, bool) {
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run"))
-        .args([
-            "--kernel",
-            "scx-6.12",
-            "--cpus",
-            "3",
-            "--mem",
-            "2048",
-            "--timeout",
-            "900",
-        ])
-        .arg("--")
-        .args(command)
-        .env("CI", "1")
-        .env("BURST_QEMU_GUEST_TIMING", "1")
-        .env("BURST_QEMU_ENFORCER", "scx")
-        .env("BURST_QEMU_SCX_CPUS", "1-2")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (text, out.status.success())
-}
 
 /// Runs `command` in the guest; panics with its output unless it exits 0. Up to two more
 /// boots, each said loudly, when the guest kernel panicked: QEMU 7.2's multi-threaded TCG
@@ -52,14 +21,22 @@ fn boot(command: &[&str]) -> (String, bool) {
 /// CPU does. Our BPF code cannot panic the kernel: a BPF scheduler's error only unloads it.
 fn in_guest(command: &[&str]) -> String {
     for attempt in 1..=3 {
-        let (text, ok) = boot(command);
+        // 3 CPUs: the vCPU threads on 1-2, the rest of the guest on 0.
+        let (text, ok) = common::boot_guest(
+            "scx-6.12",
+            3,
+            command,
+            &[
+                ("BURST_QEMU_ENFORCER", "scx"),
+                ("BURST_QEMU_SCX_CPUS", "1-2"),
+            ],
+        );
         if !ok && text.contains("Kernel panic") && attempt < 3 {
             eprintln!(
-                "{text}\n*** attempt {attempt}: the guest kernel panicked (TCG's code-patching race, see above); booting again ***\n"
+                "*** attempt {attempt}: the guest kernel panicked (TCG's code-patching race, see above); booting again ***\n"
             );
             continue;
         }
-        eprintln!("{text}");
         assert!(ok, "in the scx-6.12 guest (attempt {attempt})");
         return text;
     }

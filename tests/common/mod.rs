@@ -79,6 +79,32 @@ pub fn harness() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
 }
 
+/// Boots `kernel` with `cpus` CPUs and 2 GiB through the harness and runs `command` (with CI
+/// set and `env`); returns its output (also printed) and whether it exited 0.
+pub fn boot_guest(
+    kernel: &str,
+    cpus: u32,
+    command: &[&str],
+    env: &[(&str, &str)],
+) -> (String, bool) {
+    let out = Command::new(harness())
+        .args(["--kernel", kernel, "--cpus", &cpus.to_string()])
+        .args(["--mem", "2048", "--timeout", "900", "--"])
+        .args(command)
+        .env("CI", "1")
+        .env("BURST_QEMU_GUEST_TIMING", "1")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    (text, out.status.success())
+}
+
 /// The newest sibling test binary `name-<hash>` in this binary's directory (to run it inside a
 /// guest).
 pub fn sibling(name: &str) -> PathBuf {
