@@ -9,9 +9,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use burst_qemu::agent::CreditsView;
 use burst_qemu::credit::Mode;
-use burst_qemu::metrics::{render, scrape, serve, Health, Snapshot};
+use burst_qemu::metrics::{render, scrape, serve};
+use burst_qemu::view::CreditsView;
+use burst_qemu::view::{Health, Snapshot};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -1,5 +1,8 @@
-//! `vms/NAME.toml`: one VM's credit settings. Parse → validate → apply is one path, shared by
-//! start-up and (later) live reload, and every error names the file, the line and the field.
+//! `vms/NAME.toml`: one VM's settings. Two steps, each with errors that name the file, the line
+//! and the field: [`parse`] reads the TOML into a [`Document`] (syntax, unknown keys, types),
+//! [`Document::validate`] checks ranges and relations and builds the [`VmConfig`]. [`load`] does
+//! both for a file. What applies a config is its user's: the launcher (QEMU's arguments and the
+//! VM record) and the agent (`agent::lifecycle`'s one path for adoption and every edit).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -114,14 +117,15 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// Parses and validates the text of a config file; `path` is for messages.
-pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
-    let invalid = |line: usize, field: &str, message: String| ConfigError::Invalid {
-        path: path.to_owned(),
-        line,
-        field: field.to_owned(),
-        message,
-    };
+/// A config file read but not yet validated: its keys, with where each value is.
+pub struct Document {
+    path: PathBuf,
+    text: String,
+    raw: Raw,
+}
+
+/// Reads the TOML of a config file (`path` is for messages): syntax, unknown keys and types.
+pub fn parse(path: &Path, text: &str) -> Result<Document, ConfigError> {
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(text, s.start));
         // One line: toml's messages can span several.
@@ -141,42 +145,118 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
             .or(key_on_line)
             .unwrap_or("syntax")
             .to_owned();
-        invalid(line, &field, message)
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            field,
+            message,
+        }
     })?;
-    let at = |s: &std::ops::Range<usize>| line_of(text, s.start);
-    let memory = memory_config(&raw, &|s, f, m| invalid(at(s), f, m))?;
+    Ok(Document {
+        path: path.to_owned(),
+        text: text.to_owned(),
+        raw,
+    })
+}
 
-    let vcpus = raw
-        .vcpus
-        .ok_or_else(|| invalid(1, "vcpus", "missing (the number of vCPUs)".into()))?;
-    let vcpus_value = u32::try_from(*vcpus.get_ref()).map_err(|_| {
-        invalid(
-            at(&vcpus.span()),
-            "vcpus",
-            format!("{} is out of range", vcpus.get_ref()),
-        )
-    })?;
-    let baseline = raw
-        .baseline
-        .ok_or_else(|| invalid(1, "baseline", "missing (percent per vCPU)".into()))?;
-    let policy_err = |s: &Spanned<f64>, field: &str, e: PolicyError| {
-        invalid(at(&s.span()), field, e.to_string())
-    };
-    let base = Baseline::from_percent(*baseline.get_ref())
-        .map_err(|e| policy_err(&baseline, "baseline", e))?;
-    let mut policy = Policy::new(vcpus_value, base)
-        .map_err(|e| invalid(at(&vcpus.span()), "vcpus", e.to_string()))?;
-    if let Some(mode) = &raw.mode {
-        let m: Mode = mode
-            .get_ref()
-            .parse()
-            .map_err(|e: String| invalid(at(&mode.span()), "mode", e))?;
-        policy = policy.with_mode(m);
+/// Parses and validates the text of a config file; `path` is for messages.
+pub fn from_text(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
+    parse(path, text)?.validate()
+}
+
+impl Document {
+    fn invalid(&self, span: &std::ops::Range<usize>, field: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line: line_of(&self.text, span.start),
+            field: field.to_owned(),
+            message,
+        }
     }
-    let credits = |s: &Spanned<f64>, field: &'static str| {
+
+    fn missing(&self, field: &str, what: &str) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line: 1,
+            field: field.to_owned(),
+            message: format!("missing ({what})"),
+        }
+    }
+
+    /// Checks every value's range and the relations between them, and builds the config.
+    pub fn validate(&self) -> Result<VmConfig, ConfigError> {
+        let memory = memory_config(&self.raw, &|s, f, m| self.invalid(s, f, m))?;
+        let policy = self.policy()?;
+        let initial_credits = match &self.raw.initial_credits {
+            Some(c) => self.credits(c, "initial_credits")?,
+            None => Policy::default_initial_credits(policy.vcpus()),
+        };
+        let credits = self
+            .raw
+            .credits
+            .as_ref()
+            .map(|c| self.credits(c, "credits"))
+            .transpose()?;
+        Ok(VmConfig {
+            policy,
+            initial_credits,
+            credits,
+            disk_share: self.disk_share()?,
+            cpus: self.cpus()?,
+            memory,
+        })
+    }
+
+    /// vCPUs, baseline, mode, caps and decline.
+    fn policy(&self) -> Result<Policy, ConfigError> {
+        let raw = &self.raw;
+        let vcpus = raw
+            .vcpus
+            .as_ref()
+            .ok_or_else(|| self.missing("vcpus", "the number of vCPUs"))?;
+        let vcpus_value = u32::try_from(*vcpus.get_ref()).map_err(|_| {
+            self.invalid(
+                &vcpus.span(),
+                "vcpus",
+                format!("{} is out of range", vcpus.get_ref()),
+            )
+        })?;
+        let baseline = raw
+            .baseline
+            .as_ref()
+            .ok_or_else(|| self.missing("baseline", "percent per vCPU"))?;
+        let policy_err = |s: &Spanned<f64>, field: &str, e: PolicyError| {
+            self.invalid(&s.span(), field, e.to_string())
+        };
+        let base = Baseline::from_percent(*baseline.get_ref())
+            .map_err(|e| policy_err(baseline, "baseline", e))?;
+        let mut policy = Policy::new(vcpus_value, base)
+            .map_err(|e| self.invalid(&vcpus.span(), "vcpus", e.to_string()))?;
+        if let Some(mode) = &raw.mode {
+            let m: Mode = mode
+                .get_ref()
+                .parse()
+                .map_err(|e: String| self.invalid(&mode.span(), "mode", e))?;
+            policy = policy.with_mode(m);
+        }
+        if let Some(max) = &raw.max_credits {
+            policy = policy.with_max_credits(self.credits(max, "max_credits")?);
+        }
+        if let Some(max) = &raw.max_surplus {
+            policy = policy.with_max_surplus(self.credits(max, "max_surplus")?);
+        }
+        if let Some(d) = &raw.decline_minutes {
+            policy = policy
+                .with_decline_minutes(*d.get_ref())
+                .map_err(|e| policy_err(d, "decline_minutes", e))?;
+        }
+        Ok(policy)
+    }
+
+    fn credits(&self, s: &Spanned<f64>, field: &'static str) -> Result<Credits, ConfigError> {
         Credits::from_credits(*s.get_ref()).ok_or_else(|| {
-            invalid(
-                at(&s.span()),
+            self.invalid(
+                &s.span(),
                 field,
                 PolicyError::Credits {
                     field,
@@ -185,62 +265,42 @@ pub fn parse(path: &Path, text: &str) -> Result<VmConfig, ConfigError> {
                 .to_string(),
             )
         })
-    };
-    if let Some(max) = &raw.max_credits {
-        policy = policy.with_max_credits(credits(max, "max_credits")?);
     }
-    if let Some(max) = &raw.max_surplus {
-        policy = policy.with_max_surplus(credits(max, "max_surplus")?);
-    }
-    if let Some(d) = &raw.decline_minutes {
-        policy = policy
-            .with_decline_minutes(*d.get_ref())
-            .map_err(|e| policy_err(d, "decline_minutes", e))?;
-    }
-    let initial_credits = match &raw.initial_credits {
-        Some(c) => credits(c, "initial_credits")?,
-        None => Policy::default_initial_credits(vcpus_value),
-    };
-    let credits = raw
-        .credits
-        .as_ref()
-        .map(|c| credits(c, "credits"))
-        .transpose()?;
-    let disk_share = match &raw.disk_share {
-        Some(d) if !(d.get_ref().is_finite() && *d.get_ref() > 0.0 && *d.get_ref() <= 100.0) => {
-            return Err(invalid(
-                at(&d.span()),
-                "disk_share",
-                format!(
-                    "{} is not a percentage of the host's disk bandwidth in (0, 100]",
-                    d.get_ref()
-                ),
-            ))
+
+    fn disk_share(&self) -> Result<Option<f64>, ConfigError> {
+        match &self.raw.disk_share {
+            Some(d)
+                if !(d.get_ref().is_finite() && *d.get_ref() > 0.0 && *d.get_ref() <= 100.0) =>
+            {
+                Err(self.invalid(
+                    &d.span(),
+                    "disk_share",
+                    format!(
+                        "{} is not a percentage of the host's disk bandwidth in (0, 100]",
+                        d.get_ref()
+                    ),
+                ))
+            }
+            d => Ok(d.as_ref().map(|d| *d.get_ref())),
         }
-        d => d.as_ref().map(|d| *d.get_ref()),
-    };
-    let cpus = raw
-        .cpus
-        .as_ref()
-        .map(|c| {
-            let list = match c.get_ref() {
-                CpuSpec::Text(t) => crate::balance::pin::parse_cpu_list(t),
-                CpuSpec::List(l) if l.is_empty() => Err("an empty CPU list".into()),
-                CpuSpec::List(l) => crate::balance::pin::parse_cpu_list(
-                    &l.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
-                ),
-            };
-            list.map_err(|e| invalid(at(&c.span()), "cpus", e))
-        })
-        .transpose()?;
-    Ok(VmConfig {
-        policy,
-        initial_credits,
-        credits,
-        disk_share,
-        cpus,
-        memory,
-    })
+    }
+
+    fn cpus(&self) -> Result<Option<Vec<u32>>, ConfigError> {
+        self.raw
+            .cpus
+            .as_ref()
+            .map(|c| {
+                let list = match c.get_ref() {
+                    CpuSpec::Text(t) => crate::base::parse_cpu_list(t),
+                    CpuSpec::List(l) if l.is_empty() => Err("an empty CPU list".into()),
+                    CpuSpec::List(l) => crate::base::parse_cpu_list(
+                        &l.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+                    ),
+                };
+                list.map_err(|e| self.invalid(&c.span(), "cpus", e))
+            })
+            .transpose()
+    }
 }
 
 type Invalid<'a> = dyn Fn(&std::ops::Range<usize>, &str, String) -> ConfigError + 'a;
@@ -307,13 +367,13 @@ fn memory_config(raw: &Raw, invalid: &Invalid) -> Result<Option<MemoryConfig>, C
     }))
 }
 
-/// Reads and validates a config file.
+/// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
     })?;
-    parse(path, &text)
+    from_text(path, &text)
 }
 
 /// A number as TOML writes it, without a needless fraction.
@@ -443,7 +503,7 @@ mod tests {
     use super::*;
 
     fn parse_str(text: &str) -> Result<VmConfig, ConfigError> {
-        parse(Path::new("vms/a.toml"), text)
+        from_text(Path::new("vms/a.toml"), text)
     }
 
     fn err(text: &str) -> String {
@@ -453,7 +513,7 @@ mod tests {
     #[test]
     fn the_example_file_parses() {
         let text = include_str!("../vms/example.toml");
-        let c = parse(Path::new("vms/example.toml"), text).unwrap();
+        let c = from_text(Path::new("vms/example.toml"), text).unwrap();
         assert_eq!(c.policy.vcpus(), 2);
         assert_eq!(c.policy.baseline().percent(), 5.0);
         assert_eq!(c.initial_credits, Credits::from_credits(60.0).unwrap());

@@ -126,6 +126,15 @@ impl Ring {
     }
 }
 
+/// Which buckets a tick closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closed {
+    /// A 10-second sample.
+    pub fine: bool,
+    /// A minute: the moment to save.
+    pub minute: bool,
+}
+
 /// A VM's history at both resolutions, with the buckets being filled.
 #[derive(Clone, Debug)]
 pub struct History {
@@ -150,10 +159,9 @@ impl History {
         }
     }
 
-    /// Records the tick measured at `t` (Unix seconds). Returns whether a coarse (minute)
-    /// bucket was closed: the moment to save.
-    pub fn record(&mut self, t: u64, p: Point) -> bool {
-        let mut minute_closed = false;
+    /// Records the tick measured at `t` (Unix seconds). Returns which buckets it closed.
+    pub fn record(&mut self, t: u64, p: Point) -> Closed {
+        let mut closed = Closed::default();
         for (i, ring) in [&mut self.fine, &mut self.coarse].into_iter().enumerate() {
             let start = t - t % ring.period_s;
             match &mut self.open[i] {
@@ -167,7 +175,11 @@ impl History {
                 Some(o) if o.t > start => continue, // the clock stepped back: ignore the tick
                 Some(o) => {
                     ring.push(o.sample());
-                    minute_closed |= i == 1;
+                    if i == 0 {
+                        closed.fine = true;
+                    } else {
+                        closed.minute = true;
+                    }
                 }
                 None => {}
             }
@@ -179,7 +191,16 @@ impl History {
                 last: p,
             });
         }
-        minute_closed
+        closed
+    }
+
+    /// Adds 10-second samples closed after the newest one kept (a running VM's tail, written
+    /// by the agent between saves), so [`since`](Self::since) shows them.
+    pub fn extend_fine(&mut self, samples: &[Sample]) {
+        let newest = self.fine.samples.back().map_or(0, |s| s.t);
+        for s in samples.iter().filter(|s| s.t > newest) {
+            self.fine.push(*s);
+        }
     }
 
     /// Closes the open buckets (the VM ended, or the agent stops).
@@ -375,9 +396,15 @@ mod tests {
     #[test]
     fn buckets_keep_the_last_stock_and_the_mean_flow() {
         let mut h = History::new();
-        assert!(!h.record(100, point(10, 100)));
+        assert_eq!(h.record(100, point(10, 100)), Closed::default());
         h.record(105, point(9, 300));
-        h.record(110, point(8, 500)); // closes fine bucket 100
+        assert_eq!(
+            h.record(110, point(8, 500)), // closes fine bucket 100
+            Closed {
+                fine: true,
+                minute: false
+            }
+        );
         assert_eq!(
             h.fine().samples().copied().collect::<Vec<_>>(),
             vec![Sample {
@@ -385,7 +412,7 @@ mod tests {
                 p: point(9, 200)
             }]
         );
-        assert!(h.record(120, point(7, 0))); // closes minute 60
+        assert!(h.record(120, point(7, 0)).minute); // closes minute 60
         let minute = h.coarse().samples().next().unwrap();
         assert_eq!(
             (minute.t, minute.p.balance_mc, minute.p.usage_ppm),

@@ -4,22 +4,30 @@
 //! to run above it, and is held to its baseline — after a smooth decline, never a cliff — when
 //! they are gone, like AWS T3, Azure B and Alibaba t6 instances.
 //!
-//! Map of the crate:
+//! Map of the crate, from the bottom up (a module uses only those above it in its group and
+//! the groups before it):
 //!
-//! | module | owns |
-//! |---|---|
-//! | [`agent`] | the loop: measure → `Ledger::tick` → `Enforcer::apply`; publishing; persistence |
-//! | [`balance`] | fleet balancers: balloon memory coordinator (pure planners) |
-//! | [`config`] | `vms/NAME.toml`: parse, validate, render; errors name file, line and field |
-//! | [`credit`] | the ledger and the decline planner: pure integer arithmetic, no I/O, no clock |
-//! | [`enforce`] | the `Enforcer` trait and its cgroup v1/v2 implementation: mechanism only |
-//! | [`balance`] | the vCPU pinning balancer: a pure planner and the agent's `sched_setaffinity` mechanism |
-//! | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, mappings, queues, status words, transactions |
-//! | [`launch`] | QEMU argv, QMP handshake, vCPU thread ids, lifecycle and signals |
-//! | [`sched`] | the scheduling policy (cap, baseline guarantee, spare by credits): pure, for ghOSt and sched_ext |
-//! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
-//! | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
-//! | [`testguest`] | the project's own firmware guest that keeps every vCPU busy, or halts them |
+//! | layer | module | owns |
+//! |---|---|---|
+//! | base | [`base`] | VM names, CPU lists, clocks, I/O errors with their context |
+//! | | [`procfs`] | what the kernel says of threads and processes: `schedstat`, `stat`, start times, boot id, affinity |
+//! | pure | [`credit`] | the ledger and the decline planner: integer arithmetic, no I/O, no clock |
+//! | | [`contention`] | the contention stage: ResCoin's rule over CPU, disk and memory |
+//! | | [`sched`] | the scheduling policy (cap, baseline guarantee, spare): for ghOSt and sched_ext |
+//! | | [`history`] | a VM's credit history: 10-s and 1-min rings, downsampling, compact encoding |
+//! | | [`view`] | what a VM looks like to `ls`, `credits`, `top`, `plot` and the metrics; the agent's health |
+//! | | [`simulate`] | the ledger run on a load trace with a simulated clock |
+//! | | [`plot`] | the credit-curve SVG |
+//! | files | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
+//! | | [`config`] | `vms/NAME.toml`: parse, then validate; errors name file, line and field |
+//! | | [`metrics`] | Prometheus text of the views, and its small HTTP server |
+//! | mechanism | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, queues, status words, transactions; the centralized agent |
+//! | | [`enforce`] | the `Enforcer` trait: cgroup v1/v2, sched_ext, ghOSt — mechanism only |
+//! | | [`balance`] | fleet balancers: vCPU pinning, balloon memory, disk bandwidth (pure planners and their mechanisms) |
+//! | sources | [`launch`] | the launcher: QEMU's arguments and config, QMP handshake, vCPU threads, lifecycle and signals |
+//! | | [`orphan`] | stopping a VM whose launcher died |
+//! | | [`testguest`] | the project's own firmware guest: every vCPU busy, halted, or busy a duty cycle |
+//! | loop | [`agent`] | measure → `Ledger::tick` → contention → `Enforcer::apply`; publishing, persistence, history |
 //!
 //! ```
 //! use burst_qemu::credit::{Baseline, Credits, Ledger, Policy, NS_PER_MIN};
@@ -34,6 +42,7 @@
 
 pub mod agent;
 pub mod balance;
+pub mod base;
 pub mod config;
 pub mod contention;
 pub mod credit;
@@ -44,7 +53,9 @@ pub mod launch;
 pub mod metrics;
 pub mod orphan;
 pub mod plot;
+pub mod procfs;
 pub mod sched;
 pub mod simulate;
 pub mod state;
 pub mod testguest;
+pub mod view;

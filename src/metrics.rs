@@ -18,7 +18,9 @@
 //!
 //! each labelled `vm`, and the agent's own `burst_qemu_agent_tick_duration_seconds`
 //! (histogram), `burst_qemu_agent_config_errors` (VMs whose config is not in force) and
-//! `burst_qemu_agent_ledger_save_failures_total`.
+//! `burst_qemu_agent_ledger_save_failures_total`. [`FAMILIES`] is the whole list: every field of
+//! `credits --json` (the [`CreditsView`]) has its family there, and a family is rendered
+//! whenever one VM has a value for it.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -26,49 +28,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::agent::CreditsView;
+use crate::view::{CreditsView, Snapshot, TICK_BUCKETS};
 
 /// The file in the state dir where a serving agent writes its address.
 pub const ADDR_FILE: &str = "metrics.addr";
-
-/// Ledger saves that failed in this process (counted where they fail).
-pub static LEDGER_SAVE_FAILURES: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(0);
-
-/// Upper bounds of the tick-duration histogram's buckets, seconds.
-pub const TICK_BUCKETS: [f64; 9] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25];
-
-/// The agent's health.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Health {
-    /// Ticks per bucket of [`TICK_BUCKETS`] (not cumulative), and above the last.
-    pub tick_counts: [u64; TICK_BUCKETS.len() + 1],
-    /// Sum of tick durations, seconds.
-    pub tick_sum_s: f64,
-    /// Ledger saves that failed since the agent started.
-    pub ledger_save_failures: u64,
-}
-
-impl Health {
-    /// Counts one tick of `seconds`.
-    pub fn observe_tick(&mut self, seconds: f64) {
-        let i = TICK_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(TICK_BUCKETS.len());
-        self.tick_counts[i] += 1;
-        self.tick_sum_s += seconds;
-    }
-}
-
-/// What the metrics show: the published view of each VM, and the agent's health when known.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    /// One view per VM.
-    pub vms: Vec<CreditsView>,
-    /// The agent's health (`None` when rendered without an agent).
-    pub health: Option<Health>,
-}
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -76,117 +39,229 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The samples of one family for one VM: extra labels (`,vcpu="0"` or empty) and the value.
+type Samples = fn(&CreditsView) -> Vec<(String, f64)>;
+
+/// One metric family of a VM's view.
+pub struct Family {
+    /// The metric's name.
+    pub name: &'static str,
+    /// `gauge` or `counter`.
+    pub kind: &'static str,
+    /// Its help text.
+    pub help: &'static str,
+    /// The `credits --json` field it shows (`disk.read_bps` for a nested one).
+    pub field: &'static str,
+    /// Its samples for a VM (none when the VM has no value for it).
+    pub samples: Samples,
+}
+
+fn one(x: Option<f64>) -> Vec<(String, f64)> {
+    x.map(|x| (String::new(), x)).into_iter().collect()
+}
+
+fn ratio(pct: Option<f64>) -> Vec<(String, f64)> {
+    one(pct.map(|p| p / 100.0))
+}
+
+fn flag(on: bool) -> Vec<(String, f64)> {
+    one(Some(if on { 1.0 } else { 0.0 }))
+}
+
+/// Every family of a VM's view, in the order rendered.
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "burst_qemu_cpu_credit_balance",
+        kind: "gauge",
+        help: "Spendable CPU credits (one credit = one vCPU at 100 % for a minute).",
+        field: "balance",
+        samples: |v| one(Some(v.balance)),
+    },
+    Family {
+        name: "burst_qemu_cpu_credit_usage_total",
+        kind: "counter",
+        help: "CPU credits used since the VM's ledger was created.",
+        field: "used_total_s",
+        samples: |v| one(Some(v.used_total_s / 60.0)),
+    },
+    Family {
+        name: "burst_qemu_cpu_surplus_credit_balance",
+        kind: "gauge",
+        help: "Surplus credits spent beyond the balance and not yet paid back (unlimited mode).",
+        field: "surplus",
+        samples: |v| one(Some(v.surplus)),
+    },
+    Family {
+        name: "burst_qemu_cpu_surplus_credits_charged_total",
+        kind: "counter",
+        help: "Surplus credits charged (beyond what may be carried).",
+        field: "charged",
+        samples: |v| one(Some(v.charged)),
+    },
+    Family {
+        name: "burst_qemu_cpu_credits_earned_per_hour",
+        kind: "gauge",
+        help: "Credits the VM earns per hour (its pooled baseline).",
+        field: "earn_per_hour",
+        samples: |v| one(Some(v.earn_per_hour)),
+    },
+    Family {
+        name: "burst_qemu_cpu_credit_time_to_empty_seconds",
+        kind: "gauge",
+        help: "Seconds until the balance is spent at the current usage (absent when not draining).",
+        field: "time_to_empty_s",
+        samples: |v| one(v.time_to_empty_s),
+    },
+    Family {
+        name: "burst_qemu_cpu_utilization_ratio",
+        kind: "gauge",
+        help: "CPU used over the last tick, fraction of all the VM's vCPUs.",
+        field: "usage_pct",
+        samples: |v| ratio(v.usage_pct),
+    },
+    Family {
+        name: "burst_qemu_cpu_grant_ratio",
+        kind: "gauge",
+        help: "CPU granted over the last tick, fraction of all the VM's vCPUs.",
+        field: "grant_pct",
+        samples: |v| ratio(v.grant_pct),
+    },
+    Family {
+        name: "burst_qemu_cpu_allocation_ratio",
+        kind: "gauge",
+        help: "CPU the contention stage lets the VM use (its grant unless the host is contended), fraction of all the VM's vCPUs.",
+        field: "allocation_pct",
+        samples: |v| ratio(v.allocation_pct),
+    },
+    Family {
+        name: "burst_qemu_cpu_demand_ratio",
+        kind: "gauge",
+        help: "The contention stage's estimate of the VM's demand, fraction of all its vCPUs.",
+        field: "demand_pct",
+        samples: |v| ratio(v.demand_pct),
+    },
+    Family {
+        name: "burst_qemu_cpu_observed_demand_ratio",
+        kind: "gauge",
+        help: "The demand the contention stage observed over its last period, fraction of all the VM's vCPUs.",
+        field: "observed_demand_pct",
+        samples: |v| ratio(v.observed_demand_pct),
+    },
+    Family {
+        name: "burst_qemu_baseline_ratio",
+        kind: "gauge",
+        help: "Baseline, fraction of one vCPU (pooled over the VM's vCPUs).",
+        field: "baseline",
+        samples: |v| one(Some(v.baseline / 100.0)),
+    },
+    Family {
+        name: "burst_qemu_vcpus",
+        kind: "gauge",
+        help: "The VM's vCPUs.",
+        field: "vcpus",
+        samples: |v| one(Some(f64::from(v.vcpus))),
+    },
+    Family {
+        name: "burst_qemu_vm_running",
+        kind: "gauge",
+        help: "Whether the VM runs (1) or is stopped (0).",
+        field: "state",
+        samples: |v| flag(v.state == "running"),
+    },
+    Family {
+        name: "burst_qemu_vm_unlimited",
+        kind: "gauge",
+        help: "Whether the VM is in unlimited mode (1) or standard mode (0).",
+        field: "mode",
+        samples: |v| flag(v.mode == crate::credit::Mode::Unlimited),
+    },
+    Family {
+        name: "burst_qemu_config_error",
+        kind: "gauge",
+        help: "Whether the VM's config file has an error (1: the last good config stays in force).",
+        field: "config_error",
+        samples: |v| flag(v.config_error.is_some()),
+    },
+    Family {
+        name: "burst_qemu_ledger_error",
+        kind: "gauge",
+        help: "Whether the agent cannot save the VM's ledger (1: it enforces from memory).",
+        field: "ledger_error",
+        samples: |v| flag(v.ledger_error.is_some()),
+    },
+    Family {
+        name: "burst_qemu_disk_share_ratio",
+        kind: "gauge",
+        help: "The VM's share of the host's disk bandwidth (disk_share), fraction.",
+        field: "disk.share_pct",
+        samples: |v| ratio(v.disk.as_ref().map(|d| d.share_pct)),
+    },
+    Family {
+        name: "burst_qemu_disk_read_bytes_per_second",
+        kind: "gauge",
+        help: "Bytes the VM's drives read per second over the last period (VMs with disk_share).",
+        field: "disk.read_bps",
+        samples: |v| one(v.disk.as_ref().and_then(|d| d.read_bps).map(|b| b as f64)),
+    },
+    Family {
+        name: "burst_qemu_disk_write_bytes_per_second",
+        kind: "gauge",
+        help: "Bytes the VM's drives wrote per second over the last period (VMs with disk_share).",
+        field: "disk.write_bps",
+        samples: |v| one(v.disk.as_ref().and_then(|d| d.write_bps).map(|b| b as f64)),
+    },
+    Family {
+        name: "burst_qemu_disk_read_limit_bytes_per_second",
+        kind: "gauge",
+        help: "The read limit the disk stage holds the VM's drives to while the host's disk is contended.",
+        field: "disk.read_limit_bps",
+        samples: |v| one(v.disk.as_ref().and_then(|d| d.read_limit_bps).map(|b| b as f64)),
+    },
+    Family {
+        name: "burst_qemu_disk_write_limit_bytes_per_second",
+        kind: "gauge",
+        help: "The write limit the disk stage holds the VM's drives to while the host's disk is contended.",
+        field: "disk.write_limit_bps",
+        samples: |v| one(v.disk.as_ref().and_then(|d| d.write_limit_bps).map(|b| b as f64)),
+    },
+    Family {
+        name: "burst_qemu_disk_error",
+        kind: "gauge",
+        help: "Whether the VM's disks cannot be measured or throttled (1).",
+        field: "disk.error",
+        samples: |v| match &v.disk {
+            Some(d) => flag(d.error.is_some()),
+            None => Vec::new(),
+        },
+    },
+    Family {
+        name: "burst_qemu_vcpu_pin_cpu",
+        kind: "gauge",
+        help: "The host CPU each vCPU is pinned to by the pinning balancer (absent while not pinned to one).",
+        field: "pins",
+        samples: |v| {
+            v.pins
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(i, p)| Some((format!(",vcpu=\"{i}\""), f64::from((*p)?))))
+                .collect()
+        },
+    },
+    Family {
+        name: "burst_qemu_vcpu_pin_changes_total",
+        kind: "counter",
+        help: "Pin changes the vCPU pinning balancer made to the VM's vCPU threads since the agent started.",
+        field: "pin_changes",
+        samples: |v| one(v.pin_changes.map(|c| c as f64)),
+    },
+];
+
 /// The Prometheus text format (version 0.0.4) of `snap`.
 pub fn render(snap: &Snapshot) -> String {
-    let mut out = String::with_capacity(256 + snap.vms.len() * 700);
-    type Get = fn(&CreditsView) -> Option<f64>;
-    let families: [(&str, &str, &str, Get); 12] = [
-        (
-            "burst_qemu_cpu_credit_balance",
-            "gauge",
-            "Spendable CPU credits (one credit = one vCPU at 100 % for a minute).",
-            |v| Some(v.balance),
-        ),
-        (
-            "burst_qemu_cpu_credit_usage_total",
-            "counter",
-            "CPU credits used since the VM's ledger was created.",
-            |v| Some(v.used_total_s / 60.0),
-        ),
-        (
-            "burst_qemu_cpu_surplus_credit_balance",
-            "gauge",
-            "Surplus credits spent beyond the balance and not yet paid back (unlimited mode).",
-            |v| Some(v.surplus),
-        ),
-        (
-            "burst_qemu_cpu_surplus_credits_charged_total",
-            "counter",
-            "Surplus credits charged (beyond what may be carried).",
-            |v| Some(v.charged),
-        ),
-        (
-            "burst_qemu_cpu_utilization_ratio",
-            "gauge",
-            "CPU used over the last tick, fraction of all the VM's vCPUs.",
-            |v| v.usage_pct.map(|p| p / 100.0),
-        ),
-        (
-            "burst_qemu_cpu_grant_ratio",
-            "gauge",
-            "CPU granted over the last tick, fraction of all the VM's vCPUs.",
-            |v| v.grant_pct.map(|p| p / 100.0),
-        ),
-        (
-            "burst_qemu_cpu_allocation_ratio",
-            "gauge",
-            "CPU the contention stage lets the VM use (its grant unless the host is contended), fraction of all the VM's vCPUs.",
-            |v| v.allocation_pct.map(|p| p / 100.0),
-        ),
-        (
-            "burst_qemu_baseline_ratio",
-            "gauge",
-            "Baseline, fraction of one vCPU (pooled over the VM's vCPUs).",
-            |v| Some(v.baseline / 100.0),
-        ),
-        (
-            "burst_qemu_disk_read_bytes_per_second",
-            "gauge",
-            "Bytes the VM's drives read per second over the last period (VMs with disk_share).",
-            |v| v.disk.as_ref()?.read_bps.map(|b| b as f64),
-        ),
-        (
-            "burst_qemu_disk_write_bytes_per_second",
-            "gauge",
-            "Bytes the VM's drives wrote per second over the last period (VMs with disk_share).",
-            |v| v.disk.as_ref()?.write_bps.map(|b| b as f64),
-        ),
-        (
-            "burst_qemu_disk_read_limit_bytes_per_second",
-            "gauge",
-            "The read limit the disk stage holds the VM's drives to while the host's disk is contended.",
-            |v| v.disk.as_ref()?.read_limit_bps.map(|b| b as f64),
-        ),
-        (
-            "burst_qemu_disk_write_limit_bytes_per_second",
-            "gauge",
-            "The write limit the disk stage holds the VM's drives to while the host's disk is contended.",
-            |v| v.disk.as_ref()?.write_limit_bps.map(|b| b as f64),
-        ),
-    ];
-    for (name, kind, help, get) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for v in &snap.vms {
-            if let Some(x) = get(v) {
-                let _ = writeln!(out, "{name}{{vm=\"{}\"}} {x}", escape(&v.name));
-            }
-        }
-    }
-    // Only when the agent runs the pinning balancer (`--balance cpu`).
-    if snap.vms.iter().any(|v| v.pin_changes.is_some()) {
-        let name = "burst_qemu_vcpu_pin_changes_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Pin changes the vCPU pinning balancer made to the VM's vCPU threads since the agent started.\n# TYPE {name} counter"
-        );
-        for v in &snap.vms {
-            if let Some(c) = v.pin_changes {
-                let _ = writeln!(out, "{name}{{vm=\"{}\"}} {c}", escape(&v.name));
-            }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP burst_qemu_vm_running Whether the VM runs (1) or is stopped (0).\n\
-         # TYPE burst_qemu_vm_running gauge"
-    );
-    for v in &snap.vms {
-        let up = u8::from(v.state == "running");
-        let _ = writeln!(
-            out,
-            "burst_qemu_vm_running{{vm=\"{}\"}} {up}",
-            escape(&v.name)
-        );
+    let mut out = String::with_capacity(256 + snap.vms.len() * 1200);
+    for f in FAMILIES {
+        render_family(&mut out, f, &snap.vms);
     }
     let errors = snap.vms.iter().filter(|v| v.config_error.is_some()).count();
     let _ = writeln!(
@@ -195,28 +270,49 @@ pub fn render(snap: &Snapshot) -> String {
          # TYPE burst_qemu_agent_config_errors gauge\nburst_qemu_agent_config_errors {errors}"
     );
     if let Some(h) = &snap.health {
-        let name = "burst_qemu_agent_tick_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time the agent took per tick (measure, account, enforce, publish).\n# TYPE {name} histogram"
-        );
-        let mut cum = 0;
-        for (i, b) in TICK_BUCKETS.iter().enumerate() {
-            cum += h.tick_counts[i];
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
-        }
-        cum += h.tick_counts[TICK_BUCKETS.len()];
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {cum}", h.tick_sum_s);
-        let _ = writeln!(
-            out,
-            "# HELP burst_qemu_agent_ledger_save_failures_total Ledger saves that failed.\n\
-             # TYPE burst_qemu_agent_ledger_save_failures_total counter\n\
-             burst_qemu_agent_ledger_save_failures_total {}",
-            h.ledger_save_failures
-        );
+        render_health(&mut out, h);
     }
     out
+}
+
+fn render_family(out: &mut String, f: &Family, vms: &[CreditsView]) {
+    let mut header = false;
+    for v in vms {
+        for (labels, x) in (f.samples)(v) {
+            if !header {
+                let _ = writeln!(
+                    out,
+                    "# HELP {} {}\n# TYPE {} {}",
+                    f.name, f.help, f.name, f.kind
+                );
+                header = true;
+            }
+            let _ = writeln!(out, "{}{{vm=\"{}\"{labels}}} {x}", f.name, escape(&v.name));
+        }
+    }
+}
+
+fn render_health(out: &mut String, h: &crate::view::Health) {
+    let name = "burst_qemu_agent_tick_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time the agent took per tick (measure, account, enforce, publish).\n# TYPE {name} histogram"
+    );
+    let mut cum = 0;
+    for (i, b) in TICK_BUCKETS.iter().enumerate() {
+        cum += h.tick_counts[i];
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+    }
+    cum += h.tick_counts[TICK_BUCKETS.len()];
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {cum}", h.tick_sum_s);
+    let _ = writeln!(
+        out,
+        "# HELP burst_qemu_agent_ledger_save_failures_total Ledger saves that failed.\n\
+         # TYPE burst_qemu_agent_ledger_save_failures_total counter\n\
+         burst_qemu_agent_ledger_save_failures_total {}",
+        h.ledger_save_failures
+    );
 }
 
 /// Serves `render(snapshot)` to `GET /metrics` (and `/`) at `addr` from a thread of its own;
@@ -290,6 +386,7 @@ pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
 mod tests {
     use super::*;
     use crate::credit::Mode;
+    use crate::view::{DiskView, Health};
 
     fn vm(name: &str) -> CreditsView {
         CreditsView {
@@ -325,10 +422,13 @@ mod tests {
         };
         assert!(!render(&snap).contains("pin_changes"));
         snap.vms[0].pin_changes = Some(3);
+        snap.vms[0].pins = Some(vec![Some(1), None]);
         let text = render(&snap);
         assert!(text.contains("# TYPE burst_qemu_vcpu_pin_changes_total counter"));
         assert!(text.contains("burst_qemu_vcpu_pin_changes_total{vm=\"a\"} 3\n"));
         assert!(!text.contains("burst_qemu_vcpu_pin_changes_total{vm=\"b\"}"));
+        assert!(text.contains("burst_qemu_vcpu_pin_cpu{vm=\"a\",vcpu=\"0\"} 1\n"));
+        assert!(!text.contains("vcpu=\"1\""));
     }
 
     #[test]
@@ -382,5 +482,60 @@ mod tests {
             );
         }
         assert!(names >= 9, "{names}");
+    }
+
+    /// Every field `credits --json` shows has its family, and every family names a real field.
+    #[test]
+    fn every_field_of_the_view_has_its_metric() {
+        let mut v = vm("a");
+        v.disk = Some(DiskView::default());
+        v.pins = Some(vec![Some(0)]);
+        v.pin_changes = Some(0);
+        let json = serde_json::to_value(&v).unwrap();
+        let mut fields = Vec::new();
+        for (k, x) in json.as_object().unwrap() {
+            match x.as_object() {
+                Some(inner) => fields.extend(inner.keys().map(|i| format!("{k}.{i}"))),
+                None => fields.push(k.clone()),
+            }
+        }
+        for field in &fields {
+            if field == "name" {
+                continue; // the `vm` label
+            }
+            assert!(
+                FAMILIES.iter().any(|f| f.field == field),
+                "credits --json shows {field} but no metric family does"
+            );
+        }
+        for f in FAMILIES {
+            assert!(
+                fields.contains(&f.field.to_owned()),
+                "{} shows no field {}",
+                f.name,
+                f.field
+            );
+        }
+        // Every family with a value is rendered: here all but time_to_empty (not draining).
+        v.disk = Some(DiskView {
+            share_pct: 50.0,
+            read_bps: Some(1),
+            write_bps: Some(2),
+            read_limit_bps: Some(3),
+            write_limit_bps: Some(4),
+            error: None,
+        });
+        v.demand_pct = Some(10.0);
+        v.observed_demand_pct = Some(11.0);
+        let text = render(&Snapshot {
+            vms: vec![v],
+            health: None,
+        });
+        for f in FAMILIES {
+            let served = text
+                .lines()
+                .any(|l| l.starts_with(&format!("{}{{", f.name)));
+            assert_eq!(served, f.field != "time_to_empty_s", "{}", f.name);
+        }
     }
 }

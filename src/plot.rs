@@ -37,6 +37,8 @@ pub struct PlotError {
 
 /// Draws `points` as SVG at `path`; `usage_label` names the lower black line ("demand" for a
 /// simulation, "usage" for a real VM) and `x_desc` the time axis.
+// One drawing: the two panels share the axis ranges and series computed at its top, and
+// splitting it would pass a dozen locals around.
 pub fn credit_curve(
     path: &Path,
     title: &str,

@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::procfs::Proc;
+
 use crate::credit::Mode;
 
 /// File name of the VM record in a runtime dir.
@@ -166,22 +168,6 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::R
         let _ = fs::remove_file(&tmp);
     }
     result
-}
-
-/// A process's start time: field 22 of `/proc/PID/stat`, in clock ticks after boot; `None`
-/// when there is no such process, or it is a zombie (it has exited and waits to be reaped).
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces and parentheses itself:
-    // the fields after it start after its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // `rest` starts at field 3 (state); the start time is field 22.
-    fields.nth(18)?.parse().ok()
 }
 
 /// Whether a VM's directory belongs to a live launcher, to a live QEMU whose launcher is gone,
@@ -373,7 +359,7 @@ pub struct VmRecord {
     pub config: PathBuf,
     /// QEMU's QMP socket.
     pub qmp_socket: PathBuf,
-    /// QEMU's start time ([`process_start_time`]); 0 in records of older launchers.
+    /// QEMU's start time ([`Proc::process_start_time`]); 0 in records of older launchers.
     #[serde(default)]
     pub qemu_start: u64,
     /// The boot the record was made in (`/proc/sys/kernel/random/boot_id`).
@@ -384,25 +370,14 @@ pub struct VmRecord {
 impl VmRecord {
     /// Whether the QEMU this record describes still runs: same boot, same pid, same start time.
     pub fn qemu_alive(&self) -> bool {
-        if !self.boot_id.is_empty() && self.boot_id != boot_id() {
+        if !self.boot_id.is_empty() && self.boot_id != Proc::host().boot_id() {
             return false;
         }
-        match process_start_time(self.pid) {
+        match Proc::host().process_start_time(self.pid) {
             Some(start) => self.qemu_start == 0 || start == self.qemu_start,
             None => false,
         }
     }
-}
-
-/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty when unreadable.
-pub fn boot_id() -> String {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default()
-    })
-    .clone()
 }
 
 fn read_record(dir: &Path) -> Option<VmRecord> {

@@ -164,7 +164,12 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
     let read = || -> Vec<(u64, u64)> {
         threads
             .iter()
-            .map(|&(pid, tid)| burst_qemu::enforce::thread_sched_ns(pid, tid).expect("alive"))
+            .map(|&(pid, tid)| {
+                burst_qemu::procfs::Proc::host()
+                    .thread_sched(pid, tid)
+                    .map(|s| (s.run_ns, s.wait_ns))
+                    .expect("alive")
+            })
             .collect()
     };
     let place = || -> Vec<u32> {
@@ -172,7 +177,9 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
             .iter()
             .map(|&(pid, tid)| match affinity(tid)[..] {
                 [one] => one,
-                _ => pin::last_cpu(pid, tid).unwrap(),
+                _ => burst_qemu::procfs::Proc::host()
+                    .thread_last_cpu(pid, tid)
+                    .unwrap(),
             })
             .collect()
     };
@@ -328,7 +335,7 @@ fn count_per_cpu(cpus: &[u32], o: &Outcome) -> Vec<usize> {
 
 /// The managed CPUs for `n` of them: the first `n` this process may use.
 fn first_cpus(n: usize) -> Vec<u32> {
-    let mine = pin::own_cpus();
+    let mine = burst_qemu::procfs::own_cpus();
     assert!(
         mine.len() >= n,
         "{n} CPUs needed, this process may use {mine:?}"

@@ -18,7 +18,7 @@ const MB: f64 = 1_000_000.0;
 
 /// Bytes the VM's guest drives have read, from QEMU.
 fn read_bytes(socket: &Path) -> u64 {
-    burst_qemu::agent::disk::drive_bytes(socket).unwrap().0
+    burst_qemu::balance::disk::drive_bytes(socket).unwrap().0
 }
 
 /// A prepared Linux guest that reads its first disk over and over, bypassing its page cache.

@@ -673,11 +673,13 @@ fn a_reused_pid_or_thread_id_is_never_taken_for_qemu_or_its_vcpus() {
             config: s.vms().join(format!("{name}.toml")),
             qmp_socket: dir.join("qmp.sock"),
             qemu_start: start,
-            boot_id: burst_qemu::state::boot_id(),
+            boot_id: burst_qemu::procfs::Proc::host().boot_id(),
         };
         fs::write(dir.join("vm.json"), serde_json::to_vec(&r).unwrap()).unwrap();
     };
-    let start = burst_qemu::state::process_start_time(pid).unwrap();
+    let start = burst_qemu::procfs::Proc::host()
+        .process_start_time(pid)
+        .unwrap();
     // A record whose pid now belongs to another process (different start time): gone.
     record("reused", start + 1, vec![pid]);
     // A live "QEMU" whose recorded vCPU thread id is another process's thread.

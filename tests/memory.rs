@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use burst_qemu::agent::memory::TraceLine;
+use burst_qemu::balance::memory::TraceLine;
 use common::*;
 
 fn ready() -> bool {

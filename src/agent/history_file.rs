@@ -1,11 +1,12 @@
 //! A VM's history on disk: `<data dir>/history/NAME.bqh`, beside the ledgers, written atomically
-//! when a minute closes, when the VM ends and when the agent stops (see [`crate::history`]).
+//! when a minute closes, when the VM ends and when the agent stops (see [`crate::history`]); and
+//! a running VM's tail, the 10-second samples closed since that save, in its runtime dir.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::credit::{Ledger, Rate, NS_PER_CREDIT};
-use crate::history::{History, Point};
+use crate::history::{History, Point, Sample};
 use crate::state;
 
 /// Where VM `name`'s history is kept.
@@ -41,6 +42,24 @@ pub fn save(path: &Path, h: &History) -> io::Result<()> {
     }
 }
 
+/// Writes a running VM's tail (its 10-second samples since the history file was saved) in the
+/// history encoding. Not synced: the history file is the durable copy, the tail only makes a
+/// running VM's curve current.
+pub fn save_tail(path: &Path, samples: &[Sample]) -> io::Result<()> {
+    let mut h = History::new();
+    h.extend_fine(samples);
+    state::write_published(path, &h.encode())
+}
+
+/// A running VM's tail; empty when there is none (or it is unreadable: it is only a cache).
+pub fn load_tail(path: &Path) -> Vec<Sample> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| History::decode(&bytes).ok())
+        .map(|h| h.fine().samples().copied().collect())
+        .unwrap_or_default()
+}
+
 /// The point to record for a ledger and its last measured usage and grant.
 pub fn point(ledger: &Ledger, usage: Rate, grant: Rate) -> Point {
     let b = ledger.balances();
@@ -53,11 +72,4 @@ pub fn point(ledger: &Ledger, usage: Rate, grant: Rate) -> Point {
         grant_ppm: grant.0,
         baseline_ppm: ledger.policy().baseline_rate().0,
     }
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

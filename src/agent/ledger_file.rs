@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::credit::{Balances, Credits, Policy, NS_PER_SEC};
+use crate::credit::{Balances, Credits, Policy};
 use crate::state;
 
 /// Where a ledger was last saved, so a restarted agent can charge the gap exactly.
@@ -19,7 +19,7 @@ pub struct Checkpoint {
     pub boottime_ns: u64,
     /// QEMU's pid.
     pub qemu_pid: u32,
-    /// QEMU's start time (see [`state::process_start_time`]); 0 in older files.
+    /// QEMU's start time (see [`crate::procfs::Proc::process_start_time`]); 0 in older files.
     #[serde(default)]
     pub qemu_start: u64,
     /// `(tid, cumulative CPU ns)` of each vCPU thread.
@@ -73,13 +73,6 @@ impl LedgerFile {
             other => other,
         }
     }
-}
-
-/// `CLOCK_BOOTTIME` in ns: monotonic, and counts suspended time, during which credits accrue.
-pub fn boottime_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * NS_PER_SEC + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

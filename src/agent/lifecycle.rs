@@ -2,19 +2,51 @@
 //! charged for the gap, its config read, its threads put under the enforcer), its config
 //! reloaded on every edit (the last good one kept), and ended (ledger and history saved, its
 //! enforcement removed).
+//!
+//! A VM's config takes one path, at adoption and at every edit: the file is parsed and
+//! validated ([`config::load`]), checked against the running VM ([`read_config`]), and applied
+//! ([`Agent::apply_config`]): policy, balance override, CPU list, disk share and memory
+//! settings, each to the stage that uses it. Files are read only then: never once per tick.
 
 use std::fs;
 use std::io;
-use std::path::Path;
 
-use super::*;
-use crate::config;
+use super::vm::{fallback_config, load_history, read_cpu, Vm};
+use super::{Agent, Events, LedgerFile};
+use crate::base::{boottime_ns, chain};
+use crate::config::{self, ConfigError, VmConfig};
 use crate::credit::{Credits, Ledger};
+use crate::procfs::Proc;
 use crate::state::{self, Liveness, VmRecord};
+
+/// Why a VM's config file cannot be applied.
+enum Unusable {
+    /// The file is missing (an editor between unlink and rename: the next event brings it).
+    Missing,
+    /// It is invalid, or does not fit the running VM; the message names file, line and field.
+    Invalid(String),
+}
+
+/// Reads and validates `record`'s config file, and checks it fits the running VM.
+fn read_config(record: &VmRecord) -> Result<VmConfig, Unusable> {
+    match config::load(&record.config) {
+        Ok(cfg) if cfg.policy.vcpus() != record.vcpus => Err(Unusable::Invalid(format!(
+            "{}: vcpus = {} differs from the running VM's {} vCPUs; restart the VM to change it",
+            record.config.display(),
+            cfg.policy.vcpus(),
+            record.vcpus
+        ))),
+        Ok(cfg) => Ok(cfg),
+        Err(ConfigError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(Unusable::Missing)
+        }
+        Err(e) => Err(Unusable::Invalid(e.to_string())),
+    }
+}
 
 impl Agent {
     /// Adopts VMs that appeared and lets go of those that ended.
-    pub(super) fn scan(&mut self, watcher: &mut notify::RecommendedWatcher) {
+    pub(super) fn scan(&mut self, events: &mut Events) {
         let records = state::running(&self.settings.state_dir);
         let ended: Vec<String> = self
             .vms
@@ -49,31 +81,63 @@ impl Agent {
                     }
                     vm.orphaned = orphaned;
                 }
-                None => self.adopt(record, orphaned, watcher),
+                None => self.adopt(record, orphaned, events),
             }
         }
     }
 
-    pub(super) fn adopt(
-        &mut self,
-        record: VmRecord,
-        orphaned: bool,
-        watcher: &mut notify::RecommendedWatcher,
-    ) {
+    /// Takes a VM under management: its ledger (restored, or new), its config, its threads.
+    pub(super) fn adopt(&mut self, mut record: VmRecord, orphaned: bool, events: &mut Events) {
         let name = record.name.clone();
         // Watch before reading, so an edit made between the two is not missed.
-        self.watch_config(&record.config, watcher);
-        let (cfg, stale) = match config::load(&record.config) {
-            Ok(c) if c.policy.vcpus() == record.vcpus => (c, None),
-            Ok(c) => (
+        events.watch_config(&record.config);
+        let (cfg, stale) = match read_config(&record) {
+            Ok(c) => (c, None),
+            Err(Unusable::Missing) => (
                 fallback_config(&record),
-                Some(vcpus_mismatch(&c, record.vcpus)),
+                Some(format!("{}: no such file", record.config.display())),
             ),
-            Err(e) => (fallback_config(&record), Some(e.to_string())),
+            Err(Unusable::Invalid(why)) => (fallback_config(&record), Some(why)),
         };
         if let Some(why) = &stale {
             tracing::error!("{name}: {why}; using the launch settings");
         }
+        // Only threads of this QEMU are ever moved: a recorded id that is no longer one of its
+        // threads (reused by another process) is dropped, never enforced on.
+        record.vcpu_tids.retain(|&tid| {
+            let own = Proc::host().is_thread_of(record.pid, tid);
+            if !own {
+                tracing::error!(
+                    "{name}: vCPU thread {tid} is not a thread of QEMU (pid {}); not enforced",
+                    record.pid
+                );
+            }
+            own
+        });
+        let mut vm = self.restore(record, &cfg);
+        vm.stale = stale;
+        vm.orphaned = orphaned;
+        vm.history = load_history(&self.settings.data_dir, &name);
+        if let Err(e) = self.enforcer.attach(&vm.record) {
+            tracing::error!("{name}: cannot enforce credits: {}", chain(&e));
+        }
+        tracing::info!(
+            "{name}: adopted (pid {}, vCPU threads {:?}), balance {}",
+            vm.record.pid,
+            vm.record.vcpu_tids,
+            vm.ledger.balances().balance()
+        );
+        self.apply_config(&mut vm, cfg);
+        vm.publish(&self.settings.state_dir);
+        self.persist(&mut vm);
+        self.vms.insert(name, vm);
+        self.share_memory_members();
+    }
+
+    /// The VM with its saved ledger (charged exactly for the gap since the last save when it is
+    /// the same QEMU of the same boot), or a new ledger with the config's launch credits.
+    fn restore(&self, record: VmRecord, cfg: &VmConfig) -> Vm {
+        let name = record.name.clone();
         let path = state::ledger_path(&self.settings.data_dir, &name);
         let saved = LedgerFile::load(&path).unwrap_or_else(|e| {
             tracing::error!(
@@ -84,163 +148,129 @@ impl Agent {
         });
         let now_ns = boottime_ns();
         let cpu = read_cpu(&record);
-        let mut vm = match saved.filter(|s| s.vcpus == record.vcpus) {
-            Some(s) => {
-                let mut vm = new_vm(
-                    record,
-                    Ledger::restore(cfg.policy.clone(), s.balances),
-                    cpu,
-                    now_ns,
-                );
-                vm.credits_applied = s.credits_applied;
-                vm.used_total = s.used_total;
-                // Same QEMU, same boot: charge exactly what happened since the last save.
-                if let Some(c) = s.checkpoint.filter(|c| {
-                    c.boot_id == state::boot_id()
-                        && c.qemu_pid == vm.record.pid
-                        && (c.qemu_start == 0 || c.qemu_start == vm.record.qemu_start)
-                }) {
-                    let used: u64 = vm
-                        .cpu
-                        .iter()
-                        .map(|(tid, ns)| {
-                            let before = c
-                                .cpu_ns
-                                .iter()
-                                .find(|(t, _)| t == tid)
-                                .map_or(*ns, |(_, b)| *b);
-                            ns.saturating_sub(before)
-                        })
-                        .sum();
-                    let elapsed = now_ns.saturating_sub(c.boottime_ns);
-                    vm.ledger.tick(elapsed, used);
-                    vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
-                    tracing::info!(
-                        "{}: re-adopted; charged {:.3} s of CPU over {:.1} s since the last save",
-                        vm.record.name,
-                        used as f64 / 1e9,
-                        elapsed as f64 / 1e9
-                    );
-                }
-                vm
-            }
-            None => new_vm(
-                record,
-                Ledger::new(cfg.policy.clone(), cfg.initial_credits),
-                cpu,
-                now_ns,
-            ),
+        let Some(s) = saved.filter(|s| s.vcpus == record.vcpus) else {
+            let ledger = Ledger::new(cfg.policy.clone(), cfg.initial_credits);
+            return Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
         };
-        vm.stale = stale;
-        vm.orphaned = orphaned;
-        apply_override(&mut vm, &cfg);
-        self.manage_disks(&mut vm, cfg.disk_share);
-        // Only threads of this QEMU are ever moved: a recorded id that is no longer one of its
-        // threads (reused by another process) is dropped, never enforced on.
-        vm.record.vcpu_tids.retain(|&tid| {
-            let own = Path::new(&format!("/proc/{}/task/{tid}", vm.record.pid)).exists();
-            if !own {
-                tracing::error!(
-                    "{name}: vCPU thread {tid} is not a thread of QEMU (pid {}); not enforced",
-                    vm.record.pid
+        let ledger = Ledger::restore(cfg.policy.clone(), s.balances);
+        let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+        vm.credits_applied = s.credits_applied;
+        vm.used_total = s.used_total;
+        // Same QEMU, same boot: charge exactly what happened since the last save.
+        let same = s.checkpoint.filter(|c| {
+            c.boot_id == Proc::host().boot_id()
+                && c.qemu_pid == vm.record.pid
+                && (c.qemu_start == 0 || c.qemu_start == vm.record.qemu_start)
+        });
+        if let Some(c) = same {
+            let used: u64 = vm
+                .cpu
+                .iter()
+                .map(|(tid, ns)| {
+                    let before = c
+                        .cpu_ns
+                        .iter()
+                        .find(|(t, _)| t == tid)
+                        .map_or(*ns, |(_, b)| *b);
+                    ns.saturating_sub(before)
+                })
+                .sum();
+            let elapsed = now_ns.saturating_sub(c.boottime_ns);
+            vm.ledger.tick(elapsed, used);
+            vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
+            tracing::info!(
+                "{name}: re-adopted; charged {:.3} s of CPU over {:.1} s since the last save",
+                used as f64 / 1e9,
+                elapsed as f64 / 1e9
+            );
+        }
+        vm
+    }
+
+    /// Puts a valid config in force: the policy (the ledger re-plans its grant), a balance
+    /// override once per change of its value, the CPU list, the disk share, the memory
+    /// settings; then enforces the new grant. The one path for adoption and every edit.
+    pub(super) fn apply_config(&mut self, vm: &mut Vm, cfg: VmConfig) {
+        if let Err(e) = vm.ledger.set_policy(cfg.policy.clone()) {
+            tracing::error!("{}: {e}", vm.record.name);
+        }
+        if cfg.credits != vm.credits_applied {
+            if let Some(c) = cfg.credits {
+                vm.ledger.set_balance(c);
+                tracing::info!(
+                    "{}: balance set to {c} (credits = in {})",
+                    vm.record.name,
+                    vm.record.config.display()
                 );
             }
-            own
-        });
-        if let Err(e) = self.enforcer.attach(&vm.record) {
-            tracing::error!("{name}: cannot enforce credits: {e:#}");
+            vm.credits_applied = cfg.credits;
         }
-        tracing::info!(
-            "{name}: adopted (pid {}, vCPU threads {:?}), balance {}",
-            vm.record.pid,
-            vm.record.vcpu_tids,
-            vm.ledger.balances().balance()
-        );
-        vm.history = load_history(&self.settings.data_dir, &name);
-        self.enforce(&mut vm);
-        publish(&self.settings.state_dir, &mut vm);
-        persist(&self.settings.data_dir, &mut vm);
-        self.vms.insert(name, vm);
-    }
-
-    pub(super) fn watch_config(&mut self, config: &Path, watcher: &mut notify::RecommendedWatcher) {
-        use notify::Watcher;
-        let Some(dir) = config.parent() else { return };
-        if self.watched.insert(dir.to_owned()) {
-            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-                tracing::error!("cannot watch {} for edits: {e}", dir.display());
-                self.watched.remove(dir);
-            }
-        }
-    }
-
-    /// Puts the VM's disks under the disk stages, or takes them out (`share` `None`).
-    pub(super) fn manage_disks(&mut self, vm: &mut Vm, share: Option<f64>) {
         if let Some(disks) = self.disks.as_mut() {
-            disks.set_share(&vm.record.name, share, vm.record.qmp_socket.clone());
+            disks.set_share(
+                &vm.record.name,
+                cfg.disk_share,
+                vm.record.qmp_socket.clone(),
+            );
             vm.disk = disks.view(&vm.record.name);
         }
+        let memory_changed = vm.config.memory != cfg.memory;
+        vm.config = cfg;
+        self.enforce(vm);
+        if memory_changed {
+            self.share_memory_members();
+        }
     }
 
+    /// Lets go of a VM that ended: its ledger and history saved, its enforcement removed.
     pub(super) fn end(&mut self, name: &str) {
         if let Some(d) = self.disks.as_mut() {
             d.forget(name);
         }
         if let Some(mut vm) = self.vms.remove(name) {
-            measure_and_tick(&mut vm);
-            persist(&self.settings.data_dir, &mut vm);
-            save_history(&self.settings.data_dir, &mut vm, true);
+            vm.measure_and_tick();
+            self.persist(&mut vm);
+            vm.save_history(&self.settings.data_dir, true);
             if let Err(e) = self.enforcer.detach(name) {
-                tracing::warn!("{name}: {e:#}");
+                tracing::warn!("{name}: {}", chain(&e));
             }
             tracing::info!(
                 "{name}: ended; balance {} saved",
                 vm.ledger.balances().balance()
             );
+            self.share_memory_members();
         }
     }
 
-    /// Applies an edit of the VM's config file, or records why it cannot be.
+    /// Applies an edit of the VM's config file, or records why it cannot be (the last good
+    /// config stays in force).
     pub(super) fn reload(&mut self, name: &str) {
         let Some(mut vm) = self.vms.remove(name) else {
             return;
         };
-        match config::load(&vm.record.config) {
-            Ok(cfg) if cfg.policy.vcpus() != vm.record.vcpus => {
-                let why = vcpus_mismatch(&cfg, vm.record.vcpus);
-                tracing::error!("{name}: {why}; the last good config stays in force");
-                vm.stale = Some(why);
-            }
+        match read_config(&vm.record) {
             Ok(cfg) => {
                 // Account up to now under the old policy, then switch.
-                measure_and_tick(&mut vm);
-                if let Err(e) = vm.ledger.set_policy(cfg.policy.clone()) {
-                    tracing::error!("{name}: {e}");
-                }
-                apply_override(&mut vm, &cfg);
-                self.manage_disks(&mut vm, cfg.disk_share);
+                vm.measure_and_tick();
+                self.apply_config(&mut vm, cfg);
                 if vm.stale.take().is_some() {
                     tracing::info!("{name}: config valid again");
                 }
+                let p = &vm.config.policy;
                 tracing::info!(
                     "{name}: config applied: baseline {} %, {} mode, grant {:.2} %",
-                    cfg.policy.baseline().percent(),
-                    cfg.policy.mode(),
+                    p.baseline().percent(),
+                    p.mode(),
                     vm.ledger.grant().rate.percent_of(vm.record.vcpus)
                 );
-                self.enforce(&mut vm);
-                persist(&self.settings.data_dir, &mut vm);
+                self.persist(&mut vm);
             }
-            Err(e) if matches!(&e, config::ConfigError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound) =>
-            {
-                // An editor between unlink and rename; the next event brings the new file.
-            }
-            Err(e) => {
-                tracing::error!("{e}; the last good config stays in force");
-                vm.stale = Some(e.to_string());
+            Err(Unusable::Missing) => {}
+            Err(Unusable::Invalid(why)) => {
+                tracing::error!("{name}: {why}; the last good config stays in force");
+                vm.stale = Some(why);
             }
         }
-        publish(&self.settings.state_dir, &mut vm);
+        vm.publish(&self.settings.state_dir);
         self.vms.insert(name.to_owned(), vm);
     }
 }

@@ -30,38 +30,38 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::balance::memory;
+use crate::base::{chain, IoContext, IoFailure};
 use crate::contention::{Contention, Observed};
 use crate::credit::{Credits, Rate, PPM_PER_CPU};
 use crate::enforce::Enforcer;
 use crate::state;
+use crate::view::{Health, Snapshot};
 
-pub mod disk;
+mod events;
 pub mod history_file;
 mod ledger_file;
 mod lifecycle;
-pub mod memory;
 mod pinning;
-mod view;
 mod vm;
 
-use vm::*;
+use events::Events;
+use vm::Vm;
 
-pub use ledger_file::{boottime_ns, Checkpoint, LedgerFile};
-pub use view::{view, CreditsView};
+pub use crate::view::CreditsView;
+pub use ledger_file::{Checkpoint, LedgerFile};
+pub use vm::HISTORY_TAIL;
 
 /// The agent's tick.
 pub const TICK: Duration = Duration::from_millis(200);
 /// The shortest interval over which the published usage rate is computed, ns.
 const USAGE_WINDOW_NS: u64 = 200_000_000;
-/// How long a burst of file events must fall quiet before a config is read.
-const DEBOUNCE: Duration = Duration::from_millis(30);
 /// How often the agent rescans the state dir in case an event was missed.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// How often each ledger is saved.
@@ -71,6 +71,8 @@ pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// changed file five times a second: measured 1.65 % of a core for 10 VMs with the state dir
 /// on disk, against 0.80 % on tmpfs.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// How often the contention stage re-plans (see [`crate::contention`]'s "Why this shape").
+pub const CONTENTION_PERIOD: Duration = Duration::from_secs(1);
 
 /// A failure that stops the agent.
 #[derive(Debug, Error)]
@@ -79,22 +81,11 @@ pub enum AgentError {
     #[error("an agent is already running for state dir {dir}", dir = .0.display())]
     AlreadyRunning(PathBuf),
     /// Host I/O failed.
-    #[error("{context}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoFailure),
     /// The file watcher could not start.
     #[error("watching for config edits")]
     Watch(#[source] notify::Error),
-}
-
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
-    let context = context.into();
-    move |source| AgentError::Io { context, source }
 }
 
 /// The agent's settings.
@@ -113,7 +104,7 @@ pub struct Settings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The disk bandwidth the VMs with a `disk_share` share (`--disk-bandwidth`); `None`:
     /// disks are not managed.
-    pub disk_bandwidth: Option<disk::DiskBandwidth>,
+    pub disk_bandwidth: Option<crate::balance::disk::DiskBandwidth>,
     /// The vCPU pinning balancer (`--balance cpu`): the CPUs it manages and its interval;
     /// `None`: off.
     pub balance: Option<(Vec<u32>, Duration)>,
@@ -121,19 +112,14 @@ pub struct Settings {
     pub memory: Option<memory::MemorySettings>,
 }
 
-enum Wake {
-    Changed(PathBuf),
-    Shutdown,
-}
-
 /// The agent's lock on a state dir.
 pub struct AgentLock(#[allow(dead_code)] File);
 
 /// Takes the state dir's agent lock.
 pub fn lock(state_dir: &Path) -> Result<AgentLock, AgentError> {
-    fs::create_dir_all(state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
+    fs::create_dir_all(state_dir).doing(|| format!("creating {}", state_dir.display()))?;
     let path = state::agent_lock_path(state_dir);
-    match state::try_lock(&path, 0o644).map_err(io_err(format!("locking {}", path.display())))? {
+    match state::try_lock(&path, 0o644).doing(|| format!("locking {}", path.display()))? {
         Some(f) => {
             let _ = fs::write(&path, format!("{}\n", std::process::id()));
             Ok(AgentLock(f))
@@ -142,22 +128,21 @@ pub fn lock(state_dir: &Path) -> Result<AgentLock, AgentError> {
     }
 }
 
-/// How often the contention stage re-plans (see [`crate::contention`]'s "Why this shape").
-pub const CONTENTION_PERIOD: Duration = Duration::from_secs(1);
-
 /// The agent.
 pub struct Agent {
     settings: Settings,
     enforcer: Box<dyn Enforcer>,
     contention: Option<Contention>,
-    disks: Option<disk::Disks>,
+    disks: Option<crate::balance::disk::Disks>,
     last_period: Instant,
     vms: HashMap<String, Vm>,
-    watched: HashSet<PathBuf>,
     /// What the metrics server shows, when one runs.
-    metrics: Option<std::sync::Arc<std::sync::Mutex<crate::metrics::Snapshot>>>,
-    health: crate::metrics::Health,
+    metrics: Option<Arc<Mutex<Snapshot>>>,
+    health: Health,
     balancer: Option<crate::balance::pin::PinBalancer>,
+    /// The memory-balanced VMs and their settings, shared with the memory coordinator's thread
+    /// (`None` when it is off).
+    memory_members: Option<Arc<Mutex<Vec<memory::Member>>>>,
 }
 
 impl Agent {
@@ -170,86 +155,32 @@ impl Agent {
         Agent {
             balancer,
             contention: settings.contention.map(Contention::new),
-            disks: settings.disk_bandwidth.map(disk::Disks::new),
+            disks: settings
+                .disk_bandwidth
+                .map(crate::balance::disk::Disks::new),
             last_period: Instant::now(),
             settings,
             enforcer,
             vms: HashMap::new(),
-            watched: HashSet::new(),
             metrics: None,
-            health: crate::metrics::Health::default(),
+            health: Health::default(),
+            memory_members: None,
         }
     }
 
     /// Runs until SIGINT/SIGTERM (or idle exit); ledgers are saved on the way out. Cgroups of
     /// running VMs are left in place, so they keep their last grant.
     pub fn run(mut self) -> Result<(), AgentError> {
-        let (tx, rx) = mpsc::channel();
-        // Signals: blocked here (and so in the watcher's threads), awaited by one thread.
-        let mut mask = nix::sys::signal::SigSet::empty();
-        mask.add(nix::sys::signal::Signal::SIGINT);
-        mask.add(nix::sys::signal::Signal::SIGTERM);
-        mask.thread_block()
-            .map_err(|e| io_err("blocking signals")(e.into()))?;
-        let signal_tx = tx.clone();
-        std::thread::spawn(move || {
-            if mask.wait().is_ok() {
-                let _ = signal_tx.send(Wake::Shutdown);
-            }
-        });
-        let watch_tx = tx;
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                use notify::event::{AccessKind, AccessMode, EventKind};
-                let Ok(event) = event else { return };
-                // Only what changes content: reading a config file (as the agent itself does)
-                // raises access events, which would otherwise wake the agent to read it again.
-                let changes = matches!(
-                    event.kind,
-                    EventKind::Create(_)
-                        | EventKind::Modify(_)
-                        | EventKind::Remove(_)
-                        | EventKind::Access(AccessKind::Close(AccessMode::Write))
-                );
-                if changes {
-                    for path in event.paths {
-                        let _ = watch_tx.send(Wake::Changed(path));
-                    }
-                }
-            })
-            .map_err(AgentError::Watch)?;
-        use notify::Watcher;
-        watcher
-            .watch(
-                &self.settings.state_dir,
-                notify::RecursiveMode::NonRecursive,
-            )
-            .map_err(AgentError::Watch)?;
-
+        let mut events = Events::start(&self.settings.state_dir)?;
         tracing::info!(
             "agent for {} using {}",
             self.settings.state_dir.display(),
             self.enforcer.describe()
         );
-        if let Some(addr) = self.settings.metrics_listen {
-            let snap = std::sync::Arc::default();
-            let bound = crate::metrics::serve(addr, std::sync::Arc::clone(&snap))
-                .map_err(io_err(format!("serving metrics on {addr}")))?;
-            // For `burst-qemu metrics`, which fetches the same text.
-            let _ = fs::write(
-                self.settings.state_dir.join(crate::metrics::ADDR_FILE),
-                format!("{bound}\n"),
-            );
-            tracing::info!("serving Prometheus metrics on http://{bound}/metrics");
-            self.metrics = Some(snap);
-        }
+        self.serve_metrics()?;
         // Its own thread (QMP may block); stopped when this function returns.
-        let _memory = self
-            .settings
-            .memory
-            .clone()
-            .map(|m| memory::spawn(self.settings.state_dir.clone(), m));
-        self.scan(&mut watcher);
+        let _memory = self.start_memory_coordinator();
+        self.scan(&mut events);
         let live: Vec<String> = self.vms.keys().cloned().collect();
         self.enforcer
             .cleanup(&live.iter().map(String::as_str).collect::<Vec<_>>());
@@ -257,100 +188,126 @@ impl Agent {
         let mut next_tick = Instant::now() + TICK;
         let mut last_scan = Instant::now();
         let mut idle_since = Instant::now();
-        loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let mut changed = HashSet::new();
-            match rx.recv_timeout(wait) {
-                Ok(Wake::Shutdown) => break,
-                Ok(Wake::Changed(p)) => {
-                    changed.insert(p);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        while let Some(changed) = events.wait(next_tick) {
+            if !changed.is_empty() {
+                self.handle_changes(&changed, &mut events);
             }
-            // Coalesce a burst of events (an editor's truncate-then-write, or write-then-rename)
-            // so a half-written file is not read: until DEBOUNCE passes quietly, at most 4 times.
-            let mut shutdown = false;
-            let mut quiet_waits = 0;
-            while !changed.is_empty() && quiet_waits < 4 {
-                match rx.recv_timeout(DEBOUNCE) {
-                    Ok(Wake::Shutdown) => shutdown = true,
-                    Ok(Wake::Changed(p)) => {
-                        changed.insert(p);
-                        quiet_waits += 1;
-                    }
-                    Err(_) => break,
-                }
+            if Instant::now() < next_tick {
+                continue;
             }
-            while let Ok(w) = rx.try_recv() {
-                match w {
-                    Wake::Shutdown => shutdown = true,
-                    Wake::Changed(p) => {
-                        changed.insert(p);
-                    }
-                }
-            }
-            if shutdown {
+            if !self.settings.state_dir.is_dir() {
+                tracing::info!(
+                    "state dir {} is gone: exiting",
+                    self.settings.state_dir.display()
+                );
                 break;
             }
-            if !changed.is_empty() {
-                self.handle_changes(&changed, &mut watcher);
+            // New and ended VMs arrive as state-dir events; the full scan each second is a
+            // safety net (it reads every runtime dir, the agent's largest per-tick cost).
+            if last_scan.elapsed() >= RESCAN_EVERY {
+                self.rescan(&mut events);
+                last_scan = Instant::now();
             }
-            if Instant::now() >= next_tick {
-                if !self.settings.state_dir.is_dir() {
-                    tracing::info!(
-                        "state dir {} is gone: exiting",
-                        self.settings.state_dir.display()
-                    );
-                    break;
-                }
-                // New and ended VMs arrive as state-dir events; the full scan each second is a
-                // safety net (it reads every runtime dir, the agent's largest per-tick cost).
-                if last_scan.elapsed() >= RESCAN_EVERY {
-                    self.scan(&mut watcher);
-                    self.verify();
-                    // What could not be removed when its VM ended (a thread not yet gone, a
-                    // zombie QEMU no one has reaped) is tried again until it goes.
-                    let live: Vec<&str> = self.vms.keys().map(String::as_str).collect();
-                    self.enforcer.cleanup(&live);
-                    last_scan = Instant::now();
-                }
-                let started = Instant::now();
-                self.tick();
-                self.health.observe_tick(started.elapsed().as_secs_f64());
-                self.update_metrics();
-                next_tick += TICK;
-                if next_tick < Instant::now() {
-                    next_tick = Instant::now() + TICK;
-                }
-                if !self.vms.is_empty() {
-                    idle_since = Instant::now();
-                } else if self
-                    .settings
-                    .idle_exit
-                    .is_some_and(|d| idle_since.elapsed() >= d)
-                {
-                    tracing::info!(
-                        "no VMs for {:?}: exiting",
-                        self.settings.idle_exit.unwrap_or_default()
-                    );
-                    break;
-                }
+            let started = Instant::now();
+            self.tick();
+            self.health.observe_tick(started.elapsed().as_secs_f64());
+            self.update_metrics();
+            next_tick += TICK;
+            if next_tick < Instant::now() {
+                next_tick = Instant::now() + TICK;
+            }
+            if !self.vms.is_empty() {
+                idle_since = Instant::now();
+            } else if let Some(d) = self
+                .settings
+                .idle_exit
+                .filter(|&d| idle_since.elapsed() >= d)
+            {
+                tracing::info!("no VMs for {d:?}: exiting");
+                break;
             }
         }
-        // VMs that are still running keep their cgroup and last grant; those that ended are
-        // let go (their ledgers saved, their cgroups removed).
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Serves Prometheus metrics when asked to, and says where in the state dir (for
+    /// `burst-qemu metrics`, which fetches the same text).
+    fn serve_metrics(&mut self) -> Result<(), AgentError> {
+        let Some(addr) = self.settings.metrics_listen else {
+            return Ok(());
+        };
+        let snap = Arc::default();
+        let bound = crate::metrics::serve(addr, Arc::clone(&snap))
+            .doing(|| format!("serving metrics on {addr}"))?;
+        let _ = fs::write(
+            self.settings.state_dir.join(crate::metrics::ADDR_FILE),
+            format!("{bound}\n"),
+        );
+        tracing::info!("serving Prometheus metrics on http://{bound}/metrics");
+        self.metrics = Some(snap);
+        Ok(())
+    }
+
+    /// Starts the memory coordinator's thread when it is on.
+    fn start_memory_coordinator(&mut self) -> Option<memory::Coordinator> {
+        let settings = self.settings.memory.clone()?;
+        let members = Arc::default();
+        self.memory_members = Some(Arc::clone(&members));
+        Some(memory::spawn(
+            self.settings.state_dir.clone(),
+            settings,
+            members,
+        ))
+    }
+
+    /// Tells the memory coordinator which VMs it balances, with the settings in force (after
+    /// each adoption, end and applied edit: it reads no config file itself).
+    fn share_memory_members(&self) {
+        let Some(shared) = &self.memory_members else {
+            return;
+        };
+        let mut members: Vec<memory::Member> = self
+            .vms
+            .values()
+            .filter_map(|vm| {
+                Some(memory::Member {
+                    record: vm.record.clone(),
+                    config: vm.config.memory.clone()?,
+                })
+            })
+            .collect();
+        members.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        if let Ok(mut m) = shared.lock() {
+            *m = members;
+        }
+    }
+
+    /// The safety-net scan, repairs of enforcement, and cleanup of what ended VMs left.
+    fn rescan(&mut self, events: &mut Events) {
+        self.scan(events);
+        self.verify();
+        // What could not be removed when its VM ended (a thread not yet gone, a zombie QEMU no
+        // one has reaped) is tried again until it goes.
+        let live: Vec<&str> = self.vms.keys().map(String::as_str).collect();
+        self.enforcer.cleanup(&live);
+    }
+
+    /// On the way out: VMs that are still running keep their cgroup and last grant; those that
+    /// ended are let go (their ledgers saved, their cgroups removed).
+    fn shutdown(&mut self) {
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let alive = self.vms.get(&name).is_some_and(|vm| vm.record.qemu_alive());
-            if alive {
-                if let Some(vm) = self.vms.get_mut(&name) {
-                    measure_and_tick(vm);
-                    persist(&self.settings.data_dir, vm);
-                    save_history(&self.settings.data_dir, vm, true);
-                }
-            } else {
+            if !alive {
                 self.end(&name);
+                continue;
+            }
+            if let Some(mut vm) = self.vms.remove(&name) {
+                vm.measure_and_tick();
+                self.persist(&mut vm);
+                vm.save_history(&self.settings.data_dir, true);
+                self.vms.insert(name, vm);
             }
         }
         if self.vms.is_empty() {
@@ -360,43 +317,29 @@ impl Agent {
             let _ = fs::remove_file(self.settings.state_dir.join(crate::metrics::ADDR_FILE));
         }
         tracing::info!("agent stopped; running VMs keep their last grant");
-        Ok(())
+    }
+
+    /// Saves a VM's ledger, counting failures in the agent's health.
+    fn persist(&mut self, vm: &mut Vm) {
+        if !vm.persist(&self.settings.data_dir) {
+            self.health.ledger_save_failures += 1;
+        }
     }
 
     /// Refreshes what the metrics server shows (nothing when it is off).
     fn update_metrics(&mut self) {
         let Some(snap) = &self.metrics else { return };
-        let mut vms: Vec<CreditsView> = self
-            .vms
-            .values()
-            .map(|vm| CreditsView {
-                pins: vm.pins.as_ref().map(|p| p.0.clone()),
-                pin_changes: vm.pins.as_ref().map(|p| p.1),
-                ..view(
-                    &vm.record.name,
-                    &vm.ledger,
-                    vm.used_total,
-                    Some((vm.usage, vm.last_grant)),
-                    vm.stale.clone(),
-                )
-            })
-            .collect();
+        let mut vms: Vec<CreditsView> = self.vms.values().map(Vm::view).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
-        self.health.ledger_save_failures =
-            crate::metrics::LEDGER_SAVE_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut s) = snap.lock() {
-            *s = crate::metrics::Snapshot {
+            *s = Snapshot {
                 vms,
                 health: Some(self.health.clone()),
             };
         }
     }
 
-    fn handle_changes(
-        &mut self,
-        changed: &HashSet<PathBuf>,
-        watcher: &mut notify::RecommendedWatcher,
-    ) {
+    fn handle_changes(&mut self, changed: &HashSet<PathBuf>, events: &mut Events) {
         let configs: Vec<String> = self
             .vms
             .iter()
@@ -414,7 +357,7 @@ impl Agent {
             .iter()
             .any(|p| p.parent() == Some(self.settings.state_dir.as_path()) && !own(p))
         {
-            self.scan(watcher);
+            self.scan(events);
         }
     }
 
@@ -425,7 +368,11 @@ impl Agent {
                 Ok(Some(what)) => tracing::warn!("{}: {what}: repaired", vm.record.name),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::error!("{}: cannot repair its enforcement: {e:#}", vm.record.name)
+                    tracing::error!(
+                        "{}: cannot repair its enforcement: {}",
+                        vm.record.name,
+                        chain(&e)
+                    )
                 }
             }
         }
@@ -444,16 +391,16 @@ impl Agent {
             .enforcer
             .apply(name, cap, vm.ledger.policy().full_rate())
         {
-            tracing::error!("{name}: {e:#}");
+            tracing::error!("{name}: {}", chain(&e));
         }
         if let Err(e) = self.enforcer.weigh(name, cap) {
-            tracing::error!("{name}: {e:#}");
+            tracing::error!("{name}: {}", chain(&e));
         }
         if let Err(e) = self
             .enforcer
             .baseline(name, vm.ledger.policy().baseline_rate())
         {
-            tracing::error!("{name}: {e:#}");
+            tracing::error!("{name}: {}", chain(&e));
         }
     }
 
@@ -509,7 +456,7 @@ impl Agent {
     fn tick(&mut self) {
         // Measure and charge every VM first: the contention stage plans them together.
         for vm in self.vms.values_mut() {
-            measure_and_tick(vm);
+            vm.measure_and_tick();
         }
         if self.last_period.elapsed() >= CONTENTION_PERIOD {
             self.last_period = Instant::now();
@@ -522,46 +469,63 @@ impl Agent {
             }
         }
         self.balance_cpus();
+        let now_s = crate::base::unix_now();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {
                 continue;
             };
-            let request = self.settings.state_dir.join(&name).join(state::SET_CREDITS);
-            let requested = fs::read_to_string(&request).ok();
-            if let Some(text) = &requested {
-                match text
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(Credits::from_credits)
-                {
-                    Some(c) => {
-                        vm.ledger.set_balance(c);
-                        tracing::info!("{name}: balance set to {c} (burst-qemu credits --set)");
-                        persist(&self.settings.data_dir, &mut vm);
-                    }
-                    None => tracing::error!("{name}: ignoring balance request {text:?}"),
-                }
-            }
-            self.enforce(&mut vm);
-            if requested.is_some() || vm.last_publish.elapsed() >= PUBLISH_EVERY {
-                publish(&self.settings.state_dir, &mut vm);
-            }
-            if requested.is_some() {
-                // Only now: `credits --set` waits for the request to go, then reads the
-                // published balance.
-                let _ = fs::remove_file(&request);
-            }
-            if vm.last_persist.elapsed() >= PERSIST_EVERY {
-                persist(&self.settings.data_dir, &mut vm);
-            }
-            let point = history_file::point(&vm.ledger, vm.usage, vm.last_grant);
-            if vm.history.record(history_file::unix_now(), point) {
-                save_history(&self.settings.data_dir, &mut vm, false);
-            }
+            self.tend(&mut vm, now_s);
             self.vms.insert(name, vm);
         }
+    }
+
+    /// A VM's share of a tick after measuring: a balance request, enforcement, publishing,
+    /// persistence and history, each when due.
+    fn tend(&mut self, vm: &mut Vm, now_s: u64) {
+        let requested = self.take_balance_request(vm);
+        self.enforce(vm);
+        if requested || vm.last_publish.elapsed() >= PUBLISH_EVERY {
+            vm.publish(&self.settings.state_dir);
+        }
+        if requested {
+            // Only now: `credits --set` waits for the request to go, then reads the published
+            // balance.
+            let request = self
+                .settings
+                .state_dir
+                .join(&vm.record.name)
+                .join(state::SET_CREDITS);
+            let _ = fs::remove_file(&request);
+        }
+        if vm.last_persist.elapsed() >= PERSIST_EVERY {
+            self.persist(vm);
+        }
+        vm.record_history(&self.settings.state_dir, &self.settings.data_dir, now_s);
+    }
+
+    /// Applies a `burst-qemu credits --set` request waiting in the VM's runtime dir; whether
+    /// there was one.
+    fn take_balance_request(&mut self, vm: &mut Vm) -> bool {
+        let name = vm.record.name.clone();
+        let request = self.settings.state_dir.join(&name).join(state::SET_CREDITS);
+        let Ok(text) = fs::read_to_string(&request) else {
+            return false;
+        };
+        match text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(Credits::from_credits)
+        {
+            Some(c) => {
+                vm.ledger.set_balance(c);
+                tracing::info!("{name}: balance set to {c} (burst-qemu credits --set)");
+                self.persist(vm);
+            }
+            None => tracing::error!("{name}: ignoring balance request {text:?}"),
+        }
+        true
     }
 }
 

@@ -2,8 +2,9 @@
 //! vCPU threads, config CPU lists and caps go to [`crate::balance::pin::PinBalancer`], and the
 //! pins and pin-change counts it reports come back to be published with each VM's credits.
 
-use super::*;
+use super::Agent;
 use crate::balance::pin::VmInput;
+use crate::credit::PPM_PER_CPU;
 
 impl Agent {
     /// Runs the pinning balancer when it is on and its interval has passed.
@@ -26,7 +27,7 @@ impl Agent {
                     name: &vm.record.name,
                     pid: vm.record.pid,
                     tids: &vm.record.vcpu_tids,
-                    allowed: vm.cpus.as_deref(),
+                    allowed: vm.config.cpus.as_deref(),
                     cap_cpus: cap.0 as f64 / PPM_PER_CPU as f64,
                 }
             })

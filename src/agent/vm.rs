@@ -1,5 +1,5 @@
 //! One adopted VM: its state, and what the loop does to it — measure and charge, persist the
-//! ledger and its checkpoint, publish the one-value files, keep its history.
+//! ledger and its checkpoint, publish its view, keep its history.
 
 use std::collections::HashMap;
 use std::fs;
@@ -7,17 +7,25 @@ use std::io;
 use std::path::Path;
 use std::time::Instant;
 
-use super::*;
+use super::{history_file, Checkpoint, LedgerFile, TICK, USAGE_WINDOW_NS};
+use crate::base::boottime_ns;
 use crate::config::VmConfig;
 use crate::contention::Allocation;
 use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
-use crate::enforce::{thread_cpu_ns, thread_sched_ns};
+use crate::procfs::Proc;
 use crate::state::{self, VmRecord};
+use crate::view::{self, CreditsView, DiskView, Facts, Live};
+
+/// The file holding a running VM's history samples closed since its history file was last
+/// saved, in its runtime dir: `plot` of a running VM reads the file and this tail.
+pub const HISTORY_TAIL: &str = "history.tail";
 
 /// One adopted VM.
 pub(super) struct Vm {
     pub(super) record: VmRecord,
     pub(super) ledger: Ledger,
+    /// The config in force (the last good one while an edit is bad).
+    pub(super) config: VmConfig,
     pub(super) credits_applied: Option<Credits>,
     pub(super) used_total: Credits,
     pub(super) cpu: Vec<(u32, u64)>,
@@ -34,6 +42,7 @@ pub(super) struct Vm {
     /// The contention stage's allocation in force.
     pub(super) allocation: Option<Allocation>,
     pub(super) last_grant: Rate,
+    /// Why the config file is not in force, while an edit is bad.
     pub(super) stale: Option<String>,
     /// The launcher died; QEMU runs on (see [`crate::state`]'s "Orphans").
     pub(super) orphaned: bool,
@@ -43,40 +52,247 @@ pub(super) struct Vm {
     pub(super) last_publish: Instant,
     pub(super) published: HashMap<&'static str, String>,
     pub(super) history: crate::history::History,
+    /// The start of the newest fine sample in the saved history file.
+    pub(super) history_saved_t: u64,
     /// Its disks under the disk stages (`None`: not managed).
-    pub(super) disk: Option<super::disk::DiskView>,
-    /// The CPUs its config lets the pinning balancer use (`cpus`).
-    pub(super) cpus: Option<Vec<u32>>,
+    pub(super) disk: Option<DiskView>,
     /// Its vCPUs' pins and pin changes, when the pinning balancer runs.
     pub(super) pins: Option<(Vec<Option<u32>>, u64)>,
 }
 
-pub(super) fn new_vm(record: VmRecord, mut ledger: Ledger, cpu: Vec<(u32, u64)>, at_ns: u64) -> Vm {
-    ledger.set_interval(TICK.as_nanos() as u64);
-    Vm {
-        last_grant: ledger.grant().rate,
-        record,
-        ledger,
-        credits_applied: None,
-        used_total: Credits::ZERO,
-        cpu,
-        at_ns,
-        usage: Rate(0),
-        window: (0, 0),
-        period: (0, 0),
-        period_waited: 0,
-        waits: Vec::new(),
-        allocation: None,
-        stale: None,
-        orphaned: false,
-        ledger_error: None,
-        last_persist: Instant::now(),
-        last_publish: Instant::now(),
-        published: HashMap::new(),
-        history: crate::history::History::new(),
-        disk: None,
-        cpus: None,
-        pins: None,
+impl Vm {
+    /// A VM adopted with `ledger` and `config`; `cpu` is each vCPU thread's CPU time at `at_ns`.
+    pub(super) fn new(
+        record: VmRecord,
+        mut ledger: Ledger,
+        config: VmConfig,
+        cpu: Vec<(u32, u64)>,
+        at_ns: u64,
+    ) -> Vm {
+        ledger.set_interval(TICK.as_nanos() as u64);
+        Vm {
+            last_grant: ledger.grant().rate,
+            record,
+            ledger,
+            config,
+            credits_applied: None,
+            used_total: Credits::ZERO,
+            cpu,
+            at_ns,
+            usage: Rate(0),
+            window: (0, 0),
+            period: (0, 0),
+            period_waited: 0,
+            waits: Vec::new(),
+            allocation: None,
+            stale: None,
+            orphaned: false,
+            ledger_error: None,
+            last_persist: Instant::now(),
+            last_publish: Instant::now(),
+            published: HashMap::new(),
+            history: crate::history::History::new(),
+            history_saved_t: 0,
+            disk: None,
+            pins: None,
+        }
+    }
+
+    /// The VM's view, as every reader shows it.
+    pub(super) fn view(&self) -> CreditsView {
+        let allocation = self.allocation;
+        view::build(&Facts {
+            name: &self.record.name,
+            ledger: &self.ledger,
+            used_total: self.used_total,
+            live: Some(Live {
+                usage: self.usage,
+                grant: self.last_grant,
+                allocation: allocation.filter(|a| a.contended).map(|a| a.rate),
+                demand: allocation.map(|a| (a.estimate, a.observed)),
+            }),
+            config_error: self.stale.as_deref(),
+            ledger_error: self.ledger_error.as_deref(),
+            disk: self.disk.as_ref(),
+            pins: self.pins.as_ref().map(|(p, c)| (p.as_slice(), *c)),
+        })
+    }
+
+    /// Charges the VM for the CPU its vCPU threads used since the last measurement.
+    pub(super) fn measure_and_tick(&mut self) {
+        let now = boottime_ns();
+        let elapsed = now.saturating_sub(self.at_ns);
+        if elapsed == 0 {
+            return;
+        }
+        let mut used = 0u64;
+        let mut waited = 0u64;
+        self.waits.resize(self.cpu.len(), None);
+        for ((tid, last), last_wait) in self.cpu.iter_mut().zip(self.waits.iter_mut()) {
+            if let Some(s) = Proc::host().thread_sched(self.record.pid, *tid) {
+                used += s.run_ns.saturating_sub(*last);
+                *last = s.run_ns;
+                if let Some(w) = *last_wait {
+                    waited += s.wait_ns.saturating_sub(w);
+                }
+                *last_wait = Some(s.wait_ns);
+            }
+        }
+        self.last_grant = self.ledger.grant().rate;
+        self.ledger.tick(elapsed, used);
+        self.used_total = Credits(self.used_total.vcpu_ns() + used);
+        // The published usage is a rate over at least USAGE_WINDOW: schedstat advances at
+        // scheduler ticks, so two measurements a few microseconds apart (a config edit just
+        // after a tick) would read as idle.
+        self.window = (self.window.0 + used, self.window.1 + elapsed);
+        self.period = (self.period.0 + used, self.period.1 + elapsed);
+        self.period_waited += waited;
+        if self.window.1 >= USAGE_WINDOW_NS {
+            self.usage = Rate(
+                (u128::from(self.window.0) * u128::from(PPM_PER_CPU) / u128::from(self.window.1))
+                    as u64,
+            );
+            self.window = (0, 0);
+        }
+        self.at_ns = now;
+    }
+
+    /// Saves the ledger and its checkpoint; `false` when the save failed (the VM goes on being
+    /// charged and enforced from memory, and says why in its view until a save succeeds).
+    pub(super) fn persist(&mut self, data_dir: &Path) -> bool {
+        let file = LedgerFile {
+            name: self.record.name.clone(),
+            vcpus: self.record.vcpus,
+            policy: Some(self.ledger.policy().clone()),
+            balances: self.ledger.balances(),
+            credits_applied: self.credits_applied,
+            used_total: self.used_total,
+            checkpoint: Some(Checkpoint {
+                boot_id: Proc::host().boot_id(),
+                qemu_start: self.record.qemu_start,
+                boottime_ns: self.at_ns,
+                qemu_pid: self.record.pid,
+                cpu_ns: self.cpu.clone(),
+            }),
+        };
+        let path = state::ledger_path(data_dir, &self.record.name);
+        // Retried once per persistence interval, not every tick, while the disk refuses.
+        self.last_persist = Instant::now();
+        match file.save(&path) {
+            Ok(()) => {
+                if let Some(e) = self.ledger_error.take() {
+                    tracing::info!("{}: ledger saved again (after: {e})", self.record.name);
+                }
+                true
+            }
+            Err(e) => {
+                // The temporary file is removed and the old ledger stays whole.
+                if self.ledger_error.is_none() {
+                    tracing::error!(
+                        "{}: cannot save the ledger to {}: {e}; enforcing from memory until it can",
+                        self.record.name,
+                        path.display()
+                    );
+                }
+                self.ledger_error = Some(format!("{}: {e}", path.display()));
+                false
+            }
+        }
+    }
+
+    /// Writes the VM's one-value files and `credits.json` into its runtime dir (each only when
+    /// its text changed), and its `config_error` file while an edit is bad.
+    pub(super) fn publish(&mut self, state_dir: &Path) {
+        self.last_publish = Instant::now();
+        let dir = state_dir.join(&self.record.name);
+        if !dir.is_dir() {
+            return;
+        }
+        let v = self.view();
+        let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));
+        let values: [(&'static str, String); 8] = [
+            ("balance", num(Some(v.balance), 3)),
+            ("surplus", num(Some(v.surplus), 3)),
+            ("charged", num(Some(v.charged), 3)),
+            ("earn_per_hour", num(Some(v.earn_per_hour), 3)),
+            ("usage_pct", num(v.usage_pct, 2)),
+            ("grant_pct", num(v.grant_pct, 2)),
+            ("time_to_empty_s", num(v.time_to_empty_s, 0)),
+            (
+                state::CREDITS_JSON,
+                serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+            ),
+        ];
+        for (file, value) in values {
+            if self.published.get(file) != Some(&value) {
+                let text = if file == state::CREDITS_JSON {
+                    value.clone()
+                } else {
+                    format!("{value}\n")
+                };
+                if state::write_published(&dir.join(file), text.as_bytes()).is_ok() {
+                    self.published.insert(file, value);
+                }
+            }
+        }
+        self.publish_config_error(&dir);
+    }
+
+    fn publish_config_error(&mut self, dir: &Path) {
+        let error_file = dir.join(state::CONFIG_ERROR);
+        let stale = self.stale.clone().unwrap_or_default();
+        if self.published.get(state::CONFIG_ERROR) == Some(&stale) {
+            return;
+        }
+        let done = match &self.stale {
+            Some(why) => state::write_published(&error_file, format!("{why}\n").as_bytes()),
+            None => match fs::remove_file(&error_file) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if done.is_ok() {
+            self.published.insert(state::CONFIG_ERROR, stale);
+        }
+    }
+
+    /// Records this tick in the history: a closed minute saves the history file, a closed
+    /// 10-second sample rewrites the runtime dir's tail, so `plot` of a running VM is current to
+    /// its last 10-second sample without a file-system sync every 10 s.
+    pub(super) fn record_history(&mut self, state_dir: &Path, data_dir: &Path, now_s: u64) {
+        let point = history_file::point(&self.ledger, self.usage, self.last_grant);
+        let closed = self.history.record(now_s, point);
+        if closed.minute {
+            self.save_history(data_dir, false);
+        }
+        if closed.fine {
+            let tail: Vec<_> = self
+                .history
+                .fine()
+                .samples()
+                .filter(|s| s.t > self.history_saved_t)
+                .copied()
+                .collect();
+            let path = state_dir.join(&self.record.name).join(HISTORY_TAIL);
+            if let Err(e) = history_file::save_tail(&path, &tail) {
+                tracing::debug!("{}: writing {}: {e}", self.record.name, path.display());
+            }
+        }
+    }
+
+    /// Saves the VM's history: at each closed minute, and (`close`) when it ends or the agent
+    /// stops.
+    pub(super) fn save_history(&mut self, data_dir: &Path, close: bool) {
+        if close {
+            self.history.flush();
+        }
+        let path = history_file::history_path(data_dir, &self.record.name);
+        match history_file::save(&path, &self.history) {
+            Ok(()) => {
+                self.history_saved_t = self.history.fine().samples().last().map_or(0, |s| s.t)
+            }
+            Err(e) => tracing::error!("saving {}: {e}", path.display()),
+        }
     }
 }
 
@@ -90,24 +306,6 @@ pub(super) fn load_history(data_dir: &Path, name: &str) -> crate::history::Histo
             None
         })
         .unwrap_or_default()
-}
-
-/// Saves the VM's history: at each closed minute, and (`close`) when it ends or the agent stops.
-pub(super) fn save_history(data_dir: &Path, vm: &mut Vm, close: bool) {
-    if close {
-        vm.history.flush();
-    }
-    let path = history_file::history_path(data_dir, &vm.record.name);
-    if let Err(e) = history_file::save(&path, &vm.history) {
-        tracing::error!("saving {}: {e}", path.display());
-    }
-}
-
-pub(super) fn vcpus_mismatch(cfg: &VmConfig, running: u32) -> String {
-    format!(
-        "vcpus = {} differs from the running VM's {running} vCPUs; restart the VM to change it",
-        cfg.policy.vcpus()
-    )
 }
 
 /// The launch settings from the VM record, for a VM whose config file is unusable at adoption.
@@ -132,180 +330,10 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
     }
 }
 
-/// Applies `credits = N` once per change of its value.
-pub(super) fn apply_override(vm: &mut Vm, cfg: &VmConfig) {
-    vm.cpus = cfg.cpus.clone();
-    if cfg.credits != vm.credits_applied {
-        if let Some(c) = cfg.credits {
-            vm.ledger.set_balance(c);
-            tracing::info!(
-                "{}: balance set to {c} (credits = in {})",
-                vm.record.name,
-                vm.record.config.display()
-            );
-        }
-        vm.credits_applied = cfg.credits;
-    }
-}
-
+/// Each vCPU thread's CPU time now (0 for a thread that is gone).
 pub(super) fn read_cpu(r: &VmRecord) -> Vec<(u32, u64)> {
     r.vcpu_tids
         .iter()
-        .map(|&t| (t, thread_cpu_ns(r.pid, t).unwrap_or(0)))
+        .map(|&t| (t, Proc::host().thread_cpu_ns(r.pid, t).unwrap_or(0)))
         .collect()
-}
-
-/// Charges the VM for the CPU its vCPU threads used since the last measurement.
-pub(super) fn measure_and_tick(vm: &mut Vm) {
-    let now = boottime_ns();
-    let elapsed = now.saturating_sub(vm.at_ns);
-    if elapsed == 0 {
-        return;
-    }
-    let mut used = 0u64;
-    let mut waited = 0u64;
-    vm.waits.resize(vm.cpu.len(), None);
-    for ((tid, last), last_wait) in vm.cpu.iter_mut().zip(vm.waits.iter_mut()) {
-        if let Some((ns, wait)) = thread_sched_ns(vm.record.pid, *tid) {
-            used += ns.saturating_sub(*last);
-            *last = ns;
-            if let Some(w) = *last_wait {
-                waited += wait.saturating_sub(w);
-            }
-            *last_wait = Some(wait);
-        }
-    }
-    vm.last_grant = vm.ledger.grant().rate;
-    vm.ledger.tick(elapsed, used);
-    vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
-    // The published usage is a rate over at least USAGE_WINDOW: schedstat advances at scheduler
-    // ticks, so two measurements a few microseconds apart (a config edit just after a tick)
-    // would read as idle.
-    vm.window = (vm.window.0 + used, vm.window.1 + elapsed);
-    vm.period = (vm.period.0 + used, vm.period.1 + elapsed);
-    vm.period_waited += waited;
-    if vm.window.1 >= USAGE_WINDOW_NS {
-        vm.usage = Rate(
-            (u128::from(vm.window.0) * u128::from(PPM_PER_CPU) / u128::from(vm.window.1)) as u64,
-        );
-        vm.window = (0, 0);
-    }
-    vm.at_ns = now;
-}
-
-pub(super) fn persist(data_dir: &Path, vm: &mut Vm) {
-    let file = LedgerFile {
-        name: vm.record.name.clone(),
-        vcpus: vm.record.vcpus,
-        policy: Some(vm.ledger.policy().clone()),
-        balances: vm.ledger.balances(),
-        credits_applied: vm.credits_applied,
-        used_total: vm.used_total,
-        checkpoint: Some(Checkpoint {
-            boot_id: state::boot_id(),
-            qemu_start: vm.record.qemu_start,
-            boottime_ns: vm.at_ns,
-            qemu_pid: vm.record.pid,
-            cpu_ns: vm.cpu.clone(),
-        }),
-    };
-    let path = state::ledger_path(data_dir, &vm.record.name);
-    // Retried once per persistence interval, not every tick, while the disk refuses.
-    vm.last_persist = Instant::now();
-    match file.save(&path) {
-        Ok(()) => {
-            if let Some(e) = vm.ledger_error.take() {
-                tracing::info!("{}: ledger saved again (after: {e})", vm.record.name);
-            }
-        }
-        Err(e) => {
-            crate::metrics::LEDGER_SAVE_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // The temporary file is removed and the old ledger stays whole; the agent goes on
-            // charging and enforcing from memory and says so once, in its log, `ls` and `check`.
-            if vm.ledger_error.is_none() {
-                tracing::error!(
-                    "{}: cannot save the ledger to {}: {e}; enforcing from memory until it can",
-                    vm.record.name,
-                    path.display()
-                );
-            }
-            vm.ledger_error = Some(format!("{}: {e}", path.display()));
-        }
-    }
-}
-
-/// Writes the VM's one-value files and `credits.json` into its runtime dir.
-pub(super) fn publish(state_dir: &Path, vm: &mut Vm) {
-    vm.last_publish = Instant::now();
-    let dir = state_dir.join(&vm.record.name);
-    if !dir.is_dir() {
-        return;
-    }
-    let v = view(
-        &vm.record.name,
-        &vm.ledger,
-        vm.used_total,
-        Some((vm.usage, vm.last_grant)),
-        vm.stale.clone(),
-    );
-    let v = CreditsView {
-        ledger_error: vm.ledger_error.clone(),
-        allocation_pct: Some(
-            vm.allocation
-                .filter(|a| a.contended)
-                .map_or(vm.last_grant, |a| a.rate.min(vm.last_grant))
-                .percent_of(vm.record.vcpus),
-        )
-        .map(|p| (p * 100.0).round() / 100.0),
-        demand_pct: vm
-            .allocation
-            .map(|a| (a.estimate.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
-        observed_demand_pct: vm
-            .allocation
-            .map(|a| (a.observed.percent_of(vm.record.vcpus) * 100.0).round() / 100.0),
-        disk: vm.disk.clone(),
-        pins: vm.pins.as_ref().map(|p| p.0.clone()),
-        pin_changes: vm.pins.as_ref().map(|p| p.1),
-        ..v
-    };
-    let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));
-    let values: [(&'static str, String); 8] = [
-        ("balance", num(Some(v.balance), 3)),
-        ("surplus", num(Some(v.surplus), 3)),
-        ("charged", num(Some(v.charged), 3)),
-        ("earn_per_hour", num(Some(v.earn_per_hour), 3)),
-        ("usage_pct", num(v.usage_pct, 2)),
-        ("grant_pct", num(v.grant_pct, 2)),
-        ("time_to_empty_s", num(v.time_to_empty_s, 0)),
-        (
-            state::CREDITS_JSON,
-            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
-        ),
-    ];
-    for (file, value) in values {
-        if vm.published.get(file) != Some(&value) {
-            let text = if file == state::CREDITS_JSON {
-                value.clone()
-            } else {
-                format!("{value}\n")
-            };
-            if state::write_published(&dir.join(file), text.as_bytes()).is_ok() {
-                vm.published.insert(file, value);
-            }
-        }
-    }
-    let error_file = dir.join(state::CONFIG_ERROR);
-    let stale = vm.stale.clone().unwrap_or_default();
-    if vm.published.get(state::CONFIG_ERROR) != Some(&stale) {
-        let done = match &vm.stale {
-            Some(why) => state::write_published(&error_file, format!("{why}\n").as_bytes()),
-            None => match fs::remove_file(&error_file) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            },
-        };
-        if done.is_ok() {
-            vm.published.insert(state::CONFIG_ERROR, stale);
-        }
-    }
 }

@@ -271,6 +271,8 @@ pub fn plan(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
     Decision::Apply(first)
 }
 
+// One planning pass read top to bottom (place, improve, compare, decide) over the same
+// locals; its steps are already the `Problem` methods, and what is left is their order.
 fn plan_once(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
     let demands: Vec<f64> = vcpus
         .iter()

@@ -38,7 +38,7 @@
 
 use crate::contention::{Contention, Mib, Observed};
 
-use super::mem::{Settings, Target, Vm};
+use super::mem::{Settings, Stats, Target, Vm};
 
 /// The ResCoin memory planner's state.
 #[derive(Debug)]
@@ -83,34 +83,8 @@ impl Rescoin {
             .sum();
         let capacity = s.pool.unwrap_or(held + spare_host).saturating_sub(fixed);
         self.stage.set_capacity(Mib(capacity));
-        let planned: Vec<&Vm> = vms.iter().filter(|v| v.stats.is_some()).collect();
-        let shares: u64 = planned.iter().map(|v| v.shares.max(1)).sum::<u64>().max(1);
-        let observed: Vec<(&str, Observed<Mib>)> = planned
-            .iter()
-            .map(|v| {
-                let st = v.stats.expect("filtered");
-                let used = v.actual.saturating_sub(st.available.min(v.actual));
-                let template = (u128::from(capacity) * u128::from(v.shares.max(1))
-                    / u128::from(shares)) as u64;
-                // A guest short of unused memory wants more than it shows: like a CPU VM held
-                // at its cap, it asks for its ceiling (else one VM's freeing makes the host
-                // look uncontended and the other takes the memory for good).
-                let want = if st.available < s.grow_below {
-                    v.ceiling
-                } else {
-                    (used + s.keep_unused).min(v.ceiling)
-                };
-                (
-                    v.name.as_str(),
-                    Observed {
-                        grant: Mib(v.ceiling),
-                        baseline: Mib(template.min(v.ceiling)),
-                        used: Mib(want),
-                        waited: Mib(0),
-                    },
-                )
-            })
-            .collect();
+        let planned: Vec<(&Vm, Stats)> = vms.iter().filter_map(|v| Some((v, v.stats?))).collect();
+        let observed = observe(s, &planned, capacity);
         let plan = self.stage.period(&observed);
         let allotted: Vec<(String, Allotted)> = observed
             .iter()
@@ -134,64 +108,126 @@ impl Rescoin {
             .collect();
         // Shrinks first: what they give back, with the host's spare above its reserve, is all
         // growth may take this round.
-        let mut next: Vec<(usize, u64, &'static str)> = Vec::new();
-        let mut given = 0u64;
-        for (i, v) in planned.iter().enumerate() {
-            let st = v.stats.expect("filtered");
-            let used = v.actual.saturating_sub(st.available.min(v.actual));
-            // Only a donor gives back (unused above keep_unused + hysteresis, as in
-            // `thresholds`), and only down to the middle of that band: the stats are up to an
-            // interval old, and a guest growing meanwhile would be squeezed into an OOM kill
-            // (seen on a real guest when this took all but keep_unused).
-            if st.available <= s.keep_unused + s.hysteresis {
-                continue;
-            }
-            let lowest = (used + s.keep_unused + s.hysteresis / 2)
-                .max(v.floor)
-                .min(v.ceiling);
-            let want = allotted[i]
-                .1
-                .allocation
-                .clamp(v.floor.min(v.ceiling), v.ceiling);
-            if want + s.min_change <= v.actual {
-                let to = want.max(lowest).max(v.actual.saturating_sub(s.step_down));
-                if to < v.actual {
-                    given += v.actual - to;
-                    next.push((i, to, "above its allocation: giving back"));
-                }
-            }
-        }
-        let mut budget = given
+        let (mut next, given) = shrinks(s, &planned, &allotted);
+        let budget = given
             + match s.pool {
                 Some(pool) => pool.saturating_sub(held).min(spare_host),
                 None => spare_host,
             };
-        // Growth, the VMs furthest below their allocation first.
-        let mut order: Vec<usize> = (0..planned.len()).collect();
-        order.sort_by_key(|&i| {
-            std::cmp::Reverse(allotted[i].1.allocation.saturating_sub(planned[i].actual))
-        });
-        for i in order {
-            let v = planned[i];
-            let want = allotted[i].1.allocation.min(v.ceiling);
-            if want >= v.actual + s.min_change {
-                let grow = (want - v.actual).min(s.step_up).min(budget);
-                if grow > 0 {
-                    budget -= grow;
-                    next.push((i, v.actual + grow, "below its allocation: growing"));
-                }
-            }
-        }
+        next.extend(growth(s, &planned, &allotted, budget));
         let targets = next
             .into_iter()
             .map(|(i, target, why)| Target {
-                name: planned[i].name.clone(),
+                name: planned[i].0.name.clone(),
                 target,
                 why,
             })
             .collect();
         (targets, allotted)
     }
+}
+
+/// Memory a guest uses: its balloon's size less what it leaves unused.
+fn used(v: &Vm, st: &Stats) -> u64 {
+    v.actual.saturating_sub(st.available.min(v.actual))
+}
+
+/// What the stage sees of each VM: its ceiling as the grant, its share of the capacity as its
+/// template, and what it wants.
+fn observe<'a>(
+    s: &Settings,
+    planned: &[(&'a Vm, Stats)],
+    capacity: u64,
+) -> Vec<(&'a str, Observed<Mib>)> {
+    let shares: u64 = planned
+        .iter()
+        .map(|(v, _)| v.shares.max(1))
+        .sum::<u64>()
+        .max(1);
+    planned
+        .iter()
+        .map(|(v, st)| {
+            let template =
+                (u128::from(capacity) * u128::from(v.shares.max(1)) / u128::from(shares)) as u64;
+            // A guest short of unused memory wants more than it shows: like a CPU VM held at
+            // its cap, it asks for its ceiling (else one VM's freeing makes the host look
+            // uncontended and the other takes the memory for good).
+            let want = if st.available < s.grow_below {
+                v.ceiling
+            } else {
+                (used(v, st) + s.keep_unused).min(v.ceiling)
+            };
+            (
+                v.name.as_str(),
+                Observed {
+                    grant: Mib(v.ceiling),
+                    baseline: Mib(template.min(v.ceiling)),
+                    used: Mib(want),
+                    waited: Mib(0),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The donors' shrinks toward their allocation, and the MiB they give back.
+fn shrinks(
+    s: &Settings,
+    planned: &[(&Vm, Stats)],
+    allotted: &[(String, Allotted)],
+) -> (Vec<(usize, u64, &'static str)>, u64) {
+    let mut next = Vec::new();
+    let mut given = 0u64;
+    for (i, (v, st)) in planned.iter().enumerate() {
+        // Only a donor gives back (unused above keep_unused + hysteresis, as in `thresholds`),
+        // and only down to the middle of that band: the stats are up to an interval old, and a
+        // guest growing meanwhile would be squeezed into an OOM kill (seen on a real guest when
+        // this took all but keep_unused).
+        if st.available <= s.keep_unused + s.hysteresis {
+            continue;
+        }
+        let lowest = (used(v, st) + s.keep_unused + s.hysteresis / 2)
+            .max(v.floor)
+            .min(v.ceiling);
+        let want = allotted[i]
+            .1
+            .allocation
+            .clamp(v.floor.min(v.ceiling), v.ceiling);
+        if want + s.min_change <= v.actual {
+            let to = want.max(lowest).max(v.actual.saturating_sub(s.step_down));
+            if to < v.actual {
+                given += v.actual - to;
+                next.push((i, to, "above its allocation: giving back"));
+            }
+        }
+    }
+    (next, given)
+}
+
+/// Growth within `budget`, the VMs furthest below their allocation first.
+fn growth(
+    s: &Settings,
+    planned: &[(&Vm, Stats)],
+    allotted: &[(String, Allotted)],
+    mut budget: u64,
+) -> Vec<(usize, u64, &'static str)> {
+    let mut order: Vec<usize> = (0..planned.len()).collect();
+    order.sort_by_key(|&i| {
+        std::cmp::Reverse(allotted[i].1.allocation.saturating_sub(planned[i].0.actual))
+    });
+    let mut next = Vec::new();
+    for i in order {
+        let v = planned[i].0;
+        let want = allotted[i].1.allocation.min(v.ceiling);
+        if want >= v.actual + s.min_change {
+            let grow = (want - v.actual).min(s.step_up).min(budget);
+            if grow > 0 {
+                budget -= grow;
+                next.push((i, v.actual + grow, "below its allocation: growing"));
+            }
+        }
+    }
+    next
 }
 
 #[cfg(test)]

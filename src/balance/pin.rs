@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::cpu::{self, Decision, Params, Placement, Spread, Vcpu};
+use crate::procfs::Proc;
 
 /// The default interval between plans.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
@@ -88,16 +89,6 @@ pub struct PinBalancer {
     warned: std::collections::HashSet<String>,
 }
 
-/// The CPUs this process may run on (the default set of managed CPUs).
-pub fn own_cpus() -> Vec<u32> {
-    match sched_getaffinity(Pid::from_raw(0)) {
-        Ok(set) => (0..CpuSet::count() as u32)
-            .filter(|&c| set.is_set(c as usize).unwrap_or(false))
-            .collect(),
-        Err(_) => (0..std::thread::available_parallelism().map_or(1, |n| n.get()) as u32).collect(),
-    }
-}
-
 impl PinBalancer {
     /// A balancer over `cpus` (non-empty) planning every `interval`.
     pub fn new(cpus: Vec<u32>, interval: Duration) -> Self {
@@ -137,20 +128,37 @@ impl PinBalancer {
         &self.published
     }
 
-    /// One interval: measure, plan, pin. The first interval (and a new thread's first) only
-    /// takes the readings that the next one subtracts.
+    /// One interval: measure, plan, pin, publish. The first interval (and a new thread's
+    /// first) only takes the readings that the next one subtracts.
     pub fn step(&mut self, vms: &[VmInput], state_dir: &Path) {
         let now = Instant::now();
         let elapsed = self.last.map(|t| now.duration_since(t).as_nanos() as f64);
         self.last = Some(now);
         self.published.intervals += 1;
-        // Forget threads of VMs that ended.
+        self.forget_ended(vms);
+        self.warn_outside(vms);
+        let m = self.measure(vms, elapsed);
+        let decision = self.decide(&m);
+        if let Decision::Apply(plan) = self.confirm.admit(decision) {
+            self.apply(&plan, &m, vms);
+        }
+        let path = state_dir.join(BALANCE_JSON);
+        if let Ok(text) = serde_json::to_string_pretty(&self.published) {
+            let _ = crate::state::write_published(&path, (text + "\n").as_bytes());
+        }
+    }
+
+    /// Forgets the threads and counts of VMs that ended.
+    fn forget_ended(&mut self, vms: &[VmInput]) {
         let live: std::collections::HashSet<u32> =
             vms.iter().flat_map(|v| v.tids.iter().copied()).collect();
         self.threads.retain(|tid, _| live.contains(tid));
         self.changes
             .retain(|name, _| vms.iter().any(|v| v.name == name));
+    }
 
+    /// Warns once per VM whose CPU list names none of the managed CPUs.
+    fn warn_outside(&mut self, vms: &[VmInput]) {
         for vm in vms {
             let outside = vm
                 .allowed
@@ -166,43 +174,19 @@ impl PinBalancer {
                 self.warned.remove(vm.name);
             }
         }
-        let mut vcpus: Vec<Vcpu> = Vec::new();
-        let mut owners: Vec<(usize, usize, u32, u32)> = Vec::new(); // (vm, vcpu, pid, tid)
+    }
+
+    /// Reads every vCPU thread's run and wait and where it is placed: the smoothed, capped
+    /// demands for the planner, and the pins to publish.
+    fn measure(&mut self, vms: &[VmInput], elapsed: Option<f64>) -> Measured {
+        let mut m = Measured {
+            vcpus: Vec::new(),
+            owners: Vec::new(),
+            complete: true,
+        };
         let mut pins = std::collections::BTreeMap::new();
-        let mut complete = true;
         for (vi, vm) in vms.iter().enumerate() {
-            let mut raw = Vec::with_capacity(vm.tids.len());
-            let mut places = Vec::with_capacity(vm.tids.len());
-            for &tid in vm.tids {
-                let Some((run, wait)) = crate::enforce::thread_sched_ns(vm.pid, tid) else {
-                    complete = false;
-                    raw.push(None);
-                    places.push(None);
-                    continue;
-                };
-                // A thread first seen now (or a reused id) has no reading until the next one.
-                let fresh = self.threads.get(&tid).is_none_or(|t| t.pid != vm.pid);
-                let t = self.threads.entry(tid).or_insert(Thread {
-                    pid: vm.pid,
-                    run,
-                    wait,
-                    demand: None,
-                });
-                let reading = match elapsed {
-                    Some(dt) if !fresh && dt > 0.0 => {
-                        Some((run.saturating_sub(t.run) + wait.saturating_sub(t.wait)) as f64 / dt)
-                    }
-                    _ => None,
-                };
-                *t = Thread {
-                    pid: vm.pid,
-                    run,
-                    wait,
-                    demand: if fresh { None } else { t.demand },
-                };
-                raw.push(reading);
-                places.push(placement(vm.pid, tid));
-            }
+            let (raw, places) = self.read_vm(vm, elapsed);
             pins.insert(
                 vm.name.to_owned(),
                 places
@@ -217,39 +201,86 @@ impl PinBalancer {
             let capped = cpu::vm_demands(&readings, vm.cap_cpus);
             for (i, &tid) in vm.tids.iter().enumerate() {
                 let (Some(_), Some(place)) = (raw[i], places[i]) else {
-                    complete = false;
+                    m.complete = false;
                     continue;
                 };
-                let t = self.threads.get_mut(&tid).expect("inserted above");
+                let Some(t) = self.threads.get_mut(&tid) else {
+                    m.complete = false;
+                    continue;
+                };
                 let d = match t.demand {
                     Some(old) => SMOOTHING * capped[i] + (1.0 - SMOOTHING) * old,
                     None => capped[i],
                 };
                 t.demand = Some(d);
-                vcpus.push(Vcpu {
+                m.vcpus.push(Vcpu {
                     demand: d,
                     now: place,
                     allowed: vm.allowed.map(<[u32]>::to_vec).unwrap_or_default(),
                 });
-                owners.push((vi, i, vm.pid, tid));
+                m.owners.push((vi, i, vm.pid, tid));
             }
         }
         self.published.pins = pins;
-        let decision = if complete {
-            cpu::plan(&self.cpus, &vcpus, &self.params)
+        m
+    }
+
+    /// One VM's threads: each one's demand over the interval (run + run-queue wait, `None`
+    /// for a thread first seen now or gone) and its placement.
+    fn read_vm(
+        &mut self,
+        vm: &VmInput,
+        elapsed: Option<f64>,
+    ) -> (Vec<Option<f64>>, Vec<Option<Placement>>) {
+        let mut raw = Vec::with_capacity(vm.tids.len());
+        let mut places = Vec::with_capacity(vm.tids.len());
+        for &tid in vm.tids {
+            let Some(s) = Proc::host().thread_sched(vm.pid, tid) else {
+                raw.push(None);
+                places.push(None);
+                continue;
+            };
+            // A thread first seen now (or a reused id) has no reading until the next one.
+            let fresh = self.threads.get(&tid).is_none_or(|t| t.pid != vm.pid);
+            let t = self.threads.entry(tid).or_insert(Thread {
+                pid: vm.pid,
+                run: s.run_ns,
+                wait: s.wait_ns,
+                demand: None,
+            });
+            let reading = match elapsed {
+                Some(dt) if !fresh && dt > 0.0 => Some(
+                    (s.run_ns.saturating_sub(t.run) + s.wait_ns.saturating_sub(t.wait)) as f64 / dt,
+                ),
+                _ => None,
+            };
+            *t = Thread {
+                pid: vm.pid,
+                run: s.run_ns,
+                wait: s.wait_ns,
+                demand: if fresh { None } else { t.demand },
+            };
+            raw.push(reading);
+            places.push(placement(vm.pid, tid));
+        }
+        (raw, places)
+    }
+
+    /// The planner's decision on what was measured, and the published loads and spread.
+    fn decide(&mut self, m: &Measured) -> Decision {
+        let demands: Vec<f64> = m.vcpus.iter().map(|v| v.demand).collect();
+        let at: Vec<u32> = m.vcpus.iter().map(|v| v.now.cpu()).collect();
+        let decision = if m.complete {
+            cpu::plan(&self.cpus, &m.vcpus, &self.params)
         } else {
             // A thread without a reading yet (a new VM, the first interval): measure once more
             // before planning with it.
-            let at: Vec<u32> = vcpus.iter().map(|v| v.now.cpu()).collect();
-            let d: Vec<f64> = vcpus.iter().map(|v| v.demand).collect();
-            Decision::Keep(Spread::of(&cpu::loads(&self.cpus, &d, &at)))
+            Decision::Keep(Spread::of(&cpu::loads(&self.cpus, &demands, &at)))
         };
         let spread = match &decision {
             Decision::Keep(s) => *s,
             Decision::Apply(plan) => plan.before,
         };
-        let demands: Vec<f64> = vcpus.iter().map(|v| v.demand).collect();
-        let at: Vec<u32> = vcpus.iter().map(|v| v.now.cpu()).collect();
         self.published.loads = cpu::loads(&self.cpus, &demands, &at)
             .iter()
             .map(|l| (l * 1e4).round() / 1e4)
@@ -257,79 +288,75 @@ impl PinBalancer {
         self.published.mean = spread.mean;
         self.published.sigma = spread.sigma;
         self.published.balanced = spread.balanced(&self.params);
-        let decision = self.confirm.admit(decision);
-        if let Decision::Apply(plan) = decision {
-            self.published.plans += 1;
-            tracing::info!(
-                "balance: plan {}: {} pin change(s); per-CPU demand σ {:.3} → {:.3} CPUs (mean {:.3}, {:.1} % → {:.1} %)",
-                self.published.plans,
-                plan.changes,
-                plan.before.sigma,
-                plan.after.sigma,
-                plan.before.mean,
-                plan.before.relative() * 100.0,
-                plan.after.relative() * 100.0
-            );
-            for (k, &cpu) in plan.pins.iter().enumerate() {
-                let (vi, i, pid, tid) = owners[k];
-                let was = vcpus[k].now;
-                if was == Placement::Pinned(cpu) {
-                    continue;
-                }
-                let name = vms[vi].name;
-                match pin(tid, cpu) {
-                    Ok(()) => {
-                        self.published.pin_changes += 1;
-                        *self.changes.entry(name.to_owned()).or_default() += 1;
-                        if let Some(p) = self.published.pins.get_mut(name) {
-                            p[i] = Some(cpu);
+        decision
+    }
+
+    /// Pins the threads whose placement the plan changes, logging and counting each change.
+    fn apply(&mut self, plan: &cpu::Plan, m: &Measured, vms: &[VmInput]) {
+        self.published.plans += 1;
+        tracing::info!(
+            "balance: plan {}: {} pin change(s); per-CPU demand σ {:.3} → {:.3} CPUs (mean {:.3}, {:.1} % → {:.1} %)",
+            self.published.plans,
+            plan.changes,
+            plan.before.sigma,
+            plan.after.sigma,
+            plan.before.mean,
+            plan.before.relative() * 100.0,
+            plan.after.relative() * 100.0
+        );
+        for (k, &cpu) in plan.pins.iter().enumerate() {
+            let (vi, i, pid, tid) = m.owners[k];
+            let was = m.vcpus[k].now;
+            if was == Placement::Pinned(cpu) {
+                continue;
+            }
+            let name = vms[vi].name;
+            match pin(tid, cpu) {
+                Ok(()) => {
+                    self.published.pin_changes += 1;
+                    *self.changes.entry(name.to_owned()).or_default() += 1;
+                    if let Some(p) = self.published.pins.get_mut(name) {
+                        p[i] = Some(cpu);
+                    }
+                    tracing::info!(
+                        "{name}: vCPU {i} (thread {tid}, demand {:.1} %) pinned to CPU {cpu} (was {})",
+                        m.vcpus[k].demand * 100.0,
+                        match was {
+                            Placement::Pinned(c) => format!("pinned to CPU {c}"),
+                            Placement::Floating { last } => format!("floating, last on CPU {last}"),
                         }
-                        tracing::info!(
-                            "{name}: vCPU {i} (thread {tid}, demand {:.1} %) pinned to CPU {cpu} (was {})",
-                            vcpus[k].demand * 100.0,
-                            match was {
-                                Placement::Pinned(c) => format!("pinned to CPU {c}"),
-                                Placement::Floating { last } => format!("floating, last on CPU {last}"),
-                            }
-                        );
-                    }
-                    // The thread may have just ended with its VM.
-                    Err(e) if std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {
-                        tracing::error!(
-                            "{name}: cannot pin vCPU {i} (thread {tid}) to CPU {cpu}: {e}"
-                        )
-                    }
-                    Err(_) => {}
+                    );
                 }
+                // The thread may have just ended with its VM.
+                Err(e) if Proc::host().is_thread_of(pid, tid) => {
+                    tracing::error!("{name}: cannot pin vCPU {i} (thread {tid}) to CPU {cpu}: {e}")
+                }
+                Err(_) => {}
             }
         }
-        let path = state_dir.join(BALANCE_JSON);
-        if let Ok(text) = serde_json::to_string_pretty(&self.published) {
-            let _ = crate::state::write_published(&path, (text + "\n").as_bytes());
-        }
     }
+}
+
+/// One interval's measurement: the planner's vCPUs, whose each one is, and whether every
+/// thread had a reading.
+struct Measured {
+    vcpus: Vec<Vcpu>,
+    /// `(vm index, vCPU index, pid, tid)` of each of `vcpus`.
+    owners: Vec<(usize, usize, u32, u32)>,
+    complete: bool,
 }
 
 /// Where thread `tid` of `pid` runs now: pinned when its affinity is one CPU.
 fn placement(pid: u32, tid: u32) -> Option<Placement> {
-    let set = sched_getaffinity(Pid::from_raw(tid as i32)).ok()?;
-    let allowed: Vec<u32> = (0..CpuSet::count() as u32)
-        .filter(|&c| set.is_set(c as usize).unwrap_or(false))
-        .collect();
+    let allowed = crate::procfs::affinity(tid)?;
     if let [one] = allowed[..] {
         return Some(Placement::Pinned(one));
     }
     Some(Placement::Floating {
-        last: last_cpu(pid, tid).unwrap_or(allowed.first().copied().unwrap_or(0)),
+        last: Proc::host()
+            .thread_last_cpu(pid, tid)
+            .unwrap_or(allowed.first().copied().unwrap_or(0)),
     })
-}
-
-/// The CPU thread `tid` last ran on: field 39 (`processor`) of its `stat`.
-pub fn last_cpu(pid: u32, tid: u32) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses) start at field 3.
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_ascii_whitespace().nth(39 - 3)?.parse().ok()
 }
 
 /// Pins thread `tid` to `cpu`.
@@ -337,60 +364,4 @@ pub fn pin(tid: u32, cpu: u32) -> nix::Result<()> {
     let mut set = CpuSet::new();
     set.set(cpu as usize)?;
     sched_setaffinity(Pid::from_raw(tid as i32), &set)
-}
-
-/// Parses a CPU list: `0-3,6` or `2`.
-pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
-    let mut out = Vec::new();
-    for part in text.split(',') {
-        let part = part.trim();
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let parse = |s: &str| {
-            s.trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|&c| (c as usize) < CpuSet::count())
-                .ok_or_else(|| {
-                    format!(
-                        "{part:?} is not a CPU number or range (0–{})",
-                        CpuSet::count() - 1
-                    )
-                })
-        };
-        let (a, b) = (parse(a)?, parse(b)?);
-        if b < a {
-            return Err(format!("{part:?}: the range runs backwards"));
-        }
-        out.extend(a..=b);
-    }
-    out.sort_unstable();
-    out.dedup();
-    if out.is_empty() {
-        return Err("an empty CPU list".into());
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_lists_parse_and_refuse_garbage() {
-        assert_eq!(parse_cpu_list("0-1").unwrap(), vec![0, 1]);
-        assert_eq!(parse_cpu_list("3, 0-1,1").unwrap(), vec![0, 1, 3]);
-        assert!(parse_cpu_list("").is_err());
-        assert!(parse_cpu_list("2-1").is_err());
-        assert!(parse_cpu_list("x").is_err());
-        assert!(parse_cpu_list("99999").is_err());
-        assert!(parse_cpu_list("-1").is_err());
-    }
-
-    #[test]
-    fn this_threads_last_cpu_is_one_it_may_use() {
-        let pid = std::process::id();
-        let tid = nix::unistd::gettid().as_raw() as u32;
-        let c = last_cpu(pid, tid).unwrap();
-        assert!(own_cpus().contains(&c), "{c} not in {:?}", own_cpus());
-    }
 }

@@ -99,6 +99,8 @@ fn mem_available_mb() -> u64 {
 
 const MB: usize = 1 << 20;
 
+// The hog's phases in order (wait, grow, hold, free, idle) over the memory it holds: a
+// test program read top to bottom, each phase marked.
 fn main() {
     let a = match parse() {
         Ok(a) => a,

@@ -1,67 +1,268 @@
-//! `burst-qemu agent`: the enforcer and the contention stage from the flags, then the loop.
+//! `burst-qemu agent`: its flags, the one builder that turns them into the agent's settings and
+//! enforcer (whichever enforcer runs), then the loop.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use burst_qemu::agent::{self, Agent, AgentError, Settings};
+use burst_qemu::balance::{disk, mem, memory};
+use burst_qemu::base::parse_cpu_list;
+use burst_qemu::credit::{Rate, PPM_PER_CPU};
 use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
-use burst_qemu::enforce::scx;
+use burst_qemu::enforce::{scx, Enforcer};
+use clap::{Args, ValueEnum};
 
-use super::*;
+use super::{Failure, Global, EXIT_RUNNING};
 
-/// The CPU capacity `--capacity` names, or the CPUs this process may run on.
-pub(super) fn capacity(arg: Option<&str>) -> Result<burst_qemu::credit::Rate, Failure> {
-    use burst_qemu::credit::{Rate, PPM_PER_CPU};
+/// How grants are enforced (`--enforcer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum EnforcerKind {
+    /// sched_ext where it can run, else cgroup.
+    Auto,
+    /// cgroup CPU bandwidth (v1 or v2).
+    Cgroup,
+    /// burst-qemu's sched_ext scheduler, cgroup quotas as a backstop.
+    Scx,
+    /// The centralized ghOSt agent.
+    Ghost,
+}
+
+/// How the CPU is divided when the host is contended (`--contention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum ContentionRule {
+    /// Every VM first gets its baseline; the rest is shared by ResCoin's rule.
+    Rescoin,
+    /// Each VM is capped by its credits alone.
+    Off,
+}
+
+/// The pinning balancer (`--balance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum BalanceKind {
+    /// Pin every vCPU thread to one CPU, balancing demand.
+    Cpu,
+    /// Never pin.
+    Off,
+}
+
+/// The memory coordinator's policy (`--memory-policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum MemoryPolicyArg {
+    /// The published coordinator's rules.
+    Thresholds,
+    /// Shares with an idle-memory tax.
+    IdleTax,
+    /// ResCoin's rule, templates by `memory_shares`.
+    Rescoin,
+    /// Memory is not balanced.
+    Off,
+}
+
+impl MemoryPolicyArg {
+    fn policy(self) -> Option<mem::Policy> {
+        match self {
+            MemoryPolicyArg::Thresholds => Some(mem::Policy::Thresholds),
+            MemoryPolicyArg::IdleTax => Some(mem::Policy::IdleTax),
+            MemoryPolicyArg::Rescoin => Some(mem::Policy::Rescoin),
+            MemoryPolicyArg::Off => None,
+        }
+    }
+}
+
+/// The cgroup version at `--cgroup-mount`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum CgroupVersionArg {
+    /// cgroup v1 (`cpu.cfs_quota_us`).
+    V1,
+    /// cgroup v2 (`cpu.max`).
+    V2,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct AgentArgs {
+    /// Mount point of the cgroup hierarchy with the cpu controller [default: detected].
+    #[arg(long, value_name = "DIR", env = "BURST_QEMU_CGROUP_MOUNT")]
+    cgroup_mount: Option<PathBuf>,
+    /// The cgroup under which the agent makes its own (`PARENT/burst-qemu/INSTANCE/NAME`): a
+    /// path under the mount, or `self` for the agent's own cgroup (a systemd unit with
+    /// Delegate=yes; see contrib/burst-qemu-agent.service) [default: the mount's root].
+    #[arg(long, value_name = "DIR|self", env = "BURST_QEMU_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
+    #[arg(long, value_name = "ADDR", env = "BURST_QEMU_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// How grants are enforced: cgroup CPU bandwidth; burst-qemu's sched_ext scheduler
+    /// scheduling the vCPU threads from per-VM budgets, cgroup quotas kept as a backstop (needs
+    /// Linux 6.12+ with sched_ext and a build with the `scx` feature); or the centralized ghOSt
+    /// agent (needs a ghOSt kernel, ABI 91). `auto`: scx where it can run, else cgroup.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "auto|cgroup|scx|ghost",
+        default_value = "auto",
+        env = "BURST_QEMU_ENFORCER"
+    )]
+    enforcer: EnforcerKind,
+    /// With --enforcer scx: the CPUs the vCPU threads run on, as a list (`0-3,6`; keep other
+    /// busy threads off them: on 6.12 the normal scheduler runs before sched_ext) [default:
+    /// all].
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_SCX_CPUS")]
+    scx_cpus: Option<String>,
+    /// CPUs of the ghOSt enclave, as a list (`0-3,6`); the first runs the global agent
+    /// [default: all].
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_GHOST_CPUS")]
+    ghost_cpus: Option<String>,
+    /// The cgroup version at --cgroup-mount [default: detected from the mount].
+    #[arg(
+        long,
+        value_enum,
+        value_name = "v1|v2",
+        env = "BURST_QEMU_CGROUP_VERSION"
+    )]
+    cgroup_version: Option<CgroupVersionArg>,
+    /// Exit quietly if an agent already runs for the state dir.
+    #[arg(long, hide = true)]
+    if_absent: bool,
+    /// Exit after this many seconds without VMs.
+    #[arg(long, value_name = "SECONDS")]
+    idle_exit: Option<f64>,
+    /// How the CPU is divided when the VMs together want more than the host has: `rescoin`
+    /// (every VM first gets its baseline, the rest is shared by ResCoin's rule) or `off` (each
+    /// VM is capped by its credits alone, and the kernel splits the rest evenly).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "rescoin|off",
+        default_value = "rescoin",
+        env = "BURST_QEMU_CONTENTION"
+    )]
+    contention: ContentionRule,
+    /// The CPU the VMs share, for the contention stage: a number of CPUs (`2`, `1.5`) or a CPU
+    /// list (`0-3,6`) [default: every CPU this agent may run on].
+    #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
+    capacity: Option<String>,
+    /// The host's disk bandwidth, bytes/s (`100M`, `1Gi`; `READ,WRITE` when they differ),
+    /// shared by ResCoin's rule among the VMs whose config sets `disk_share`: while they
+    /// together read (or write) more, each VM's drives are throttled to its allocation
+    /// through QMP [default: disks are not managed].
+    #[arg(long, value_name = "BYTES/S[,BYTES/S]", env = "BURST_QEMU_DISK_BANDWIDTH",
+          value_parser = disk::parse_bandwidth)]
+    disk_bandwidth: Option<disk::DiskBandwidth>,
+    /// `cpu`: run the vCPU pinning balancer, which pins every vCPU thread to one CPU so that
+    /// the CPUs carry equal demand, and re-pins only when that is off by more than 5 % and a
+    /// new plan is clearly better (README: "The vCPU pinning balancer"); `off`: never pin.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "cpu|off",
+        default_value = "off",
+        env = "BURST_QEMU_BALANCE"
+    )]
+    balance: BalanceKind,
+    /// The CPUs the pinning balancer uses, as a list (`0-3,6`) [default: every CPU this agent
+    /// may run on].
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_BALANCE_CPUS")]
+    balance_cpus: Option<String>,
+    /// Seconds between the pinning balancer's plans.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        env = "BURST_QEMU_BALANCE_INTERVAL"
+    )]
+    balance_interval: f64,
+    /// The balloon memory coordinator, for VMs whose config says `balance_memory = true`:
+    /// `thresholds` (the published coordinator rules), `idle-tax` (shares with an idle-memory
+    /// tax), `rescoin` (ResCoin's rule, templates by `memory_shares`, as for CPU and disk) or
+    /// `off`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "thresholds|idle-tax|rescoin|off",
+        default_value = "thresholds",
+        env = "BURST_QEMU_MEMORY_POLICY"
+    )]
+    memory_policy: MemoryPolicyArg,
+    /// Seconds between memory coordinator rounds (and the guests' stats polling interval).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        env = "BURST_QEMU_MEMORY_INTERVAL"
+    )]
+    memory_interval: f64,
+    /// The idle-memory tax rate, percent (idle-tax policy).
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 75.0,
+        env = "BURST_QEMU_IDLE_TAX"
+    )]
+    idle_tax: f64,
+    /// Host memory (MemAvailable) the coordinator never gives to VMs, MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 200,
+        env = "BURST_QEMU_HOST_RESERVE"
+    )]
+    host_reserve: u64,
+    /// A cap on the memory all balanced VMs hold together, MiB [default: only the host limits].
+    #[arg(long, value_name = "MIB", env = "BURST_QEMU_MEMORY_POOL")]
+    memory_pool: Option<u64>,
+    /// Append each coordinator round (planner input and output) as a JSON line to FILE.
+    #[arg(long, value_name = "FILE", env = "BURST_QEMU_MEMORY_TRACE")]
+    memory_trace: Option<PathBuf>,
+}
+
+fn usage(message: String) -> Failure {
+    Failure::usage(anyhow::anyhow!(message))
+}
+
+/// A CPU list flag, parsed by the one CPU-list parser.
+fn cpu_list(flag: &str, text: &str) -> Result<Vec<u32>, Failure> {
+    parse_cpu_list(text).map_err(|e| usage(format!("{flag} {text:?}: {e}")))
+}
+
+/// The CPU capacity `--capacity` names (a number of CPUs, or a CPU list), or the CPUs this
+/// process may run on.
+pub(super) fn capacity(arg: Option<&str>) -> Result<Rate, Failure> {
     let Some(text) = arg else {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         return Ok(Rate(n as u64 * PPM_PER_CPU));
     };
-    let bad = || {
-        Failure::usage(anyhow::anyhow!(
-            "--capacity {text:?}: give a number of CPUs (2, 1.5) or a CPU list (0-3,6)"
-        ))
-    };
-    if let Ok(cpus) = text.parse::<f64>() {
+    if let Ok(cpus) = text.trim().parse::<f64>() {
         if cpus.is_finite() && cpus > 0.0 && !text.contains('-') {
             return Ok(Rate((cpus * PPM_PER_CPU as f64).round() as u64));
         }
     }
-    let mut count = 0u64;
-    for part in text.split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (u64, u64) = (
-            a.trim().parse().map_err(|_| bad())?,
-            b.trim().parse().map_err(|_| bad())?,
-        );
-        if b < a {
-            return Err(bad());
-        }
-        count += b - a + 1;
-    }
-    Ok(Rate(count * PPM_PER_CPU))
+    let cpus = parse_cpu_list(text).map_err(|e| {
+        usage(format!(
+            "--capacity {text:?}: give a number of CPUs (2, 1.5) or a CPU list (0-3,6): {e}"
+        ))
+    })?;
+    Ok(Rate(cpus.len() as u64 * PPM_PER_CPU))
 }
 
 /// The memory coordinator's settings from the flags (`None` for `--memory-policy off`).
-fn memory_settings(a: &AgentArgs) -> Result<Option<agent::memory::MemorySettings>, Failure> {
-    use burst_qemu::balance::mem;
-    if a.memory_policy == "off" {
+fn memory_settings(a: &AgentArgs) -> Result<Option<memory::MemorySettings>, Failure> {
+    let Some(policy) = a.memory_policy.policy() else {
         return Ok(None);
-    }
-    let bad = |what: String| Failure::usage(anyhow::anyhow!(what));
-    let policy: mem::Policy = a.memory_policy.parse().map_err(bad)?;
+    };
     if !(0.0..=95.0).contains(&a.idle_tax) {
-        return Err(bad(format!(
+        return Err(usage(format!(
             "--idle-tax {}: give a percentage from 0 to 95",
             a.idle_tax
         )));
     }
     if !(a.memory_interval >= 0.5 && a.memory_interval <= 3600.0) {
-        return Err(bad(format!(
+        return Err(usage(format!(
             "--memory-interval {}: give 0.5 to 3600 seconds",
             a.memory_interval
         )));
     }
-    Ok(Some(agent::memory::MemorySettings {
+    Ok(Some(memory::MemorySettings {
         planner: mem::Settings {
             policy,
             tax: a.idle_tax / 100.0,
@@ -73,6 +274,203 @@ fn memory_settings(a: &AgentArgs) -> Result<Option<agent::memory::MemorySettings
         meminfo: "/proc/meminfo".into(),
         trace: a.memory_trace.clone(),
     }))
+}
+
+/// The pinning balancer's settings from `--balance`, `--balance-cpus`, `--balance-interval`.
+fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failure> {
+    if a.balance == BalanceKind::Off {
+        return Ok(None);
+    }
+    let cpus = match a.balance_cpus.as_deref() {
+        Some(text) => cpu_list("--balance-cpus", text)?,
+        None => burst_qemu::procfs::own_cpus(),
+    };
+    // A CPU that is not online would fail every sched_setaffinity to it.
+    if let Some(online) = burst_qemu::procfs::online_cpus() {
+        let offline: Vec<u32> = cpus
+            .iter()
+            .copied()
+            .filter(|c| !online.contains(c))
+            .collect();
+        if !offline.is_empty() {
+            return Err(usage(format!(
+                "--balance-cpus: CPU(s) {offline:?} are not online (online: {online:?})"
+            )));
+        }
+    }
+    let every = a.balance_interval;
+    if !(every.is_finite() && every >= 0.2) {
+        return Err(usage(
+            "--balance-interval must be a number of seconds ≥ 0.2".into(),
+        ));
+    }
+    Ok(Some((cpus, Duration::from_secs_f64(every))))
+}
+
+/// The enforcer `auto` picks: sched_ext where this build has it and the kernel offers it with
+/// no other BPF scheduler loaded (ours could not load beside it), else cgroup.
+fn resolve_enforcer(kind: EnforcerKind) -> EnforcerKind {
+    match kind {
+        EnforcerKind::Auto
+            if scx::BUILT
+                && scx::kernel_state()
+                    .is_some_and(|(_, ops)| ops.is_empty() || ops == scx::OPS_NAME) =>
+        {
+            EnforcerKind::Scx
+        }
+        EnforcerKind::Auto => EnforcerKind::Cgroup,
+        k => k,
+    }
+}
+
+/// The flags' contradictions, refused by name before anything starts.
+fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failure> {
+    if kind == EnforcerKind::Scx && !scx::BUILT {
+        return Err(usage(
+            "--enforcer scx: this burst-qemu was built without the `scx` feature \
+             (cargo build --features scx; needs clang-19)"
+                .into(),
+        ));
+    }
+    if a.balance == BalanceKind::Cpu {
+        match kind {
+            EnforcerKind::Ghost => return Err(usage(
+                "--balance cpu pins vCPU threads, which the ghOSt agent schedules itself: use it with --enforcer cgroup".into(),
+            )),
+            EnforcerKind::Scx => return Err(usage(
+                "--balance cpu pins vCPU threads, which the sched_ext scheduler places itself: use it with --enforcer cgroup".into(),
+            )),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The cgroup hierarchy to use: `--cgroup-mount` (its version given or read from the mount),
+/// or the host's.
+fn cgroup_hierarchy(a: &AgentArgs) -> Result<(Version, PathBuf), Failure> {
+    match (&a.cgroup_mount, a.cgroup_version) {
+        (Some(m), Some(CgroupVersionArg::V2)) => Ok((Version::V2, m.clone())),
+        (Some(m), Some(CgroupVersionArg::V1)) => Ok((Version::V1, m.clone())),
+        (Some(m), None) => {
+            let v = if m.join("cgroup.controllers").exists() {
+                Version::V2
+            } else {
+                Version::V1
+            };
+            Ok((v, m.clone()))
+        }
+        (None, _) => cgroup::detect_host().ok_or_else(|| {
+            Failure::host(anyhow::anyhow!(
+                "no cgroup hierarchy with the cpu controller is mounted (run burst-qemu check for the fix)"
+            ))
+        }),
+    }
+}
+
+/// The cgroup under which the agent makes its own: `--cgroup-parent`, checked.
+fn cgroup_parent(a: &AgentArgs, mount: &Path) -> Result<PathBuf, Failure> {
+    match a.cgroup_parent.as_deref() {
+        None => Ok(mount.to_owned()),
+        Some("self") => CgroupEnforcer::own_cgroup(mount).ok_or_else(|| {
+            usage(
+                "--cgroup-parent self: this process has no cgroup v2 path in /proc/self/cgroup"
+                    .into(),
+            )
+        }),
+        Some(p) => {
+            let p = Path::new(p);
+            let p = if p.is_absolute() {
+                p.to_owned()
+            } else {
+                mount.join(p)
+            };
+            if !p.starts_with(mount) || !p.is_dir() {
+                return Err(usage(format!(
+                    "--cgroup-parent {}: not a cgroup under {}",
+                    p.display(),
+                    mount.display()
+                )));
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// The cgroup enforcer (alone, or as the sched_ext scheduler's backstop).
+fn cgroup_enforcer(a: &AgentArgs, state_dir: &Path) -> Result<CgroupEnforcer, Failure> {
+    let (version, mount) = cgroup_hierarchy(a)?;
+    let parent = cgroup_parent(a, &mount)?;
+    CgroupEnforcer::with_parent(version, &mount, &parent, &cgroup::instance_name(state_dir))
+        .context("setting up cgroup CPU bandwidth (run burst-qemu check)")
+        .map_err(Failure::host)
+}
+
+/// The enforcer the flags ask for, started.
+fn enforcer(
+    kind: EnforcerKind,
+    a: &AgentArgs,
+    state_dir: &Path,
+) -> Result<Box<dyn Enforcer>, Failure> {
+    match kind {
+        EnforcerKind::Ghost => {
+            let root = PathBuf::from(
+                std::env::var_os("BURST_QEMU_GHOST_ROOT")
+                    .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
+            );
+            let cpus = match a.ghost_cpus.as_deref() {
+                Some(text) => cpu_list("--ghost-cpus", text)?,
+                None => {
+                    let all = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+                    (0..all).collect()
+                }
+            };
+            let e = burst_qemu::enforce::ghost::GhostEnforcer::start(&root, &cpus)
+                .context("starting the ghOSt agent (run burst-qemu check)")
+                .map_err(Failure::host)?;
+            Ok(Box::new(e))
+        }
+        EnforcerKind::Scx => {
+            let cpus = a
+                .scx_cpus
+                .as_deref()
+                .map(|l| cpu_list("--scx-cpus", l))
+                .transpose()?;
+            let exe = std::env::current_exe().map_err(Failure::host)?;
+            let e = scx::ScxEnforcer::start(cgroup_enforcer(a, state_dir)?, &exe, cpus, state_dir)
+                .context("starting the sched_ext scheduler (run burst-qemu check)")
+                .map_err(Failure::host)?;
+            tracing::info!("enforcer: {}", e.describe());
+            Ok(Box::new(e))
+        }
+        EnforcerKind::Cgroup | EnforcerKind::Auto => Ok(Box::new(cgroup_enforcer(a, state_dir)?)),
+    }
+}
+
+/// The agent's settings from the flags, for whichever enforcer runs.
+fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, Failure> {
+    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare
+    // themselves.
+    let contention = match (a.contention, kind) {
+        (ContentionRule::Off, _) | (_, EnforcerKind::Scx | EnforcerKind::Ghost) => None,
+        (ContentionRule::Rescoin, _) => Some(capacity(a.capacity.as_deref())?),
+    };
+    Ok(Settings {
+        state_dir: g.state_dir(),
+        data_dir: g.data_dir(),
+        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        metrics_listen: a.metrics_listen,
+        disk_bandwidth: a
+            .disk_bandwidth
+            .filter(|_| a.contention != ContentionRule::Off),
+        memory: memory_settings(a)?,
+        contention,
+        balance: if kind == EnforcerKind::Cgroup {
+            balance_settings(a)?
+        } else {
+            None
+        },
+    })
 }
 
 pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
@@ -88,156 +486,15 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         }
         Err(e) => return Err(Failure::host(e)),
     };
-    if a.enforcer == "ghost" {
-        if a.balance == "cpu" {
-            return Err(Failure::usage(anyhow::anyhow!(
-                "--balance cpu pins vCPU threads, which the ghOSt agent schedules itself: use it with --enforcer cgroup"
-            )));
-        }
-        return run_ghost_agent(g, a, state_dir);
-    }
-    let scx = match a.enforcer.as_str() {
-        "scx" => true,
-        // Not when another BPF scheduler holds sched_ext: ours could not load.
-        "auto" => {
-            scx::BUILT
-                && scx::kernel_state()
-                    .is_some_and(|(_, ops)| ops.is_empty() || ops == scx::OPS_NAME)
-        }
-        _ => false,
-    };
-    if scx && !scx::BUILT {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "--enforcer scx: this burst-qemu was built without the `scx` feature \
-             (cargo build --features scx; needs clang-19)"
-        )));
-    }
-    if scx && a.balance == "cpu" {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "--balance cpu pins vCPU threads, which the sched_ext scheduler places itself: use it with --enforcer cgroup"
-        )));
-    }
-    let balance = balance_settings(&a)?;
-    let (version, mount) = match (&a.cgroup_mount, a.cgroup_version.as_deref()) {
-        (Some(m), Some("v2")) => (Version::V2, m.clone()),
-        (Some(m), Some(_)) => (Version::V1, m.clone()),
-        (Some(m), None) => {
-            let v = if m.join("cgroup.controllers").exists() { Version::V2 } else { Version::V1 };
-            (v, m.clone())
-        }
-        (None, _) => cgroup::detect_host().ok_or_else(|| {
-            Failure::host(anyhow::anyhow!(
-                "no cgroup hierarchy with the cpu controller is mounted (run burst-qemu check for the fix)"
-            ))
-        })?,
-    };
-    let parent = match a.cgroup_parent.as_deref() {
-        None => mount.clone(),
-        Some("self") => CgroupEnforcer::own_cgroup(&mount).ok_or_else(|| {
-            Failure::usage(anyhow::anyhow!(
-                "--cgroup-parent self: this process has no cgroup v2 path in /proc/self/cgroup"
-            ))
-        })?,
-        Some(p) => {
-            let p = std::path::Path::new(p);
-            let p = if p.is_absolute() {
-                p.to_owned()
-            } else {
-                mount.join(p)
-            };
-            if !p.starts_with(&mount) || !p.is_dir() {
-                return Err(Failure::usage(anyhow::anyhow!(
-                    "--cgroup-parent {}: not a cgroup under {}",
-                    p.display(),
-                    mount.display()
-                )));
-            }
-            p
-        }
-    };
-    let enforcer =
-        CgroupEnforcer::with_parent(version, &mount, &parent, &cgroup::instance_name(&state_dir))
-            .context("setting up cgroup CPU bandwidth (run burst-qemu check)")
-            .map_err(Failure::host)?;
-    let settings = Settings {
-        state_dir,
-        data_dir: g.data_dir(),
-        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
-        metrics_listen: a.metrics_listen,
-        disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
-        memory: memory_settings(&a)?,
-        // The sched_ext scheduler guarantees baselines and splits the spare itself.
-        contention: if a.contention == "off" || scx {
-            None
-        } else {
-            Some(capacity(a.capacity.as_deref())?)
-        },
-        balance,
-    };
-    if scx {
-        let cpus = a
-            .scx_cpus
-            .as_deref()
-            .map(|l| {
-                burst_qemu::balance::pin::parse_cpu_list(l)
-                    .map_err(|e| Failure::usage(anyhow::anyhow!("--scx-cpus {l:?}: {e}")))
-            })
-            .transpose()?;
-        let exe = std::env::current_exe().map_err(Failure::host)?;
-        let enforcer = scx::ScxEnforcer::start(enforcer, &exe, cpus, &settings.state_dir)
-            .context("starting the sched_ext scheduler (run burst-qemu check)")
-            .map_err(Failure::host)?;
-        tracing::info!(
-            "enforcer: {}",
-            burst_qemu::enforce::Enforcer::describe(&enforcer)
-        );
-        return Agent::new(settings, Box::new(enforcer))
-            .run()
-            .map_err(Failure::host);
-    }
-    Agent::new(settings, Box::new(enforcer))
-        .run()
-        .map_err(Failure::host)
-}
-
-/// The pinning balancer's settings from `--balance`, `--balance-cpus`, `--balance-interval`.
-fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failure> {
-    use burst_qemu::balance::pin;
-    if a.balance != "cpu" {
-        return Ok(None);
-    }
-    let cpus = match a.balance_cpus.as_deref() {
-        Some(text) => pin::parse_cpu_list(text)
-            .map_err(|e| Failure::usage(anyhow::anyhow!("--balance-cpus: {e}")))?,
-        None => pin::own_cpus(),
-    };
-    // A CPU that is not online would fail every sched_setaffinity to it.
-    if let Some(online) = std::fs::read_to_string("/sys/devices/system/cpu/online")
-        .ok()
-        .and_then(|t| pin::parse_cpu_list(t.trim()).ok())
-    {
-        let offline: Vec<u32> = cpus
-            .iter()
-            .copied()
-            .filter(|c| !online.contains(c))
-            .collect();
-        if !offline.is_empty() {
-            return Err(Failure::usage(anyhow::anyhow!(
-                "--balance-cpus: CPU(s) {offline:?} are not online (online: {online:?})"
-            )));
-        }
-    }
-    let every = a.balance_interval;
-    if !(every.is_finite() && every >= 0.2) {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "--balance-interval must be a number of seconds ≥ 0.2"
-        )));
-    }
-    Ok(Some((cpus, Duration::from_secs_f64(every))))
+    let kind = resolve_enforcer(a.enforcer);
+    refuse_contradictions(kind, &a)?;
+    let settings = settings(g, &a, kind)?;
+    let enforcer = enforcer(kind, &a, &state_dir)?;
+    Agent::new(settings, enforcer).run().map_err(Failure::host)
 }
 
 /// `burst-qemu scx-scheduler`: the sched_ext scheduler process the scx enforcer starts.
-pub(super) fn run_scx_scheduler(stats: Option<&std::path::Path>) -> Result<(), Failure> {
+pub(super) fn run_scx_scheduler(stats: Option<&Path>) -> Result<(), Failure> {
     #[cfg(feature = "scx")]
     {
         scx::loader::run(stats).map_err(Failure::host)
@@ -245,36 +502,8 @@ pub(super) fn run_scx_scheduler(stats: Option<&std::path::Path>) -> Result<(), F
     #[cfg(not(feature = "scx"))]
     {
         let _ = stats;
-        Err(Failure::usage(anyhow::anyhow!(
-            "built without the `scx` feature (cargo build --features scx)"
-        )))
+        Err(usage(
+            "built without the `scx` feature (cargo build --features scx)".into(),
+        ))
     }
-}
-
-/// The agent with the centralized ghOSt agent as its enforcer. The scheduling policy
-/// (`src/sched/`) guarantees baselines and shares the spare itself, so the cgroup contention
-/// stage is off.
-fn run_ghost_agent(g: &Global, a: AgentArgs, state_dir: std::path::PathBuf) -> Result<(), Failure> {
-    let root = std::path::PathBuf::from(
-        std::env::var_os("BURST_QEMU_GHOST_ROOT")
-            .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
-    );
-    let all = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    let cpus = a.ghost_cpus.clone().unwrap_or_else(|| (0..all).collect());
-    let enforcer = burst_qemu::enforce::ghost::GhostEnforcer::start(&root, &cpus)
-        .context("starting the ghOSt agent (run burst-qemu check)")
-        .map_err(Failure::host)?;
-    let settings = Settings {
-        state_dir,
-        data_dir: g.data_dir(),
-        idle_exit: a.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
-        contention: None,
-        metrics_listen: a.metrics_listen,
-        disk_bandwidth: a.disk_bandwidth.filter(|_| a.contention != "off"),
-        balance: None,
-        memory: memory_settings(&a)?,
-    };
-    Agent::new(settings, Box::new(enforcer))
-        .run()
-        .map_err(Failure::host)
 }

@@ -10,81 +10,123 @@ use burst_qemu::state;
 use super::fleet::{orphan_reason, read_view};
 use super::*;
 
-pub(super) fn check(g: &Global) -> Result<(), Failure> {
-    let mut lines = Vec::new();
-    let mut required_ok = true;
-    let mut line = |ok: bool, what: &str, detail: String| {
-        lines.push(format!(
+/// The report being built: one line per piece, and whether every required piece is there.
+struct Report {
+    lines: Vec<String>,
+    required_ok: bool,
+}
+
+impl Report {
+    /// A line for an optional piece (its absence does not stop enforcement).
+    fn line(&mut self, ok: bool, what: &str, detail: String) {
+        self.lines.push(format!(
             "{} {what:<22} {detail}",
             if ok { "ok " } else { "-- " }
-        ))
-    };
+        ));
+    }
 
+    /// A line for a required piece.
+    fn required(&mut self, ok: bool, what: &str, detail: String) {
+        self.required_ok &= ok;
+        self.line(ok, what, detail);
+    }
+}
+
+pub(super) fn check(g: &Global) -> Result<(), Failure> {
+    let mut r = Report {
+        lines: Vec::new(),
+        required_ok: true,
+    };
+    qemu(&mut r);
+    kvm(&mut r);
+    cgroups(&mut r);
+    ghost(&mut r);
+    let (ok, detail) = sched_ext_line(&g.state_dir());
+    r.line(ok, "sched_ext", detail);
+    fleet(&mut r, &g.state_dir());
+    let mut text = r.lines.join("\n") + "\n";
+    text.push_str(if r.required_ok {
+        "burst-qemu can run and enforce credits on this host\n"
+    } else {
+        "burst-qemu cannot enforce credits here until the pieces above marked -- are fixed\n"
+    });
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+        .map_err(Failure::host)?;
+    if r.required_ok {
+        Ok(())
+    } else {
+        Err(Failure::host(anyhow::anyhow!(
+            "required pieces are missing"
+        )))
+    }
+}
+
+fn qemu(r: &mut Report) {
     match std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
     {
         Ok(o) if o.status.success() => {
             let v = String::from_utf8_lossy(&o.stdout);
-            line(
+            r.required(
                 true,
                 "QEMU",
                 v.lines().next().unwrap_or("").trim().to_owned(),
             );
         }
-        _ => {
-            required_ok = false;
-            line(
-                false,
-                "QEMU",
-                "qemu-system-x86_64 not found. Fix: apt-get install qemu-system-x86".into(),
-            );
-        }
+        _ => r.required(
+            false,
+            "QEMU",
+            "qemu-system-x86_64 not found. Fix: apt-get install qemu-system-x86".into(),
+        ),
     }
+}
+
+fn kvm(r: &mut Report) {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => line(true, "KVM", "/dev/kvm is usable".into()),
-        Err(e) => line(
+        Ok(_) => r.line(true, "KVM", "/dev/kvm is usable".into()),
+        Err(e) => r.line(
             false,
             "KVM",
             format!("/dev/kvm: {e}. Optional: TCG (-accel tcg,thread=multi) works without it. Fix: load kvm_intel or kvm_amd, and add the user to group kvm"),
         ),
     }
-    match cgroup::detect_host() {
-        Some((version, mount)) => {
-            let probe = mount
-                .join("burst-qemu")
-                .join(format!(".check-{}", std::process::id()));
-            let writable =
-                std::fs::create_dir_all(&probe).and_then(|()| std::fs::remove_dir(&probe));
-            match writable {
-                Ok(()) => line(
-                    true,
-                    "cgroup CPU bandwidth",
-                    format!(
-                        "cgroup {version} cpu controller at {} is writable{}",
-                        mount.display(),
-                        if version == Version::V1 {
-                            " (cgroup v2, which this host cannot show, is verified on real 6.1 and 6.12 kernels by the test suite's guests: tests/guest/run, tests/cgroup_v2.rs)"
-                        } else {
-                            ""
-                        }
-                    ),
-                ),
-                Err(e) => {
-                    required_ok = false;
-                    line(false, "cgroup CPU bandwidth", format!("cgroup {version} at {}: {e}. Fix: run burst-qemu as root, or delegate that cgroup to this user", mount.display()));
+}
+
+fn cgroups(r: &mut Report) {
+    let what = "cgroup CPU bandwidth";
+    let Some((version, mount)) = cgroup::detect_host() else {
+        r.required(
+            false,
+            what,
+            "no hierarchy with the cpu controller. Fix (v2): echo +cpu > /sys/fs/cgroup/cgroup.subtree_control; (v1): mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu".into(),
+        );
+        return;
+    };
+    let probe = mount
+        .join("burst-qemu")
+        .join(format!(".check-{}", std::process::id()));
+    match std::fs::create_dir_all(&probe).and_then(|()| std::fs::remove_dir(&probe)) {
+        Ok(()) => r.required(
+            true,
+            what,
+            format!(
+                "cgroup {version} cpu controller at {} is writable{}",
+                mount.display(),
+                if version == Version::V1 {
+                    " (cgroup v2, which this host cannot show, is verified on real 6.1 and 6.12 kernels by the test suite's guests: tests/guest/run, tests/cgroup_v2.rs)"
+                } else {
+                    ""
                 }
-            }
-        }
-        None => {
-            required_ok = false;
-            line(
-                false,
-                "cgroup CPU bandwidth",
-                "no hierarchy with the cpu controller. Fix (v2): echo +cpu > /sys/fs/cgroup/cgroup.subtree_control; (v1): mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu".into(),
-            );
-        }
+            ),
+        ),
+        Err(e) => r.required(false, what, format!("cgroup {version} at {}: {e}. Fix: run burst-qemu as root, or delegate that cgroup to this user", mount.display())),
     }
+}
+
+fn ghost(r: &mut Report) {
     let ghost_root = PathBuf::from(
         std::env::var_os("BURST_QEMU_GHOST_ROOT")
             .unwrap_or_else(|| burst_qemu::ghost::DEFAULT_ROOT.into()),
@@ -95,50 +137,32 @@ pub(super) fn check(g: &Global) -> Result<(), Failure> {
             let wanted = ghost_sys::GHOST_VERSION;
             let list = versions.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
             if versions.contains(&wanted) {
-                line(true, "ghOSt", format!("ghOSt kernel present: ghostfs at {}, ABI versions {list} (this build speaks {wanted}); agent --enforcer ghost can run", ghost_root.display()));
+                r.line(true, "ghOSt", format!("ghOSt kernel present: ghostfs at {}, ABI versions {list} (this build speaks {wanted}); agent --enforcer ghost can run", ghost_root.display()));
             } else {
-                line(false, "ghOSt", format!("ghostfs at {} offers ABI versions {list}, not {wanted}. Fix: a ghOSt kernel with ABI {wanted} (ghost-kernel branch ghost-v5.11)", ghost_root.display()));
+                r.line(false, "ghOSt", format!("ghostfs at {} offers ABI versions {list}, not {wanted}. Fix: a ghOSt kernel with ABI {wanted} (ghost-kernel branch ghost-v5.11)", ghost_root.display()));
             }
         }
-        Err(e) => line(
+        Err(e) => r.line(
             false,
             "ghOSt",
             format!("{e}. Optional: needs a ghOSt kernel (CONFIG_SCHED_CLASS_GHOST) with ghostfs mounted at /sys/fs/ghost (mount -t ghost ghost /sys/fs/ghost); cgroup enforcement is used without it"),
         ),
     }
-    let (ok, detail) = sched_ext_line(&g.state_dir());
-    line(ok, "sched_ext", detail);
-    // The fleet of this state dir: VMs whose ledgers cannot be saved, or without a launcher.
-    let state_dir = g.state_dir();
-    for (vm, liveness) in state::running(&state_dir) {
-        if let Some(e) = read_view(&state_dir, &vm.name).and_then(|v| v.ledger_error) {
-            required_ok = false;
-            line(false, "ledger persistence", format!("{}: the agent cannot save its ledger ({e}); it enforces from memory, and a crash now would lose the credits since the last save. Fix: free space in, or make writable, the data dir", vm.name));
+}
+
+/// The fleet of this state dir: VMs whose ledgers cannot be saved, or without a launcher.
+fn fleet(r: &mut Report, state_dir: &std::path::Path) {
+    for (vm, liveness) in state::running(state_dir) {
+        if let Some(e) = read_view(state_dir, &vm.name).and_then(|v| v.ledger_error) {
+            r.required(false, "ledger persistence", format!("{}: the agent cannot save its ledger ({e}); it enforces from memory, and a crash now would lose the credits since the last save. Fix: free space in, or make writable, the data dir", vm.name));
         }
         if liveness == state::Liveness::Orphaned {
-            line(
+            r.line(
                 true,
                 "orphaned VM",
                 format!("{}: {}", vm.name, orphan_reason(&vm)),
             );
         }
-    }
-    let mut text = lines.join("\n") + "\n";
-    text.push_str(if required_ok {
-        "burst-qemu can run and enforce credits on this host\n"
-    } else {
-        "burst-qemu cannot enforce credits here until the pieces above marked -- are fixed\n"
-    });
-    std::io::stdout()
-        .write_all(text.as_bytes())
-        .context("writing to stdout")
-        .map_err(Failure::host)?;
-    if required_ok {
-        Ok(())
-    } else {
-        Err(Failure::host(anyhow::anyhow!(
-            "required pieces are missing"
-        )))
     }
 }
 

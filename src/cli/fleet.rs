@@ -298,108 +298,135 @@ pub(super) fn credits(g: &Global, a: CreditsArgs) -> Result<(), Failure> {
     revive_agent(g, usize::from(running));
     let view = if running {
         if let Some(c) = set {
-            if !state::agent_running(&state_dir) {
-                return Err(Failure::host(anyhow::anyhow!(
-                    "no agent runs for {}: start one with burst-qemu agent",
-                    state_dir.display()
-                )));
-            }
-            let request = state_dir.join(&a.name).join(state::SET_CREDITS);
-            state::write_atomic(&request, format!("{}\n", c.as_credits()).as_bytes(), 0o600)
-                .with_context(|| format!("writing {}", request.display()))
-                .map_err(Failure::host)?;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while request.exists() {
-                if Instant::now() >= deadline {
-                    return Err(Failure::host(anyhow::anyhow!(
-                        "the agent did not take the new balance within 5 s"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            ask_agent_to_set(&state_dir, &a.name, c)?;
         }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            if let Some(v) = read_view(&state_dir, &a.name) {
-                break v;
-            }
-            if Instant::now() >= deadline {
-                return Err(Failure::host(anyhow::anyhow!(
-                    "{} is running but no agent has published its credits (is the agent running? see {})",
-                    a.name,
-                    state_dir.join("agent.log").display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        published_view(&state_dir, &a.name)?
     } else {
-        let path = state::ledger_path(&data_dir, &a.name);
-        let file = LedgerFile::load(&path)
-            .with_context(|| format!("reading {}", path.display()))
-            .map_err(Failure::host)?
-            .ok_or_else(|| Failure {
-                code: EXIT_NO_SUCH_VM,
-                error: anyhow::anyhow!(
-                    "no VM named {:?}: not running and no ledger in {}",
-                    a.name,
-                    data_dir.display()
-                ),
-            })?;
-        let policy = file
-            .policy
-            .clone()
-            .ok_or_else(|| Failure::host(anyhow::anyhow!("{} has no policy", path.display())))?;
-        let mut ledger = Ledger::restore(policy, file.balances);
-        if let Some(c) = set {
-            ledger.set_balance(c);
-            let saved = LedgerFile {
-                balances: ledger.balances(),
-                ..file.clone()
-            };
-            saved
-                .save(&path)
-                .with_context(|| format!("writing {}", path.display()))
-                .map_err(Failure::host)?;
-        }
-        burst_qemu::agent::view(&a.name, &ledger, file.used_total, None, None)
+        stopped_view(&data_dir, &a.name, set)?
     };
     let text = if a.json {
         let mut v = serde_json::to_value(&view).expect("plain data");
         v["time_to_empty_s"] = view.time_to_empty_s.map(f64::round).into();
         serde_json::to_string_pretty(&v).expect("plain data") + "\n"
     } else {
-        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2} %"));
-        let empty = view.time_to_empty_s.map_or("not draining".to_owned(), |s| {
-            let s = s.round() as u64;
-            format!("in {}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
-        });
-        format!(
-            "{} ({}, {} mode, {} vCPU at {} % baseline)\n\
-             balance        {:.3} credits\n\
-             surplus        {:.3}\n\
-             charged        {:.3}\n\
-             earn rate      {:.3} credits/hour\n\
-             usage          {} of all vCPUs (grant {})\n\
-             empty          {}\n{}",
-            view.name,
-            view.state,
-            view.mode,
-            view.vcpus,
-            view.baseline,
-            view.balance,
-            view.surplus,
-            view.charged,
-            view.earn_per_hour,
-            pct(view.usage_pct),
-            pct(view.grant_pct),
-            empty,
-            view.config_error
-                .as_ref()
-                .map_or(String::new(), |e| format!("config stale: {e}\n")),
-        )
+        credits_text(&view)
     };
     std::io::stdout()
         .write_all(text.as_bytes())
         .context("writing to stdout")
         .map_err(Failure::host)
+}
+
+/// Asks the running agent to set a running VM's balance, and waits until it has.
+fn ask_agent_to_set(state_dir: &std::path::Path, name: &str, c: Credits) -> Result<(), Failure> {
+    if !state::agent_running(state_dir) {
+        return Err(Failure::host(anyhow::anyhow!(
+            "no agent runs for {}: start one with burst-qemu agent",
+            state_dir.display()
+        )));
+    }
+    let request = state_dir.join(name).join(state::SET_CREDITS);
+    state::write_atomic(&request, format!("{}\n", c.as_credits()).as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", request.display()))
+        .map_err(Failure::host)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while request.exists() {
+        if Instant::now() >= deadline {
+            return Err(Failure::host(anyhow::anyhow!(
+                "the agent did not take the new balance within 5 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// A running VM's view as its agent published it (waiting up to 3 s for a first one).
+fn published_view(state_dir: &std::path::Path, name: &str) -> Result<CreditsView, Failure> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Some(v) = read_view(state_dir, name) {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::host(anyhow::anyhow!(
+                "{name} is running but no agent has published its credits (is the agent running? see {})",
+                state_dir.join("agent.log").display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A stopped VM's view from its saved ledger, after setting its balance when asked.
+fn stopped_view(
+    data_dir: &std::path::Path,
+    name: &str,
+    set: Option<Credits>,
+) -> Result<CreditsView, Failure> {
+    let path = state::ledger_path(data_dir, name);
+    let file = LedgerFile::load(&path)
+        .with_context(|| format!("reading {}", path.display()))
+        .map_err(Failure::host)?
+        .ok_or_else(|| Failure {
+            code: EXIT_NO_SUCH_VM,
+            error: anyhow::anyhow!(
+                "no VM named {name:?}: not running and no ledger in {}",
+                data_dir.display()
+            ),
+        })?;
+    let policy = file
+        .policy
+        .clone()
+        .ok_or_else(|| Failure::host(anyhow::anyhow!("{} has no policy", path.display())))?;
+    let mut ledger = Ledger::restore(policy, file.balances);
+    if let Some(c) = set {
+        ledger.set_balance(c);
+        let saved = LedgerFile {
+            balances: ledger.balances(),
+            ..file.clone()
+        };
+        saved
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))
+            .map_err(Failure::host)?;
+    }
+    Ok(burst_qemu::view::build(&burst_qemu::view::Facts::ledger(
+        name,
+        &ledger,
+        file.used_total,
+    )))
+}
+
+/// `credits` without `--json`.
+fn credits_text(view: &CreditsView) -> String {
+    let pct = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2} %"));
+    let empty = view.time_to_empty_s.map_or("not draining".to_owned(), |s| {
+        let s = s.round() as u64;
+        format!("in {}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
+    });
+    format!(
+        "{} ({}, {} mode, {} vCPU at {} % baseline)\n\
+         balance        {:.3} credits\n\
+         surplus        {:.3}\n\
+         charged        {:.3}\n\
+         earn rate      {:.3} credits/hour\n\
+         usage          {} of all vCPUs (grant {})\n\
+         empty          {}\n{}",
+        view.name,
+        view.state,
+        view.mode,
+        view.vcpus,
+        view.baseline,
+        view.balance,
+        view.surplus,
+        view.charged,
+        view.earn_per_hour,
+        pct(view.usage_pct),
+        pct(view.grant_pct),
+        empty,
+        view.config_error
+            .as_ref()
+            .map_or(String::new(), |e| format!("config stale: {e}\n")),
+    )
 }

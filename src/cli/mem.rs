@@ -1,6 +1,6 @@
 //! `burst-qemu mem`: the memory coordinator's view of each memory-balanced VM.
 
-use burst_qemu::agent::memory::{MemoryView, MEMORY_JSON};
+use burst_qemu::balance::memory::{MemoryView, MEMORY_JSON};
 
 use super::*;
 

@@ -23,7 +23,7 @@ mod mem;
 mod observe;
 mod top;
 
-use agent_cmd::run_agent;
+use agent_cmd::{run_agent, AgentArgs};
 use check::check;
 use fleet::{credits, ensure_agent, ls, qmp_on, stop};
 
@@ -167,112 +167,6 @@ struct CreditsArgs {
     /// Set the balance to C credits.
     #[arg(long, value_name = "C", allow_negative_numbers = true)]
     set: Option<f64>,
-}
-
-#[derive(Debug, Args)]
-struct AgentArgs {
-    /// Mount point of the cgroup hierarchy with the cpu controller [default: detected].
-    #[arg(long, value_name = "DIR", env = "BURST_QEMU_CGROUP_MOUNT")]
-    cgroup_mount: Option<PathBuf>,
-    /// The cgroup under which the agent makes its own (`PARENT/burst-qemu/INSTANCE/NAME`): a
-    /// path under the mount, or `self` for the agent's own cgroup (a systemd unit with
-    /// Delegate=yes; see contrib/burst-qemu-agent.service) [default: the mount's root].
-    #[arg(long, value_name = "DIR|self", env = "BURST_QEMU_CGROUP_PARENT")]
-    cgroup_parent: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
-    #[arg(long, value_name = "ADDR", env = "BURST_QEMU_METRICS_LISTEN")]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// How grants are enforced: cgroup CPU bandwidth; burst-qemu's sched_ext scheduler
-    /// scheduling the vCPU threads from per-VM budgets, cgroup quotas kept as a backstop (needs
-    /// Linux 6.12+ with sched_ext and a build with the `scx` feature); or the centralized ghOSt
-    /// agent (needs a ghOSt kernel, ABI 91). `auto`: scx where it can run, else cgroup.
-    #[arg(long, value_name = "auto|cgroup|scx|ghost", default_value = "auto", value_parser = ["auto", "cgroup", "scx", "ghost"], env = "BURST_QEMU_ENFORCER")]
-    enforcer: String,
-    /// With --enforcer scx: the CPUs the vCPU threads run on (keep other busy threads off
-    /// them: on 6.12 the normal scheduler runs before sched_ext) [default: all].
-    #[arg(long, value_name = "LIST", env = "BURST_QEMU_SCX_CPUS")]
-    scx_cpus: Option<String>,
-    /// CPUs of the ghOSt enclave, comma-separated; the first runs the global agent [default: all].
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
-    ghost_cpus: Option<Vec<u32>>,
-    /// The cgroup version at --cgroup-mount.
-    #[arg(long, value_name = "v1|v2", env = "BURST_QEMU_CGROUP_VERSION", value_parser = ["v1", "v2"])]
-    cgroup_version: Option<String>,
-    /// Exit quietly if an agent already runs for the state dir.
-    #[arg(long, hide = true)]
-    if_absent: bool,
-    /// Exit after this many seconds without VMs.
-    #[arg(long, value_name = "SECONDS")]
-    idle_exit: Option<f64>,
-    /// How the CPU is divided when the VMs together want more than the host has: `rescoin`
-    /// (every VM first gets its baseline, the rest is shared by ResCoin's rule) or `off` (each
-    /// VM is capped by its credits alone, and the kernel splits the rest evenly).
-    #[arg(long, value_name = "rescoin|off", default_value = "rescoin", value_parser = ["rescoin", "off"], env = "BURST_QEMU_CONTENTION")]
-    contention: String,
-    /// The CPU the VMs share, for the contention stage: a number of CPUs (`2`, `1.5`) or a CPU
-    /// list (`0-3,6`) [default: every CPU this agent may run on].
-    #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
-    capacity: Option<String>,
-    /// The host's disk bandwidth, bytes/s (`100M`, `1Gi`; `READ,WRITE` when they differ),
-    /// shared by ResCoin's rule among the VMs whose config sets `disk_share`: while they
-    /// together read (or write) more, each VM's drives are throttled to its allocation
-    /// through QMP [default: disks are not managed].
-    #[arg(long, value_name = "BYTES/S[,BYTES/S]", env = "BURST_QEMU_DISK_BANDWIDTH",
-          value_parser = burst_qemu::agent::disk::parse_bandwidth)]
-    disk_bandwidth: Option<burst_qemu::agent::disk::DiskBandwidth>,
-    /// `cpu`: run the vCPU pinning balancer, which pins every vCPU thread to one CPU so that
-    /// the CPUs carry equal demand, and re-pins only when that is off by more than 5 % and a
-    /// new plan is clearly better (README: "The vCPU pinning balancer"); `off`: never pin.
-    #[arg(long, value_name = "cpu|off", default_value = "off", value_parser = ["cpu", "off"], env = "BURST_QEMU_BALANCE")]
-    balance: String,
-    /// The CPUs the pinning balancer uses, as a list (`0-3,6`) [default: every CPU this agent
-    /// may run on].
-    #[arg(long, value_name = "LIST", env = "BURST_QEMU_BALANCE_CPUS")]
-    balance_cpus: Option<String>,
-    /// Seconds between the pinning balancer's plans.
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 2.0,
-        env = "BURST_QEMU_BALANCE_INTERVAL"
-    )]
-    balance_interval: f64,
-    /// The balloon memory coordinator, for VMs whose config says `balance_memory = true`:
-    /// `thresholds` (the published coordinator rules), `idle-tax` (shares with an idle-memory
-    /// tax), `rescoin` (ResCoin's rule, templates by `memory_shares`, as for CPU and disk) or
-    /// `off`.
-    #[arg(long, value_name = "thresholds|idle-tax|rescoin|off", default_value = "thresholds", value_parser = ["thresholds", "idle-tax", "rescoin", "off"], env = "BURST_QEMU_MEMORY_POLICY")]
-    memory_policy: String,
-    /// Seconds between memory coordinator rounds (and the guests' stats polling interval).
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 2.0,
-        env = "BURST_QEMU_MEMORY_INTERVAL"
-    )]
-    memory_interval: f64,
-    /// The idle-memory tax rate, percent (idle-tax policy).
-    #[arg(
-        long,
-        value_name = "PCT",
-        default_value_t = 75.0,
-        env = "BURST_QEMU_IDLE_TAX"
-    )]
-    idle_tax: f64,
-    /// Host memory (MemAvailable) the coordinator never gives to VMs, MiB.
-    #[arg(
-        long,
-        value_name = "MIB",
-        default_value_t = 200,
-        env = "BURST_QEMU_HOST_RESERVE"
-    )]
-    host_reserve: u64,
-    /// A cap on the memory all balanced VMs hold together, MiB [default: only the host limits].
-    #[arg(long, value_name = "MIB", env = "BURST_QEMU_MEMORY_POOL")]
-    memory_pool: Option<u64>,
-    /// Append each coordinator round (planner input and output) as a JSON line to FILE.
-    #[arg(long, value_name = "FILE", env = "BURST_QEMU_MEMORY_TRACE")]
-    memory_trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -477,9 +371,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Agent(a)) => run_agent(g, *a),
         Some(Command::Check) => check(g),
         Some(Command::Simulate(args)) => simulate_cmd(args),
-        Some(Command::Plot(a)) => {
-            observe::plot_cmd(&g.data_dir(), &a.name, &a.since, a.out, a.json, a.csv)
-        }
+        Some(Command::Plot(a)) => observe::plot_cmd(
+            &g.state_dir(),
+            &g.data_dir(),
+            &a.name,
+            &a.since,
+            a.out,
+            a.json,
+            a.csv,
+        ),
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
         Some(Command::ScxScheduler(a)) => agent_cmd::run_scx_scheduler(a.stats.as_deref()),

@@ -4,13 +4,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use burst_qemu::agent::history_file::{self, history_path, unix_now};
-use burst_qemu::agent::{self, CreditsView, LedgerFile};
+use burst_qemu::agent::history_file::{self, history_path};
+use burst_qemu::agent::{CreditsView, LedgerFile, HISTORY_TAIL};
+use burst_qemu::base::unix_now;
 use burst_qemu::credit::Ledger;
 use burst_qemu::history::Sample;
 use burst_qemu::metrics;
 use burst_qemu::plot::{self, CurvePoint};
 use burst_qemu::state;
+use burst_qemu::view::{self, Facts};
 use serde::Serialize;
 
 use super::{Failure, EXIT_NO_SUCH_VM};
@@ -59,7 +61,7 @@ pub fn fleet(state_dir: &Path, data_dir: &Path) -> Vec<CreditsView> {
             if let Ok(Some(f)) = LedgerFile::load(&p) {
                 if let Some(policy) = f.policy.clone() {
                     let l = Ledger::restore(policy, f.balances);
-                    out.push(agent::view(name, &l, f.used_total, None, None));
+                    out.push(view::build(&Facts::ledger(name, &l, f.used_total)));
                 }
             }
         }
@@ -83,16 +85,36 @@ pub struct Row {
     pub baseline_pct: f64,
 }
 
-/// VM `name`'s samples since `since_s` seconds ago, from its history file.
-pub fn rows(data_dir: &Path, name: &str, since_s: u64) -> Result<Vec<Row>, Failure> {
+/// VM `name`'s samples since `since_s` seconds ago: its history file and, while it runs, the
+/// samples the agent closed since it last saved the file (so the curve is current to the last
+/// 10-second sample).
+pub fn rows(
+    state_dir: &Path,
+    data_dir: &Path,
+    name: &str,
+    since_s: u64,
+) -> Result<Vec<Row>, Failure> {
     let path = history_path(data_dir, name);
-    let h = history_file::load(&path)
+    let tail = history_file::load_tail(&state_dir.join(name).join(HISTORY_TAIL));
+    let saved = history_file::load(&path)
         .with_context(|| format!("reading {}", path.display()))
-        .map_err(Failure::host)?
-        .ok_or_else(|| Failure {
+        .map_err(Failure::host)?;
+    let h = match (saved, tail.is_empty()) {
+        (Some(mut h), _) => {
+            h.extend_fine(&tail);
+            Some(h)
+        }
+        (None, false) => {
+            let mut h = burst_qemu::history::History::new();
+            h.extend_fine(&tail);
+            Some(h)
+        }
+        (None, true) => None,
+    };
+    let h = h.ok_or_else(|| Failure {
             code: EXIT_NO_SUCH_VM,
             error: anyhow::anyhow!(
-                "no history for {name:?} in {} (the agent saves it each minute and when the VM ends)",
+                "no history for {name:?} in {} (the agent records it every 10 seconds while the VM runs)",
                 data_dir.display()
             ),
         })?;
@@ -120,6 +142,7 @@ pub fn rows(data_dir: &Path, name: &str, since_s: u64) -> Result<Vec<Row>, Failu
 
 /// `burst-qemu plot`.
 pub fn plot_cmd(
+    state_dir: &Path,
     data_dir: &Path,
     name: &str,
     since: &str,
@@ -128,7 +151,7 @@ pub fn plot_cmd(
     csv: bool,
 ) -> Result<(), Failure> {
     let since_s = parse_since(since).map_err(|e| Failure::usage(anyhow::anyhow!("--since {e}")))?;
-    let rows = rows(data_dir, name, since_s)?;
+    let rows = rows(state_dir, data_dir, name, since_s)?;
     let mut stdout = std::io::stdout().lock();
     if json {
         let text = serde_json::to_string_pretty(&rows).expect("plain data") + "\n";
@@ -193,7 +216,7 @@ pub fn metrics_cmd(state_dir: &Path, data_dir: &Path) -> Result<(), Failure> {
         .and_then(|a| a.trim().parse().ok())
         .and_then(|addr| metrics::scrape(addr).ok());
     let text = served.unwrap_or_else(|| {
-        metrics::render(&metrics::Snapshot {
+        metrics::render(&burst_qemu::view::Snapshot {
             vms: fleet(state_dir, data_dir),
             health: None,
         })

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use burst_qemu::agent::history_file::{self, history_path, unix_now};
-use burst_qemu::agent::CreditsView;
+use burst_qemu::agent::history_file::{self, history_path};
+use burst_qemu::base::unix_now;
+use burst_qemu::view::CreditsView;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::crossterm::terminal::{
     disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen,
@@ -181,6 +182,19 @@ fn draw(f: &mut ratatui::Frame, app: &mut App) {
         .style(Style::default().add_modifier(Modifier::BOLD)),
         head,
     );
+    draw_table(f, app, table_area);
+    let Some(v) = app.table.selected().and_then(|i| app.views.get(i)) else {
+        f.render_widget(
+            Paragraph::new("no VMs").block(Block::bordered().title("detail")),
+            detail,
+        );
+        return;
+    };
+    draw_detail(f, v, app.curves.get(&v.name), detail);
+}
+
+/// The fleet's table, one row per VM.
+fn draw_table(f: &mut ratatui::Frame, app: &mut App, table_area: ratatui::layout::Rect) {
     let rows: Vec<Row> = app
         .views
         .iter()
@@ -227,14 +241,15 @@ fn draw(f: &mut ratatui::Frame, app: &mut App) {
         .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
         .block(Block::bordered().title("VMs"));
     f.render_stateful_widget(table, table_area, &mut app.table);
+}
 
-    let Some(v) = app.table.selected().and_then(|i| app.views.get(i)) else {
-        f.render_widget(
-            Paragraph::new("no VMs").block(Block::bordered().title("detail")),
-            detail,
-        );
-        return;
-    };
+/// The selected VM's figures and its balance over the last hour.
+fn draw_detail(
+    f: &mut ratatui::Frame,
+    v: &CreditsView,
+    curve: Option<&VecDeque<(u64, f64)>>,
+    detail: ratatui::layout::Rect,
+) {
     let [text, chart] =
         Layout::horizontal([Constraint::Length(36), Constraint::Min(10)]).areas(detail);
     let lines = vec![
@@ -261,9 +276,7 @@ fn draw(f: &mut ratatui::Frame, app: &mut App) {
         text,
     );
     let now = unix_now() as f64;
-    let pts: Vec<(f64, f64)> = app
-        .curves
-        .get(&v.name)
+    let pts: Vec<(f64, f64)> = curve
         .map(|c| {
             c.iter()
                 .map(|(t, b)| ((*t as f64 - now) / 60.0, *b))

@@ -181,7 +181,7 @@ pub struct CgroupEnforcer {
 }
 
 fn err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnforceError + 'a {
-    move |source| EnforceError {
+    move |source| EnforceError::Io {
         what,
         path: path.to_owned(),
         source,
@@ -220,10 +220,9 @@ impl CgroupEnforcer {
             let controllers = fs::read_to_string(parent.join("cgroup.controllers"))
                 .map_err(err("reading", &parent.join("cgroup.controllers")))?;
             if !controllers.split_whitespace().any(|c| c == "cpu") {
-                return Err(EnforceError {
+                return Err(EnforceError::Unsupported {
                     what: "the cpu controller is not available (enable it in the parent's cgroup.subtree_control, or delegate it) in",
                     path: parent.to_owned(),
-                    source: io::Error::from(io::ErrorKind::Unsupported),
                 });
             }
             let procs = parent.join("cgroup.procs");
@@ -393,11 +392,7 @@ impl Enforcer for CgroupEnforcer {
 
     fn apply(&mut self, vm: &str, rate: Rate, full: Rate) -> Result<(), EnforceError> {
         let Some(a) = self.vms.get(vm) else {
-            return Err(EnforceError {
-                what: "applying a grant to an unattached VM at",
-                path: self.root.join(vm),
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
+            return Err(EnforceError::NotAttached { vm: vm.to_owned() });
         };
         let (quota, period) = bandwidth(rate, full);
         if a.written == Some((quota, period)) || negligible(a.written, (quota, period), full) {

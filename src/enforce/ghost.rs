@@ -56,11 +56,15 @@ pub struct GhostEnforcer {
     next_id: VmId,
 }
 
-fn failed(what: &'static str, path: &Path, e: impl std::fmt::Display) -> EnforceError {
-    EnforceError {
+fn failed(
+    what: &'static str,
+    path: &Path,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> EnforceError {
+    EnforceError::Scheduler {
         what,
         path: path.to_owned(),
-        source: io::Error::other(e.to_string()),
+        source: e.into(),
     }
 }
 
@@ -305,11 +309,12 @@ mod tests {
         let err = GhostEnforcer::start(&dir.path().join("ghost"), &[0, 1])
             .err()
             .expect("no ghostfs here");
-        let text = format!("{err}: {}", err.source);
+        let text = crate::base::chain(&err);
         assert!(text.contains("ghOSt is not present"), "{text}");
         let err = GhostEnforcer::start(dir.path(), &[0])
             .err()
             .expect("one CPU");
-        assert!(err.what.contains("at least two CPUs"), "{}", err.what);
+        let text = crate::base::chain(&err);
+        assert!(text.contains("at least two CPUs"), "{text}");
     }
 }

@@ -6,7 +6,8 @@
 //! [`scx::ScxEnforcer`] (burst-qemu's own sched_ext BPF scheduler, cgroup quota as backstop).
 //!
 //! CPU time used is measured by the agent from the kernel's own per-thread counters
-//! ([`thread_cpu_ns`]), the same for every enforcer: exact nanoseconds, not samples.
+//! ([`crate::procfs::Proc::thread_sched`]), the same for every enforcer: exact nanoseconds, not
+//! samples.
 
 pub mod cgroup;
 pub mod ghost;
@@ -20,17 +21,47 @@ use thiserror::Error;
 use crate::credit::Rate;
 use crate::state::VmRecord;
 
-/// An enforcement operation that failed.
+/// An enforcement operation that failed. The message says what was being done and where; the
+/// cause is kept as the source (print the chain with [`crate::base::chain`]).
 #[derive(Debug, Error)]
-#[error("{what} {path}: {source}", path = .path.display())]
-pub struct EnforceError {
-    /// What was being done.
-    pub what: &'static str,
-    /// The file or directory.
-    pub path: PathBuf,
-    /// Why.
-    #[source]
-    pub source: io::Error,
+pub enum EnforceError {
+    /// A read or write of the kernel's interface (cgroup files, sysfs) failed.
+    #[error("{what} {path}", path = .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The scheduler behind the enforcer (the sched_ext process, the ghOSt agent) failed or
+    /// refused.
+    #[error("{what} {path}", path = .path.display())]
+    Scheduler {
+        /// What was being done.
+        what: &'static str,
+        /// Where: the ghostfs root, the scheduler's binary, the VM's socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The host lacks what the enforcer needs.
+    #[error("{what} {path}", path = .path.display())]
+    Unsupported {
+        /// What is missing.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The VM was never attached (or was detached).
+    #[error("{vm} is not attached")]
+    NotAttached {
+        /// The VM.
+        vm: String,
+    },
 }
 
 /// Holds VMs' vCPU threads to CPU rates.
@@ -74,19 +105,4 @@ pub trait Enforcer: Send {
         let _ = vm;
         Ok(None)
     }
-}
-
-/// Cumulative CPU time of thread `tid` of process `pid`, in ns, from
-/// `/proc/<pid>/task/<tid>/schedstat`; `None` once the thread is gone.
-pub fn thread_cpu_ns(pid: u32, tid: u32) -> Option<u64> {
-    thread_sched_ns(pid, tid).map(|(run, _)| run)
-}
-
-/// Cumulative `(run, wait)` of a thread, in ns: the time it ran, and the time it waited on a
-/// run queue while runnable (a thread throttled by its cgroup's quota is off the run queue, so
-/// this is what the *host* kept from it). `None` once the thread is gone.
-pub fn thread_sched_ns(pid: u32, tid: u32) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
-    let mut f = text.split_ascii_whitespace();
-    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }

@@ -114,7 +114,7 @@ impl Command {
                 base_ns: num("baseline")?,
                 grant_ns: num("grant")?,
                 name: match words.next() {
-                    Some(n) if crate::launch::validate_name(n).is_ok() => n.to_owned(),
+                    Some(n) if crate::base::validate_name(n).is_ok() => n.to_owned(),
                     Some(n) => return Err(format!("vm: bad name {n:?}")),
                     None => return Err("vm: missing name".into()),
                 },
@@ -227,11 +227,15 @@ pub struct ScxEnforcer {
     quick_deaths: u32,
 }
 
-fn failed(what: &'static str, path: &Path, e: impl std::fmt::Display) -> EnforceError {
-    EnforceError {
+fn failed(
+    what: &'static str,
+    path: &Path,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> EnforceError {
+    EnforceError::Scheduler {
         what,
         path: path.to_owned(),
-        source: io::Error::other(e.to_string()),
+        source: e.into(),
     }
 }
 
@@ -475,7 +479,7 @@ impl Enforcer for ScxEnforcer {
             return Err(failed(
                 "too many VMs for the sched_ext scheduler (64); not scheduling",
                 &vm.qmp_socket,
-                &vm.name,
+                vm.name.clone(),
             ));
         };
         let baseline = Rate::from_percent_of(vm.baseline, vm.vcpus);

@@ -1,6 +1,6 @@
 //! The scheduling policy: which VM's vCPU thread runs on which managed CPU, and for how long.
-//! Pure: no I/O, no clock. One policy, driven by two mechanisms — the ghOSt agent and,
-//! later, the sched_ext user-space side — which report what the
+//! Pure: no I/O, no clock. One policy, driven by the ghOSt agent (and by any mechanism that
+//! reports what the kernel does in the same terms), which reports what the
 //! kernel did ([`Scheduler::wake`], [`Scheduler::stop`], …) with the time it happened, and
 //! carry out what [`Scheduler::decide`] returns.
 //!

@@ -262,7 +262,9 @@ impl Drop for Launched {
 
 /// Cumulative CPU time of a live thread, in ns (the library's schedstat reader).
 pub fn thread_cpu_ns(pid: u32, tid: u32) -> u64 {
-    burst_qemu::enforce::thread_cpu_ns(pid, tid).expect("the thread is alive")
+    burst_qemu::procfs::Proc::host()
+        .thread_cpu_ns(pid, tid)
+        .expect("the thread is alive")
 }
 
 /// Each thread's CPU share (percent of one CPU) over `interval`, read in this one process at

@@ -66,7 +66,7 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
         .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
 
-/// Writes [`Stats`] to `path` (atomically: a new file renamed over the old).
+/// Writes [`Stats`] to `path` (atomically, not synced: it is rewritten each second).
 fn publish(
     obj: &libbpf_rs::Object,
     names: &HashMap<u32, String>,
@@ -94,9 +94,7 @@ fn publish(
             },
         );
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&stats)?)?;
-    std::fs::rename(&tmp, path)?;
+    crate::state::write_published(path, &serde_json::to_vec(&stats)?)?;
     Ok(())
 }
 

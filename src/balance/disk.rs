@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::view::DiskView;
+
 use crate::contention::{Bps, Contention, Observed};
 
 /// The host's disk bandwidth shared by the VMs that set `disk_share`, bytes per second.
@@ -33,23 +35,6 @@ pub struct DiskBandwidth {
     pub read: Bps,
     /// Writes.
     pub write: Bps,
-}
-
-/// What `credits --json` shows of a VM's disks.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DiskView {
-    /// Its share of the host's disk bandwidth, percent.
-    pub share_pct: f64,
-    /// Bytes read per second over the last period.
-    pub read_bps: Option<u64>,
-    /// Bytes written per second over the last period.
-    pub write_bps: Option<u64>,
-    /// The read limit in force (`None`: not throttled).
-    pub read_limit_bps: Option<u64>,
-    /// The write limit in force (`None`: not throttled).
-    pub write_limit_bps: Option<u64>,
-    /// Why its disks cannot be measured or throttled, while they cannot.
-    pub error: Option<String>,
 }
 
 /// Limits to apply: bytes per second, read and write; 0 is "no limit" (QEMU's convention).
@@ -154,6 +139,24 @@ impl Disks {
 
     /// Ends a period: takes the counters the worker brought, plans, and sends the new limits.
     pub fn period(&mut self) {
+        self.take_samples();
+        for (name, limits) in self.plan() {
+            self.hold(&name, limits);
+        }
+        let jobs = self
+            .vms
+            .iter()
+            .map(|(n, m)| Job {
+                name: n.clone(),
+                socket: m.socket.clone(),
+                limits: m.limits,
+            })
+            .collect();
+        let _ = self.jobs.send(jobs);
+    }
+
+    /// Turns the worker's counters into each VM's read and write rates.
+    fn take_samples(&mut self) {
         while let Ok(s) = self.samples.try_recv() {
             let Some(m) = self.vms.get_mut(&s.name) else {
                 continue;
@@ -185,6 +188,10 @@ impl Disks {
                 }
             }
         }
+    }
+
+    /// The read and write stages' limits for the VMs with rates (0: not throttled).
+    fn plan(&mut self) -> Vec<(String, Limits)> {
         let mut names: Vec<&String> = self
             .vms
             .iter()
@@ -199,35 +206,26 @@ impl Disks {
             used: Bps(used),
             waited: Bps(0),
         };
-        let reads: Vec<(&str, Observed<Bps>)> = names
-            .iter()
-            .map(|n| {
-                let m = &self.vms[*n];
-                let (rd, _) = m.rates.unwrap_or_default();
-                (n.as_str(), observe(self.bandwidth.read, rd, m.share_pct))
-            })
-            .collect();
-        let writes: Vec<(&str, Observed<Bps>)> = names
-            .iter()
-            .map(|n| {
-                let m = &self.vms[*n];
-                let (_, wr) = m.rates.unwrap_or_default();
-                (n.as_str(), observe(self.bandwidth.write, wr, m.share_pct))
-            })
-            .collect();
+        let (mut reads, mut writes) = (Vec::new(), Vec::new());
+        for n in &names {
+            let m = &self.vms[*n];
+            let (rd, wr) = m.rates.unwrap_or_default();
+            reads.push((n.as_str(), observe(self.bandwidth.read, rd, m.share_pct)));
+            writes.push((n.as_str(), observe(self.bandwidth.write, wr, m.share_pct)));
+        }
         let rd_plan = self.read.period(&reads);
         let wr_plan = self.write.period(&writes);
-        let planned: Vec<(String, Limits)> = reads
+        let limit = |a: &crate::contention::Allocation<Bps>| {
+            if a.contended {
+                a.rate.0.max(1)
+            } else {
+                0
+            }
+        };
+        reads
             .iter()
             .zip(rd_plan.iter().zip(&wr_plan))
             .map(|((n, _), (r, w))| {
-                let limit = |a: &crate::contention::Allocation<Bps>| {
-                    if a.contended {
-                        a.rate.0.max(1)
-                    } else {
-                        0
-                    }
-                };
                 (
                     (*n).to_owned(),
                     Limits {
@@ -236,40 +234,33 @@ impl Disks {
                     },
                 )
             })
-            .collect();
-        for (name, mut limits) in planned {
-            if let Some(m) = self.vms.get_mut(&name) {
-                // QEMU restarts its throttle's leaky bucket on every change, which lets one
-                // bucket (a tenth of a second's worth) through at once: re-applied every
-                // period, a limit overshoots by 10 % (measured). So keep a limit in force while
-                // the plan stays within 2 % of it.
-                let near = |old: u64, new: u64| old > 0 && new > 0 && old.abs_diff(new) * 50 <= old;
-                if near(m.limits.read, limits.read) {
-                    limits.read = m.limits.read;
-                }
-                if near(m.limits.write, limits.write) {
-                    limits.write = m.limits.write;
-                }
-                if m.limits != limits {
-                    tracing::info!(
-                        "{name}: disk limits read {} write {} (bytes/s, 0 = none)",
-                        limits.read,
-                        limits.write
-                    );
-                }
-                m.limits = limits;
-            }
+            .collect()
+    }
+
+    /// Puts a VM's planned limits in force, keeping a limit while the plan stays near it.
+    fn hold(&mut self, name: &str, mut limits: Limits) {
+        let Some(m) = self.vms.get_mut(name) else {
+            return;
+        };
+        // QEMU restarts its throttle's leaky bucket on every change, which lets one bucket (a
+        // tenth of a second's worth) through at once: re-applied every period, a limit
+        // overshoots by 10 % (measured). So keep a limit in force while the plan stays within
+        // 2 % of it.
+        let near = |old: u64, new: u64| old > 0 && new > 0 && old.abs_diff(new) * 50 <= old;
+        if near(m.limits.read, limits.read) {
+            limits.read = m.limits.read;
         }
-        let jobs = self
-            .vms
-            .iter()
-            .map(|(n, m)| Job {
-                name: n.clone(),
-                socket: m.socket.clone(),
-                limits: m.limits,
-            })
-            .collect();
-        let _ = self.jobs.send(jobs);
+        if near(m.limits.write, limits.write) {
+            limits.write = m.limits.write;
+        }
+        if m.limits != limits {
+            tracing::info!(
+                "{name}: disk limits read {} write {} (bytes/s, 0 = none)",
+                limits.read,
+                limits.write
+            );
+        }
+        m.limits = limits;
     }
 }
 

@@ -11,23 +11,24 @@
 //! Per VM and round: `qom-set guest-stats-polling-interval` (re-armed every round, as libvirt's
 //! coordinators do, since QEMU's timer stops when the guest stops answering), `qom-get
 //! guest-stats`, `query-balloon`; at adoption, `query-memory-size-summary` (the boot size, the
-//! ceiling) and, for a VM not yet ballooned, `balloon memory_start`. The VM's config is re-read
-//! every round, so edits of `memory_*` apply within one interval (a bad edit keeps the last
-//! good settings; the credit loop reports it).
+//! ceiling) and, for a VM not yet ballooned, `balloon memory_start`. Which VMs it balances, and
+//! with which settings, it learns from the agent ([`Member`]s, updated whenever the agent adopts
+//! a VM, lets one go or applies an edit): it reads no config file, so edits of `memory_*` apply
+//! within one interval and a bad edit keeps the last good settings.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::balance::mem::{self, Activity, Stats, MIB};
-use crate::config::{self, MemoryConfig};
-use crate::state::{self, VmRecord};
+use crate::config::MemoryConfig;
+use crate::state::VmRecord;
 
 /// The file each memory-balanced VM's view is published in, in its runtime dir.
 pub const MEMORY_JSON: &str = "memory.json";
@@ -105,8 +106,22 @@ impl Drop for Coordinator {
     }
 }
 
-/// Starts the coordinator thread for the VMs of `state_dir`.
-pub fn spawn(state_dir: PathBuf, settings: MemorySettings) -> Coordinator {
+/// A VM the coordinator balances, with the memory settings in force.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    /// The running VM.
+    pub record: VmRecord,
+    /// Its memory settings.
+    pub config: MemoryConfig,
+}
+
+/// Starts the coordinator thread for the `members` of `state_dir` (the agent keeps the list
+/// current).
+pub fn spawn(
+    state_dir: PathBuf,
+    settings: MemorySettings,
+    members: Arc<Mutex<Vec<Member>>>,
+) -> Coordinator {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
@@ -125,7 +140,8 @@ pub fn spawn(state_dir: PathBuf, settings: MemorySettings) -> Coordinator {
             let mut c = State::default();
             while !flag.load(Ordering::Relaxed) {
                 let started = Instant::now();
-                c.round(&state_dir, &settings);
+                let now = members.lock().map(|m| m.clone()).unwrap_or_default();
+                c.round(&state_dir, &settings, &now);
                 // Sleep in short slices so that a stopping agent is not held up.
                 while started.elapsed() < settings.interval && !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(100));
@@ -177,29 +193,61 @@ struct Reading {
 }
 
 impl State {
-    fn round(&mut self, state_dir: &Path, s: &MemorySettings) {
-        let records = state::running(state_dir);
-        self.vms.retain(|name, t| {
-            records
-                .iter()
-                .any(|(r, _)| &r.name == name && r.pid == t.pid && r.qemu_start == t.qemu_start)
-        });
-        let mut inputs = Vec::new();
-        let mut readings = HashMap::new();
-        for (record, _) in &records {
-            let loaded = config::load(&record.config).ok();
-            let Some(cfg) = loaded
-                .map(|c| c.memory)
-                .unwrap_or_else(|| self.vms.get(&record.name).map(|t| t.config.clone()))
-            else {
-                if self.vms.remove(&record.name).is_some() {
-                    tracing::info!("{}: memory no longer balanced", record.name);
-                    let _ = std::fs::remove_file(state_dir.join(&record.name).join(MEMORY_JSON));
-                }
+    fn round(&mut self, state_dir: &Path, s: &MemorySettings, members: &[Member]) {
+        self.forget_gone(state_dir, members);
+        let (inputs, mut readings) = self.read_all(members, s);
+        let host = host_available_mb(&s.meminfo);
+        let targets = self.plan(s, &inputs, host);
+        for target in &targets {
+            let Some(m) = members.iter().find(|m| m.record.name == target.name) else {
                 continue;
             };
+            if let Err(e) = self.set(&m.record, target, &inputs) {
+                if let Some(r) = readings.get_mut(&target.name) {
+                    r.error = Some(format!("balloon: {e}"));
+                }
+            }
+        }
+        if let Some(path) = &s.trace {
+            trace(path, host, &inputs, &targets);
+        }
+        for (name, r) in readings {
+            if let Some(t) = self.vms.get_mut(&name) {
+                publish(state_dir, &name, t, &r, s);
+            }
+        }
+    }
+
+    /// Forgets the VMs that ended or are no longer balanced.
+    fn forget_gone(&mut self, state_dir: &Path, members: &[Member]) {
+        self.vms.retain(|name, t| {
+            let kept = members.iter().any(|m| {
+                &m.record.name == name
+                    && m.record.pid == t.pid
+                    && m.record.qemu_start == t.qemu_start
+            });
+            if !kept {
+                tracing::info!(
+                    "{name}: memory no longer balanced (the VM ended, or balance_memory is off)"
+                );
+                let _ = std::fs::remove_file(state_dir.join(name).join(MEMORY_JSON));
+            }
+            kept
+        });
+    }
+
+    /// Adopts new members and reads every member's balloon and stats: the planner's inputs
+    /// (VMs whose balloon answered) and each VM's reading.
+    fn read_all(
+        &mut self,
+        members: &[Member],
+        s: &MemorySettings,
+    ) -> (Vec<mem::Vm>, HashMap<String, Reading>) {
+        let mut inputs = Vec::new();
+        let mut readings = HashMap::new();
+        for Member { record, config } in members {
             if !self.vms.contains_key(&record.name) {
-                match adopt(record, &cfg, s) {
+                match adopt(record, config, s) {
                     Ok(t) => {
                         self.vms.insert(record.name.clone(), t);
                     }
@@ -212,42 +260,29 @@ impl State {
             let Some(t) = self.vms.get_mut(&record.name) else {
                 continue;
             };
-            if t.config != cfg {
-                tracing::info!("{}: memory settings applied: {cfg:?}", record.name);
-                t.config = cfg;
+            if &t.config != config {
+                tracing::info!("{}: memory settings applied: {config:?}", record.name);
+                t.config = config.clone();
             }
             let r = read(record, t, s);
             if let Some(actual) = r.actual {
-                if let Some(st) = &r.stats {
-                    if t.last_sample == Some((actual, st.total)) && actual >= st.total {
-                        t.overhead = Some(actual - st.total);
-                    }
-                    t.last_sample = Some((actual, st.total));
-                }
-                let stats = r.stats.filter(|st| !settling(t, actual, st, s.interval));
-                t.last_actual = Some(actual);
-                if let Some(st) = &stats {
-                    t.activity.observe(st.used_fraction());
-                }
-                let ceiling = t.config.max.map_or(t.boot_mb, |m| m.min(t.boot_mb));
-                // A VM without usable stats this round is still counted (its memory is
-                // held), but the planner leaves it alone.
-                inputs.push(mem::Vm {
-                    name: record.name.clone(),
-                    floor: t.config.min.min(ceiling),
-                    ceiling,
-                    shares: t.config.shares,
-                    actual,
-                    stats,
-                    active: t.activity.value(),
-                });
+                inputs.push(observe(&record.name, t, actual, r.stats.as_ref(), s));
             }
             readings.insert(record.name.clone(), r);
         }
-        let host = host_available_mb(&s.meminfo);
-        let targets = match host {
+        (inputs, readings)
+    }
+
+    /// The policy's balloon targets (none when the host's memory cannot be read).
+    fn plan(
+        &mut self,
+        s: &MemorySettings,
+        inputs: &[mem::Vm],
+        host: Option<u64>,
+    ) -> Vec<mem::Target> {
+        match host {
             Some(h) if !inputs.is_empty() && s.planner.policy == mem::Policy::Rescoin => {
-                let (targets, allotted) = self.rescoin.plan(&s.planner, &inputs, h);
+                let (targets, allotted) = self.rescoin.plan(&s.planner, inputs, h);
                 for (name, a) in allotted {
                     if let Some(t) = self.vms.get_mut(&name) {
                         t.allocation = Some(a.allocation);
@@ -255,7 +290,7 @@ impl State {
                 }
                 targets
             }
-            Some(h) if !inputs.is_empty() => mem::plan(&s.planner, &inputs, h),
+            Some(h) if !inputs.is_empty() => mem::plan(&s.planner, inputs, h),
             None => {
                 tracing::error!(
                     "memory: cannot read MemAvailable from {}: no balloon moves",
@@ -264,53 +299,77 @@ impl State {
                 Vec::new()
             }
             _ => Vec::new(),
+        }
+    }
+
+    /// Sets one balloon target, unless it would undo a shrink still in flight.
+    fn set(
+        &mut self,
+        record: &VmRecord,
+        target: &mem::Target,
+        inputs: &[mem::Vm],
+    ) -> Result<(), qmp::Error> {
+        let Some(t) = self.vms.get_mut(&target.name) else {
+            return Ok(());
         };
-        for target in &targets {
-            let Some((record, _)) = records.iter().find(|(r, _)| r.name == target.name) else {
-                continue;
-            };
-            let Some(t) = self.vms.get_mut(&target.name) else {
-                continue;
-            };
-            let actual = inputs
-                .iter()
-                .find(|v| v.name == target.name)
-                .map_or(0, |v| v.actual);
-            if t.target
-                .is_some_and(|pending| pending <= target.target && target.target < actual)
-            {
-                // A shrink to above a shrink still in flight (a guest slow to inflate to
-                // memory_start): it would undo part of it.
-                continue;
-            }
-            match set_target(record, target.target) {
-                Ok(()) => {
-                    tracing::debug!(
-                        "{}: balloon {} MiB ({})",
-                        target.name,
-                        target.target,
-                        target.why
-                    );
-                    t.target = Some(target.target);
-                    t.target_at = Instant::now();
-                    t.last_change = Some(target.why.to_owned());
-                }
-                Err(e) => {
-                    if let Some(r) = readings.get_mut(&target.name) {
-                        r.error = Some(format!("balloon: {e}"));
-                    }
-                }
-            }
+        let actual = inputs
+            .iter()
+            .find(|v| v.name == target.name)
+            .map_or(0, |v| v.actual);
+        if t.target
+            .is_some_and(|pending| pending <= target.target && target.target < actual)
+        {
+            // A shrink to above a shrink still in flight (a guest slow to inflate to
+            // memory_start): it would undo part of it.
+            return Ok(());
         }
-        if let Some(path) = &s.trace {
-            trace(path, host, &inputs, &targets);
+        set_target(record, target.target)?;
+        tracing::debug!(
+            "{}: balloon {} MiB ({})",
+            target.name,
+            target.target,
+            target.why
+        );
+        t.target = Some(target.target);
+        t.target_at = Instant::now();
+        t.last_change = Some(target.why.to_owned());
+        Ok(())
+    }
+}
+
+/// The planner's view of a VM whose balloon answered: its stats are used only when they
+/// describe the balloon as it is (see [`settling`]).
+fn observe(
+    name: &str,
+    t: &mut Tracked,
+    actual: u64,
+    stats: Option<&Stats>,
+    s: &MemorySettings,
+) -> mem::Vm {
+    if let Some(st) = stats {
+        if t.last_sample == Some((actual, st.total)) && actual >= st.total {
+            t.overhead = Some(actual - st.total);
         }
-        for (name, r) in readings {
-            let Some(t) = self.vms.get_mut(&name) else {
-                continue;
-            };
-            publish(state_dir, &name, t, &r, s);
-        }
+        t.last_sample = Some((actual, st.total));
+    }
+    let stats = stats
+        .filter(|st| !settling(t, actual, st, s.interval))
+        .copied();
+    t.last_actual = Some(actual);
+    if let Some(st) = &stats {
+        t.activity.observe(st.used_fraction());
+    }
+    let ceiling = t.config.max.map_or(t.boot_mb, |m| m.min(t.boot_mb));
+    // A VM without usable stats this round is still counted (its memory is held), but the
+    // planner leaves it alone.
+    mem::Vm {
+        name: name.to_owned(),
+        floor: t.config.min.min(ceiling),
+        ceiling,
+        shares: t.config.shares,
+        actual,
+        stats,
+        active: t.activity.value(),
     }
 }
 
@@ -433,7 +492,7 @@ fn read(record: &VmRecord, t: &Tracked, s: &MemorySettings) -> Reading {
     match result {
         Ok((stats, actual)) => {
             r.actual = Some(actual.max(0) as u64 / MIB);
-            r.stats = parse_stats(&stats, unix_now(), s.interval);
+            r.stats = parse_stats(&stats, crate::base::unix_now_f64(), s.interval);
         }
         Err(e) => r.error = Some(e.to_string()),
     }
@@ -473,16 +532,7 @@ fn set_target(record: &VmRecord, target_mb: u64) -> Result<(), qmp::Error> {
 
 /// The host's MemAvailable, MiB.
 pub fn host_available_mb(meminfo: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(meminfo).ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024)
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    crate::procfs::meminfo_available_mb(&std::fs::read_to_string(meminfo).ok()?)
 }
 
 fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &MemorySettings) {
@@ -515,7 +565,7 @@ fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &Memor
         allocation_mb: t.allocation,
         last_change: t.last_change.clone(),
         error: r.error.clone(),
-        at: (unix_now() * 10.0).round() / 10.0,
+        at: (crate::base::unix_now_f64() * 10.0).round() / 10.0,
     };
     if t.published.as_ref().map(|p| &p.state) != Some(&view.state) {
         tracing::info!(
@@ -529,7 +579,7 @@ fn publish(state_dir: &Path, name: &str, t: &mut Tracked, r: &Reading, s: &Memor
     let dir = state_dir.join(name);
     if dir.is_dir() {
         let text = serde_json::to_string_pretty(&view).unwrap_or_default() + "\n";
-        let _ = state::write_published(&dir.join(MEMORY_JSON), text.as_bytes());
+        let _ = crate::state::write_published(&dir.join(MEMORY_JSON), text.as_bytes());
     }
     t.published = Some(view);
 }
@@ -550,7 +600,7 @@ pub struct TraceLine {
 
 fn trace(path: &Path, host: Option<u64>, vms: &[mem::Vm], targets: &[mem::Target]) {
     let line = serde_json::json!({
-        "at": (unix_now() * 10.0).round() / 10.0,
+        "at": (crate::base::unix_now_f64() * 10.0).round() / 10.0,
         "host_available": host,
         "vms": vms,
         "targets": targets,

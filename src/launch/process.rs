@@ -1,0 +1,267 @@
+//! QEMU as a process: a clean start (default signal dispositions, an empty mask, no inherited
+//! descriptor but those it is handed), the QMP monitor reached without polling for a socket
+//! file, and its life until it exits (signals turned into a graceful power-down, then `quit`,
+//! then SIGKILL).
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::signalfd::SignalFd;
+use nix::unistd::Pid;
+
+use super::{LaunchError, QUIT_GRACE, STARTUP_TIMEOUT, WATCHDOG_EVERY};
+use crate::base::{IoContext, IoFailure};
+use crate::state::{RuntimeDir, VmRecord};
+
+/// How the launcher reaches QEMU's monitor.
+pub(super) enum Monitor {
+    /// We bound it and pass the listening socket to QEMU (ours is kept open until the
+    /// handshake is done).
+    Ours { _listener: UnixListener },
+    /// The operator's `-qmp unix:` socket.
+    Theirs,
+}
+
+/// A VM that registered: QEMU is running and its vCPU threads are recorded.
+pub struct Running {
+    pub(super) child: Child,
+    pub(super) runtime: RuntimeDir,
+    pub(super) record: VmRecord,
+    pub(super) signals: SignalFd,
+    pub(super) shutdown_timeout: Duration,
+}
+
+/// Run in the child between fork and exec: QEMU starts with the default disposition for every
+/// signal and an empty signal mask (the launcher blocks INT, TERM, HUP and CHLD for its
+/// signalfd, and a mask is inherited across exec: QEMU would otherwise ignore `kill`), and with
+/// no descriptor above 2 but those in `keep` (the QMP listener, the operator's `fd=` ones).
+///
+/// # Safety
+///
+/// Only async-signal-safe calls: it must run between fork and exec.
+pub(super) unsafe fn clean_child(keep: &[i32]) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask and no flags.
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    for sig in 1..65 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: sigaction with a valid struct; the signals glibc reserves answer EINVAL,
+            // which is ignored.
+            unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        }
+    }
+    // SAFETY: an empty set, built in place.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: valid set pointer; the old mask is not wanted.
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes descriptor flags.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !marked {
+        // Kernels before 5.11: mark each possible descriptor.
+        // SAFETY: a zeroed rlimit is a valid out-parameter.
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to an rlimit.
+        let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur.min(65_536) as i32
+        } else {
+            1024
+        };
+        for fd in 3..max {
+            // SAFETY: fcntl on a descriptor that may not be open answers EBADF, ignored.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    for &fd in keep {
+        // SAFETY: fcntl on a descriptor number; a closed one answers EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn cpu_thread_id(cpu: &qmp::qapi::qmp::CpuInfoFast) -> i64 {
+    // Every target's variant carries the same base; read it through JSON rather than match
+    // some thirty variants.
+    serde_json::to_value(cpu)
+        .ok()
+        .and_then(|v| v.get("thread-id").and_then(serde_json::Value::as_i64))
+        .unwrap_or(-1)
+}
+
+/// Turns a QMP failure during start-up into "QEMU exited" when that is what happened.
+pub(super) fn startup_failure(child: &mut Child, e: qmp::Error) -> LaunchError {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return LaunchError::QemuStartup { status };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    LaunchError::Qmp(e)
+}
+
+/// Connects to the monitor and waits until QEMU has something to say (its greeting), noticing
+/// within milliseconds if QEMU exits instead.
+pub(super) fn connect_monitor(
+    child: &mut Child,
+    path: &Path,
+    monitor: &Monitor,
+) -> Result<UnixStream, LaunchError> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            // The operator's socket does not exist until QEMU creates it.
+            Err(_) if matches!(monitor, Monitor::Theirs) && Instant::now() < deadline => {
+                if let Some(status) = child.try_wait().doing(|| "waiting for QEMU".into())? {
+                    return Err(LaunchError::QemuStartup { status });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                return Err(IoFailure::of(format!("connecting to {}", path.display()), e).into())
+            }
+        }
+    };
+    loop {
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::from(20u8)).doing(|| "polling QMP".into())?;
+        if ready > 0 {
+            return Ok(stream);
+        }
+        if let Some(status) = child.try_wait().doing(|| "waiting for QEMU".into())? {
+            return Err(LaunchError::QemuStartup { status });
+        }
+        if Instant::now() >= deadline {
+            return Err(qmp::Error::Timeout {
+                phase: qmp::Phase::Greeting,
+                waited: STARTUP_TIMEOUT,
+            }
+            .into());
+        }
+    }
+}
+
+/// The shutdown steps, in order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stage {
+    Running,
+    PoweringDown(Instant),
+    Quitting(Instant),
+    Killed,
+}
+
+impl Running {
+    /// The VM's record.
+    pub fn record(&self) -> &VmRecord {
+        &self.record
+    }
+
+    /// Runs until QEMU exits; returns the launcher's exit status (QEMU's, or 128 + signal).
+    /// The runtime dir is removed. `watchdog` is called every [`WATCHDOG_EVERY`] while the VM
+    /// runs (the binary restarts a dead agent from it).
+    pub fn wait(mut self, mut watchdog: impl FnMut()) -> Result<u8, LaunchError> {
+        let mut stage = Stage::Running;
+        let mut next_watch = Instant::now() + WATCHDOG_EVERY;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().doing(|| "waiting for QEMU".into())? {
+                break status;
+            }
+            if stage == Stage::Running && Instant::now() >= next_watch {
+                watchdog();
+                next_watch = Instant::now() + WATCHDOG_EVERY;
+            }
+            let timeout = match stage {
+                Stage::Killed => PollTimeout::NONE,
+                Stage::Running => PollTimeout::try_from(WATCHDOG_EVERY.as_millis() as i32)
+                    .unwrap_or(PollTimeout::NONE),
+                Stage::PoweringDown(t) | Stage::Quitting(t) => {
+                    let ms = t.saturating_duration_since(Instant::now()).as_millis();
+                    PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)
+                }
+            };
+            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(IoFailure::of("polling signals", e).into()),
+            }
+            let mut asked_to_stop = false;
+            while let Ok(Some(info)) = self.signals.read_signal() {
+                let sig = info.ssi_signo as i32;
+                if sig == libc::SIGINT || sig == libc::SIGTERM || sig == libc::SIGHUP {
+                    asked_to_stop = true;
+                }
+            }
+            let now = Instant::now();
+            stage = match stage {
+                Stage::Running if asked_to_stop => {
+                    tracing::info!("powering {} down", self.record.name);
+                    if let Err(e) = self.qmp(qmp::qapi::qmp::system_powerdown {}) {
+                        tracing::warn!("system_powerdown failed: {e}");
+                    }
+                    Stage::PoweringDown(now + self.shutdown_timeout)
+                }
+                Stage::PoweringDown(t) if asked_to_stop || now >= t => {
+                    tracing::info!("{} did not power down: quit", self.record.name);
+                    if let Err(e) = self.qmp(qmp::qapi::qmp::quit {}) {
+                        tracing::warn!("quit failed ({e}): SIGTERM to QEMU");
+                        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+                    }
+                    Stage::Quitting(now + QUIT_GRACE)
+                }
+                Stage::Quitting(t) if now >= t => {
+                    tracing::warn!("{} still running after quit: SIGKILL", self.record.name);
+                    let _ = self.child.kill();
+                    Stage::Killed
+                }
+                s => s,
+            };
+        };
+        drop(self.runtime);
+        Ok(exit_code(status))
+    }
+
+    fn qmp<C: qmp::qapi::Command>(&self, command: C) -> Result<C::Ok, qmp::Error> {
+        qmp::Client::connect(&self.record.qmp_socket, Duration::from_secs(2))?.execute(command)
+    }
+}
+
+/// QEMU's exit status as the launcher's: its code, or 128 + the signal that killed it.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c as u8,
+        (None, Some(s)) => 128u8.wrapping_add(s as u8),
+        (None, None) => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+    }
+}

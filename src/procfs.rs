@@ -1,0 +1,256 @@
+//! What the kernel says about processes and threads: per-thread CPU time and run-queue wait
+//! (`schedstat`), the CPU a thread last ran on and a process's start time (`stat`), thread names
+//! (`comm`), the boot id, `MemAvailable`, and CPU affinity. One module, used by the agent, the
+//! enforcers and the balancers alike.
+//!
+//! Every reader is a method of [`Proc`], whose root is `/proc` on a host ([`Proc::host`]) and a
+//! directory of synthetic files in tests and simulations ([`Proc::at`]). A reader answers `None`
+//! when the file is gone or unreadable (a thread that has exited, a zombie): never a panic, never
+//! a guess.
+//!
+//! Measure with these, not with `/proc/PID/stat`'s tick counts: `schedstat` is in nanoseconds,
+//! exact, and what `se.sum_exec_runtime` (and so the sched_ext scheduler) counts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use nix::sched::{sched_getaffinity, CpuSet};
+use nix::unistd::Pid;
+
+/// A `/proc` to read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proc {
+    root: PathBuf,
+}
+
+/// A thread's cumulative scheduler statistics, in ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStat {
+    /// Time it ran on a CPU.
+    pub run_ns: u64,
+    /// Time it waited on a run queue while runnable (a thread throttled by its cgroup's quota is
+    /// off the run queue, so this is what the *host* kept from it).
+    pub wait_ns: u64,
+}
+
+impl Proc {
+    /// The host's `/proc`.
+    pub fn host() -> &'static Proc {
+        static HOST: OnceLock<Proc> = OnceLock::new();
+        HOST.get_or_init(|| Proc::at("/proc"))
+    }
+
+    /// A `/proc` rooted at `root` (fixtures, simulations).
+    pub fn at(root: impl Into<PathBuf>) -> Proc {
+        Proc { root: root.into() }
+    }
+
+    /// The root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn task(&self, pid: u32, tid: u32) -> PathBuf {
+        self.root.join(format!("{pid}/task/{tid}"))
+    }
+
+    /// Thread `tid` of process `pid`'s `schedstat`; `None` once the thread is gone.
+    pub fn thread_sched(&self, pid: u32, tid: u32) -> Option<SchedStat> {
+        parse_schedstat(&fs::read_to_string(self.task(pid, tid).join("schedstat")).ok()?)
+    }
+
+    /// Cumulative CPU time of thread `tid` of `pid`, in ns; `None` once the thread is gone.
+    pub fn thread_cpu_ns(&self, pid: u32, tid: u32) -> Option<u64> {
+        self.thread_sched(pid, tid).map(|s| s.run_ns)
+    }
+
+    /// The CPU thread `tid` of `pid` last ran on (field 39 of its `stat`).
+    pub fn thread_last_cpu(&self, pid: u32, tid: u32) -> Option<u32> {
+        let text = fs::read_to_string(self.task(pid, tid).join("stat")).ok()?;
+        stat_field(&text, 39)?.parse().ok()
+    }
+
+    /// Whether `tid` is a thread of process `pid` (a recorded id that is no longer one, because
+    /// the process ended and the id was reused, is never to be acted on).
+    pub fn is_thread_of(&self, pid: u32, tid: u32) -> bool {
+        self.task(pid, tid).is_dir()
+    }
+
+    /// The thread ids of process `pid`, ascending; empty when it is gone.
+    pub fn threads(&self, pid: u32) -> Vec<u32> {
+        let mut tids: Vec<u32> = fs::read_dir(self.root.join(format!("{pid}/task")))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        tids.sort_unstable();
+        tids
+    }
+
+    /// Thread `tid`'s name (`comm`, at most 15 bytes: QEMU names its vCPU threads `CPU 0/TCG`
+    /// or `CPU 0/KVM` with `-name …,debug-threads=on`).
+    pub fn thread_name(&self, pid: u32, tid: u32) -> Option<String> {
+        let text = fs::read_to_string(self.task(pid, tid).join("comm")).ok()?;
+        Some(text.trim_end_matches('\n').to_owned())
+    }
+
+    /// A process's start time: field 22 of `/proc/PID/stat`, in clock ticks after boot; `None`
+    /// when there is no such process, it is a zombie (it has exited and waits to be reaped), or
+    /// the field reads 0 (never a real start time: it would match any process).
+    pub fn process_start_time(&self, pid: u32) -> Option<u64> {
+        let text = fs::read_to_string(self.root.join(format!("{pid}/stat"))).ok()?;
+        if matches!(stat_field(&text, 3)?, "Z" | "X") {
+            return None;
+        }
+        stat_field(&text, 22)?.parse().ok().filter(|&t| t != 0)
+    }
+
+    /// `MemAvailable` of `meminfo`, MiB.
+    pub fn mem_available_mb(&self) -> Option<u64> {
+        meminfo_available_mb(&fs::read_to_string(self.root.join("meminfo")).ok()?)
+    }
+
+    /// This boot's id (`sys/kernel/random/boot_id`), empty when unreadable. The host's is read
+    /// once.
+    pub fn boot_id(&self) -> String {
+        static HOST: OnceLock<String> = OnceLock::new();
+        let read = || {
+            fs::read_to_string(self.root.join("sys/kernel/random/boot_id"))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        if self.root == Path::new("/proc") {
+            HOST.get_or_init(read).clone()
+        } else {
+            read()
+        }
+    }
+}
+
+/// The two first fields of a `schedstat` line.
+pub fn parse_schedstat(text: &str) -> Option<SchedStat> {
+    let mut f = text.split_ascii_whitespace();
+    Some(SchedStat {
+        run_ns: f.next()?.parse().ok()?,
+        wait_ns: f.next()?.parse().ok()?,
+    })
+}
+
+/// Field `n` (1-based, as proc(5) numbers them) of a `stat` line. The command (field 2) is in
+/// parentheses and may hold spaces and parentheses itself: the fields after it start after its
+/// last `)`.
+pub fn stat_field(text: &str, n: usize) -> Option<&str> {
+    let close = text.rfind(')')?;
+    match n {
+        0 => None,
+        1 => text.split_ascii_whitespace().next(),
+        2 => Some(&text[text.find('(')? + 1..close]),
+        _ => text[close + 1..].split_ascii_whitespace().nth(n - 3),
+    }
+}
+
+/// `MemAvailable` of a `meminfo` text, MiB.
+pub fn meminfo_available_mb(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+/// The CPUs thread `tid` may run on (its affinity mask; `0` is the calling thread); `None` when
+/// it is gone.
+pub fn affinity(tid: u32) -> Option<Vec<u32>> {
+    let set = sched_getaffinity(Pid::from_raw(tid as i32)).ok()?;
+    Some(
+        (0..CpuSet::count() as u32)
+            .filter(|&c| set.is_set(c as usize).unwrap_or(false))
+            .collect(),
+    )
+}
+
+/// The CPUs this process may run on.
+pub fn own_cpus() -> Vec<u32> {
+    affinity(0).unwrap_or_else(|| {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get()) as u32).collect()
+    })
+}
+
+/// The host's online CPUs (`/sys/devices/system/cpu/online`), when readable.
+pub fn online_cpus() -> Option<Vec<u32>> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    crate::base::parse_cpu_list(text.trim()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_survive_commands_with_spaces_and_parentheses() {
+        let line = "4242 (CPU 0/KVM (x)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 20";
+        assert_eq!(stat_field(line, 1), Some("4242"));
+        assert_eq!(stat_field(line, 2), Some("CPU 0/KVM (x)"));
+        assert_eq!(stat_field(line, 3), Some("S"));
+        assert_eq!(stat_field(line, 22), Some("777"));
+        assert_eq!(stat_field(line, 40), None);
+        assert_eq!(stat_field("garbage", 3), None);
+    }
+
+    #[test]
+    fn a_fixture_tree_is_read_like_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = dir.path().join("10/task/11");
+        fs::create_dir_all(&task).unwrap();
+        fs::write(task.join("schedstat"), "500 70 3\n").unwrap();
+        fs::write(task.join("comm"), "CPU 0/TCG\n").unwrap();
+        fs::write(
+            dir.path().join("10/stat"),
+            "10 (qemu) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 9 0 4321 0 0",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("meminfo"),
+            "MemTotal: 100 kB\nMemAvailable: 2097152 kB\n",
+        )
+        .unwrap();
+        let p = Proc::at(dir.path());
+        assert_eq!(
+            p.thread_sched(10, 11),
+            Some(SchedStat {
+                run_ns: 500,
+                wait_ns: 70
+            })
+        );
+        assert_eq!(p.thread_sched(10, 12), None);
+        assert_eq!(p.thread_name(10, 11).as_deref(), Some("CPU 0/TCG"));
+        assert_eq!(p.threads(10), vec![11]);
+        assert_eq!(p.process_start_time(10), Some(4321));
+        assert!(p.is_thread_of(10, 11) && !p.is_thread_of(10, 12));
+        assert_eq!(p.mem_available_mb(), Some(2048));
+    }
+
+    #[test]
+    fn zombies_and_a_zero_start_time_identify_no_process() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("7")).unwrap();
+        fs::create_dir_all(dir.path().join("8")).unwrap();
+        let fields = "1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 9 0";
+        fs::write(dir.path().join("7/stat"), format!("7 (q) Z {fields} 99 0")).unwrap();
+        fs::write(dir.path().join("8/stat"), format!("8 (q) S {fields} 0 0")).unwrap();
+        let p = Proc::at(dir.path());
+        assert_eq!(p.process_start_time(7), None);
+        assert_eq!(p.process_start_time(8), None);
+        assert_eq!(p.process_start_time(9), None);
+    }
+
+    #[test]
+    fn this_threads_last_cpu_is_one_it_may_use() {
+        let pid = std::process::id();
+        let tid = nix::unistd::gettid().as_raw() as u32;
+        let c = Proc::host().thread_last_cpu(pid, tid).unwrap();
+        assert!(own_cpus().contains(&c), "{c} not in {:?}", own_cpus());
+        assert!(Proc::host().thread_sched(pid, tid).is_some());
+        assert!(Proc::host().process_start_time(pid).is_some());
+    }
+}
