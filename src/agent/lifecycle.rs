@@ -118,6 +118,7 @@ impl Agent {
         vm.stale = stale;
         vm.orphaned = orphaned;
         vm.history = load_history(&self.settings.data_dir, &name);
+        vm.history_saved_t = vm.history.fine().samples().last().map_or(0, |s| s.t);
         if let Err(e) = self.enforcer.attach(&vm.record) {
             tracing::error!("{name}: cannot enforce credits: {}", chain(&e));
         }
@@ -127,7 +128,7 @@ impl Agent {
             vm.record.vcpu_tids,
             vm.ledger.balances().balance()
         );
-        self.apply_config(&mut vm, cfg);
+        let _ = self.apply_config(&mut vm, cfg);
         vm.publish(&self.settings.state_dir);
         self.persist(&mut vm);
         self.vms.insert(name, vm);
@@ -189,8 +190,11 @@ impl Agent {
 
     /// Puts a valid config in force: the policy (the ledger re-plans its grant), a balance
     /// override once per change of its value, the CPU list, the disk share, the memory
-    /// settings; then enforces the new grant. The one path for adoption and every edit.
-    pub(super) fn apply_config(&mut self, vm: &mut Vm, cfg: VmConfig) {
+    /// settings; then enforces the new grant. The one path for adoption and every edit. The
+    /// caller, once the VM is back among the agent's, tells the memory coordinator when this
+    /// returns `true` (its memory settings changed).
+    #[must_use]
+    pub(super) fn apply_config(&mut self, vm: &mut Vm, cfg: VmConfig) -> bool {
         if let Err(e) = vm.ledger.set_policy(cfg.policy.clone()) {
             tracing::error!("{}: {e}", vm.record.name);
         }
@@ -216,9 +220,7 @@ impl Agent {
         let memory_changed = vm.config.memory != cfg.memory;
         vm.config = cfg;
         self.enforce(vm);
-        if memory_changed {
-            self.share_memory_members();
-        }
+        memory_changed
     }
 
     /// Lets go of a VM that ended: its ledger and history saved, its enforcement removed.
@@ -247,11 +249,12 @@ impl Agent {
         let Some(mut vm) = self.vms.remove(name) else {
             return;
         };
+        let mut memory_changed = false;
         match read_config(&vm.record) {
             Ok(cfg) => {
                 // Account up to now under the old policy, then switch.
                 vm.measure_and_tick();
-                self.apply_config(&mut vm, cfg);
+                memory_changed = self.apply_config(&mut vm, cfg);
                 if vm.stale.take().is_some() {
                     tracing::info!("{name}: config valid again");
                 }
@@ -272,5 +275,8 @@ impl Agent {
         }
         vm.publish(&self.settings.state_dir);
         self.vms.insert(name.to_owned(), vm);
+        if memory_changed {
+            self.share_memory_members();
+        }
     }
 }
