@@ -823,3 +823,74 @@ fn rescoin_splits_a_contended_pool_by_shares() {
         "split {ratio:.2} ({pa} / {pb} MiB) with both short of memory: not near 2 (shares 2:1)"
     );
 }
+
+/// A VM whose stats stall (paused with QMP `stop`: its guest answers no more stats polls) is
+/// not planned from its old stats: the coordinator plans only from stats stamped after the VM's
+/// last balloon move and at most 3 s before the round (the README's bound). An idle guest
+/// booted at its ceiling is a donor, given back a step a round; once paused, at most the move
+/// planned from its last fresh stats follows, none after 3 s, and its stats show as none; once
+/// resumed, the give-back goes on.
+#[test]
+fn a_vm_whose_stats_stall_is_not_planned_from_them() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut agent = agent(&s, &["--memory-interval", "1"]);
+    let g = guest(&s, "stall", "memory_max = 1024\n", &["sleep", "120"]);
+    let moves_since = |from: f64| -> Vec<(f64, u64)> {
+        trace(&s)
+            .iter()
+            .filter(|l| l.at > from)
+            .flat_map(|l| {
+                l.targets
+                    .iter()
+                    .filter(|t| t.name == "stall")
+                    .map(move |t| (l.at, t.target))
+            })
+            .collect()
+    };
+    wait_until("the idle guest given back", Duration::from_secs(60), || {
+        !moves_since(0.0).is_empty()
+    });
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    assert!(s.cli(&["pause", "stall"]).status.success());
+    let paused = unix();
+    std::thread::sleep(Duration::from_secs(10));
+    let while_paused = moves_since(paused);
+    let rounds = trace(&s);
+    let with_stats: Vec<f64> = rounds
+        .iter()
+        .filter(|l| l.at > paused + 4.0)
+        .filter(|l| l.vms.iter().any(|v| v.name == "stall" && v.stats.is_some()))
+        .map(|l| l.at - paused)
+        .collect();
+    assert!(s.cli(&["resume", "stall"]).status.success());
+    let resumed = unix();
+    wait_until("the give-back to go on", Duration::from_secs(20), || {
+        !moves_since(resumed).is_empty()
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    eprintln!(
+        "moves while paused (s after the pause, MiB): {:?}",
+        while_paused
+            .iter()
+            .map(|(t, m)| (((t - paused) * 10.0).round() / 10.0, *m))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        while_paused.len() <= 1 && while_paused.iter().all(|(t, _)| t - paused <= 4.0),
+        "planned from stalled stats: {while_paused:?} (paused at {paused:.1})"
+    );
+    assert!(
+        with_stats.is_empty(),
+        "stats older than 3 s planned from, at {with_stats:?} s after the pause"
+    );
+    assert_no_oom_only(std::slice::from_ref(&g));
+}
