@@ -459,7 +459,9 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
     }
 
     // Signals are read from a signalfd; block them before QEMU exists so no SIGCHLD is missed.
-    // The child inherits the mask: `clean_child` empties it before exec.
+    // The child inherits the mask: `clean_child` empties it before exec. An ignored signal is
+    // discarded even while blocked (never reaching the signalfd; an ignored SIGCHLD also
+    // reaps QEMU behind our back): a parent's SIG_IGN on these is undone first.
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGINT,
@@ -467,6 +469,9 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         Signal::SIGCHLD,
         Signal::SIGHUP,
     ] {
+        // SAFETY: SIG_DFL installs no handler.
+        unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(|e| io_err("resetting a signal's disposition")(e.into()))?;
         mask.add(s);
     }
     mask.thread_block()
@@ -525,12 +530,17 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         },
     })?;
     let pid = child.id();
-    let qemu_start = state::process_start_time(pid).unwrap_or(0);
 
     let registered = (|| {
         let stream = connect_monitor(&mut child, &qmp_socket, &monitor)?;
         let mut qmp = qmp::Client::handshake(stream, STARTUP_TIMEOUT)
             .map_err(|e| startup_failure(&mut child, e))?;
+        // QEMU answers, so it runs: its start time identifies it (with its pid) from here on;
+        // a record without one could match whatever process reuses the pid later.
+        let qemu_start = state::process_start_time(pid).ok_or_else(|| LaunchError::Io {
+            context: format!("reading QEMU's start time from /proc/{pid}/stat"),
+            source: io::Error::other("unreadable"),
+        })?;
         let cpus = qmp
             .execute(qmp::qapi::qmp::query_cpus_fast {})
             .map_err(|e| startup_failure(&mut child, e))?;
@@ -542,9 +552,9 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
                 .filter(|t| Path::new(&format!("/proc/{pid}/task/{t}")).exists());
             vcpu_tids.push(own.ok_or(LaunchError::ForeignThread { tid, pid })?);
         }
-        Ok::<_, LaunchError>(vcpu_tids)
+        Ok::<_, LaunchError>((vcpu_tids, qemu_start))
     })();
-    let vcpu_tids = match registered {
+    let (vcpu_tids, qemu_start) = match registered {
         Ok(t) => t,
         Err(e) => {
             let _ = child.kill();

@@ -98,7 +98,9 @@ impl Agent {
                 if let Some(c) = s.checkpoint.filter(|c| {
                     c.boot_id == state::boot_id()
                         && c.qemu_pid == vm.record.pid
-                        && (c.qemu_start == 0 || c.qemu_start == vm.record.qemu_start)
+                        // A start time of 0 (unknown) identifies no process.
+                        && c.qemu_start != 0
+                        && c.qemu_start == vm.record.qemu_start
                 }) {
                     let used: u64 = vm
                         .cpu
