@@ -29,10 +29,13 @@ fn the_enforcement_fault_and_contention_suites_pass_on_debian_6_12_with_cgroup_v
         2048,
         &[],
         &[
-            Part::test_binary("enforcement", &["--test-threads", "1"]),
+            Part::test_binary("enforcement", &["--test-threads", "1", "--nocapture"]),
             // Fifty nested TCG guests would only measure the nesting.
-            Part::test_binary("faults", &["--test-threads", "1", "--skip", "fifty_vms"]),
-            Part::test_binary("contention", &["--test-threads", "1"]),
+            Part::test_binary(
+                "faults",
+                &["--test-threads", "1", "--nocapture", "--skip", "fifty_vms"],
+            ),
+            Part::test_binary("contention", &["--test-threads", "1", "--nocapture"]),
             // Debian's kernels have no sched_ext: the scx enforcer refuses by name.
             Part::new(
                 "refusal",
@@ -74,7 +77,7 @@ fn the_enforcement_suite_and_check_pass_on_debian_6_1_with_cgroup_v2() {
         2048,
         &[],
         &[
-            Part::test_binary("enforcement", &["--test-threads", "1"]),
+            Part::test_binary("enforcement", &["--test-threads", "1", "--nocapture"]),
             Part::new("check", &[bq(), "check"]),
         ],
     );

@@ -35,8 +35,8 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
             ("BURST_QEMU_SCX_CPUS", "1-2"),
         ],
         &[
-            Part::test_binary("enforcement", &["--test-threads", "1"]),
-            Part::test_binary("scx_inside", &["--test-threads", "1"]),
+            Part::test_binary("enforcement", &["--test-threads", "1", "--nocapture"]),
+            Part::test_binary("scx_inside", &["--test-threads", "1", "--nocapture"]),
             Part::new("check", &[env!("CARGO_BIN_EXE_burst-qemu"), "check"]),
         ],
     );

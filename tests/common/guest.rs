@@ -231,6 +231,13 @@ pub fn run(
                 .join(", ")
         );
         let got = ended(&stdout);
+        // Each part's output is kept (target/guest-output/KERNEL-LABEL.log): the measurements
+        // the suites print inside the guest.
+        let out_dir = console_dir().with_file_name("guest-output");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        for e in &got {
+            let _ = std::fs::write(out_dir.join(format!("{kernel}-{}.log", e.label)), &e.output);
+        }
         let finished = got.len();
         done.extend(got);
         if finished == pending.len() {
