@@ -23,37 +23,27 @@ fn the_enforcement_fault_and_contention_suites_pass_on_debian_6_12_with_cgroup_v
         return;
     }
     let kernel = "debian-6.12";
-    let ended = guest::run(
-        kernel,
-        2,
-        2048,
-        &[],
+    let mut parts = Part::each_test("enforcement", &[]);
+    // Fifty nested TCG guests would only measure the nesting.
+    parts.extend(Part::each_test("faults", &["fifty_vms"]));
+    parts.extend(Part::each_test("contention", &[]));
+    // Debian's kernels have no sched_ext: the scx enforcer refuses by name.
+    parts.push(Part::new(
+        "refusal",
         &[
-            Part::test_binary("enforcement", &["--test-threads", "1", "--nocapture"]),
-            // Fifty nested TCG guests would only measure the nesting.
-            Part::test_binary(
-                "faults",
-                &["--test-threads", "1", "--nocapture", "--skip", "fifty_vms"],
-            ),
-            Part::test_binary("contention", &["--test-threads", "1", "--nocapture"]),
-            // Debian's kernels have no sched_ext: the scx enforcer refuses by name.
-            Part::new(
-                "refusal",
-                &[
-                    bq(),
-                    "agent",
-                    "--enforcer",
-                    "scx",
-                    "--state-dir",
-                    "/tmp/refusal",
-                ],
-            ),
+            bq(),
+            "agent",
+            "--enforcer",
+            "scx",
+            "--state-dir",
+            "/tmp/refusal",
         ],
-    );
-    for part in &ended[..3] {
+    ));
+    let ended = guest::run(kernel, 2, 2048, &[], &parts);
+    let (refusal, tests) = ended.split_last().unwrap();
+    for part in tests {
         part.assert_tests_passed(kernel);
     }
-    let refusal = &ended[3];
     assert!(
         refusal.status != 0
             && refusal
@@ -71,22 +61,18 @@ fn the_enforcement_suite_and_check_pass_on_debian_6_1_with_cgroup_v2() {
         return;
     }
     let kernel = "debian-6.1";
-    let ended = guest::run(
-        kernel,
-        2,
-        2048,
-        &[],
-        &[
-            Part::test_binary("enforcement", &["--test-threads", "1", "--nocapture"]),
-            Part::new("check", &[bq(), "check"]),
-        ],
-    );
-    ended[0].assert_tests_passed(kernel);
+    let mut parts = Part::each_test("enforcement", &[]);
+    parts.push(Part::new("check", &[bq(), "check"]));
+    let ended = guest::run(kernel, 2, 2048, &[], &parts);
+    let (check, tests) = ended.split_last().unwrap();
+    for part in tests {
+        part.assert_tests_passed(kernel);
+    }
     assert!(
-        ended[1].output.contains(
+        check.output.contains(
             "ok  cgroup CPU bandwidth   cgroup v2 cpu controller at /sys/fs/cgroup is writable"
         ),
         "{}",
-        ended[1].output
+        check.output
     );
 }

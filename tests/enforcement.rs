@@ -154,7 +154,7 @@ fn set_and_baseline_edits_change_the_measured_usage_within_a_tick_and_a_period()
 }
 
 #[test]
-fn the_ledger_charges_what_the_threads_measured_within_one_percent() {
+fn the_ledger_charges_what_the_threads_measured_to_a_hundredth_of_a_second() {
     if !ready() {
         return;
     }
@@ -182,9 +182,11 @@ fn the_ledger_charges_what_the_threads_measured_within_one_percent() {
     let measured = (cpu1 - cpu0) as f64 / 1e9;
     eprintln!("ledger charged {charged:.4} vCPU-s, threads measured {measured:.4} s");
     assert!(measured > 3.0, "the guest hardly ran: {measured} s");
+    // Each end pairs the agent's reading of the threads with ours a few ms later, both vCPUs
+    // running: 0.01 vCPU-s at most each. Measured: −0.0047 s of 7.14 (this host).
     assert!(
-        (charged - measured).abs() <= measured * 0.01,
-        "charged {charged} vs measured {measured}"
+        (charged - measured).abs() <= 0.02,
+        "charged {charged:.4} vs measured {measured:.4} vCPU-s"
     );
 }
 
@@ -239,8 +241,11 @@ fn agent_killed_the_launcher_restarts_it_and_the_new_agent_resumes_exactly() {
         (charged - ran).abs() <= 0.02,
         "charged {charged:.4} vCPU-s for {ran:.4} s measured"
     );
+    // The published balance has three decimals: two readings of it can be off by 0.001
+    // credits between them, the CPU pairing by 0.02 vCPU-s (0.0003 credits). Measured:
+    // −0.00075 credits (this host).
     assert!(
-        (b2 - expected).abs() <= 0.02 / 60.0,
+        (b2 - expected).abs() <= 0.0015,
         "off by {:.5} credits",
         b2 - expected
     );

@@ -204,24 +204,49 @@ fn qemu_starts_with_clean_signals_and_descriptors_and_sigterm_ends_it() {
         &qemu,
     );
     let raw = std::os::fd::AsRawFd::as_raw_fd(&file);
-    // The launcher starts with every signal blocked and every one it may ignore ignored (as
-    // from a careless parent; glibc keeps 32 and 33 for itself).
-    // SAFETY: dup2, sigaction and sigprocmask are async-signal-safe; `raw` is open in the child.
+    // The launcher starts with every signal blocked and every one that can be ignored ignored
+    // (as from a careless parent), 32 and 33 included: glibc refuses those two, so the kernel's
+    // rt_sigaction is called directly (a CI runner's process tree had 32 ignored, which the
+    // launcher could not undo through glibc).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    // SAFETY: dup2, rt_sigaction and sigprocmask are async-signal-safe; `raw` is open in the
+    // child.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(raw, 9) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
-            let mut ign: libc::sigaction = std::mem::zeroed();
-            ign.sa_sigaction = libc::SIG_IGN;
+            let ign = KernelSigaction {
+                handler: libc::SIG_IGN,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
             for sig in 1..65 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::sigaction(sig, &ign, std::ptr::null_mut());
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        &ign as *const KernelSigaction,
+                        std::ptr::null_mut::<KernelSigaction>(),
+                        8usize,
+                    );
                 }
             }
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            let all: u64 = !0;
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &all as *const u64,
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
             Ok(())
         });
     }

@@ -23,7 +23,13 @@ fn kvm_runs_the_test_guest() -> Result<(), String> {
     let s = Scratch::new();
     let mut args =
         burst_qemu::testguest::qemu_command(std::path::Path::new(&s.firmware(Busy)), "kvm", 16);
-    args.extend(["-smp".into(), "2".into()]);
+    // QEMU names its vCPU threads only with debug-threads=on (the launcher adds it).
+    args.extend([
+        "-smp".into(),
+        "2".into(),
+        "-name".into(),
+        "bq-kvm-probe,debug-threads=on".into(),
+    ]);
     let mut qemu = Command::new(&args[0])
         .args(&args[1..])
         .stdin(Stdio::null())

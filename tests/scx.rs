@@ -25,6 +25,12 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
     if !common::require_harness() {
         return;
     }
+    let mut parts = Part::each_test("enforcement", &[]);
+    parts.extend(Part::each_test("scx_inside", &[]));
+    parts.push(Part::new(
+        "check",
+        &[env!("CARGO_BIN_EXE_burst-qemu"), "check"],
+    ));
     // 3 CPUs: the vCPU threads on 1-2, the rest of the guest on 0.
     let ended = guest::run(
         KERNEL,
@@ -34,18 +40,16 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
             ("BURST_QEMU_ENFORCER", "scx"),
             ("BURST_QEMU_SCX_CPUS", "1-2"),
         ],
-        &[
-            Part::test_binary("enforcement", &["--test-threads", "1", "--nocapture"]),
-            Part::test_binary("scx_inside", &["--test-threads", "1", "--nocapture"]),
-            Part::new("check", &[env!("CARGO_BIN_EXE_burst-qemu"), "check"]),
-        ],
+        &parts,
     );
-    ended[0].assert_tests_passed(KERNEL);
-    ended[1].assert_tests_passed(KERNEL);
+    let (check, tests) = ended.split_last().unwrap();
+    for part in tests {
+        part.assert_tests_passed(KERNEL);
+    }
     assert!(
-        ended[2].output.contains("ok  sched_ext              kernel supports sched_ext (state disabled, no BPF scheduler loaded); this build has the sched_ext scheduler (feature scx); agent --enforcer scx can run"),
+        check.output.contains("ok  sched_ext              kernel supports sched_ext (state disabled, no BPF scheduler loaded); this build has the sched_ext scheduler (feature scx); agent --enforcer scx can run"),
         "{}",
-        ended[2].output
+        check.output
     );
 }
 

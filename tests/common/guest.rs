@@ -24,31 +24,48 @@ impl Part {
         }
     }
 
-    /// Sibling test binary `binary` with `args` (e.g. `--test-threads 1`).
-    pub fn test_binary(binary: &str, args: &[&str]) -> Self {
+    /// Each test of sibling test binary `binary` but those whose names contain one of `skip`,
+    /// a part apiece (`binary::test`, run with `--exact` and `--nocapture`): each is timed, and
+    /// a retry after the emulator fault reruns only the tests that had not ended.
+    pub fn each_test(binary: &str, skip: &[&str]) -> Vec<Self> {
         let bin = super::sibling(binary);
-        let mut argv = vec![bin.to_str().unwrap().to_owned()];
-        argv.extend(args.iter().map(|s| s.to_string()));
-        Part {
-            label: binary.to_owned(),
-            argv,
-        }
+        let list = Command::new(&bin)
+            .args(["--list", "--format", "terse"])
+            .output()
+            .unwrap();
+        let parts: Vec<Part> = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .filter(|name| !skip.iter().any(|s| name.contains(s)))
+            .map(|name| Part {
+                label: format!("{binary}::{name}"),
+                argv: vec![
+                    bin.to_str().unwrap().to_owned(),
+                    "--exact".into(),
+                    name.to_owned(),
+                    "--nocapture".into(),
+                ],
+            })
+            .collect();
+        assert!(!parts.is_empty(), "no tests listed by {}", bin.display());
+        parts
     }
 }
 
-/// How a part ended: its exit status and its output.
+/// How a part ended: its exit status, its output and how long it ran (s, guest time).
 pub struct Ended {
     pub label: String,
     pub status: i32,
     pub output: String,
+    pub secs: f64,
 }
 
 impl Ended {
-    /// Panics unless the part exited 0, said `test result: ok` (for a test binary) and skipped
-    /// nothing.
+    /// Panics unless the part exited 0, said `test result: ok. 1 passed` (one test of a test
+    /// binary) and skipped nothing.
     pub fn assert_tests_passed(&self, kernel: &str) {
         assert!(
-            self.status == 0 && self.output.contains("test result: ok"),
+            self.status == 0 && self.output.contains("test result: ok. 1 passed"),
             "{} failed in the {kernel} guest (exit {}):\n{}",
             self.label,
             self.status,
@@ -70,43 +87,50 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The shell script that runs `parts` in order, each between markers.
+/// The shell script that runs `parts` in order, each between markers: one line (the harness
+/// passes it quoted by bash's `printf %q`, whose `$'…\n…'` form busybox sh does not read).
 fn script(parts: &[&Part]) -> String {
-    let mut s = String::new();
-    for p in parts {
-        let argv: Vec<String> = p.argv.iter().map(|a| quote(a)).collect();
-        s.push_str(&format!(
-            "echo {BEGIN}{label}; {cmd} 2>&1; echo \"{END}{label} $?\"\n",
-            label = p.label,
-            cmd = argv.join(" ")
-        ));
-    }
-    s
+    parts
+        .iter()
+        .map(|p| {
+            let argv: Vec<String> = p.argv.iter().map(|a| quote(a)).collect();
+            format!(
+                "echo \"{BEGIN}{label} $(cut -d' ' -f1 /proc/uptime)\"; {cmd} 2>&1; \
+                 s=$?; echo \"{END}{label} $s $(cut -d' ' -f1 /proc/uptime)\"",
+                label = p.label,
+                cmd = argv.join(" ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The parts that ended in `output` (the harness's copy of the command's output).
 fn ended(output: &str) -> Vec<Ended> {
     let mut done = Vec::new();
-    let mut current: Option<(String, String)> = None;
+    let mut current: Option<(String, f64, String)> = None;
     for line in output.lines() {
-        if let Some(label) = line.strip_prefix(BEGIN) {
-            current = Some((label.trim().to_owned(), String::new()));
+        if let Some(rest) = line.strip_prefix(BEGIN) {
+            let mut f = rest.split_whitespace();
+            let label = f.next().unwrap_or("").to_owned();
+            let at = f.next().and_then(|t| t.parse().ok()).unwrap_or(0.0);
+            current = Some((label, at, String::new()));
         } else if let Some(rest) = line.strip_prefix(END) {
             let mut f = rest.split_whitespace();
-            let (label, status) = (
-                f.next().unwrap_or(""),
-                f.next().and_then(|s| s.parse().ok()),
-            );
-            if let (Some((l, out)), Some(status)) = (current.take(), status) {
+            let label = f.next().unwrap_or("");
+            let status = f.next().and_then(|s| s.parse().ok());
+            let at: f64 = f.next().and_then(|t| t.parse().ok()).unwrap_or(0.0);
+            if let (Some((l, began, out)), Some(status)) = (current.take(), status) {
                 if l == label {
                     done.push(Ended {
                         label: l,
                         status,
                         output: out,
+                        secs: at - began,
                     });
                 }
             }
-        } else if let Some((_, out)) = current.as_mut() {
+        } else if let Some((_, _, out)) = current.as_mut() {
             out.push_str(line);
             out.push('\n');
         }
@@ -236,8 +260,18 @@ pub fn run(
         let out_dir = console_dir().with_file_name("guest-output");
         std::fs::create_dir_all(&out_dir).unwrap();
         for e in &got {
-            let _ = std::fs::write(out_dir.join(format!("{kernel}-{}.log", e.label)), &e.output);
+            let name = e.label.replace("::", "-");
+            let _ = std::fs::write(out_dir.join(format!("{kernel}-{name}.log")), &e.output);
         }
+        let mut timings: Vec<String> = got
+            .iter()
+            .map(|e| format!("{:7.1} s  {}", e.secs, e.label))
+            .collect();
+        timings.sort();
+        eprintln!(
+            "{kernel} guest, boot {attempt}: each part's time\n{}",
+            timings.join("\n")
+        );
         let finished = got.len();
         done.extend(got);
         if finished == pending.len() {
