@@ -94,7 +94,27 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
                 .is_some_and(|l| l > 0)
         })
     });
-    std::thread::sleep(Duration::from_secs(8));
+    // Then until the limits hold still for 3 s (a limit is rewritten only when the plan moves
+    // by 2 %; was a fixed 8 s).
+    let limits = || -> Vec<u64> {
+        spec.iter()
+            .map(|(name, _)| {
+                view(&s, name)["disk"]["read_limit_bps"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let mut since = (limits(), Instant::now());
+    let held = wait_until("the limits held still", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = limits();
+        if now != since.0 {
+            since = (now, Instant::now());
+        }
+        since.1.elapsed() >= Duration::from_secs(3)
+    });
+    eprintln!("limits held still {held:?} after both were throttled");
     let window = Duration::from_secs(10);
     let t0 = Instant::now();
     let before: Vec<u64> = vms

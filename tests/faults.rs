@@ -74,21 +74,6 @@ fn saved_used_s(s: &Scratch, name: &str) -> f64 {
     saved(s, name)["used_total"].as_u64().unwrap() as f64 / 1e9
 }
 
-/// Pauses the VM and waits until its vCPU threads have stopped (in an emulated guest they
-/// take a moment after `pause` returns) and the agent has published once since (a publish a
-/// second), so the ledger's figures and the threads' counters can be compared at rest.
-fn at_rest(s: &Scratch, name: &str, vm: &Launched) {
-    assert!(s.cli(&["pause", name]).status.success());
-    let cpu = || threads_s(vm.record.pid, &vm.record.vcpu_tids);
-    let mut last = cpu();
-    wait_until("the vCPU threads stopped", Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = cpu();
-        std::mem::replace(&mut last, now) == now
-    });
-    at_next_publish(s, name, vm);
-}
-
 /// Waits until the agent has saved the VM's ledger with some use in it (saved once a second).
 fn saved_once(s: &Scratch, name: &str) {
     wait_until("the ledger saved", Duration::from_secs(10), || {
@@ -146,9 +131,13 @@ fn assert_held(s: &Scratch, name: &str, vm: &Launched, what: &str) -> f64 {
     // 1.5 points on this host; a nested guest (tests/cgroup_v2.rs), all of it emulated,
     // measures within 3.
     let tolerance = if nested_guest() { 3.0 } else { 1.5 };
+    // Held means held near the 20 % baseline: with no credits the grant is the baseline plus
+    // what a starved VM earned back (the decline law grants baseline + √(2·B·k) for a balance
+    // B): measured 20.00 % in every case here and in the 6.12 guest but one orphan there at
+    // 20.50 %.
     assert!(
-        grant < 30.0 && (share - grant).abs() <= tolerance,
-        "{what}: {share:.2} % of one CPU against a grant of {grant:.2} %"
+        grant <= 21.0 && (share - grant).abs() <= tolerance,
+        "{what}: {share:.2} % of one CPU against a grant of {grant:.2} % (baseline 20)"
     );
     share
 }
@@ -504,7 +493,7 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     let s = Scratch::new();
     let small = SmallFs::mount(&s.data());
     let (vm, _) = held_vm(&s, "disk");
-    std::thread::sleep(Duration::from_millis(1200));
+    saved_once(&s, "disk");
     let repair = break_it(&small);
     wait_until("the save failure is shown", Duration::from_secs(4), || {
         ledger_error(&s, "disk").is_some()
@@ -528,11 +517,11 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     wait_until("saved again", Duration::from_secs(4), || {
         ledger_error(&s, "disk").is_none()
     });
-    std::thread::sleep(Duration::from_millis(1200));
-    let after = saved(&s, "disk");
-    assert!(
-        after["used_total"].as_u64() > before["used_total"].as_u64(),
-        "the ledger moved on once saving worked again"
+    // The ledger moves on once saving works again (saved once a second).
+    wait_until(
+        "the ledger saved with more use",
+        Duration::from_secs(4),
+        || saved(&s, "disk")["used_total"].as_u64() > before["used_total"].as_u64(),
     );
     drop(vm);
 }

@@ -104,9 +104,17 @@ fn agent(s: &Scratch, flags: &[&str]) -> Child {
 }
 
 fn trace(s: &Scratch) -> Vec<TraceLine> {
-    std::fs::read_to_string(s.path().join("trace.jsonl"))
-        .unwrap_or_default()
-        .lines()
+    let text = std::fs::read_to_string(s.path().join("trace.jsonl")).unwrap_or_default();
+    // Kept for a look afterwards: target/memory-traces/TEST.jsonl.
+    let me = std::env::current_exe().unwrap();
+    if let Some(target) = me.ancestors().nth(3) {
+        let dir = target.join("memory-traces");
+        let test = std::thread::current().name().unwrap_or("test").to_owned();
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let _ = std::fs::write(dir.join(format!("{test}.jsonl")), &text);
+        }
+    }
+    text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }

@@ -176,7 +176,9 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
         after.held - before.held
     );
     assert!((measured - 20.0).abs() <= 1.5, "measured {measured:.2} %");
-    // Every CPU ns the threads ran went through the BPF scheduler, and it held them back.
+    // Every CPU ns the threads ran went through the BPF scheduler, and it held them back. It
+    // charges a thread when it stops running, so a slice in progress at either end may be
+    // missing: measured 0.28 points apart over 5 s, twice.
     assert!(
         (charged - measured).abs() <= 0.5,
         "charged {charged:.2} % against {measured:.2} % measured"
@@ -210,8 +212,11 @@ fn when_the_scheduler_dies_cpu_max_holds_the_vm_and_the_agent_restarts_it() {
         "scheduler killed: unloaded after {fell_back:?}; from one period later until the new \
          scheduler (at most 1 s): {gap:.2} % of one CPU, quota {allowed:.2} %"
     );
+    // Over a window of about a second, a 100 ms period's quota more or less is 2 points (the
+    // steady state's worst 1-s windows in this guest: 21.1-21.8 % at 20 %). Measured 19.90 %
+    // and 20.25 % here.
     assert!(
-        gap <= allowed + 3.0,
+        gap <= allowed + 2.0,
         "not held while the scheduler was gone: {gap:.2} % over {allowed:.2} %"
     );
     wait_until("a new scheduler", Duration::from_secs(10), || {
@@ -261,12 +266,12 @@ fn a_restarted_agent_takes_the_vms_over_again() {
         "agent and scheduler killed: from one period later, 1 s: {without:.2} % of one CPU, \
          quota {allowed:.2} % (cgroup, until the new agent's scheduler)"
     );
-    // Looser than after a scheduler's death (3 points): across an agent's restart the VM
-    // measured about 4 points over its quota for that second (24 % at 20 %) in the cgroup
-    // fallback alone, every time; the cgroup enforcer shows it too across its agent's restart
-    // (22 %), so it comes with the restart, not with sched_ext; not understood yet.
+    // As after a scheduler's death: a period's quota over about a second. (Measured 24 % at
+    // 20 % before a new agent left the VM's cgroups and quota in place: it moved QEMU through
+    // its unlimited domain cgroup and rewrote the quota, which refills the period's runtime;
+    // examples/quota_writes.rs. Now 19.51 % and 20.50 %.)
     assert!(
-        without <= allowed + 6.0,
+        without <= allowed + 2.0,
         "{without:.2} % over {allowed:.2} %"
     );
     // The launcher's watchdog starts a new agent, which loads a new scheduler.
@@ -341,8 +346,9 @@ fn a_scheduler_already_loaded_leaves_the_vm_to_cpu_max_until_ours_loads() {
         || scx::kernel_state().is_some_and(|(st, ops)| st == "enabled" && ops == scx::OPS_NAME);
     let (held_share, allowed) = against_quota(&s, "fore", &vm, 2.0, 2.0, other_holds);
     eprintln!("another scheduler loaded: {held_share:.2} % of one CPU, quota {allowed:.2} %");
+    // A period's quota over 2 s is 1 point; measured 19.90 % and 19.82 %.
     assert!(
-        held_share <= allowed + 2.0,
+        held_share <= allowed + 1.0,
         "not held while another scheduler holds sched_ext: {held_share:.2} % over {allowed:.2} %"
     );
     // The other one goes (end of its input): ours loads on the agent's next try.

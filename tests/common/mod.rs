@@ -319,6 +319,29 @@ pub fn at_next_publish(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
     }
 }
 
+/// Pauses the VM, waits until its vCPU threads have stopped (in an emulated guest they take a
+/// moment after `pause` returns) and for the agent's next publish: the published figures and
+/// the threads' CPU time (ns, returned with them) then describe the same state exactly,
+/// whatever the delay between the agent's reading of the threads and its write. The caller
+/// resumes the VM when it wants it running again.
+pub fn at_rest(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
+    assert!(s.cli(&["pause", name]).status.success());
+    let cpu = || -> u64 {
+        vm.record
+            .vcpu_tids
+            .iter()
+            .map(|&t| thread_cpu_ns(vm.record.pid, t))
+            .sum()
+    };
+    let mut last = cpu();
+    wait_until("the vCPU threads stopped", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = cpu();
+        std::mem::replace(&mut last, now) == now
+    });
+    at_next_publish(s, name, vm)
+}
+
 pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
     while !cond() {
