@@ -427,14 +427,24 @@ mod tests {
         for t in (0..week).step_by(5) {
             h.record(t, point(t, 1));
         }
-        assert_eq!(h.fine().samples().count(), FINE_LEN);
-        assert_eq!(h.coarse().samples().count(), COARSE_LEN);
+        // The promise, in literals (not the constants under test): an hour of 10-second
+        // samples, 8 days of minutes (a day more than the week promised).
+        assert_eq!(h.fine().samples().count(), 3600 / 10);
+        assert_eq!(h.coarse().samples().count(), 8 * 24 * 60);
+        // The last tick (week − 5 s) is in the open buckets that start at week − 10 s and
+        // week − 60 s; the newest closed ones start a period earlier, the oldest kept 359 fine
+        // and 11 519 coarse periods before those.
+        assert_eq!(h.fine().samples().next().unwrap().t, week - 20 - 359 * 10);
+        assert_eq!(
+            h.coarse().samples().next().unwrap().t,
+            week - 120 - 11_519 * 60
+        );
         let s = h.since(week - 2 * 3600);
         // An hour of minutes, then an hour of 10-second samples (the open one included).
         assert_eq!(s.first().unwrap().t, week - 2 * 3600);
         assert!(s.windows(2).all(|w| w[0].t < w[1].t));
         let fine_start = h.fine().samples().next().unwrap().t;
-        assert_eq!(s.iter().filter(|x| x.t >= fine_start).count(), FINE_LEN + 1);
+        assert_eq!(s.iter().filter(|x| x.t >= fine_start).count(), 360 + 1);
     }
 
     #[test]

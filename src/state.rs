@@ -359,7 +359,8 @@ pub struct VmRecord {
     pub config: PathBuf,
     /// QEMU's QMP socket.
     pub qmp_socket: PathBuf,
-    /// QEMU's start time ([`Proc::process_start_time`]); 0 in records of older launchers.
+    /// QEMU's start time ([`Proc::process_start_time`]); 0 (unknown) in records of older
+    /// launchers, which then never identify a live process.
     #[serde(default)]
     pub qemu_start: u64,
     /// The boot the record was made in (`/proc/sys/kernel/random/boot_id`).
@@ -369,14 +370,12 @@ pub struct VmRecord {
 
 impl VmRecord {
     /// Whether the QEMU this record describes still runs: same boot, same pid, same start time.
+    /// A record without a start time (0) identifies nothing: the pid alone may be anyone's.
     pub fn qemu_alive(&self) -> bool {
         if !self.boot_id.is_empty() && self.boot_id != Proc::host().boot_id() {
             return false;
         }
-        match Proc::host().process_start_time(self.pid) {
-            Some(start) => self.qemu_start == 0 || start == self.qemu_start,
-            None => false,
-        }
+        self.qemu_start != 0 && Proc::host().process_start_time(self.pid) == Some(self.qemu_start)
     }
 }
 

@@ -48,7 +48,33 @@ fn three_busy_vms_on_an_overcommitted_host_each_get_their_baseline_and_the_plan(
     for (name, _) in spec {
         assert!(s.cli(&["resume", name]).status.success());
     }
-    std::thread::sleep(Duration::from_secs(12));
+    // Until the stage has engaged and settled: every VM has an allocation and the plan moved
+    // by less than a point over the last 2 s (its estimates move by α = 0.7 a period; was a
+    // fixed 12 s).
+    let plan_now = || -> Option<Vec<f64>> {
+        spec.iter()
+            .map(|(n, _)| view(&s, n)["allocation_pct"].as_f64().map(|a| a * 2.0))
+            .collect()
+    };
+    let mut history: Vec<(std::time::Instant, Vec<f64>)> = Vec::new();
+    let settled = wait_until("the plan settled", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(p) = plan_now() else { return false };
+        let now = std::time::Instant::now();
+        history.push((now, p.clone()));
+        let old: Vec<&Vec<f64>> = history
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= Duration::from_secs(2))
+            .map(|(_, p)| p)
+            .collect();
+        history
+            .first()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(2))
+            && old
+                .iter()
+                .all(|o| o.iter().zip(&p).all(|(a, b)| (a - b).abs() < 1.0))
+    });
+    eprintln!("the plan settled {settled:?} after the resume");
     // One measurement window for all three, read in this process at both ends.
     let threads: Vec<(u32, Vec<u32>)> = vms
         .iter()

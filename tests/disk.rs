@@ -94,7 +94,27 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
                 .is_some_and(|l| l > 0)
         })
     });
-    std::thread::sleep(Duration::from_secs(8));
+    // Then until the limits hold still for 3 s (a limit is rewritten only when the plan moves
+    // by 2 %; was a fixed 8 s).
+    let limits = || -> Vec<u64> {
+        spec.iter()
+            .map(|(name, _)| {
+                view(&s, name)["disk"]["read_limit_bps"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let mut since = (limits(), Instant::now());
+    let held = wait_until("the limits held still", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = limits();
+        if now != since.0 {
+            since = (now, Instant::now());
+        }
+        since.1.elapsed() >= Duration::from_secs(3)
+    });
+    eprintln!("limits held still {held:?} after both were throttled");
     let window = Duration::from_secs(10);
     let t0 = Instant::now();
     let before: Vec<u64> = vms
@@ -131,22 +151,59 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
         got.iter().sum::<f64>() / MB,
         capacity / MB
     );
-    for (i, (name, share)) in spec.iter().enumerate() {
-        let template = capacity * f64::from(*share) / 100.0;
+    // Against the figures given, not only the agent's plan (a plan that ignored the templates
+    // would be matched by the measurement all the same): ResCoin's rule gives each VM at least
+    // its template (both want more) and hands the whole spare out, so the limits sum to the
+    // bandwidth (within the 2 % a limit is kept while the plan stays near it).
+    let templates: Vec<f64> = spec
+        .iter()
+        .map(|(_, share)| capacity * f64::from(*share) / 100.0)
+        .collect();
+    for i in 0..spec.len() {
         assert!(
-            got[i] >= template * 0.9,
-            "{name} got {:.2} MB/s, below its template {:.2}",
+            plan[i] >= templates[i] * 0.98,
+            "{}: limit {:.2} MB/s below its template {:.2}",
+            spec[i].0,
+            plan[i] / MB,
+            templates[i] / MB
+        );
+    }
+    let planned: f64 = plan.iter().sum();
+    assert!(
+        (planned / capacity - 1.0).abs() <= 0.02,
+        "the limits sum to {:.2} MB/s, not the {:.2} MB/s bandwidth",
+        planned / MB,
+        capacity / MB
+    );
+    // What QEMU's throttle delivers against a limit: +1.7 % and +3.6 % over 10 s (README
+    // table), so each VM within 5 % of its limit, at least 97 % of its template, and the two
+    // together 97-105 % of the bandwidth.
+    for i in 0..spec.len() {
+        assert!(
+            (got[i] / plan[i] - 1.0).abs() <= 0.05,
+            "{} read {:.2} MB/s against its limit {:.2}",
+            spec[i].0,
             got[i] / MB,
-            template / MB
+            plan[i] / MB
+        );
+        assert!(
+            got[i] >= templates[i] * 0.97,
+            "{} got {:.2} MB/s, below its template {:.2}",
+            spec[i].0,
+            got[i] / MB,
+            templates[i] / MB
         );
     }
     assert!(
         (ratio_got / ratio_plan - 1.0).abs() <= 0.10,
         "measured ratio {ratio_got:.3} vs plan {ratio_plan:.3}"
     );
+    let total: f64 = got.iter().sum();
     assert!(
-        got.iter().sum::<f64>() <= capacity * 1.05,
-        "the VMs read more than the host bandwidth"
+        (0.97..=1.05).contains(&(total / capacity)),
+        "the VMs read {:.2} MB/s together of the {:.2} MB/s bandwidth",
+        total / MB,
+        capacity / MB
     );
     // Neither guest hit an I/O error or a panic.
     for (name, _) in spec {

@@ -74,21 +74,14 @@ fn saved_used_s(s: &Scratch, name: &str) -> f64 {
     saved(s, name)["used_total"].as_u64().unwrap() as f64 / 1e9
 }
 
-/// Pauses the VM and waits until the published figures stop moving (a publish a second; a
-/// slow host, such as a nested guest, may need more), so the ledger's figures and the threads'
-/// counters can be compared at rest.
-fn at_rest(s: &Scratch, name: &str) {
-    assert!(s.cli(&["pause", name]).status.success());
-    let mut last = view(s, name)["used_total_s"].as_f64();
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(1300));
-        let now = view(s, name)["used_total_s"].as_f64();
-        if now == last {
-            return;
-        }
-        last = now;
-    }
-    panic!("{name}'s published usage kept moving while paused");
+/// Waits until the agent has saved the VM's ledger with some use in it (saved once a second).
+fn saved_once(s: &Scratch, name: &str) {
+    wait_until("the ledger saved", Duration::from_secs(10), || {
+        fs::read(s.data().join("ledgers").join(format!("{name}.json")))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v["used_total"].as_u64().is_some_and(|u| u > 0))
+    });
 }
 
 fn agent_log(s: &Scratch) -> String {
@@ -133,14 +126,18 @@ fn share_and_grant(s: &Scratch, name: &str, vm: &Launched, secs: u64) -> (f64, f
 
 fn assert_held(s: &Scratch, name: &str, vm: &Launched, what: &str) -> f64 {
     std::thread::sleep(Duration::from_millis(300));
-    let (share, grant) = share_and_grant(s, name, vm, 4);
+    let (share, grant) = share_and_grant(s, name, vm, 3);
     eprintln!("{what}: {share:.2} % of one CPU, grant {grant:.2} % (baseline 20)");
     // 1.5 points on this host; a nested guest (tests/cgroup_v2.rs), all of it emulated,
     // measures within 3.
     let tolerance = if nested_guest() { 3.0 } else { 1.5 };
+    // Held means held near the 20 % baseline: with no credits the grant is the baseline plus
+    // what a starved VM earned back (the decline law grants baseline + √(2·B·k) for a balance
+    // B): measured 20.00 % in every case here and in the 6.12 guest but one orphan there at
+    // 20.50 %.
     assert!(
-        grant < 30.0 && (share - grant).abs() <= tolerance,
-        "{what}: {share:.2} % of one CPU against a grant of {grant:.2} %"
+        grant <= 21.0 && (share - grant).abs() <= tolerance,
+        "{what}: {share:.2} % of one CPU against a grant of {grant:.2} % (baseline 20)"
     );
     share
 }
@@ -171,17 +168,74 @@ fn qemu_starts_with_clean_signals_and_descriptors_and_sigterm_ends_it() {
     // A descriptor the launcher inherits (as from a careless parent): QEMU must not get it.
     let sentinel = s.path().join("sentinel");
     let file = fs::File::create(&sentinel).unwrap();
+    // QEMU's signal state as it starts: a wrapper in its place copies its own /proc status (a
+    // non-interactive sh leaves its inherited mask and ignored signals as they are), then execs
+    // QEMU. QEMU itself blocks and ignores some signals of its own once it runs.
+    let at_exec = s.path().join("status-at-exec");
+    let wrapper = s.path().join("qemu-wrapper");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncat /proc/$$/status > {}\nexec {QEMU} \"$@\"\n",
+            at_exec.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut qemu = s.qemu_args(Halt);
+    qemu[0] = wrapper.to_str().unwrap().to_owned();
     let mut cmd = s.launcher(
         &["--name", "sig", "--vcpus", "1", "--baseline", "10"],
-        &s.qemu_args(Halt),
+        &qemu,
     );
     let raw = std::os::fd::AsRawFd::as_raw_fd(&file);
-    // SAFETY: dup2 is async-signal-safe; `raw` is open in the child.
+    // The launcher starts with every signal blocked and every one that can be ignored ignored
+    // (as from a careless parent), 32 and 33 included: glibc refuses those two, so the kernel's
+    // rt_sigaction is called directly (a CI runner's process tree had 32 ignored, which the
+    // launcher could not undo through glibc).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    // SAFETY: dup2, rt_sigaction and sigprocmask are async-signal-safe; `raw` is open in the
+    // child.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(raw, 9) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            let ign = KernelSigaction {
+                handler: libc::SIG_IGN,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            for sig in 1..65 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        &ign as *const KernelSigaction,
+                        std::ptr::null_mut::<KernelSigaction>(),
+                        8usize,
+                    );
+                }
+            }
+            let all: u64 = !0;
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &all as *const u64,
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
             Ok(())
         });
     }
@@ -190,8 +244,7 @@ fn qemu_starts_with_clean_signals_and_descriptors_and_sigterm_ends_it() {
     let mut vm = Launched { child, record };
     view(&s, "sig");
 
-    let status = fs::read_to_string(format!("/proc/{}/status", vm.record.pid)).unwrap();
-    let mask = |key: &str| {
+    let mask = |status: &str, key: &str| {
         let hex = status
             .lines()
             .find_map(|l| l.strip_prefix(key))
@@ -199,19 +252,24 @@ fn qemu_starts_with_clean_signals_and_descriptors_and_sigterm_ends_it() {
             .trim();
         u64::from_str_radix(hex, 16).unwrap()
     };
-    let bit = |sig: i32| 1u64 << (sig - 1);
-    for (sig, name) in [
-        (libc::SIGHUP, "HUP"),
-        (libc::SIGINT, "INT"),
-        (libc::SIGTERM, "TERM"),
-        (libc::SIGCHLD, "CHLD"),
-    ] {
+    // The 62 signals a process can block or ignore (all but SIGKILL and SIGSTOP).
+    let resettable = !((1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1)));
+    // The launcher did inherit the dirt (so a clean QEMU is its doing): SIGUSR1, which it never
+    // touches, is still ignored and blocked in it.
+    let launcher = fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
+    let usr1 = 1u64 << (libc::SIGUSR1 - 1);
+    assert!(
+        mask(&launcher, "SigIgn:") & usr1 != 0 && mask(&launcher, "SigBlk:") & usr1 != 0,
+        "the launcher did not inherit ignored and blocked signals: {launcher}"
+    );
+    let status = fs::read_to_string(&at_exec).unwrap();
+    for key in ["SigBlk:", "SigIgn:"] {
+        let dirty = mask(&status, key) & resettable;
+        let names: Vec<i32> = (1..65).filter(|s| dirty & (1u64 << (s - 1)) != 0).collect();
         assert_eq!(
-            mask("SigBlk:") & bit(sig),
-            0,
-            "QEMU blocks SIG{name}: {status}"
+            dirty, 0,
+            "QEMU starts with signals {names:?} in {key}\n{status}"
         );
-        assert_eq!(mask("SigIgn:") & bit(sig), 0, "QEMU ignores SIG{name}");
     }
     let lock = s.state().join("sig").join("lock");
     for fd in fs::read_dir(format!("/proc/{}/fd", vm.record.pid)).unwrap() {
@@ -271,7 +329,7 @@ fn launcher_killed_its_vm_is_an_orphan_still_listed_charged_enforced_and_stoppab
     assert_eq!(ls_row(&s, "orph").unwrap()["pid"], vm.record.pid);
 
     // Accounted exactly: the ledger charged what the threads ran (started paused).
-    at_rest(&s, "orph");
+    at_rest(&s, "orph", &vm);
     let used = view(&s, "orph")["used_total_s"].as_f64().unwrap();
     let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     eprintln!("orphan: ledger {used:.3} s, threads {ran:.3} s");
@@ -296,7 +354,7 @@ fn qemu_killed_the_launcher_exits_137_and_nothing_is_left_or_lost() {
     }
     let s = Scratch::new();
     let (mut vm, before) = held_vm(&s, "k9");
-    std::thread::sleep(Duration::from_millis(1500));
+    saved_once(&s, "k9");
     let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     signal(vm.record.pid, Signal::SIGKILL);
     assert_eq!(vm.wait(Duration::from_secs(5)).code(), Some(137));
@@ -313,7 +371,7 @@ fn agent_killed_while_its_vm_ends_the_next_agent_removes_the_leftover_cgroup() {
     }
     let s = Scratch::new();
     let (mut vm, before) = held_vm(&s, "end");
-    std::thread::sleep(Duration::from_millis(1500));
+    saved_once(&s, "end");
     let agent = agent_pid(&s) as u32;
     // Frozen first, so neither it nor the launcher's watchdog (the lock is still held) acts.
     signal(agent, Signal::SIGSTOP);
@@ -362,7 +420,7 @@ fn agent_and_launcher_killed_the_next_fleet_command_revives_the_agent_which_char
         agent_log(&s).contains("re-adopted")
     });
     assert_held(&s, "both", &vm, "re-adopted orphan");
-    at_rest(&s, "both");
+    at_rest(&s, "both", &vm);
     let used = view(&s, "both")["used_total_s"].as_f64().unwrap();
     let ran = threads_s(vm.record.pid, &vm.record.vcpu_tids) - before;
     eprintln!("both killed, 2 s without agent: ledger {used:.3} s, threads {ran:.3} s");
@@ -435,7 +493,7 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     let s = Scratch::new();
     let small = SmallFs::mount(&s.data());
     let (vm, _) = held_vm(&s, "disk");
-    std::thread::sleep(Duration::from_millis(1200));
+    saved_once(&s, "disk");
     let repair = break_it(&small);
     wait_until("the save failure is shown", Duration::from_secs(4), || {
         ledger_error(&s, "disk").is_some()
@@ -459,11 +517,11 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     wait_until("saved again", Duration::from_secs(4), || {
         ledger_error(&s, "disk").is_none()
     });
-    std::thread::sleep(Duration::from_millis(1200));
-    let after = saved(&s, "disk");
-    assert!(
-        after["used_total"].as_u64() > before["used_total"].as_u64(),
-        "the ledger moved on once saving worked again"
+    // The ledger moves on once saving works again (saved once a second).
+    wait_until(
+        "the ledger saved with more use",
+        Duration::from_secs(4),
+        || saved(&s, "disk")["used_total"].as_u64() > before["used_total"].as_u64(),
     );
     drop(vm);
 }
@@ -682,15 +740,24 @@ fn a_reused_pid_or_thread_id_is_never_taken_for_qemu_or_its_vcpus() {
         .unwrap();
     // A record whose pid now belongs to another process (different start time): gone.
     record("reused", start + 1, vec![pid]);
+    // A record without a start time (0: unknown, as from an older launcher) whose pid is alive:
+    // the pid alone identifies nothing, so it is gone too, never adopted.
+    record("unknown", 0, vec![pid]);
     // A live "QEMU" whose recorded vCPU thread id is another process's thread.
     record("foreign", start, vec![bystander.id()]);
 
     let mut agent = start_agent(&s);
-    wait_until("the stale record is reaped", Duration::from_secs(5), || {
-        !s.state().join("reused").exists()
-    });
+    wait_until(
+        "the stale records are reaped",
+        Duration::from_secs(5),
+        || !s.state().join("reused").exists() && !s.state().join("unknown").exists(),
+    );
     let names: Vec<Value> = ls(&s).iter().map(|v| v["name"].clone()).collect();
-    assert_eq!(names, ["foreign"], "a reused pid is not a VM");
+    assert_eq!(
+        names,
+        ["foreign"],
+        "a reused pid, or a pid without a start time, is not a VM"
+    );
     wait_until("foreign adopted", Duration::from_secs(5), || {
         agent_log(&s).contains("is not a thread of QEMU")
     });

@@ -1,4 +1,5 @@
-//! The launcher against real QEMU (TCG, so KVM is not needed) and the project's test guest.
+//! The launcher against real QEMU and the project's test guest: under TCG (no KVM needed), and
+//! again under KVM by tests/kvm.rs (`BURST_QEMU_TEST_ACCEL=kvm`).
 //! These run one at a time (.config/nextest.toml): they measure CPU shares on 2 cores.
 
 mod common;
@@ -35,7 +36,7 @@ fn recorded_tids_are_vcpu_threads_of_that_qemu_and_burn_cpu() {
         let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", r.pid)).unwrap();
         assert_eq!(
             comm.trim(),
-            format!("CPU {i}/TCG"),
+            vcpu_thread_name(i),
             "thread {tid} is not vCPU {i}"
         );
     }

@@ -161,7 +161,9 @@ impl Agent {
         let same = s.checkpoint.filter(|c| {
             c.boot_id == Proc::host().boot_id()
                 && c.qemu_pid == vm.record.pid
-                && (c.qemu_start == 0 || c.qemu_start == vm.record.qemu_start)
+                // A start time of 0 (unknown) identifies no process.
+                && c.qemu_start != 0
+                && c.qemu_start == vm.record.qemu_start
         });
         if let Some(c) = same {
             let used: u64 = vm

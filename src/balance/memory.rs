@@ -8,13 +8,18 @@
 //! short QMP session per VM and closes it, so `ls`, `pause` and other clients (QEMU serves one
 //! at a time) get the monitor between rounds.
 //!
-//! Per VM and round: `qom-set guest-stats-polling-interval` (re-armed every round, as libvirt's
-//! coordinators do, since QEMU's timer stops when the guest stops answering), `qom-get
+//! Per VM and round: `qom-set guest-stats-polling-interval` (1 s, re-armed every round, as
+//! libvirt's coordinators do, since QEMU's timer stops when the guest stops answering), `qom-get
 //! guest-stats`, `query-balloon`; at adoption, `query-memory-size-summary` (the boot size, the
 //! ceiling) and, for a VM not yet ballooned, `balloon memory_start`. Which VMs it balances, and
 //! with which settings, it learns from the agent ([`Member`]s, updated whenever the agent adopts
 //! a VM, lets one go or applies an edit): it reads no config file, so edits of `memory_*` apply
 //! within one interval and a bad edit keeps the last good settings.
+//!
+//! Stale stats are never planned from: a VM's stats count only when the guest answered them
+//! after the VM's last balloon move (QEMU stamps them with the second they arrived: stamped
+//! later than the move) and at most [`STATS_MAX_AGE_S`] before the round; otherwise the
+//! planner leaves the VM alone that round.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -38,13 +43,18 @@ pub const MEMORY_JSON: &str = "memory.json";
 pub const DRIVER_GRACE_ROUNDS: u32 = 10;
 /// How long one QMP answer may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The guest's stats polling interval, seconds (QEMU asks the balloon driver this often).
+pub const STATS_POLL_S: u64 = 1;
+/// Stats stamped more than this many seconds before the round are stale: the guest answers
+/// every [`STATS_POLL_S`], and QEMU stamps in whole seconds.
+pub const STATS_MAX_AGE_S: i64 = 3;
 
 /// The coordinator's settings.
 #[derive(Clone, Debug)]
 pub struct MemorySettings {
     /// The planner's settings.
     pub planner: mem::Settings,
-    /// How often the coordinator runs (and the guest's stats polling interval).
+    /// How often the coordinator runs.
     pub interval: Duration,
     /// Where the host's MemAvailable is read (`/proc/meminfo`).
     pub meminfo: PathBuf,
@@ -163,6 +173,9 @@ struct Tracked {
     target: Option<u64>,
     /// When `target` was set.
     target_at: Instant,
+    /// When the last balloon move was commanded, Unix seconds: stats stamped no later describe
+    /// the VM before it.
+    moved_unix: Option<f64>,
     /// The balloon's size in the previous round.
     last_actual: Option<u64>,
     /// (actual, MemTotal) in the previous round with stats.
@@ -189,6 +202,8 @@ struct State {
 struct Reading {
     actual: Option<u64>,
     stats: Option<Stats>,
+    /// When QEMU received `stats` from the guest (`last-update`), Unix seconds.
+    stats_stamp: Option<i64>,
     error: Option<String>,
 }
 
@@ -264,9 +279,13 @@ impl State {
                 tracing::info!("{}: memory settings applied: {config:?}", record.name);
                 t.config = config.clone();
             }
-            let r = read(record, t, s);
+            let r = read(record, t);
             if let Some(actual) = r.actual {
-                inputs.push(observe(&record.name, t, actual, r.stats.as_ref(), s));
+                // Only stats the guest sent after the last balloon move (and recent: see
+                // `parse_stats`) describe the VM as it is.
+                let after_move = after_the_last_move(r.stats_stamp, t.moved_unix);
+                let stats = r.stats.as_ref().filter(|_| after_move);
+                inputs.push(observe(&record.name, t, actual, stats, s));
             }
             readings.insert(record.name.clone(), r);
         }
@@ -332,6 +351,7 @@ impl State {
         );
         t.target = Some(target.target);
         t.target_at = Instant::now();
+        t.moved_unix = Some(crate::base::unix_now_f64());
         t.last_change = Some(target.why.to_owned());
         Ok(())
     }
@@ -371,6 +391,13 @@ fn observe(
         stats,
         active: t.activity.value(),
     }
+}
+
+/// Whether stats stamped `stamp` (QEMU's `last-update`, whole Unix seconds, the second the
+/// guest's answer arrived in) came after a balloon move commanded at `moved` (Unix seconds):
+/// stamped in a later second than the move. Without a move yet, any stamp will do.
+fn after_the_last_move(stamp: Option<i64>, moved: Option<f64>) -> bool {
+    stamp.is_some_and(|u| moved.is_none_or(|m| u as f64 > m))
 }
 
 /// Whether a VM's balloon is still moving, so that planning from its size would undo the move
@@ -439,6 +466,7 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
         config: cfg.clone(),
         target,
         target_at: Instant::now(),
+        moved_unix: target.map(|_| crate::base::unix_now_f64()),
         last_actual: None,
         last_sample: None,
         overhead: None,
@@ -466,10 +494,11 @@ fn find_balloon(c: &mut qmp::Client) -> Option<String> {
     None
 }
 
-fn read(record: &VmRecord, t: &Tracked, s: &MemorySettings) -> Reading {
+fn read(record: &VmRecord, t: &Tracked) -> Reading {
     let mut r = Reading {
         actual: None,
         stats: None,
+        stats_stamp: None,
         error: None,
     };
     let Some(path) = &t.balloon_path else {
@@ -480,7 +509,7 @@ fn read(record: &VmRecord, t: &Tracked, s: &MemorySettings) -> Reading {
         c.execute(qmp::qapi::qmp::qom_set {
             path: path.clone(),
             property: "guest-stats-polling-interval".into(),
-            value: Value::from(s.interval.as_secs().max(1)),
+            value: Value::from(STATS_POLL_S),
         })?;
         let stats = c.execute(qmp::qapi::qmp::qom_get {
             path: path.clone(),
@@ -492,7 +521,8 @@ fn read(record: &VmRecord, t: &Tracked, s: &MemorySettings) -> Reading {
     match result {
         Ok((stats, actual)) => {
             r.actual = Some(actual.max(0) as u64 / MIB);
-            r.stats = parse_stats(&stats, crate::base::unix_now_f64(), s.interval);
+            r.stats = parse_stats(&stats, crate::base::unix_now_f64());
+            r.stats_stamp = stats.get("last-update").and_then(Value::as_i64);
         }
         Err(e) => r.error = Some(e.to_string()),
     }
@@ -500,11 +530,12 @@ fn read(record: &VmRecord, t: &Tracked, s: &MemorySettings) -> Reading {
 }
 
 /// The guest's stats from `qom-get guest-stats`, MiB; `None` while the guest has not answered
-/// (`last-update` 0), when it stopped answering (3 intervals and 5 s behind `now`), or when a
-/// stat the planner needs is −1 (unsupported: QEMU sends −1, or 2⁶⁴−1 read unsigned).
-pub fn parse_stats(v: &Value, now: f64, interval: Duration) -> Option<Stats> {
+/// (`last-update` 0), when its answer is stale (stamped more than [`STATS_MAX_AGE_S`] before
+/// `now`, Unix seconds), or when a stat the planner needs is −1 (unsupported: QEMU sends −1,
+/// or 2⁶⁴−1 read unsigned).
+pub fn parse_stats(v: &Value, now: f64) -> Option<Stats> {
     let updated = v.get("last-update")?.as_i64()?;
-    if updated <= 0 || now - updated as f64 > 3.0 * interval.as_secs_f64() + 5.0 {
+    if updated <= 0 || now - updated as f64 > STATS_MAX_AGE_S as f64 {
         return None;
     }
     let stat = |k: &str| {
@@ -630,22 +661,33 @@ mod tests {
             },
             "last-update": 1000,
         });
-        let s = parse_stats(&v, 1001.0, Duration::from_secs(2)).unwrap();
+        let s = parse_stats(&v, 1001.0).unwrap();
         assert_eq!((s.free, s.available, s.total), (300, 400, 1000));
-        // Stale (the guest stopped answering) or never answered.
-        assert_eq!(parse_stats(&v, 1012.0, Duration::from_secs(2)), None);
+        // Stale: stamped more than 3 s before the round (the guest stopped answering its
+        // 1-second polls), or never answered.
+        assert!(parse_stats(&v, 1003.0).is_some());
+        assert_eq!(parse_stats(&v, 1003.5), None);
         let mut never = v.clone();
         never["last-update"] = 0.into();
-        assert_eq!(parse_stats(&never, 1.0, Duration::from_secs(2)), None);
+        assert_eq!(parse_stats(&never, 1.0), None);
         let mut minus = v.clone();
         minus["stats"]["stat-available-memory"] = (-1).into();
-        assert_eq!(parse_stats(&minus, 1001.0, Duration::from_secs(2)), None);
+        assert_eq!(parse_stats(&minus, 1001.0), None);
         minus["stats"]["stat-available-memory"] = u64::MAX.into();
-        assert_eq!(parse_stats(&minus, 1001.0, Duration::from_secs(2)), None);
-        assert_eq!(
-            parse_stats(&serde_json::json!("garbage"), 1.0, Duration::from_secs(2)),
-            None
-        );
+        assert_eq!(parse_stats(&minus, 1001.0), None);
+        assert_eq!(parse_stats(&serde_json::json!("garbage"), 1.0), None);
+    }
+
+    #[test]
+    fn only_stats_stamped_after_the_last_move_count() {
+        // Moved at 1000.4: an answer stamped 1000 may have arrived at 1000.1, before it.
+        assert!(!after_the_last_move(Some(1000), Some(1000.4)));
+        assert!(!after_the_last_move(Some(999), Some(1000.4)));
+        assert!(after_the_last_move(Some(1001), Some(1000.4)));
+        // Moved exactly at a second's start: stamped that second may still be older.
+        assert!(!after_the_last_move(Some(1000), Some(1000.0)));
+        assert!(after_the_last_move(Some(5), None));
+        assert!(!after_the_last_move(None, None));
     }
 
     fn tracked(target: u64, set_ago: Duration, last_actual: Option<u64>) -> Tracked {
@@ -663,6 +705,7 @@ mod tests {
             },
             target: Some(target),
             target_at: Instant::now().checked_sub(set_ago).unwrap(),
+            moved_unix: None,
             last_actual,
             last_sample: None,
             overhead: Some(40),

@@ -372,6 +372,10 @@ pub fn run(state_dir: &Path, data_dir: &Path) -> Result<(), Failure> {
                 .draw(|f| draw(f, &mut app))
                 .context("drawing")
                 .map_err(Failure::host)?;
+            // The panic path's test (tests/observe.rs): a panic with the first frame shown.
+            if std::env::var_os("BURST_QEMU_TOP_TEST_PANIC").is_some() {
+                panic!("BURST_QEMU_TOP_TEST_PANIC: a panic in top, for the tests");
+            }
             next = Instant::now() + REFRESH;
         }
         let wait = next

@@ -12,6 +12,9 @@
 //! ([`CgroupEnforcer`]): while the BPF scheduler runs, 6.12 does not apply `cpu.max` to
 //! SCHED_EXT threads; when it dies the threads fall back to the fair class and `cpu.max` holds
 //! them at once. The agent restarts a dead scheduler within about a second ([`Enforcer::verify`]).
+//! The vCPU threads are SCHED_EXT only while *our* scheduler is enabled: another sched_ext
+//! scheduler holding the kernel (ours then cannot load) would run them without any limit, so
+//! until ours says `ready` they stay SCHED_OTHER, under the quota.
 //!
 //! A VM whose grant is 0 is paused with QMP `stop` rather than starved (a runnable thread held
 //! past `timeout_ms` would make the kernel abort the scheduler), and resumed with `cont`.
@@ -225,6 +228,8 @@ pub struct ScxEnforcer {
     /// foreign one loaded, a kernel that refuses ours): each doubles the wait before the next
     /// start, up to a minute.
     quick_deaths: u32,
+    /// Whether the vCPU threads were last put in SCHED_EXT ([`ScxEnforcer::sync_policies`]).
+    threads_ext: bool,
 }
 
 fn failed(
@@ -240,11 +245,12 @@ fn failed(
 }
 
 /// Sets thread `tid`'s policy to SCHED_EXT (kept when the scheduler dies: the thread returns
-/// to the fair class until one loads again).
-fn set_ext(tid: u32) -> io::Result<()> {
+/// to the fair class until one loads again) or, with `ext` false, back to SCHED_OTHER.
+fn set_ext(tid: u32, ext: bool) -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
+    let policy = if ext { SCHED_EXT } else { libc::SCHED_OTHER };
     // SAFETY: sched_setscheduler reads the sched_param it is given.
-    if unsafe { libc::sched_setscheduler(tid as libc::pid_t, SCHED_EXT, &param) } != 0 {
+    if unsafe { libc::sched_setscheduler(tid as libc::pid_t, policy, &param) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -300,12 +306,48 @@ impl ScxEnforcer {
             last_start: Instant::now() - Duration::from_secs(60),
             restarts: 0,
             quick_deaths: 0,
+            threads_ext: false,
         })
     }
 
     /// The scheduler process's pid, while it runs.
     pub fn scheduler_pid(&self) -> Option<u32> {
         self.sched.as_ref().map(|s| s.child.id())
+    }
+
+    /// Whether our BPF scheduler is enabled: only then are the vCPU threads SCHED_EXT. Before
+    /// (and while another sched_ext scheduler holds the kernel, which would run them unlimited:
+    /// `cpu.max` does not apply to SCHED_EXT threads) they stay in the fair class, under the
+    /// cgroup quota.
+    fn ours_enabled(&self) -> bool {
+        self.sched
+            .as_ref()
+            .is_some_and(|s| s.ready.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Moves every VM's vCPU threads into SCHED_EXT when our scheduler has just been enabled,
+    /// and back to SCHED_OTHER when it is gone.
+    fn sync_policies(&mut self) {
+        let ext = self.ours_enabled();
+        if ext == self.threads_ext {
+            return;
+        }
+        self.threads_ext = ext;
+        for (name, m) in &self.vms {
+            for &tid in &m.tids {
+                if let Err(e) = set_ext(tid, ext) {
+                    tracing::error!("{name}: vCPU thread {tid}: setting its policy: {e}");
+                }
+            }
+        }
+        tracing::info!(
+            "vCPU threads {}",
+            if ext {
+                "in SCHED_EXT: our scheduler is enabled"
+            } else {
+                "in the fair class under their cgroup quotas: our scheduler is not enabled"
+            }
+        );
     }
 
     fn send(&mut self, cmds: &[Command]) {
@@ -468,8 +510,8 @@ impl Enforcer for ScxEnforcer {
                 set_affinity(tid, cpus)
                     .map_err(|e| failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e))?;
             }
-            set_ext(tid)
-                .map_err(|e| failed("setting SCHED_EXT on a vCPU thread of", &vm.qmp_socket, e))?;
+            set_ext(tid, self.ours_enabled())
+                .map_err(|e| failed("setting the policy of a vCPU thread of", &vm.qmp_socket, e))?;
         }
         if self.vms.contains_key(&vm.name) {
             return Ok(());
@@ -503,6 +545,7 @@ impl Enforcer for ScxEnforcer {
 
     fn apply(&mut self, vm: &str, rate: Rate, full: Rate) -> Result<(), EnforceError> {
         self.backstop.apply(vm, rate, full)?;
+        self.sync_policies();
         let Some(m) = self.vms.get_mut(vm) else {
             return Err(failed(
                 "applying a rate to a VM not attached:",
@@ -556,16 +599,22 @@ impl Enforcer for ScxEnforcer {
         if self.keep_alive()? {
             repaired.push("the sched_ext scheduler had died: restarted".to_owned());
         }
+        self.sync_policies();
         if let Some(r) = self.backstop.verify(vm)? {
             repaired.push(r);
         }
+        let (want, name) = if self.threads_ext {
+            (SCHED_EXT, "SCHED_EXT")
+        } else {
+            (libc::SCHED_OTHER, "SCHED_OTHER")
+        };
         for &tid in &vm.vcpu_tids {
             let p = policy_of(tid);
-            if p >= 0 && p != SCHED_EXT {
-                set_ext(tid).map_err(|e| {
-                    failed("setting SCHED_EXT on a vCPU thread of", &vm.qmp_socket, e)
+            if p >= 0 && p != want {
+                set_ext(tid, self.threads_ext).map_err(|e| {
+                    failed("setting the policy of a vCPU thread of", &vm.qmp_socket, e)
                 })?;
-                repaired.push(format!("thread {tid} had policy {p}, not SCHED_EXT"));
+                repaired.push(format!("thread {tid} had policy {p}, not {name}"));
             }
         }
         Ok((!repaired.is_empty()).then(|| repaired.join("; ")))

@@ -203,11 +203,20 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         },
     })?;
     let pid = child.id();
-    let qemu_start = Proc::host().process_start_time(pid).unwrap_or(0);
-    let registered = register(&mut child, &plan.qmp_socket, &monitor);
+    let registered = register(&mut child, &plan.qmp_socket, &monitor).and_then(|tids| {
+        // QEMU answers, so it runs: its start time identifies it (with its pid) from here on;
+        // a record without one could match whatever process reuses the pid later.
+        let start = Proc::host().process_start_time(pid).ok_or_else(|| {
+            LaunchError::Io(IoFailure {
+                context: format!("reading QEMU's start time from /proc/{pid}/stat"),
+                source: io::Error::other("unreadable"),
+            })
+        })?;
+        Ok((tids, start))
+    });
     drop(monitor);
     let record = match registered {
-        Ok(vcpu_tids) => VmRecord {
+        Ok((vcpu_tids, qemu_start)) => VmRecord {
             name: plan.name.clone(),
             pid,
             wrapper_pid: std::process::id(),
@@ -296,6 +305,11 @@ fn block_signals() -> Result<SignalFd, LaunchError> {
         Signal::SIGCHLD,
         Signal::SIGHUP,
     ] {
+        // An ignored signal is discarded even while blocked (never reaching the signalfd; an
+        // ignored SIGCHLD also reaps QEMU behind our back): a parent's SIG_IGN is undone first.
+        // SAFETY: SIG_DFL installs no handler.
+        unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigDfl) }
+            .doing(|| "resetting a signal's disposition".into())?;
         mask.add(s);
     }
     mask.thread_block().doing(|| "blocking signals".into())?;

@@ -47,14 +47,35 @@ pub struct Running {
 ///
 /// Only async-signal-safe calls: it must run between fork and exec.
 pub(super) unsafe fn clean_child(keep: &[i32]) -> io::Result<()> {
-    // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask and no flags.
-    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
-    dfl.sa_sigaction = libc::SIG_DFL;
+    // The kernel's own sigaction (x86-64 and most 64-bit ABIs: handler, flags, restorer, a
+    // 64-bit mask), all zero: SIG_DFL. Through the system call, not glibc's sigaction, which
+    // refuses the two signals it keeps for itself (32 and 33): found ignored in a CI runner's
+    // process tree, and QEMU would have inherited that.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
     for sig in 1..65 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            // SAFETY: sigaction with a valid struct; the signals glibc reserves answer EINVAL,
-            // which is ignored.
-            unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
+            // SAFETY: rt_sigaction reads a kernel sigaction of the size given (8: the mask).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                )
+            };
         }
     }
     // SAFETY: an empty set, built in place.

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
@@ -79,32 +81,6 @@ pub fn harness() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run")
 }
 
-/// Boots `kernel` with `cpus` CPUs and 2 GiB through the harness and runs `command` (with CI
-/// set and `env`); returns its output (also printed) and whether it exited 0.
-pub fn boot_guest(
-    kernel: &str,
-    cpus: u32,
-    command: &[&str],
-    env: &[(&str, &str)],
-) -> (String, bool) {
-    let out = Command::new(harness())
-        .args(["--kernel", kernel, "--cpus", &cpus.to_string()])
-        .args(["--mem", "2048", "--timeout", "900", "--"])
-        .args(command)
-        .env("CI", "1")
-        .env("BURST_QEMU_GUEST_TIMING", "1")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    (text, out.status.success())
-}
-
 /// The newest sibling test binary `name-<hash>` in this binary's directory (to run it inside a
 /// guest).
 pub fn sibling(name: &str) -> PathBuf {
@@ -131,6 +107,26 @@ pub fn sibling(name: &str) -> PathBuf {
 /// where everything, the VMs' QEMU included, is emulated: CPU shares scatter more there.
 pub fn nested_guest() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/hostname").is_ok_and(|h| h.trim() == "bq-guest")
+}
+
+/// The accelerator the test guest runs under: `kvm` when `BURST_QEMU_TEST_ACCEL=kvm` (the KVM
+/// variants of tests/kvm.rs), else multi-threaded TCG.
+pub fn accel() -> &'static str {
+    if kvm_variant() {
+        "kvm"
+    } else {
+        "tcg,thread=multi"
+    }
+}
+
+/// Whether this run is a KVM variant (`BURST_QEMU_TEST_ACCEL=kvm`).
+pub fn kvm_variant() -> bool {
+    std::env::var("BURST_QEMU_TEST_ACCEL").as_deref() == Ok("kvm")
+}
+
+/// How QEMU names vCPU thread `i` under [`accel`]: `CPU 0/TCG`, `CPU 0/KVM`.
+pub fn vcpu_thread_name(i: usize) -> String {
+    format!("CPU {i}/{}", if kvm_variant() { "KVM" } else { "TCG" })
 }
 
 pub fn bin() -> Command {
@@ -173,9 +169,10 @@ impl Scratch {
         self.path().join(name).to_str().unwrap().to_owned()
     }
 
-    /// QEMU arguments for the test guest under TCG.
+    /// QEMU arguments for the test guest, under TCG (or KVM with `BURST_QEMU_TEST_ACCEL=kvm`:
+    /// tests/kvm.rs reruns suites so).
     pub fn qemu_args(&self, b: Behaviour) -> Vec<String> {
-        testguest::qemu_command(Path::new(&self.firmware(b)), "tcg,thread=multi", 16)
+        testguest::qemu_command(Path::new(&self.firmware(b)), accel(), 16)
     }
 
     /// The launcher with --state-dir and --vms set, then `flags`, `--`, `qemu`.
@@ -296,6 +293,55 @@ pub fn view(s: &Scratch, name: &str) -> Value {
         assert!(Instant::now() < deadline, "no credits.json for {name}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits for the agent's next publish of `name` (its `credits.json` is rewritten once a second
+/// while the VM runs), then reads the VM's vCPU threads' CPU time at once, ns: both describe
+/// the same moment, within the few milliseconds between the agent's reading of the threads
+/// and its write (and this 2 ms poll).
+pub fn at_next_publish(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
+    let path = s.state().join(name).join("credits.json");
+    let first = std::fs::read(&path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = std::fs::read(&path).unwrap_or_default();
+        if now != first {
+            if let Ok(v) = serde_json::from_slice::<Value>(&now) {
+                let cpu = vm
+                    .record
+                    .vcpu_tids
+                    .iter()
+                    .map(|&t| thread_cpu_ns(vm.record.pid, t))
+                    .sum();
+                return (v, cpu);
+            }
+        }
+        assert!(Instant::now() < deadline, "{name}: no publish within 5 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Pauses the VM, waits until its vCPU threads have stopped (in an emulated guest they take a
+/// moment after `pause` returns) and for the agent's next publish: the published figures and
+/// the threads' CPU time (ns, returned with them) then describe the same state exactly,
+/// whatever the delay between the agent's reading of the threads and its write. The caller
+/// resumes the VM when it wants it running again.
+pub fn at_rest(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
+    assert!(s.cli(&["pause", name]).status.success());
+    let cpu = || -> u64 {
+        vm.record
+            .vcpu_tids
+            .iter()
+            .map(|&t| thread_cpu_ns(vm.record.pid, t))
+            .sum()
+    };
+    let mut last = cpu();
+    wait_until("the vCPU threads stopped", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = cpu();
+        std::mem::replace(&mut last, now) == now
+    });
+    at_next_publish(s, name, vm)
 }
 
 pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
