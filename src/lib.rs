@@ -17,6 +17,7 @@
 //! | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, mappings, queues, status words, transactions |
 //! | [`launch`] | QEMU argv, QMP handshake, vCPU thread ids, lifecycle and signals |
 //! | [`sched`] | the scheduling policy (cap, baseline guarantee, spare by credits): pure, for ghOSt and sched_ext |
+//! | [`source`] | VMs burst-qemu did not start: libvirt domains (status XML, metadata, lifecycle, the libvirt API with feature `libvirt`) and foreign QEMUs (`adopt`) |
 //! | [`simulate`] | the ledger run on a load trace with a simulated clock, CSV/JSON/SVG output |
 //! | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
 //! | [`testguest`] | the project's own firmware guest that keeps every vCPU busy, or halts them |
@@ -46,5 +47,6 @@ pub mod orphan;
 pub mod plot;
 pub mod sched;
 pub mod simulate;
+pub mod source;
 pub mod state;
 pub mod testguest;
