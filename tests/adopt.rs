@@ -125,7 +125,8 @@ fn a_free_qmp_socket_gives_the_vcpu_threads_and_they_burn_cpu() {
         threads::vcpu_threads(proc(), q.pid).unwrap().unwrap(),
         found.vcpu_tids
     );
-    // Busy vCPUs: well above 0.2 s of CPU each over a second (measured 0.8-0.95 s here).
+    // Busy vCPUs: well above 0.2 s of CPU each over a second (measured 0.99 s with the machine
+    // to ourselves, 0.50 s while other developers built beside us).
     let read = || -> Vec<u64> {
         found
             .vcpu_tids

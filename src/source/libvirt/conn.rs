@@ -13,6 +13,7 @@ use std::sync::Once;
 
 use thiserror::Error;
 
+use super::discover::{discover, DiscoverError, Expected, Found};
 use super::ffi;
 use super::lifecycle::{Seen, State};
 
@@ -231,15 +232,15 @@ impl Connection {
         Ok(())
     }
 
-    /// Every domain's identity and state, for [`super::lifecycle::diff`]: one round trip for
-    /// the whole connection (`virConnectGetAllDomainStats` with the state group).
+    /// Every domain's identity, state and vCPU count, for [`super::lifecycle::diff`]: one round
+    /// trip for the whole connection (`virConnectGetAllDomainStats`, state and vCPU groups).
     pub fn poll(&self) -> Result<Vec<Seen>, LibvirtError> {
         let mut records: *mut *mut ffi::virDomainStatsRecord = ptr::null_mut();
         // SAFETY: a valid connection; libvirt allocates a NULL-terminated record list.
         let n = unsafe {
             ffi::virConnectGetAllDomainStats(
                 self.ptr.as_ptr(),
-                ffi::VIR_DOMAIN_STATS_STATE,
+                ffi::VIR_DOMAIN_STATS_STATE | ffi::VIR_DOMAIN_STATS_VCPU,
                 &mut records,
                 0,
             )
@@ -262,12 +263,49 @@ impl Connection {
                     id: d.id(),
                     state: State::from_raw(int("state.state").unwrap_or(0) as i32),
                     reason: int("state.reason").unwrap_or(0) as i32,
+                    vcpus: int("vcpu.current")
+                        .and_then(|n| u32::try_from(n).ok())
+                        .unwrap_or(0),
                 });
             }
         }
         // SAFETY: frees the list and its records once (domains included).
         unsafe { ffi::virDomainStatsRecordListFree(records) };
         Ok(seen)
+    }
+}
+
+/// One domain as [`Connection::survey`] sees it.
+#[derive(Debug)]
+pub struct Surveyed {
+    /// Identity, state and vCPU count.
+    pub seen: Seen,
+    /// For an active domain, its process facts from the status file (or why they could not be
+    /// found); `None` when inactive.
+    pub process: Option<Result<Found, DiscoverError>>,
+}
+
+impl Connection {
+    /// Every domain with its state, UUID, name and, for the active ones, QEMU's pid and the
+    /// vCPU thread ids: one libvirt call, then each active domain's status file under
+    /// `run_dir` checked against `/proc` at `proc_root`.
+    pub fn survey(&self, run_dir: &Path, proc_root: &Path) -> Result<Vec<Surveyed>, LibvirtError> {
+        Ok(self
+            .poll()?
+            .into_iter()
+            .map(|seen| {
+                let process = seen.id.map(|id| {
+                    let expected = Expected {
+                        uuid: &seen.uuid,
+                        name: &seen.name,
+                        id,
+                        vcpus: seen.vcpus,
+                    };
+                    discover(run_dir, proc_root, &expected)
+                });
+                Surveyed { seen, process }
+            })
+            .collect())
     }
 }
 

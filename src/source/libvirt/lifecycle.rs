@@ -104,6 +104,8 @@ pub struct Seen {
     pub state: State,
     /// libvirt's reason for the state (its meaning depends on the state).
     pub reason: i32,
+    /// Its vCPUs now while active (`vcpu.current`); 0 when inactive or not reported.
+    pub vcpus: u32,
 }
 
 /// How a domain came to run.
@@ -272,6 +274,7 @@ mod tests {
             id,
             state,
             reason,
+            vcpus: 1,
         }
     }
 
@@ -439,6 +442,7 @@ mod tests {
                 id,
                 state: State::from_raw(state),
                 reason,
+                vcpus: 1,
             },
         )
     }
