@@ -25,6 +25,7 @@
 //! | | [`enforce`] | the `Enforcer` trait: cgroup v1/v2, sched_ext, ghOSt — mechanism only |
 //! | | [`balance`] | fleet balancers: vCPU pinning, balloon memory, disk bandwidth (pure planners and their mechanisms) |
 //! | sources | [`launch`] | the launcher: QEMU's arguments and config, QMP handshake, vCPU threads, lifecycle and signals |
+//! | | [`source`] | VMs burst-qemu did not start: libvirt domains (status XML, metadata, lifecycle, the libvirt API with feature `libvirt`) and foreign QEMUs (`adopt`) |
 //! | | [`orphan`] | stopping a VM whose launcher died |
 //! | | [`testguest`] | the project's own firmware guest: every vCPU busy, halted, or busy a duty cycle |
 //! | loop | [`agent`] | measure → `Ledger::tick` → contention → `Enforcer::apply`; publishing, persistence, history |
@@ -56,6 +57,7 @@ pub mod plot;
 pub mod procfs;
 pub mod sched;
 pub mod simulate;
+pub mod source;
 pub mod state;
 pub mod testguest;
 pub mod view;
