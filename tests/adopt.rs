@@ -131,7 +131,11 @@ fn a_free_qmp_socket_gives_the_vcpu_threads_and_they_burn_cpu() {
         found
             .vcpu_tids
             .iter()
-            .map(|&t| burst_qemu::enforce::thread_cpu_ns(q.pid, t).unwrap())
+            .map(|&t| {
+                burst_qemu::procfs::Proc::host()
+                    .thread_cpu_ns(q.pid, t)
+                    .unwrap()
+            })
             .collect()
     };
     let before = read();

@@ -209,7 +209,11 @@ impl Drop for TestDomain<'_> {
 pub fn cpu_over(pid: u32, tids: &[u32], interval: Duration) -> Vec<u64> {
     let read = || -> Vec<u64> {
         tids.iter()
-            .map(|&t| burst_qemu::enforce::thread_cpu_ns(pid, t).unwrap_or(0))
+            .map(|&t| {
+                burst_qemu::procfs::Proc::host()
+                    .thread_cpu_ns(pid, t)
+                    .unwrap_or(0)
+            })
             .collect()
     };
     let before = read();

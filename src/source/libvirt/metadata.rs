@@ -15,7 +15,7 @@
 //! without its prefix, as `<config baseline="20" …/>`).
 //!
 //! **Settings** (`<config>`): one attribute per key of `vms/NAME.toml`, same names, same
-//! meaning, same validation: the attributes become TOML text that [`crate::config::parse`]
+//! meaning, same validation: the attributes become TOML text that [`crate::config::from_text`] (parse, then validate)
 //! parses, so the two opt-in paths cannot drift apart. Numbers are written as numbers
 //! (`baseline="20"`), `cpus="0-1,3"` as in the file's string form, `balance_memory="true"`.
 //! `vcpus` may be left out: it is the domain's own vCPU count, and when given it must match
@@ -174,7 +174,7 @@ pub fn parse_config(
         Some(_) => {}
     }
     let text = toml::to_string(&table).map_err(|e| wrap(field("syntax", e.to_string())))?;
-    config::parse(Path::new("<metadata>"), &text).map_err(|e| {
+    config::from_text(Path::new("<metadata>"), &text).map_err(|e| {
         wrap(match e {
             ConfigError::Invalid { field, message, .. } => ElementProblem::Field { field, message },
             ConfigError::Io { source, .. } => ElementProblem::Xml(source.to_string()),
@@ -361,7 +361,7 @@ mod tests {
             2,
         )
         .unwrap();
-        let from_toml = config::parse(
+        let from_toml = config::from_text(
             Path::new("web1.toml"),
             "vcpus = 2\nbaseline = 20\nmode = \"unlimited\"\nmax_credits = 100\ncpus = \"0-1\"\n\
              balance_memory = true\nmemory_min = 256\n",
