@@ -21,7 +21,8 @@
 //! | files | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
 //! | | [`config`] | `vms/NAME.toml`: parse, then validate; errors name file, line and field |
 //! | | [`metrics`] | Prometheus text of the views, and its small HTTP server |
-//! | mechanism | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, queues, status words, transactions; the centralized agent |
+//! | mechanism | [`control`] | a running VM's control handle (run state, pause, pin, balloon): one trait, by QMP here and by libvirt in [`source`] |
+//! | | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, queues, status words, transactions; the centralized agent |
 //! | | [`enforce`] | the `Enforcer` trait: cgroup v1/v2, sched_ext, ghOSt — mechanism only |
 //! | | [`balance`] | fleet balancers: vCPU pinning, balloon memory, disk bandwidth (pure planners and their mechanisms) |
 //! | sources | [`launch`] | the launcher: QEMU's arguments and config, QMP handshake, vCPU threads, lifecycle and signals |
@@ -46,6 +47,7 @@ pub mod balance;
 pub mod base;
 pub mod config;
 pub mod contention;
+pub mod control;
 pub mod credit;
 pub mod enforce;
 pub mod ghost;

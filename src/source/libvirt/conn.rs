@@ -540,6 +540,20 @@ impl Domain {
         self.check("virDomainCreate", rc).map(drop)
     }
 
+    /// Whether it has a persistent definition (a transient domain vanishes when it stops).
+    pub fn is_persistent(&self) -> Result<bool, LibvirtError> {
+        // SAFETY: a valid domain.
+        let rc = unsafe { ffi::virDomainIsPersistent(self.ptr.as_ptr()) };
+        Ok(self.check("virDomainIsPersistent", rc)? == 1)
+    }
+
+    /// Asks the guest to power down (`virsh shutdown`, ACPI by default).
+    pub fn shutdown(&self) -> Result<(), LibvirtError> {
+        // SAFETY: a valid domain.
+        let rc = unsafe { ffi::virDomainShutdown(self.ptr.as_ptr()) };
+        self.check("virDomainShutdown", rc).map(drop)
+    }
+
     /// Stops it at once (`virsh destroy`).
     pub fn destroy(&self) -> Result<(), LibvirtError> {
         // SAFETY: a valid domain.

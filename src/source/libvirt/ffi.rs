@@ -336,6 +336,8 @@ extern "C" {
         flags: c_uint,
     ) -> c_int;
     pub fn virDomainCreate(domain: virDomainPtr) -> c_int;
+    pub fn virDomainIsPersistent(domain: virDomainPtr) -> c_int;
+    pub fn virDomainShutdown(domain: virDomainPtr) -> c_int;
     pub fn virDomainDestroy(domain: virDomainPtr) -> c_int;
     pub fn virDomainUndefineFlags(domain: virDomainPtr, flags: c_uint) -> c_int;
     pub fn virDomainSave(domain: virDomainPtr, to: *const c_char) -> c_int;

@@ -251,6 +251,9 @@ pub struct Checkpoint {
     pub at_unix_ns: u64,
     /// The host that wrote it (for people; not used in decisions).
     pub host: String,
+    /// The last `credits = N` override applied (so that a domain arriving elsewhere does not
+    /// have it applied again); absent in checkpoints that had none.
+    pub credits_applied: Option<Credits>,
 }
 
 impl Checkpoint {
@@ -276,7 +279,7 @@ pub fn render_checkpoint(c: &Checkpoint) -> String {
     format!(
         "<checkpoint uuid=\"{}\" host=\"{}\" at_unix_ns=\"{}\" mode=\"{}\" vcpus=\"{}\" \
          grant_ppm=\"{}\" earned=\"{}\" launch=\"{}\" surplus=\"{}\" charged=\"{}\" debt=\"{}\" \
-         earn_remainder=\"{}\" used=\"{}\"/>",
+         earn_remainder=\"{}\" used=\"{}\"{}/>",
         escape(&c.uuid),
         escape(&c.host),
         c.at_unix_ns,
@@ -290,6 +293,8 @@ pub fn render_checkpoint(c: &Checkpoint) -> String {
         b.debt.0,
         b.earn_remainder,
         c.used.0,
+        c.credits_applied
+            .map_or(String::new(), |a| format!(" credits_applied=\"{}\"", a.0)),
     )
 }
 
@@ -324,6 +329,10 @@ pub fn parse_checkpoint(xml: &str) -> Result<Checkpoint, ElementProblem> {
             earn_remainder: int("earn_remainder")?,
         },
         used: Credits(int("used")?),
+        credits_applied: match root.attribute("credits_applied") {
+            Some(_) => Some(Credits(int("credits_applied")?)),
+            None => None,
+        },
     })
 }
 
@@ -442,6 +451,7 @@ mod tests {
             vcpus: 2,
             at_unix_ns: 1_750_000_000_123_456_789,
             host: "host <a> & \"b\"".into(),
+            credits_applied: Some(Credits(5_000_000_000)),
         }
     }
 
@@ -449,6 +459,13 @@ mod tests {
     fn a_checkpoint_round_trips_exactly() {
         let c = checkpoint();
         assert_eq!(parse_checkpoint(&render_checkpoint(&c)).unwrap(), c);
+        let none = Checkpoint {
+            credits_applied: None,
+            ..checkpoint()
+        };
+        let xml = render_checkpoint(&none);
+        assert!(!xml.contains("credits_applied"), "{xml}");
+        assert_eq!(parse_checkpoint(&xml).unwrap(), none);
     }
 
     #[test]

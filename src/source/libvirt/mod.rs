@@ -7,6 +7,7 @@
 //! | [`metadata`] | our `<metadata>` elements: opt-in settings (the `vms/NAME.toml` keys) and the credit checkpoint | nothing |
 //! | [`lifecycle`] | two polls of a connection → started, stopped (how), paused, resumed, undefined, renamed | nothing |
 //! | `ffi` | declarations of libvirt's C API | feature `libvirt` (links `libvirt.so`) |
+//! | `control` | a domain's control handle (run state, pause, pin, balloon) and the shared connection pool | feature `libvirt` |
 //! | `conn` | the safe connection and domain handles: list, poll, survey (state, UUID, name, pid, vCPU TIDs of every domain), metadata, pause, balloon, pin, save | feature `libvirt` |
 //!
 //! The pure parts build without libvirt, so the agent can read status files and metadata on any
@@ -28,6 +29,8 @@
 
 #[cfg(feature = "libvirt")]
 pub mod conn;
+#[cfg(feature = "libvirt")]
+pub mod control;
 pub mod discover;
 #[cfg(feature = "libvirt")]
 pub mod ffi;
