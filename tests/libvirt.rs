@@ -218,6 +218,7 @@ fn settings_and_checkpoint_metadata_are_read_and_written_live_and_persistently()
         at_unix_ns: 1_750_000_000_000_000_000,
         host: "test".into(),
         credits_applied: None,
+        departed: false,
     };
     let xml = metadata::render_checkpoint(&checkpoint);
     dom.set_metadata(CHECKPOINT_NS, KEY, Some(&xml), Scope::Both)

@@ -134,6 +134,9 @@ pub(super) struct Watch {
     down: Option<String>,
     host: String,
     published: Published,
+    /// Domains whose checkpoint is written at the next chance, not at its interval (their
+    /// balance was set, their config applied).
+    urgent: std::collections::HashSet<String>,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -172,6 +175,7 @@ impl Watch {
             others: HashMap::new(),
             down: None,
             host: host_name(),
+            urgent: Default::default(),
             published: Published {
                 uri: settings.uri.clone(),
                 pid: std::process::id(),
@@ -740,6 +744,7 @@ impl Agent {
         };
         let cp = checkpoint_now(vm, uuid, &w.host);
         let due = force
+            || w.urgent.contains(uuid)
             || m.checkpointed
                 .as_ref()
                 .is_none_or(|(at, b)| at.elapsed() >= CHECKPOINT_EVERY && *b != cp.balances);
@@ -749,11 +754,20 @@ impl Agent {
         let name = m.name.clone();
         match w.write_checkpoint(uuid, &cp, true) {
             Ok(()) => {
+                w.urgent.remove(uuid);
                 if let Some(m) = w.members.get_mut(uuid) {
                     m.checkpointed = Some((Instant::now(), cp.balances));
                 }
             }
             Err(e) => tracing::warn!("{name}: checkpoint not written into its metadata: {e}"),
+        }
+    }
+
+    /// Asks for `record`'s checkpoint at the next rescan (its balance was set, its config
+    /// applied): a domain saved or migrated right after carries it.
+    pub(super) fn checkpoint_soon(&mut self, record: &VmRecord) {
+        if let (Some(w), Some(uuid)) = (self.libvirt.as_mut(), record.source.libvirt_uuid()) {
+            w.urgent.insert(uuid.to_owned());
         }
     }
 

@@ -297,6 +297,7 @@ impl Agent {
                     vm.ledger.grant().rate.percent_of(vm.record.vcpus)
                 );
                 self.persist(&mut vm);
+                self.checkpoint_soon(&vm.record);
             }
             Err(Unusable::Missing) => {}
             Err(Unusable::Invalid(why)) => {

@@ -565,6 +565,7 @@ impl Agent {
                 vm.ledger.set_balance(c);
                 tracing::info!("{name}: balance set to {c} (burst-qemu credits --set)");
                 self.persist(vm);
+                self.checkpoint_soon(&vm.record);
             }
             None => tracing::error!("{name}: ignoring balance request {text:?}"),
         }

@@ -134,6 +134,24 @@ impl<'c> TestDomain<'c> {
     }
 
     pub fn define(conn: &'c Connection, tag: &str, vcpus: u32, behaviour: Behaviour) -> Self {
+        Self::define_with(
+            conn,
+            tag,
+            behaviour,
+            &format!("<vcpu placement='static'>{vcpus}</vcpu>"),
+            "",
+        )
+    }
+
+    /// Defines a domain of the test firmware with `vcpu` (the `<vcpu>` element) and `extra`
+    /// elements in `<domain>` (a `<metadata>`, say).
+    pub fn define_with(
+        conn: &'c Connection,
+        tag: &str,
+        behaviour: Behaviour,
+        vcpu: &str,
+        extra: &str,
+    ) -> Self {
         let name = format!("bq-test-{}-{tag}", std::process::id());
         let firmware = PathBuf::from(format!("{IMAGES}/{name}.bin"));
         fs::create_dir_all(IMAGES).unwrap();
@@ -148,7 +166,7 @@ impl<'c> TestDomain<'c> {
             "<domain type='qemu'>\
                <name>{name}</name>\
                <memory unit='MiB'>32</memory>\
-               <vcpu placement='static'>{vcpus}</vcpu>\
+               {vcpu}{extra}\
                <os><type arch='x86_64' machine='pc'>hvm</type>\
                  <loader type='rom'>{}</loader></os>\
                <on_crash>destroy</on_crash>\
@@ -158,6 +176,26 @@ impl<'c> TestDomain<'c> {
             firmware.display()
         );
         conn.define(&xml).expect("the test domain is defined");
+        d
+    }
+
+    /// Starts a domain whose config element `<config …/>` (burst-qemu's settings) is in its
+    /// `<metadata>`: opted in from its first start.
+    pub fn start_opted_in(
+        conn: &'c Connection,
+        tag: &str,
+        vcpus: u32,
+        behaviour: Behaviour,
+        config: &str,
+    ) -> Self {
+        let d = Self::define_with(
+            conn,
+            tag,
+            behaviour,
+            &format!("<vcpu placement='static'>{vcpus}</vcpu>"),
+            &metadata_element(config),
+        );
+        d.domain().start().expect("the domain starts");
         d
     }
 
@@ -203,6 +241,21 @@ impl Drop for TestDomain<'_> {
             let _ = fs::remove_file(f);
         }
     }
+}
+
+/// A `<metadata>` element holding burst-qemu's settings element `config` (`<config …/>`).
+pub fn metadata_element(config: &str) -> String {
+    let inner = config.replacen(
+        "<config",
+        "<bq:config xmlns:bq='urn:burst-qemu:config:1'",
+        1,
+    );
+    format!("<metadata>{inner}</metadata>")
+}
+
+/// The pattern of this test process's domains, for `agent --libvirt-domains`.
+pub fn own_domains() -> String {
+    format!("bq-test-{}-*", std::process::id())
 }
 
 /// CPU time of each thread over `interval`, ns (one reader, both ends: DESIGN.md).
@@ -342,5 +395,84 @@ impl Drop for SecondLibvirtd {
         }
         let _ = self.libvirtd.kill();
         let _ = self.libvirtd.wait();
+    }
+}
+
+/// A Linux guest prepared by `tests/guest/run --prepare DIR` (kernel, initramfs, the host's
+/// root over 9p) run as a libvirt domain: QEMU as root without relabelling (as the wrapper's
+/// guests run; libvirt's `libvirt-qemu` user could not read the scratch files), the console to
+/// a file, a virtio balloon, burst-qemu's `<config>` in its `<metadata>`. Destroyed and
+/// undefined on drop.
+pub struct GuestDomain {
+    pub conn: Connection,
+    pub name: String,
+}
+
+impl GuestDomain {
+    pub fn start(
+        tag: &str,
+        prepared: &Path,
+        console: &Path,
+        memory_mib: u64,
+        config: &str,
+    ) -> Self {
+        let conn = Connection::open(URI).expect("libvirtd answers");
+        let name = format!("bq-test-{}-{tag}", std::process::id());
+        let args = fs::read_to_string(prepared.join("qemu-args")).unwrap();
+        let args: Vec<&str> = args.lines().collect();
+        let after = |opt: &str| {
+            args.iter()
+                .position(|a| *a == opt)
+                .map(|i| args[i + 1].to_owned())
+                .unwrap_or_else(|| panic!("no {opt} in qemu-args"))
+        };
+        let esc = burst_qemu::source::libvirt::metadata::escape;
+        let xml = format!(
+            "<domain type='qemu'>\
+               <name>{name}</name>\
+               <memory unit='MiB'>{memory_mib}</memory>\
+               <currentMemory unit='MiB'>{memory_mib}</currentMemory>\
+               <vcpu placement='static'>1</vcpu>{meta}\
+               <os><type arch='x86_64' machine='pc'>hvm</type>\
+                 <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>\
+               <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>\
+               <on_crash>destroy</on_crash>\
+               <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>\
+               <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>\
+                 <filesystem type='mount' accessmode='squash' multidevs='remap'>\
+                   <source dir='/'/><target dir='host'/><readonly/></filesystem>\
+                 <serial type='file'><source path='{console}'/><target port='0'/></serial>\
+                 <memballoon model='virtio'/></devices>\
+             </domain>",
+            meta = metadata_element(config),
+            kernel = esc(&after("-kernel")),
+            initrd = esc(&after("-initrd")),
+            cmdline = esc(&after("-append")),
+            console = esc(&console.display().to_string()),
+        );
+        if let Ok(d) = conn.domain(&name) {
+            let _ = d.destroy();
+            let _ = d.undefine();
+        }
+        conn.define(&xml).expect("the guest domain is defined");
+        conn.domain(&name)
+            .unwrap()
+            .start()
+            .expect("the guest domain starts");
+        GuestDomain { conn, name }
+    }
+
+    /// Whether it still runs (its guest powers off when its command is done).
+    pub fn running(&self) -> bool {
+        self.conn.domain(&self.name).is_ok_and(|d| d.id().is_some())
+    }
+}
+
+impl Drop for GuestDomain {
+    fn drop(&mut self) {
+        if let Ok(d) = self.conn.domain(&self.name) {
+            let _ = d.destroy();
+            let _ = d.undefine();
+        }
     }
 }

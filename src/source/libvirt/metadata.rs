@@ -254,6 +254,9 @@ pub struct Checkpoint {
     /// The last `credits = N` override applied (so that a domain arriving elsewhere does not
     /// have it applied again); absent in checkpoints that had none.
     pub credits_applied: Option<Credits>,
+    /// Written when the domain stopped running (`departed="true"`): it covers the domain's
+    /// whole run, so a domain started from it owes no gap.
+    pub departed: bool,
 }
 
 impl Checkpoint {
@@ -268,6 +271,9 @@ impl Checkpoint {
     /// at the grant it had. `max_gap_ns` is the longest a domain can have run unmeasured since
     /// its last checkpoint: the checkpoint interval plus the agent's tick.
     pub fn gap_charge(&self, now_unix_ns: u64, max_gap_ns: u64) -> Credits {
+        if self.departed {
+            return Credits::ZERO;
+        }
         let gap = now_unix_ns.saturating_sub(self.at_unix_ns).min(max_gap_ns);
         Credits(self.grant.over(gap))
     }
@@ -279,7 +285,7 @@ pub fn render_checkpoint(c: &Checkpoint) -> String {
     format!(
         "<checkpoint uuid=\"{}\" host=\"{}\" at_unix_ns=\"{}\" mode=\"{}\" vcpus=\"{}\" \
          grant_ppm=\"{}\" earned=\"{}\" launch=\"{}\" surplus=\"{}\" charged=\"{}\" debt=\"{}\" \
-         earn_remainder=\"{}\" used=\"{}\"{}/>",
+         earn_remainder=\"{}\" used=\"{}\"{}{}/>",
         escape(&c.uuid),
         escape(&c.host),
         c.at_unix_ns,
@@ -295,6 +301,7 @@ pub fn render_checkpoint(c: &Checkpoint) -> String {
         c.used.0,
         c.credits_applied
             .map_or(String::new(), |a| format!(" credits_applied=\"{}\"", a.0)),
+        if c.departed { " departed=\"true\"" } else { "" },
     )
 }
 
@@ -333,6 +340,7 @@ pub fn parse_checkpoint(xml: &str) -> Result<Checkpoint, ElementProblem> {
             Some(_) => Some(Credits(int("credits_applied")?)),
             None => None,
         },
+        departed: root.attribute("departed") == Some("true"),
     })
 }
 
@@ -452,6 +460,7 @@ mod tests {
             at_unix_ns: 1_750_000_000_123_456_789,
             host: "host <a> & \"b\"".into(),
             credits_applied: Some(Credits(5_000_000_000)),
+            departed: true,
         }
     }
 
@@ -461,10 +470,14 @@ mod tests {
         assert_eq!(parse_checkpoint(&render_checkpoint(&c)).unwrap(), c);
         let none = Checkpoint {
             credits_applied: None,
+            departed: false,
             ..checkpoint()
         };
         let xml = render_checkpoint(&none);
-        assert!(!xml.contains("credits_applied"), "{xml}");
+        assert!(
+            !xml.contains("credits_applied") && !xml.contains("departed"),
+            "{xml}"
+        );
         assert_eq!(parse_checkpoint(&xml).unwrap(), none);
     }
 
@@ -491,7 +504,16 @@ mod tests {
 
     #[test]
     fn the_gap_is_charged_at_the_grant_and_bounded() {
-        let c = checkpoint(); // grant 0.4 CPU
+        let departed = checkpoint();
+        // Written as the domain stopped: it covers the whole run.
+        assert_eq!(
+            departed.gap_charge(departed.at_unix_ns + 10_000_000_000, 70_000_000_000),
+            Credits::ZERO
+        );
+        let c = Checkpoint {
+            departed: false,
+            ..checkpoint()
+        }; // grant 0.4 CPU
         let at = c.at_unix_ns;
         assert_eq!(
             c.gap_charge(at + 10_000_000_000, 70_000_000_000),
