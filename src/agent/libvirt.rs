@@ -108,6 +108,8 @@ struct Member {
     status_mtime: Option<SystemTime>,
     /// The `<config>` element in force (from the status file).
     element: Option<String>,
+    /// Whether its `vms/NAME.toml` existed at the last poll.
+    file: bool,
     /// The metadata checkpoint it arrived with, until the agent's restore takes it.
     arrival: Option<Checkpoint>,
     /// When and with which balances the last checkpoint was written.
@@ -198,7 +200,10 @@ impl Watch {
                             pid: record.pid,
                             qemu_start: record.qemu_start,
                             vcpus: record.vcpus,
-                            status_mtime: mtime(&path),
+                            // The first poll reads the status file and the config file
+                            // again: an opt-out made while no agent ran is seen then.
+                            status_mtime: None,
+                            file: record.config.exists(),
                             element,
                             arrival: None,
                             checkpointed: None,
@@ -393,22 +398,29 @@ impl Watch {
         }
         let path = self.status_path(&m.name);
         let t = mtime(&path);
-        if t == m.status_mtime {
-            return;
-        }
-        let element = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|x| metadata::find_in_domain_xml(&x, CONFIG_NS));
         let file = self
             .settings
             .vms_dir
             .join(format!("{}.toml", m.name))
             .exists();
+        if t == m.status_mtime && file == m.file {
+            return;
+        }
+        let element = if t == m.status_mtime {
+            m.element.clone()
+        } else {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|x| metadata::find_in_domain_xml(&x, CONFIG_NS))
+        };
         let name = m.name.clone();
+        // A file that appears or goes is the agent's file watcher's to apply; the element is
+        // the watcher's.
         let changed = element != m.element;
         if let Some(m) = self.members.get_mut(uuid) {
             m.status_mtime = t;
             m.element = element.clone();
+            m.file = file;
         }
         if element.is_none() && !file {
             actions.push(Action::Release {
@@ -457,6 +469,7 @@ impl Watch {
                         qemu_start: record.qemu_start,
                         vcpus: record.vcpus,
                         status_mtime: t,
+                        file,
                         element,
                         arrival,
                         checkpointed: None,
@@ -642,9 +655,13 @@ impl Agent {
                 tracing::info!("{name}: its <metadata> element changed");
                 self.reload(&name);
             }
-            Action::Readopt(record) => {
+            Action::Readopt(mut record) => {
                 if let Some(uuid) = record.source.libvirt_uuid() {
                     if self.owns(&record.name, uuid) {
+                        if let Some(vm) = self.vms.get(&record.name) {
+                            record.baseline = vm.record.baseline;
+                            record.mode = vm.record.mode;
+                        }
                         self.end(&record.name);
                     }
                 }
