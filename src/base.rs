@@ -100,6 +100,13 @@ pub fn unix_now_f64() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Unix time now, in ns (the clock two hosts share: a libvirt domain's credit checkpoint).
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Unix time now, in whole seconds.
 pub fn unix_now() -> u64 {
     unix_now_f64() as u64

@@ -21,10 +21,12 @@
 //! | files | [`state`] | runtime dirs of running VMs, their records and locks, atomic writes |
 //! | | [`config`] | `vms/NAME.toml`: parse, then validate; errors name file, line and field |
 //! | | [`metrics`] | Prometheus text of the views, and its small HTTP server |
-//! | mechanism | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, queues, status words, transactions; the centralized agent |
+//! | mechanism | [`control`] | a running VM's control handle (run state, pause, pin, balloon): one trait, by QMP here and by libvirt in [`source`] |
+//! | | [`ghost`] | the safe layer over `ghost-sys`: ghostfs, enclaves, queues, status words, transactions; the centralized agent |
 //! | | [`enforce`] | the `Enforcer` trait: cgroup v1/v2, sched_ext, ghOSt — mechanism only |
 //! | | [`balance`] | fleet balancers: vCPU pinning, balloon memory, disk bandwidth (pure planners and their mechanisms) |
 //! | sources | [`launch`] | the launcher: QEMU's arguments and config, QMP handshake, vCPU threads, lifecycle and signals |
+//! | | [`source`] | VMs burst-qemu did not start: libvirt domains (status XML, metadata, lifecycle, the libvirt API with feature `libvirt`) and foreign QEMUs (`adopt`) |
 //! | | [`orphan`] | stopping a VM whose launcher died |
 //! | | [`testguest`] | the project's own firmware guest: every vCPU busy, halted, or busy a duty cycle |
 //! | loop | [`agent`] | measure → `Ledger::tick` → contention → `Enforcer::apply`; publishing, persistence, history |
@@ -45,6 +47,7 @@ pub mod balance;
 pub mod base;
 pub mod config;
 pub mod contention;
+pub mod control;
 pub mod credit;
 pub mod enforce;
 pub mod ghost;
@@ -56,6 +59,7 @@ pub mod plot;
 pub mod procfs;
 pub mod sched;
 pub mod simulate;
+pub mod source;
 pub mod state;
 pub mod testguest;
 pub mod view;

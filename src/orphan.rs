@@ -1,5 +1,6 @@
-//! Stopping a VM whose launcher died (see [`crate::state`]'s "Orphans"): the steps the launcher
-//! would have taken, done by `burst-qemu stop` through QEMU's QMP socket. QEMU is not our
+//! Stopping a VM whose launcher died (see [`crate::state`]'s "Orphans"), or an adopted QEMU:
+//! the steps the launcher would have taken, done by `burst-qemu stop` through QEMU's QMP socket
+//! (SIGTERM first for an adopted QEMU whose socket is unknown). QEMU is not our
 //! child, so every signal is sent only after checking, by pid and start time, that the process
 //! is still that QEMU.
 
@@ -38,6 +39,17 @@ pub fn stop(
         }
     };
     let client = || qmp::Client::connect(&record.qmp_socket, Duration::from_secs(2));
+    if record.qmp_socket.as_os_str().is_empty() {
+        // An adopted QEMU without a known monitor: SIGTERM is QEMU's own clean exit (as
+        // `quit`), after checking the process is still that QEMU.
+        if record.qemu_alive() {
+            let _ = kill(Pid::from_raw(record.pid as i32), Signal::SIGTERM);
+        }
+        if gone_within(record, QUIT_GRACE) {
+            RuntimeDir::reap(state_dir, &record.name);
+            return Ok(Ended::Quit);
+        }
+    }
     qmp(
         "system_powerdown",
         client().and_then(|mut c| c.execute(qmp::qapi::qmp::system_powerdown {}).map(drop)),

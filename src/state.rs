@@ -193,6 +193,21 @@ pub enum ClaimError {
         /// The state dir.
         state_dir: PathBuf,
     },
+    /// A libvirt domain or an adopted QEMU holds the name.
+    #[error(
+        "a VM named {name:?} is running as {what} (QEMU pid {pid}, state dir {dir}); give this VM another name",
+        dir = .state_dir.display()
+    )]
+    Foreign {
+        /// The name.
+        name: String,
+        /// The state dir.
+        state_dir: PathBuf,
+        /// QEMU's pid.
+        pid: u32,
+        /// What it is: `a libvirt domain`, `an adopted QEMU`.
+        what: &'static str,
+    },
     /// The name's launcher died but its QEMU still runs.
     #[error(
         "a VM named {name:?} is still running without its launcher (QEMU pid {pid}, state dir {dir}): \
@@ -218,11 +233,12 @@ pub enum ClaimError {
     },
 }
 
-/// A claimed runtime dir; removed on drop.
+/// A claimed runtime dir; removed on drop (unless [`RuntimeDir::keep`] let it go).
 #[derive(Debug)]
 pub struct RuntimeDir {
     path: PathBuf,
     _lock: File,
+    kept: bool,
 }
 
 impl RuntimeDir {
@@ -262,6 +278,14 @@ impl RuntimeDir {
         let lock = lock.ok_or_else(running)?;
         // Ours now, unless the previous launcher died and left its QEMU running.
         if let Some(r) = read_record(&path) {
+            if r.qemu_alive() && r.source != Source::Launcher {
+                return Err(ClaimError::Foreign {
+                    name: name.to_owned(),
+                    state_dir: state_dir.to_owned(),
+                    pid: r.pid,
+                    what: r.source.what(),
+                });
+            }
             if r.qemu_alive() {
                 return Err(ClaimError::Orphaned {
                     name: name.to_owned(),
@@ -280,7 +304,11 @@ impl RuntimeDir {
         }
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(unwritable)?;
-        Ok(RuntimeDir { path, _lock: lock })
+        Ok(RuntimeDir {
+            path,
+            _lock: lock,
+            kept: false,
+        })
     }
 
     /// Removes `<state_dir>/<name>/` if it belongs to nothing alive: no launcher holds it and
@@ -295,7 +323,11 @@ impl RuntimeDir {
         }
         match try_lock(&path.join(LOCK), 0o600) {
             Ok(Some(lock)) => {
-                drop(RuntimeDir { path, _lock: lock });
+                drop(RuntimeDir {
+                    path,
+                    _lock: lock,
+                    kept: false,
+                });
                 true
             }
             _ => false,
@@ -305,6 +337,13 @@ impl RuntimeDir {
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Releases the lock and leaves the directory in place: for a VM no launcher holds (a
+    /// libvirt domain, an adopted QEMU), whose record alone says whether it lives.
+    pub fn keep(mut self) -> PathBuf {
+        self.kept = true;
+        self.path.clone()
     }
 
     /// Writes the VM record atomically. Not fsynced: it describes a live process and is
@@ -317,6 +356,9 @@ impl RuntimeDir {
 
 impl Drop for RuntimeDir {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         // Remove everything but the lock first, then the lock and the directory, while the
         // lock is still held so no other launcher reclaims a half-removed directory.
         // The agent may publish a file into the directory while we empty it (it only ever
@@ -334,6 +376,57 @@ impl Drop for RuntimeDir {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => continue,
                 _ => break,
             }
+        }
+    }
+}
+
+/// Where a running VM comes from: who started it and who controls it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// burst-qemu's own launcher, which holds the runtime dir's lock for the VM's life.
+    #[default]
+    Launcher,
+    /// A libvirt domain, whose runtime dir the agent made (see [`crate::source::libvirt`]).
+    Libvirt {
+        /// The connection the agent watches it on.
+        uri: String,
+        /// The domain's UUID (its identity: names can be renamed and reused).
+        uuid: String,
+        /// The domain's cgroup directory in the hierarchy with the `cpu` controller
+        /// (relative to its mount: `/machine/qemu-1-web.libvirt-qemu`), where the vCPU
+        /// threads go home when burst-qemu lets the domain go.
+        #[serde(default)]
+        cgroup: Option<String>,
+    },
+    /// A QEMU started by something else (`burst-qemu adopt`): managed as an orphaned VM is.
+    Adopted,
+}
+
+impl Source {
+    /// `launcher`, `libvirt` or `adopted` (the `SOURCE` column of `ls`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Source::Launcher => "launcher",
+            Source::Libvirt { .. } => "libvirt",
+            Source::Adopted => "adopted",
+        }
+    }
+
+    /// The VM as a noun, for messages.
+    pub fn what(&self) -> &'static str {
+        match self {
+            Source::Launcher => "a burst-qemu VM",
+            Source::Libvirt { .. } => "a libvirt domain",
+            Source::Adopted => "an adopted QEMU",
+        }
+    }
+
+    /// The libvirt domain's UUID, for a libvirt VM.
+    pub fn libvirt_uuid(&self) -> Option<&str> {
+        match self {
+            Source::Libvirt { uuid, .. } => Some(uuid),
+            _ => None,
         }
     }
 }
@@ -366,6 +459,9 @@ pub struct VmRecord {
     /// The boot the record was made in (`/proc/sys/kernel/random/boot_id`).
     #[serde(default)]
     pub boot_id: String,
+    /// Where the VM comes from (records of older launchers: the launcher).
+    #[serde(default)]
+    pub source: Source,
 }
 
 impl VmRecord {
@@ -383,8 +479,16 @@ fn read_record(dir: &Path) -> Option<VmRecord> {
     serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
 }
 
-/// Whether the VM in `dir` (whose record is `record`) is managed, orphaned or gone.
+/// Whether the VM in `dir` (whose record is `record`) is managed, orphaned or gone. A libvirt
+/// domain is managed (by libvirt) while its QEMU lives; an adopted QEMU has no manager, so it
+/// is orphaned while it lives (listed, charged, enforced; stopped only when asked).
 pub fn liveness(dir: &Path, record: &VmRecord) -> Liveness {
+    match (&record.source, record.qemu_alive()) {
+        (Source::Launcher, _) => {}
+        (_, false) => return Liveness::Gone,
+        (Source::Libvirt { .. }, true) => return Liveness::Managed,
+        (Source::Adopted, true) => return Liveness::Orphaned,
+    }
     if is_locked(dir) {
         Liveness::Managed
     } else if record.qemu_alive() {
@@ -436,6 +540,53 @@ pub fn reap_gone(state_dir: &Path) -> Vec<String> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|name| RuntimeDir::reap(state_dir, name))
         .collect()
+}
+
+/// Writes the record of a VM no launcher holds (a libvirt domain, an adopted QEMU) into its
+/// runtime dir, claiming the dir when it is not already this QEMU's (a name held by a live
+/// launcher or another live QEMU is refused), and leaves it unlocked: the record's QEMU alone
+/// says whether it lives (see [`liveness`]).
+pub fn place_foreign(state_dir: &Path, record: &VmRecord) -> Result<PathBuf, ClaimError> {
+    let path = state_dir.join(&record.name);
+    if let Some(r) = read_record(&path) {
+        let same =
+            r.pid == record.pid && r.qemu_start == record.qemu_start && r.source == record.source;
+        if same && r.qemu_alive() && !is_locked(&path) {
+            let json = serde_json::to_vec_pretty(record).map_err(io::Error::other);
+            return json
+                .and_then(|j| write_published(&path.join(RECORD), &j))
+                .map(|()| path)
+                .map_err(|source| ClaimError::Unwritable {
+                    dir: state_dir.to_owned(),
+                    source,
+                });
+        }
+    }
+    let dir = RuntimeDir::claim(state_dir, &record.name)?;
+    dir.write_record(record)
+        .map_err(|source| ClaimError::Unwritable {
+            dir: state_dir.to_owned(),
+            source,
+        })?;
+    Ok(dir.keep())
+}
+
+/// Removes the runtime dir of a VM no launcher holds, once it has left burst-qemu's care
+/// (a departed or released libvirt domain); `false` when a launcher holds the name.
+pub fn remove_foreign(state_dir: &Path, name: &str) -> bool {
+    let path = state_dir.join(name);
+    match try_lock(&path.join(LOCK), 0o600) {
+        Ok(Some(lock)) => {
+            drop(RuntimeDir {
+                path,
+                _lock: lock,
+                kept: false,
+            });
+            true
+        }
+        Ok(None) => false,
+        Err(_) => !path.exists(),
+    }
 }
 
 /// Whether a live launcher holds the runtime dir's lock.

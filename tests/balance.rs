@@ -14,6 +14,8 @@
 //! 4-CPU Debian 6.12 guest of the harness (`tests/guest/run`), this very binary inside it.
 
 mod common;
+#[cfg(feature = "libvirt")]
+mod libvirt_harness;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Stdio};
@@ -47,12 +49,14 @@ impl Drop for Agent {
     }
 }
 
-fn start_balancing_agent(s: &Scratch, cpus: &[u32]) -> Agent {
+fn start_balancing_agent(s: &Scratch, cpus: &[u32], libvirt: &[String]) -> Agent {
     std::fs::create_dir_all(s.state()).unwrap();
     let log = std::fs::File::create(s.state().join("agent.log")).unwrap();
     let list: Vec<String> = cpus.iter().map(u32::to_string).collect();
     let child = bin()
-        .args(["agent", "--state-dir"])
+        .args(["agent"])
+        .args(libvirt)
+        .arg("--state-dir")
         .arg(s.state())
         .args([
             "--balance",
@@ -92,12 +96,62 @@ fn balance_json(s: &Scratch) -> Option<pin::Published> {
     serde_json::from_slice(&text).ok()
 }
 
-fn place_at_start(vm: &Launched, start: Start, cpus: &[u32]) {
+/// One VM of a scenario: launched through the wrapper, or a libvirt domain (a mixed fleet).
+struct Member {
+    record: burst_qemu::state::VmRecord,
+    _vm: Option<Launched>,
+    #[cfg(feature = "libvirt")]
+    domain: bool,
+}
+
+fn place_at_start(vm: &Member, start: Start, cpus: &[u32]) {
+    #[cfg(feature = "libvirt")]
+    if vm.domain {
+        // As an operator pins a domain: through libvirt, so that virsh vcpupin agrees.
+        let list: Vec<String> = cpus.iter().map(u32::to_string).collect();
+        let to = match start {
+            Start::On(c) => c.to_string(),
+            Start::Float => list.join(","),
+        };
+        let (ok, text) = libvirt_harness::virsh(&["vcpupin", &vm.record.name, "0", &to, "--live"]);
+        assert!(ok, "{text}");
+        return;
+    }
     for &tid in &vm.record.vcpu_tids {
         match start {
             Start::On(c) => set_affinity(tid, &[c]),
             Start::Float => set_affinity(tid, cpus),
         }
+    }
+}
+
+/// The CPU `virsh vcpupin` shows for vCPU 0 of a domain.
+#[cfg(feature = "libvirt")]
+fn virsh_pin(name: &str) -> String {
+    let (ok, text) = libvirt_harness::virsh(&["vcpupin", name, "--live"]);
+    assert!(ok, "{text}");
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("0")).then(|| f.next().unwrap_or_default().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// The record of domain `name` once the agent has it in the fleet.
+#[cfg(feature = "libvirt")]
+fn wait_in_fleet(s: &Scratch, name: &str) -> burst_qemu::state::VmRecord {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((r, _)) = burst_qemu::state::find(&s.state(), name) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} did not join the fleet: {}",
+            std::fs::read_to_string(s.state().join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -135,26 +189,88 @@ struct Outcome {
     cpu_of: BTreeMap<String, u32>,
 }
 
-/// Runs one scenario: `vms` as (name, behaviour, start) on the managed `cpus`.
-fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Option<Outcome> {
+/// Runs one scenario: `vms` as (name, behaviour, start) on the managed `cpus`; the VMs at
+/// the indices in `domains` are libvirt domains where this build and host have libvirt
+/// (`bq-test-PID-NAME`: the outcome names them by their short names all the same).
+fn scenario(
+    title: &str,
+    cpus: &[u32],
+    vms: &[(String, Behaviour, Start)],
+    domains: &[usize],
+) -> Option<Outcome> {
     if !require_qemu() || !require_cgroups() {
         return None;
     }
     let s = Scratch::new();
-    let _agent = start_balancing_agent(&s, cpus);
+    #[cfg(feature = "libvirt")]
+    let conn = (!domains.is_empty())
+        .then(libvirt_harness::require_libvirtd)
+        .flatten();
+    #[cfg(feature = "libvirt")]
+    let libvirt_flags: Vec<String> = match conn {
+        Some(_) => vec![
+            "--libvirt".into(),
+            "qemu:///system".into(),
+            "--libvirt-domains".into(),
+            libvirt_harness::own_domains(),
+        ],
+        None => Vec::new(),
+    };
+    #[cfg(not(feature = "libvirt"))]
+    let libvirt_flags: Vec<String> = Vec::new();
+    let _agent = start_balancing_agent(&s, cpus, &libvirt_flags);
+    #[cfg(feature = "libvirt")]
+    let mut guards = Vec::new();
     let mut launched = Vec::new();
-    for (name, behaviour, start) in vms {
+    let mut full_names = Vec::new();
+    for (i, (name, behaviour, start)) in vms.iter().enumerate() {
+        let _ = i;
+        #[cfg(feature = "libvirt")]
+        if let (Some(conn), true) = (&conn, domains.contains(&i)) {
+            let d = libvirt_harness::TestDomain::start_opted_in(
+                conn,
+                name,
+                1,
+                *behaviour,
+                r#"<config baseline="100"/>"#,
+            );
+            let record = wait_in_fleet(&s, &d.name);
+            let vm = Member {
+                record,
+                _vm: None,
+                domain: true,
+            };
+            place_at_start(&vm, *start, cpus);
+            full_names.push(d.name.clone());
+            guards.push(d);
+            launched.push(vm);
+            continue;
+        }
         let image = s.path().join(format!("{name}.bin"));
         testguest::write(&image, *behaviour).unwrap();
         let qemu = testguest::qemu_command(&image, "tcg,thread=multi", 16);
-        let vm = Launched::start(&s, name, &["--vcpus", "1", "--baseline", "100"], &qemu);
+        let l = Launched::start(&s, name, &["--vcpus", "1", "--baseline", "100"], &qemu);
+        let vm = Member {
+            record: l.record.clone(),
+            _vm: Some(l),
+            #[cfg(feature = "libvirt")]
+            domain: false,
+        };
         place_at_start(&vm, *start, cpus);
+        full_names.push(name.clone());
         launched.push(vm);
     }
+    let _ = domains;
+    // The scenario's names from here on: a domain's full name.
+    let vms: Vec<(String, Behaviour, Start)> = vms
+        .iter()
+        .zip(&full_names)
+        .map(|((_, b, st), n)| (n.clone(), *b, *st))
+        .collect();
     // VMs register one by one (seconds apart in a nested guest) and the agent balances the
     // part of the fleet it sees; the scenario starts when all are in: every vCPU is put back
     // where the scenario starts it, and pin changes are counted from here.
-    for (vm, (_, _, start)) in launched.iter().zip(vms) {
+    for (vm, (_, _, start)) in launched.iter().zip(&vms) {
         place_at_start(vm, *start, cpus);
     }
     let changes_before = balance_json(&s).map_or(0, |b| b.pin_changes);
@@ -262,7 +378,7 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
     // Every vCPU ends pinned to one managed CPU, as balance.json and credits.json say.
     let published = balance_json(&s).expect("balance.json");
     let mut cpu_of = BTreeMap::new();
-    for (vm, (name, _, _)) in launched.iter().zip(vms) {
+    for (vm, (name, _, _)) in launched.iter().zip(&vms) {
         let tid = vm.record.vcpu_tids[0];
         let cpu = match affinity(tid)[..] {
             [one] => one,
@@ -270,6 +386,12 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
         };
         assert!(cpus.contains(&cpu));
         assert_eq!(published.pins[name], vec![Some(cpu)], "{title}: {name}");
+        #[cfg(feature = "libvirt")]
+        if vm.domain {
+            // Pinned through libvirt: virsh vcpupin shows the pin the kernel has.
+            assert_eq!(virsh_pin(name), cpu.to_string(), "{title}: {name}");
+            eprintln!("{title}: {name} (a libvirt domain) on CPU {cpu}; virsh vcpupin agrees");
+        }
         let view = view(&s, name);
         assert_eq!(view["pins"], serde_json::json!([cpu]), "{title}: {name}");
         cpu_of.insert(name.clone(), cpu);
@@ -301,6 +423,12 @@ fn scenario(title: &str, cpus: &[u32], vms: &[(String, Behaviour, Start)]) -> Op
         logged, published.pin_changes,
         "every pin change is logged:\n{log}"
     );
+    // Keyed by the scenario's own short names.
+    let short = |n: &String| {
+        n.rsplit_once(&format!("-{}-", std::process::id()))
+            .map_or(n.clone(), |(_, s)| s.to_owned())
+    };
+    let cpu_of = cpu_of.iter().map(|(n, c)| (short(n), *c)).collect();
     Some(Outcome {
         last_change_s,
         pin_changes: final_changes,
@@ -344,13 +472,13 @@ fn first_cpus(n: usize) -> Vec<u32> {
     mine[..n].to_vec()
 }
 
-fn all_on_one(cpus: &[u32], n: usize) {
+fn all_on_one(cpus: &[u32], n: usize, domains: &[usize]) {
     let title = format!("{n} spinning VMs all on CPU {}", cpus[0]);
     let vms: Vec<_> = names(n)
         .into_iter()
         .map(|name| (name, Behaviour::Busy, Start::On(cpus[0])))
         .collect();
-    let Some(o) = scenario(&title, cpus, &vms) else {
+    let Some(o) = scenario(&title, cpus, &vms, domains) else {
         return;
     };
     assert_balanced(&title, &o);
@@ -369,14 +497,14 @@ fn already_balanced(cpus: &[u32], n: usize) {
         .enumerate()
         .map(|(i, name)| (name, Behaviour::Busy, Start::On(cpus[i % cpus.len()])))
         .collect();
-    let Some(o) = scenario(&title, cpus, &vms) else {
+    let Some(o) = scenario(&title, cpus, &vms, &[]) else {
         return;
     };
     assert_balanced(&title, &o);
     assert_eq!(o.pin_changes, 0, "{title}: a balanced fleet is left alone");
 }
 
-fn unpinned_heavy_and_light(cpus: &[u32], n: usize, light: u8) {
+fn unpinned_heavy_and_light(cpus: &[u32], n: usize, light: u8, domains: &[usize]) {
     let title = format!("{n} unpinned VMs, heavy and {light} % light alternating");
     let vms: Vec<_> = names(n)
         .into_iter()
@@ -390,7 +518,7 @@ fn unpinned_heavy_and_light(cpus: &[u32], n: usize, light: u8) {
             (name, b, Start::Float)
         })
         .collect();
-    let Some(o) = scenario(&title, cpus, &vms) else {
+    let Some(o) = scenario(&title, cpus, &vms, domains) else {
         return;
     };
     assert_balanced(&title, &o);
@@ -405,9 +533,11 @@ fn unpinned_heavy_and_light(cpus: &[u32], n: usize, light: u8) {
     }
 }
 
+/// A mixed fleet where libvirt is built (CI): vm1 and vm3 are libvirt domains, pinned through
+/// libvirt.
 #[test]
 fn four_vms_on_two_cpus_all_starting_on_one() {
-    all_on_one(&first_cpus(2), 4);
+    all_on_one(&first_cpus(2), 4, &[1, 3]);
 }
 
 #[test]
@@ -415,9 +545,11 @@ fn four_vms_on_two_cpus_already_balanced() {
     already_balanced(&first_cpus(2), 4);
 }
 
+/// A mixed fleet where libvirt is built (CI): vm0 (heavy) and vm1 (light) are libvirt
+/// domains.
 #[test]
 fn four_vms_on_two_cpus_unpinned_heavy_and_light() {
-    unpinned_heavy_and_light(&first_cpus(2), 4, 50);
+    unpinned_heavy_and_light(&first_cpus(2), 4, 50, &[0, 1]);
 }
 
 // The published 8-VM scenarios on 4 CPUs: run inside the 4-CPU guest by the test below.
@@ -425,13 +557,13 @@ fn four_vms_on_two_cpus_unpinned_heavy_and_light() {
 #[test]
 #[ignore = "needs 4 CPUs: run inside the harness's 4-CPU guest by eight_vms_on_four_cpus_in_a_guest"]
 fn in_guest_gt_tc2_eight_all_on_cpu0() {
-    all_on_one(&first_cpus(4), 8);
+    all_on_one(&first_cpus(4), 8, &[]);
 }
 
 #[test]
 #[ignore = "needs 4 CPUs: run inside the harness's 4-CPU guest by eight_vms_on_four_cpus_in_a_guest"]
 fn in_guest_gt_tc3_eight_unpinned_heavy_and_light() {
-    unpinned_heavy_and_light(&first_cpus(4), 8, 50);
+    unpinned_heavy_and_light(&first_cpus(4), 8, 50, &[]);
 }
 
 /// A VM's `cpus` list in its config is respected, applied live, and a bad edit keeps the last
@@ -443,7 +575,7 @@ fn a_vms_cpu_list_is_respected_and_applied_live() {
     }
     let cpus = first_cpus(2);
     let s = Scratch::new();
-    let _agent = start_balancing_agent(&s, &cpus);
+    let _agent = start_balancing_agent(&s, &cpus, &[]);
     write_config(
         &s,
         "fixed",

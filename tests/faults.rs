@@ -599,6 +599,8 @@ fn a_ledger_from_another_boot_keeps_its_balance_and_charges_no_gap() {
             qemu_start: 1,
             cpu_ns: vec![(1, 0)],
         }),
+        uuid: None,
+        saved_unix_ns: 0,
     }
     .save(&s.data().join("ledgers/boot.json"))
     .unwrap();
@@ -732,6 +734,7 @@ fn a_reused_pid_or_thread_id_is_never_taken_for_qemu_or_its_vcpus() {
             qmp_socket: dir.join("qmp.sock"),
             qemu_start: start,
             boot_id: burst_qemu::procfs::Proc::host().boot_id(),
+            source: Default::default(),
         };
         fs::write(dir.join("vm.json"), serde_json::to_vec(&r).unwrap()).unwrap();
     };

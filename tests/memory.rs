@@ -14,6 +14,8 @@
 //! Under CI a missing QEMU, busybox, kernel or cgroup fails.
 
 mod common;
+#[cfg(feature = "libvirt")]
+mod libvirt_harness;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,28 +32,18 @@ fn hog_bin() -> &'static str {
     env!("CARGO_BIN_EXE_burst-qemu-memhog")
 }
 
-/// One guest VM of a scenario.
+/// One guest VM of a scenario: launched through the wrapper, or a libvirt domain.
 struct Guest {
     name: String,
     console: PathBuf,
     vm: Option<Launched>,
+    #[cfg(feature = "libvirt")]
+    domain: Option<libvirt_harness::GuestDomain>,
 }
 
 /// Prepares a Debian 6.1 guest that runs `command`, writes its config and launches it.
 fn guest(s: &Scratch, name: &str, config: &str, command: &[&str]) -> Guest {
-    let dir = s.path().join(format!("guest-{name}"));
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run"))
-        .args(["--kernel", "debian-6.1", "--prepare"])
-        .arg(&dir)
-        .arg("--")
-        .args(command)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "guest/run --prepare: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = prepare(s, name, command);
     let args = std::fs::read_to_string(dir.join("qemu-args")).unwrap();
     let console = s.path().join(format!("{name}.console"));
     let mut qemu = vec![QEMU.to_owned(), "-accel".into(), "tcg,thread=multi".into()];
@@ -67,7 +59,77 @@ fn guest(s: &Scratch, name: &str, config: &str, command: &[&str]) -> Guest {
         name: name.into(),
         console,
         vm: Some(vm),
+        #[cfg(feature = "libvirt")]
+        domain: None,
     }
+}
+
+/// The same guest as a libvirt domain (named `bq-test-PID-NAME`), opted in through its
+/// `<metadata>` with the same settings (`memory_max` and `memory_start` of [`VM`]), booted at
+/// its ceiling like the wrapper's.
+#[cfg(feature = "libvirt")]
+fn domain_guest(s: &Scratch, name: &str, command: &[&str]) -> Guest {
+    let dir = prepare(s, name, command);
+    let console = s.path().join(format!("{name}.console"));
+    let config = format!(
+        r#"<config baseline="100" balance_memory="true" memory_max="1024" memory_start="{START}"/>"#
+    );
+    let d = libvirt_harness::GuestDomain::start(name, &dir, &console, 1024, &config);
+    Guest {
+        name: d.name.clone(),
+        console,
+        vm: None,
+        domain: Some(d),
+    }
+}
+
+/// Whether this scenario's mixed fleet has libvirt domains: with the `libvirt` feature
+/// (CI builds it) and a libvirtd that answers (started when absent; under CI one that cannot
+/// be is a failure).
+fn with_domains() -> bool {
+    #[cfg(feature = "libvirt")]
+    {
+        libvirt_harness::require_libvirtd().is_some()
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        false
+    }
+}
+
+/// The agent's flags for the libvirt domains of a mixed fleet.
+fn domain_flags() -> Vec<String> {
+    #[cfg(feature = "libvirt")]
+    {
+        vec![
+            "--libvirt".into(),
+            "qemu:///system".into(),
+            "--libvirt-domains".into(),
+            libvirt_harness::own_domains(),
+        ]
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        Vec::new()
+    }
+}
+
+/// `tests/guest/run --prepare` for guest `name` running `command`.
+fn prepare(s: &Scratch, name: &str, command: &[&str]) -> PathBuf {
+    let dir = s.path().join(format!("guest-{name}"));
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run"))
+        .args(["--kernel", "debian-6.1", "--prepare"])
+        .arg(&dir)
+        .arg("--")
+        .args(command)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "guest/run --prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
 }
 
 /// The agent with the coordinator's flags, logging to `<state>/agent.log`, tracing rounds to
@@ -143,6 +205,15 @@ const START: u64 = 384;
 fn wait_done(guests: &mut [Guest], within: Duration) {
     let deadline = Instant::now() + within;
     for g in guests.iter_mut() {
+        #[cfg(feature = "libvirt")]
+        if let Some(d) = &g.domain {
+            // The guest powers off when its command is done; libvirt then destroys it.
+            while d.running() {
+                assert!(Instant::now() < deadline, "{}: still running", g.name);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            continue;
+        }
         let vm = g.vm.as_mut().unwrap();
         let left = deadline.saturating_duration_since(Instant::now());
         let status = vm.wait(left.max(Duration::from_secs(1)));
@@ -156,6 +227,8 @@ fn wait_hogs_then_stop_idle(guests: &mut [Guest], n: usize, within: Duration) {
     wait_done(&mut guests[..n], within);
     for g in &mut guests[n..] {
         drop(g.vm.take());
+        #[cfg(feature = "libvirt")]
+        drop(g.domain.take());
     }
 }
 
@@ -239,10 +312,21 @@ fn hog(args: &str) -> Vec<String> {
 }
 
 fn run_guests(s: &Scratch, specs: &[(&str, Vec<String>)]) -> Vec<Guest> {
+    run_mixed(s, specs, &[])
+}
+
+/// The guests of `specs`, those whose names are in `domains` as libvirt domains (when this
+/// build and host have libvirt; else every guest is launched through the wrapper).
+fn run_mixed(s: &Scratch, specs: &[(&str, Vec<String>)], domains: &[&str]) -> Vec<Guest> {
     specs
         .iter()
         .map(|(name, cmd)| {
             let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            #[cfg(feature = "libvirt")]
+            if domains.contains(name) {
+                return domain_guest(s, name, &cmd);
+            }
+            let _ = domains;
             guest(s, name, VM, &cmd)
         })
         .collect()
@@ -261,8 +345,16 @@ fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
         return;
     }
     let s = Scratch::new();
-    let mut agent = agent(&s, &["--memory-policy", "thresholds"]);
-    let mut guests = run_guests(
+    // A mixed fleet where libvirt is built: the hog and one idle VM are libvirt domains
+    // (balloon, stats and memory_start through libvirt's API), the others wrapper VMs.
+    let domains: &[&str] = if with_domains() { &["vm1", "vm3"] } else { &[] };
+    let mut flags = vec!["--memory-policy".to_owned(), "thresholds".to_owned()];
+    if !domains.is_empty() {
+        flags.extend(domain_flags());
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent = agent(&s, &flags);
+    let mut guests = run_mixed(
         &s,
         &[
             (
@@ -273,6 +365,7 @@ fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
             ("vm3", idle()),
             ("vm4", idle()),
         ],
+        domains,
     );
     wait_hogs_then_stop_idle(&mut guests, 1, Duration::from_secs(240));
     let _ = agent.kill();
@@ -281,7 +374,7 @@ fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
     report(&t, &guests, START);
     assert_no_oom(&guests[..1]);
     assert_no_oom_only(&guests[1..]);
-    let hog = curve(&t, "vm1");
+    let hog = curve(&t, &guests[0].name);
     let peak = hog.iter().map(|x| x.1).max().unwrap();
     assert!(
         peak >= 1000,
@@ -299,7 +392,7 @@ fn one_hog_grows_to_its_max_and_gives_back_in_steps() {
             g.name
         );
     }
-    let falls = falls(&t, "vm1", t_peak);
+    let falls = falls(&t, &guests[0].name, t_peak);
     assert!(
         falls.len() >= 4,
         "given back in {} steps: {falls:?}",

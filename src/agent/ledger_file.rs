@@ -43,6 +43,14 @@ pub struct LedgerFile {
     pub used_total: Credits,
     /// Where the accounting stood at the save.
     pub checkpoint: Option<Checkpoint>,
+    /// The libvirt domain that owns this ledger (`None`: a burst-qemu or adopted VM's, whose
+    /// name is its identity). A domain never takes over another domain's ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Wall-clock time of the save, ns since the Unix epoch (0 in older files): set against a
+    /// domain's metadata checkpoint, the newer of the two wins.
+    #[serde(default)]
+    pub saved_unix_ns: u64,
 }
 
 impl LedgerFile {
@@ -99,6 +107,8 @@ mod tests {
                 qemu_start: 5,
                 cpu_ns: vec![(3, 4)],
             }),
+            uuid: Some("u".into()),
+            saved_unix_ns: 6,
         };
         f.save(&path).unwrap();
         assert_eq!(LedgerFile::load(&path).unwrap(), Some(f));

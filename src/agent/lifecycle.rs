@@ -20,7 +20,7 @@ use crate::procfs::Proc;
 use crate::state::{self, Liveness, VmRecord};
 
 /// Why a VM's config file cannot be applied.
-enum Unusable {
+pub(super) enum Unusable {
     /// The file is missing (an editor between unlink and rename: the next event brings it).
     Missing,
     /// It is invalid, or does not fit the running VM; the message names file, line and field.
@@ -28,7 +28,7 @@ enum Unusable {
 }
 
 /// Reads and validates `record`'s config file, and checks it fits the running VM.
-fn read_config(record: &VmRecord) -> Result<VmConfig, Unusable> {
+pub(super) fn read_config(record: &VmRecord) -> Result<VmConfig, Unusable> {
     match config::load(&record.config) {
         Ok(cfg) if cfg.policy.vcpus() != record.vcpus => Err(Unusable::Invalid(format!(
             "{}: vcpus = {} differs from the running VM's {} vCPUs; restart the VM to change it",
@@ -86,12 +86,28 @@ impl Agent {
         }
     }
 
+    /// A VM's config: its file, and for a libvirt domain its `<metadata>` element too.
+    fn config_of(&self, record: &VmRecord) -> Result<VmConfig, Unusable> {
+        match record.source.libvirt_uuid() {
+            Some(uuid) => {
+                super::domain::combined_config(record, self.metadata_element(uuid).as_deref())
+            }
+            None => read_config(record),
+        }
+    }
+
     /// Takes a VM under management: its ledger (restored, or new), its config, its threads.
     pub(super) fn adopt(&mut self, mut record: VmRecord, orphaned: bool, events: &mut Events) {
         let name = record.name.clone();
+        if let state::Source::Libvirt { uri, .. } = &record.source {
+            if !self.serves_libvirt(uri) {
+                self.release_unwatched(&record);
+                return;
+            }
+        }
         // Watch before reading, so an edit made between the two is not missed.
         events.watch_config(&record.config);
-        let (cfg, stale) = match read_config(&record) {
+        let (cfg, stale) = match self.config_of(&record) {
             Ok(c) => (c, None),
             Err(Unusable::Missing) => (
                 fallback_config(&record),
@@ -136,23 +152,36 @@ impl Agent {
     }
 
     /// The VM with its saved ledger (charged exactly for the gap since the last save when it is
-    /// the same QEMU of the same boot), or a new ledger with the config's launch credits.
-    fn restore(&self, record: VmRecord, cfg: &VmConfig) -> Vm {
+    /// the same QEMU of the same boot), or a new ledger with the config's launch credits. A
+    /// libvirt domain continues only its own ledger, or its metadata checkpoint when that is
+    /// newer (see [`super::domain`]); its vCPU count may change (hotplug) with its balance kept.
+    fn restore(&mut self, record: VmRecord, cfg: &VmConfig) -> Vm {
         let name = record.name.clone();
         let path = state::ledger_path(&self.settings.data_dir, &name);
-        let saved = LedgerFile::load(&path).unwrap_or_else(|e| {
+        let mut saved = LedgerFile::load(&path).unwrap_or_else(|e| {
             tracing::error!(
                 "{name}: unreadable ledger {e}; starting a new one (the old file is kept as .bad)"
             );
             let _ = fs::rename(&path, path.with_extension("json.bad"));
             None
         });
+        let checkpoint = match record.source.libvirt_uuid().map(str::to_owned) {
+            Some(uuid) => {
+                saved = super::domain::own_ledger(&path, saved, &uuid);
+                self.take_arrival_checkpoint(&uuid)
+            }
+            None => None,
+        };
+        let domain = checkpoint.is_some() || record.source.libvirt_uuid().is_some();
         let now_ns = boottime_ns();
         let cpu = read_cpu(&record);
-        let Some(s) = saved.filter(|s| s.vcpus == record.vcpus) else {
+        let Some(s) = saved.filter(|s| s.vcpus == record.vcpus || domain) else {
             let ledger = Ledger::new(cfg.policy.clone(), cfg.initial_credits);
-            return Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+            let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+            super::domain::continue_from_checkpoint(&mut vm, checkpoint, 0);
+            return vm;
         };
+        let local_saved_ns = s.saved_unix_ns;
         let ledger = Ledger::restore(cfg.policy.clone(), s.balances);
         let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
         vm.credits_applied = s.credits_applied;
@@ -186,6 +215,8 @@ impl Agent {
                 used as f64 / 1e9,
                 elapsed as f64 / 1e9
             );
+        } else {
+            super::domain::continue_from_checkpoint(&mut vm, checkpoint, local_saved_ns);
         }
         vm
     }
@@ -252,7 +283,7 @@ impl Agent {
             return;
         };
         let mut memory_changed = false;
-        match read_config(&vm.record) {
+        match self.config_of(&vm.record) {
             Ok(cfg) => {
                 // Account up to now under the old policy, then switch.
                 vm.measure_and_tick();
@@ -268,6 +299,7 @@ impl Agent {
                     vm.ledger.grant().rate.percent_of(vm.record.vcpus)
                 );
                 self.persist(&mut vm);
+                self.checkpoint_soon(&vm.record);
             }
             Err(Unusable::Missing) => {}
             Err(Unusable::Invalid(why)) => {

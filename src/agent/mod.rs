@@ -44,9 +44,12 @@ use crate::enforce::Enforcer;
 use crate::state;
 use crate::view::{Health, Snapshot};
 
+mod domain;
 mod events;
 pub mod history_file;
 mod ledger_file;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 mod lifecycle;
 mod pinning;
 mod vm;
@@ -55,6 +58,7 @@ use events::Events;
 use vm::Vm;
 
 pub use crate::view::CreditsView;
+pub use domain::{checkpoint_of, host_name, CHECKPOINT_EVERY};
 pub use ledger_file::{Checkpoint, LedgerFile};
 pub use vm::HISTORY_TAIL;
 
@@ -110,6 +114,23 @@ pub struct Settings {
     pub balance: Option<(Vec<u32>, Duration)>,
     /// The balloon memory coordinator ([`memory`]); `None`: off.
     pub memory: Option<memory::MemorySettings>,
+    /// The libvirt connection whose opted-in domains join the fleet (`--libvirt`, feature
+    /// `libvirt`); `None`: libvirt is not watched.
+    pub libvirt: Option<LibvirtSettings>,
+}
+
+/// What `agent --libvirt` watches.
+#[derive(Clone, Debug)]
+pub struct LibvirtSettings {
+    /// The connection (`qemu:///system`).
+    pub uri: String,
+    /// libvirt's run dir of QEMU domains on this host, where its status files are
+    /// (`/run/libvirt/qemu` for `qemu:///system`).
+    pub run_dir: PathBuf,
+    /// Where `vms/NAME.toml` opt-ins are (absolute).
+    pub vms_dir: PathBuf,
+    /// Only domains whose name matches this pattern (`*` for any run of characters).
+    pub domains: Option<String>,
 }
 
 /// The agent's lock on a state dir.
@@ -143,6 +164,9 @@ pub struct Agent {
     /// The memory-balanced VMs and their settings, shared with the memory coordinator's thread
     /// (`None` when it is off).
     memory_members: Option<Arc<Mutex<Vec<memory::Member>>>>,
+    /// The libvirt watcher, when the agent watches libvirt.
+    #[cfg(feature = "libvirt")]
+    libvirt: Option<libvirt::Watch>,
 }
 
 impl Agent {
@@ -165,6 +189,8 @@ impl Agent {
             metrics: None,
             health: Health::default(),
             memory_members: None,
+            #[cfg(feature = "libvirt")]
+            libvirt: None,
         }
     }
 
@@ -180,6 +206,10 @@ impl Agent {
         self.serve_metrics()?;
         // Its own thread (QMP may block); stopped when this function returns.
         let _memory = self.start_memory_coordinator();
+        // libvirt first: it says which of the libvirt records in the state dir are still in
+        // the fleet before the scan adopts them.
+        self.start_libvirt();
+        self.poll_libvirt(&mut events);
         self.scan(&mut events);
         let live: Vec<String> = self.vms.keys().cloned().collect();
         self.enforcer
@@ -274,6 +304,7 @@ impl Agent {
                 Some(memory::Member {
                     record: vm.record.clone(),
                     config: vm.config.memory.clone()?,
+                    control: self.control_of(&vm.record),
                 })
             })
             .collect();
@@ -283,8 +314,19 @@ impl Agent {
         }
     }
 
+    /// A VM's control handle: QMP for burst-qemu's own and adopted VMs, the libvirt API for a
+    /// libvirt domain.
+    fn control_of(&self, record: &crate::state::VmRecord) -> Arc<dyn crate::control::Control> {
+        match record.source {
+            crate::state::Source::Libvirt { .. } => self.libvirt_control(record),
+            _ => Arc::new(crate::control::Qmp::new(record)),
+        }
+    }
+
     /// The safety-net scan, repairs of enforcement, and cleanup of what ended VMs left.
     fn rescan(&mut self, events: &mut Events) {
+        self.poll_libvirt(events);
+        self.checkpoint_domains(false);
         self.scan(events);
         self.verify();
         // What could not be removed when its VM ended (a thread not yet gone, a zombie QEMU no
@@ -296,6 +338,7 @@ impl Agent {
     /// On the way out: VMs that are still running keep their cgroup and last grant; those that
     /// ended are let go (their ledgers saved, their cgroups removed).
     fn shutdown(&mut self) {
+        self.checkpoint_domains(true);
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let alive = self.vms.get(&name).is_some_and(|vm| vm.record.qemu_alive());
@@ -522,6 +565,7 @@ impl Agent {
                 vm.ledger.set_balance(c);
                 tracing::info!("{name}: balance set to {c} (burst-qemu credits --set)");
                 self.persist(vm);
+                self.checkpoint_soon(&vm.record);
             }
             None => tracing::error!("{name}: ignoring balance request {text:?}"),
         }

@@ -174,6 +174,8 @@ impl Vm {
                 qemu_pid: self.record.pid,
                 cpu_ns: self.cpu.clone(),
             }),
+            uuid: self.record.source.libvirt_uuid().map(str::to_owned),
+            saved_unix_ns: crate::base::unix_now_ns(),
         };
         let path = state::ledger_path(data_dir, &self.record.name);
         // Retried once per persistence interval, not every tick, while the disk refuses.

@@ -8,17 +8,19 @@
 //! short QMP session per VM and closes it, so `ls`, `pause` and other clients (QEMU serves one
 //! at a time) get the monitor between rounds.
 //!
-//! Per VM and round: `qom-set guest-stats-polling-interval` (1 s, re-armed every round, as
-//! libvirt's coordinators do, since QEMU's timer stops when the guest stops answering), `qom-get
-//! guest-stats`, `query-balloon`; at adoption, `query-memory-size-summary` (the boot size, the
-//! ceiling) and, for a VM not yet ballooned, `balloon memory_start`. Which VMs it balances, and
+//! Every VM is reached through its [`Control`] handle: QMP for burst-qemu's own VMs, the
+//! libvirt API for libvirt domains (libvirt holds their monitor). Per VM and round: the stats
+//! polling interval re-armed (1 s, as libvirt's coordinators do, since QEMU's timer stops when
+//! the guest stops answering), the guest's figures and the balloon's size read; at adoption,
+//! the boot size (the ceiling) and, for a VM not yet ballooned, the balloon set to
+//! `memory_start`. Which VMs it balances, and
 //! with which settings, it learns from the agent ([`Member`]s, updated whenever the agent adopts
 //! a VM, lets one go or applies an edit): it reads no config file, so edits of `memory_*` apply
 //! within one interval and a bad edit keeps the last good settings.
 //!
 //! Stale stats are never planned from: a VM's stats count only when the guest answered them
 //! after the VM's last balloon move (QEMU stamps them with the second they arrived: stamped
-//! later than the move) and at most [`STATS_MAX_AGE_S`] before the round; otherwise the
+//! later than the move) and at most [`STATS_MAX_AGE_S`](crate::control::STATS_MAX_AGE_S) before the round; otherwise the
 //! planner leaves the VM alone that round.
 
 use std::collections::HashMap;
@@ -29,10 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::balance::mem::{self, Activity, Stats, MIB};
+use crate::balance::mem::{self, Activity, Stats};
 use crate::config::MemoryConfig;
+use crate::control::{Control, ControlError};
 use crate::state::VmRecord;
 
 /// The file each memory-balanced VM's view is published in, in its runtime dir.
@@ -41,13 +43,6 @@ pub const MEMORY_JSON: &str = "memory.json";
 /// balloon driver (at the default 2 s, 20 s: a Linux guest under TCG loads its driver within
 /// a few seconds of boot).
 pub const DRIVER_GRACE_ROUNDS: u32 = 10;
-/// How long one QMP answer may take.
-const QMP_TIMEOUT: Duration = Duration::from_secs(2);
-/// The guest's stats polling interval, seconds (QEMU asks the balloon driver this often).
-pub const STATS_POLL_S: u64 = 1;
-/// Stats stamped more than this many seconds before the round are stale: the guest answers
-/// every [`STATS_POLL_S`], and QEMU stamps in whole seconds.
-pub const STATS_MAX_AGE_S: i64 = 3;
 
 /// The coordinator's settings.
 #[derive(Clone, Debug)]
@@ -117,12 +112,23 @@ impl Drop for Coordinator {
 }
 
 /// A VM the coordinator balances, with the memory settings in force.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone)]
 pub struct Member {
     /// The running VM.
     pub record: VmRecord,
     /// Its memory settings.
     pub config: MemoryConfig,
+    /// How its balloon is reached.
+    pub control: Arc<dyn Control>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("record", &self.record)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts the coordinator thread for the `members` of `state_dir` (the agent keeps the list
@@ -217,7 +223,7 @@ impl State {
             let Some(m) = members.iter().find(|m| m.record.name == target.name) else {
                 continue;
             };
-            if let Err(e) = self.set(&m.record, target, &inputs) {
+            if let Err(e) = self.set(m.control.as_ref(), target, &inputs) {
                 if let Some(r) = readings.get_mut(&target.name) {
                     r.error = Some(format!("balloon: {e}"));
                 }
@@ -260,9 +266,14 @@ impl State {
     ) -> (Vec<mem::Vm>, HashMap<String, Reading>) {
         let mut inputs = Vec::new();
         let mut readings = HashMap::new();
-        for Member { record, config } in members {
+        for Member {
+            record,
+            config,
+            control,
+        } in members
+        {
             if !self.vms.contains_key(&record.name) {
-                match adopt(record, config, s) {
+                match adopt(record, control.as_ref(), config, s) {
                     Ok(t) => {
                         self.vms.insert(record.name.clone(), t);
                     }
@@ -279,7 +290,7 @@ impl State {
                 tracing::info!("{}: memory settings applied: {config:?}", record.name);
                 t.config = config.clone();
             }
-            let r = read(record, t);
+            let r = read(control.as_ref(), t);
             if let Some(actual) = r.actual {
                 // Only stats the guest sent after the last balloon move (and recent: see
                 // `parse_stats`) describe the VM as it is.
@@ -324,10 +335,10 @@ impl State {
     /// Sets one balloon target, unless it would undo a shrink still in flight.
     fn set(
         &mut self,
-        record: &VmRecord,
+        control: &dyn Control,
         target: &mem::Target,
         inputs: &[mem::Vm],
-    ) -> Result<(), qmp::Error> {
+    ) -> Result<(), ControlError> {
         let Some(t) = self.vms.get_mut(&target.name) else {
             return Ok(());
         };
@@ -342,7 +353,7 @@ impl State {
             // memory_start): it would undo part of it.
             return Ok(());
         }
-        set_target(record, target.target)?;
+        control.set_balloon(target.target)?;
         tracing::debug!(
             "{}: balloon {} MiB ({})",
             target.name,
@@ -420,31 +431,24 @@ fn settling(t: &Tracked, actual: u64, stats: &Stats, interval: Duration) -> bool
     moving || stale || stats.total > actual
 }
 
-fn qmp(record: &VmRecord) -> Result<qmp::Client, qmp::Error> {
-    qmp::Client::connect(&record.qmp_socket, QMP_TIMEOUT)
-}
-
-fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tracked, qmp::Error> {
-    let mut c = qmp(record)?;
-    let boot = c.execute(qmp::qapi::qmp::query_memory_size_summary {})?;
-    let boot_mb = boot.base_memory / MIB;
-    let balloon_path = find_balloon(&mut c);
-    let actual = c
-        .execute(qmp::qapi::qmp::query_balloon {})
-        .map(|b| b.actual.max(0) as u64 / MIB)
-        .ok();
+fn adopt(
+    record: &VmRecord,
+    control: &dyn Control,
+    cfg: &MemoryConfig,
+    s: &MemorySettings,
+) -> Result<Tracked, ControlError> {
+    let probe = control.balloon_probe()?;
+    let boot_mb = probe.boot_mb;
     let mut target = None;
-    match (&balloon_path, cfg.start) {
+    match (&probe.device, cfg.start) {
         (None, _) => tracing::warn!(
             "{}: memory balancing asked for, but QEMU has no virtio-balloon device",
             record.name
         ),
         // Boot at the ceiling, then down to memory_start — once: a VM already ballooned (an
         // agent restart) keeps its size.
-        (Some(_), Some(start)) if actual == Some(boot_mb) && start < boot_mb => {
-            c.execute(qmp::qapi::qmp::balloon {
-                value: (start * MIB) as i64,
-            })?;
+        (Some(_), Some(start)) if probe.actual_mb == Some(boot_mb) && start < boot_mb => {
+            control.set_balloon(start)?;
             target = Some(start);
         }
         _ => {}
@@ -455,13 +459,13 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
         s.planner.policy,
         cfg.min,
         target.map_or("unchanged".to_owned(), |t| format!("{t} MiB")),
-        balloon_path.as_deref().unwrap_or("none")
+        probe.device.as_deref().unwrap_or("none")
     );
     Ok(Tracked {
         pid: record.pid,
         qemu_start: record.qemu_start,
         adopted: Instant::now(),
-        balloon_path,
+        balloon_path: probe.device,
         boot_mb,
         config: cfg.clone(),
         target,
@@ -477,88 +481,30 @@ fn adopt(record: &VmRecord, cfg: &MemoryConfig, s: &MemorySettings) -> Result<Tr
     })
 }
 
-/// The QOM path of the VM's virtio-balloon device, if it has one.
-fn find_balloon(c: &mut qmp::Client) -> Option<String> {
-    for parent in ["/machine/peripheral", "/machine/peripheral-anon"] {
-        let Ok(children) = c.execute(qmp::qapi::qmp::qom_list {
-            path: parent.into(),
-        }) else {
-            continue;
-        };
-        for child in children {
-            if child.type_.starts_with("child<virtio-balloon") {
-                return Some(format!("{parent}/{}", child.name));
-            }
-        }
-    }
-    None
-}
-
-fn read(record: &VmRecord, t: &Tracked) -> Reading {
+fn read(control: &dyn Control, t: &Tracked) -> Reading {
     let mut r = Reading {
         actual: None,
         stats: None,
         stats_stamp: None,
         error: None,
     };
-    let Some(path) = &t.balloon_path else {
+    let Some(device) = &t.balloon_path else {
         r.error = Some("no virtio-balloon device".into());
         return r;
     };
-    let result = qmp(record).and_then(|mut c| {
-        c.execute(qmp::qapi::qmp::qom_set {
-            path: path.clone(),
-            property: "guest-stats-polling-interval".into(),
-            value: Value::from(STATS_POLL_S),
-        })?;
-        let stats = c.execute(qmp::qapi::qmp::qom_get {
-            path: path.clone(),
-            property: "guest-stats".into(),
-        })?;
-        let actual = c.execute(qmp::qapi::qmp::query_balloon {})?;
-        Ok((stats, actual.actual))
-    });
-    match result {
-        Ok((stats, actual)) => {
-            r.actual = Some(actual.max(0) as u64 / MIB);
-            r.stats = parse_stats(&stats, crate::base::unix_now_f64());
-            r.stats_stamp = stats.get("last-update").and_then(Value::as_i64);
+    match control.balloon_read(device) {
+        Ok(reading) => {
+            r.actual = Some(reading.actual_mb);
+            r.stats = reading.guest.map(|g| Stats {
+                free: g.free,
+                available: g.available,
+                total: g.total,
+            });
+            r.stats_stamp = reading.stamp;
         }
-        Err(e) => r.error = Some(e.to_string()),
+        Err(e) => r.error = Some(format!("{}: {}", e.what, e.why)),
     }
     r
-}
-
-/// The guest's stats from `qom-get guest-stats`, MiB; `None` while the guest has not answered
-/// (`last-update` 0), when its answer is stale (stamped more than [`STATS_MAX_AGE_S`] before
-/// `now`, Unix seconds), or when a stat the planner needs is −1 (unsupported: QEMU sends −1,
-/// or 2⁶⁴−1 read unsigned).
-pub fn parse_stats(v: &Value, now: f64) -> Option<Stats> {
-    let updated = v.get("last-update")?.as_i64()?;
-    if updated <= 0 || now - updated as f64 > STATS_MAX_AGE_S as f64 {
-        return None;
-    }
-    let stat = |k: &str| {
-        let x = v.get("stats")?.get(k)?;
-        x.as_i64()
-            .filter(|&n| n >= 0)
-            .map(|n| n as u64)
-            .or_else(|| x.as_u64().filter(|&n| n < 1 << 62))
-            .map(|b| b / MIB)
-    };
-    Some(Stats {
-        free: stat("stat-free-memory")?,
-        available: stat("stat-available-memory")?,
-        total: stat("stat-total-memory")?,
-    })
-}
-
-fn set_target(record: &VmRecord, target_mb: u64) -> Result<(), qmp::Error> {
-    qmp(record)?
-        .execute(qmp::qapi::qmp::balloon {
-            value: (target_mb * MIB) as i64,
-        })
-        .map(drop)
 }
 
 /// The host's MemAvailable, MiB.
@@ -649,34 +595,6 @@ fn trace(path: &Path, host: Option<u64>, vms: &[mem::Vm], targets: &[mem::Target
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn guest_stats_are_read_in_mib_and_minus_one_is_no_stats() {
-        let v = serde_json::json!({
-            "stats": {
-                "stat-free-memory": 300u64 << 20,
-                "stat-available-memory": 400u64 << 20,
-                "stat-total-memory": 1000u64 << 20,
-                "stat-swap-in": -1,
-            },
-            "last-update": 1000,
-        });
-        let s = parse_stats(&v, 1001.0).unwrap();
-        assert_eq!((s.free, s.available, s.total), (300, 400, 1000));
-        // Stale: stamped more than 3 s before the round (the guest stopped answering its
-        // 1-second polls), or never answered.
-        assert!(parse_stats(&v, 1003.0).is_some());
-        assert_eq!(parse_stats(&v, 1003.5), None);
-        let mut never = v.clone();
-        never["last-update"] = 0.into();
-        assert_eq!(parse_stats(&never, 1.0), None);
-        let mut minus = v.clone();
-        minus["stats"]["stat-available-memory"] = (-1).into();
-        assert_eq!(parse_stats(&minus, 1001.0), None);
-        minus["stats"]["stat-available-memory"] = u64::MAX.into();
-        assert_eq!(parse_stats(&minus, 1001.0), None);
-        assert_eq!(parse_stats(&serde_json::json!("garbage"), 1.0), None);
-    }
 
     #[test]
     fn only_stats_stamped_after_the_last_move_count() {

@@ -1,8 +1,11 @@
 //! The vCPU pinning balancer's mechanism, run by the agent (`--balance cpu`): every interval
 //! it reads each vCPU thread's run time and run-queue wait (`/proc/PID/task/TID/schedstat`),
 //! its affinity (`sched_getaffinity`) and the CPU it last ran on (`stat` field 39), asks the
-//! planner ([`super::cpu::plan`]) and applies the plan with `sched_setaffinity`. Every pin
-//! change is logged and counted; the state is published in `<state dir>/balance.json`.
+//! planner ([`super::cpu::plan`]) and applies the plan through each VM's [`Control`] handle
+//! (`sched_setaffinity` for burst-qemu's own VMs; libvirt's `virDomainPinVcpuFlags` for a
+//! libvirt domain, so that `virsh vcpupin` shows the same pin and libvirt's cpuset allows it).
+//! Every pin change is logged and counted; the state is published in
+//! `<state dir>/balance.json`.
 //!
 //! Demand per vCPU (see [`super::cpu`]): (Δrun + Δwait) / Δt, capped at one CPU, scaled into
 //! the VM's credit grant and smoothed over intervals (half the new reading, half the old).
@@ -15,11 +18,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sched::{sched_setaffinity, CpuSet};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::cpu::{self, Decision, Params, Placement, Spread, Vcpu};
+use crate::control::Control;
 use crate::procfs::Proc;
 
 /// The default interval between plans.
@@ -41,6 +43,8 @@ pub struct VmInput<'a> {
     pub allowed: Option<&'a [u32]>,
     /// What its credit grant lets it run now, in CPUs.
     pub cap_cpus: f64,
+    /// How its vCPUs are pinned.
+    pub control: &'a dyn Control,
 }
 
 /// The published state (`balance.json`).
@@ -311,7 +315,7 @@ impl PinBalancer {
                 continue;
             }
             let name = vms[vi].name;
-            match pin(tid, cpu) {
+            match vms[vi].control.pin_vcpu(i as u32, tid, cpu) {
                 Ok(()) => {
                     self.published.pin_changes += 1;
                     *self.changes.entry(name.to_owned()).or_default() += 1;
@@ -361,7 +365,5 @@ fn placement(pid: u32, tid: u32) -> Option<Placement> {
 
 /// Pins thread `tid` to `cpu`.
 pub fn pin(tid: u32, cpu: u32) -> nix::Result<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu as usize)?;
-    sched_setaffinity(Pid::from_raw(tid as i32), &set)
+    crate::control::pin_thread(tid, cpu)
 }

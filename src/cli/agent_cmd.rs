@@ -214,6 +214,27 @@ pub(super) struct AgentArgs {
     /// Append each coordinator round (planner input and output) as a JSON line to FILE.
     #[arg(long, value_name = "FILE", env = "BURST_QEMU_MEMORY_TRACE")]
     memory_trace: Option<PathBuf>,
+    /// Watch the domains of this libvirt connection [URI default: qemu:///system]: those that
+    /// opt in (a vms/NAME.toml, or burst-qemu's <config> element in the domain's <metadata>)
+    /// join the fleet (README: "libvirt and other managers"). Needs a build with the `libvirt`
+    /// feature [default: libvirt is not watched].
+    #[arg(
+        long,
+        value_name = "URI",
+        num_args = 0..=1,
+        default_missing_value = "qemu:///system",
+        env = "BURST_QEMU_LIBVIRT"
+    )]
+    libvirt: Option<String>,
+    /// With --libvirt: only domains whose name matches this pattern (`*` matches any run of
+    /// characters: `web-*`), e.g. to split one host's domains between agents [default: all].
+    #[arg(long, value_name = "PATTERN", env = "BURST_QEMU_LIBVIRT_DOMAINS")]
+    libvirt_domains: Option<String>,
+    /// With --libvirt: libvirt's run dir of QEMU domains, where its status files are
+    /// [default: /run/libvirt/qemu for qemu:///system, $XDG_RUNTIME_DIR/libvirt/qemu/run for
+    /// qemu:///session; required for other URIs].
+    #[arg(long, value_name = "DIR", env = "BURST_QEMU_LIBVIRT_RUN_DIR")]
+    libvirt_run_dir: Option<PathBuf>,
 }
 
 fn usage(message: String) -> Failure {
@@ -447,6 +468,44 @@ fn enforcer(
     }
 }
 
+/// The libvirt watcher's settings (`None` without `--libvirt`).
+fn libvirt_settings(g: &Global, a: &AgentArgs) -> Result<Option<agent::LibvirtSettings>, Failure> {
+    let Some(uri) = a.libvirt.clone() else {
+        return Ok(None);
+    };
+    if !cfg!(feature = "libvirt") {
+        return Err(usage(format!(
+            "--libvirt {uri}: this burst-qemu was built without the `libvirt` feature (cargo build --features libvirt; needs libvirt-dev)"
+        )));
+    }
+    let run_dir = match (&a.libvirt_run_dir, uri.as_str()) {
+        (Some(d), _) => d.clone(),
+        (None, "qemu:///system") => {
+            PathBuf::from(burst_qemu::source::libvirt::status::SYSTEM_RUN_DIR)
+        }
+        (None, "qemu:///session") => match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) => PathBuf::from(d).join("libvirt/qemu/run"),
+            None => {
+                return Err(usage(
+                    "--libvirt qemu:///session: XDG_RUNTIME_DIR is unset; give --libvirt-run-dir"
+                        .into(),
+                ))
+            }
+        },
+        (None, other) => {
+            return Err(usage(format!(
+                "--libvirt {other}: the agent reads libvirt's status files on the domains' own host: give --libvirt-run-dir (where that libvirtd keeps NAME.xml of running domains)"
+            )))
+        }
+    };
+    Ok(Some(agent::LibvirtSettings {
+        uri,
+        run_dir,
+        vms_dir: burst_qemu::state::absolute(&g.vms),
+        domains: a.libvirt_domains.clone(),
+    }))
+}
+
 /// The agent's settings from the flags, for whichever enforcer runs.
 fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, Failure> {
     // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare
@@ -464,6 +523,7 @@ fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, F
             .disk_bandwidth
             .filter(|_| a.contention != ContentionRule::Off),
         memory: memory_settings(a)?,
+        libvirt: libvirt_settings(g, a)?,
         contention,
         balance: if kind == EnforcerKind::Cgroup {
             balance_settings(a)?

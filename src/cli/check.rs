@@ -43,6 +43,7 @@ pub(super) fn check(g: &Global) -> Result<(), Failure> {
     ghost(&mut r);
     let (ok, detail) = sched_ext_line(&g.state_dir());
     r.line(ok, "sched_ext", detail);
+    libvirt(&mut r, &g.state_dir());
     fleet(&mut r, &g.state_dir());
     let mut text = r.lines.join("\n") + "\n";
     text.push_str(if r.required_ok {
@@ -157,13 +158,80 @@ fn fleet(r: &mut Report, state_dir: &std::path::Path) {
             r.required(false, "ledger persistence", format!("{}: the agent cannot save its ledger ({e}); it enforces from memory, and a crash now would lose the credits since the last save. Fix: free space in, or make writable, the data dir", vm.name));
         }
         if liveness == state::Liveness::Orphaned {
-            r.line(
-                true,
-                "orphaned VM",
-                format!("{}: {}", vm.name, orphan_reason(&vm)),
-            );
+            let what = match vm.source {
+                state::Source::Adopted => "adopted VM",
+                _ => "orphaned VM",
+            };
+            r.line(true, what, format!("{}: {}", vm.name, orphan_reason(&vm)));
         }
     }
+}
+
+/// The `libvirt` line: whether libvirtd answers, and which of its running domains the agent
+/// has in the fleet (and why the others are not). Optional.
+#[cfg(feature = "libvirt")]
+fn libvirt(r: &mut Report, state_dir: &std::path::Path) {
+    use burst_qemu::agent::libvirt::read_published;
+    use burst_qemu::source::libvirt::conn::{Connection, DEFAULT_URI};
+    let published = read_published(state_dir)
+        .filter(|p| std::path::Path::new(&format!("/proc/{}", p.pid)).exists());
+    let uri = published
+        .as_ref()
+        .map_or(DEFAULT_URI.to_owned(), |p| p.uri.clone());
+    let conn = match Connection::open(&uri) {
+        Ok(c) => c,
+        Err(e) => {
+            r.line(false, "libvirt", format!("{uri}: {e}. Optional: libvirt domains join the fleet only while libvirtd runs (systemctl start libvirtd; without systemd: virtlogd -d && libvirtd -d)"));
+            return;
+        }
+    };
+    let version = conn
+        .lib_version()
+        .map_or(String::new(), |(a, b, c)| format!(" {a}.{b}.{c}"));
+    let running = conn
+        .poll()
+        .map(|s| s.iter().filter(|d| d.id.is_some()).count())
+        .unwrap_or(0);
+    let Some(p) = published else {
+        r.line(true, "libvirt", format!("libvirt{version} at {uri} is reachable ({running} running domain(s)); no agent of this state dir watches it (agent --libvirt {uri})"));
+        return;
+    };
+    let (ins, outs): (Vec<_>, Vec<_>) = p.domains.iter().partition(|d| d.in_fleet);
+    let names = |v: &[&burst_qemu::agent::libvirt::PublishedDomain]| {
+        v.iter()
+            .map(|d| d.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut detail = format!(
+        "libvirt{version} at {uri} is reachable and watched by the agent (pid {}): {running} running domain(s); in the fleet: {}",
+        p.pid,
+        if ins.is_empty() { "none".into() } else { names(&ins) }
+    );
+    if let Some(e) = &p.error {
+        detail.push_str(&format!("; the agent's last poll failed: {e}"));
+    }
+    r.line(true, "libvirt", detail);
+    for d in outs {
+        r.line(
+            true,
+            "libvirt domain",
+            format!(
+                "{}: not in the fleet: {}",
+                d.name,
+                d.why_not.as_deref().unwrap_or("not seen yet")
+            ),
+        );
+    }
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn libvirt(r: &mut Report, _state_dir: &std::path::Path) {
+    r.line(
+        false,
+        "libvirt",
+        "this build lacks libvirt support. Optional: libvirt domains join the fleet with a build with the `libvirt` feature (cargo build --features libvirt; needs libvirt-dev)".into(),
+    );
 }
 
 /// The `sched_ext` line: kernel support and its state, whether this build has the scheduler,

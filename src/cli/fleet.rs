@@ -8,26 +8,17 @@ use burst_qemu::state::{self, VmRecord};
 
 use super::*;
 
-/// A running VM's state as QMP reports it: `running`, `paused`, another QEMU run state, or
-/// `unknown` when its monitor does not answer.
+/// A running VM's state as QMP (or libvirt, for a domain) reports it: `running`, `paused`,
+/// another run state, or `unknown` when its monitor does not answer.
 pub(super) fn vm_state(vm: &VmRecord) -> String {
-    let status = qmp::Client::connect(&vm.qmp_socket, Duration::from_secs(2))
-        .and_then(|mut c| c.execute(qmp::qapi::qmp::query_status {}));
-    match status {
-        Ok(s) if s.running => "running".into(),
-        Ok(s) => serde_json::to_value(s.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "paused".into()),
-        Err(e) => {
-            tracing::debug!("{}: {e}", vm.name);
-            "unknown".into()
-        }
-    }
+    super::foreign::run_state(vm)
 }
 
-/// Why a VM is orphaned, for `ls`.
+/// Why a VM is orphaned (or, adopted, has no launcher), for `ls`.
 pub(super) fn orphan_reason(vm: &VmRecord) -> String {
+    if let Some(why) = super::foreign::foreign_reason(vm) {
+        return why;
+    }
     format!(
         "its launcher (pid {}) is gone; QEMU (pid {}) runs on and is still charged and enforced (burst-qemu stop {} ends it)",
         vm.wrapper_pid, vm.pid, vm.name
@@ -62,7 +53,8 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
             .map(|(vm, liveness)| {
                 let mut v = serde_json::to_value(vm).expect("records are plain data");
                 let run_state = vm_state(vm);
-                let orphaned = *liveness == state::Liveness::Orphaned;
+                let orphaned =
+                    *liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
                 v["state"] = if orphaned {
                     "orphaned".into()
                 } else {
@@ -70,7 +62,13 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 }
                 .into();
                 v["run_state"] = run_state.into();
-                v["launcher"] = if orphaned { "gone" } else { "running" }.into();
+                v["launcher"] = match vm.source {
+                    state::Source::Launcher if orphaned => "gone",
+                    state::Source::Launcher => "running",
+                    _ => "none",
+                }
+                .into();
+                v["from"] = vm.source.label().into();
                 v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
                 let live = read_view(&dir, &vm.name);
                 v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
@@ -89,13 +87,14 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
         let mut out = format!(
-            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {:<7} VCPU TIDS\n",
+            "{:<20} {:>8} {:>5} {:>9} {:<9} {:<8} {:<8} {:>9} {:>7} {:>7} {:<6} {:<7} VCPU TIDS\n",
             "NAME",
             "PID",
             "VCPUS",
             "BASELINE",
             "MODE",
             "STATE",
+            "SOURCE",
             "BALANCE",
             "GRANT",
             "ALLOC",
@@ -111,15 +110,18 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
             if let Some(e) = &error {
                 stale.push_str(&format!("{}: config stale: {e}\n", vm.name));
             }
-            let orphaned = *liveness == state::Liveness::Orphaned;
+            let orphaned =
+                *liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
             if orphaned {
                 stale.push_str(&format!("{}: orphaned: {}\n", vm.name, orphan_reason(vm)));
+            } else if let Some(why) = super::foreign::foreign_reason(vm) {
+                stale.push_str(&format!("{}: {why}\n", vm.name));
             }
             if let Some(e) = live.as_ref().and_then(|v| v.ledger_error.as_ref()) {
                 stale.push_str(&format!("{}: ledger not saved: {e}\n", vm.name));
             }
             out.push_str(&format!(
-                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:>9} {:>7} {:>7} {:<6} {:<7} {}\n",
+                "{:<20} {:>8} {:>5} {:>8}% {:<9} {:<8} {:<8} {:>9} {:>7} {:>7} {:<6} {:<7} {}\n",
                 vm.name,
                 vm.pid,
                 vm.vcpus,
@@ -130,6 +132,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 } else {
                     vm_state(vm)
                 },
+                vm.source.label(),
                 live.as_ref()
                     .map_or("-".into(), |v| format!("{:.3}", v.balance)),
                 pct(live.as_ref().and_then(|v| v.grant_pct)),
@@ -170,6 +173,13 @@ pub(super) fn find_vm(g: &Global, name: &str) -> Result<(VmRecord, state::Livene
 
 pub(super) fn stop(g: &Global, a: StopArgs) -> Result<(), Failure> {
     let (vm, liveness) = find_vm(g, &a.name)?;
+    if matches!(vm.source, state::Source::Libvirt { .. }) {
+        return super::foreign::stop_libvirt(
+            &g.state_dir(),
+            &vm,
+            Duration::from_secs_f64(a.shutdown_timeout.max(0.0)),
+        );
+    }
     if liveness == state::Liveness::Orphaned {
         let ended = burst_qemu::orphan::stop(
             &g.state_dir(),
@@ -203,19 +213,6 @@ pub(super) fn stop(g: &Global, a: StopArgs) -> Result<(), Failure> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
-}
-
-pub(super) fn qmp_on<C: qmp::qapi::Command>(
-    g: &Global,
-    a: &NameArgs,
-    command: C,
-) -> Result<(), Failure> {
-    let (vm, _) = find_vm(g, &a.name)?;
-    qmp::Client::connect(&vm.qmp_socket, Duration::from_secs(5))
-        .and_then(|mut c| c.execute(command))
-        .with_context(|| format!("{} on {}", C::NAME, vm.name))
-        .map_err(Failure::host)?;
     Ok(())
 }
 
@@ -254,7 +251,20 @@ pub(super) fn ensure_agent(
         .arg(state_dir)
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--if-absent", "--idle-exit", "30"])
+        .args(["--if-absent", "--idle-exit", "30"]);
+    // An agent that watched libvirt and died: its successor watches the same connection, so
+    // that the domains it left in the state dir stay in the fleet.
+    let uris: std::collections::BTreeSet<String> = state::running(state_dir)
+        .into_iter()
+        .filter_map(|(r, _)| match r.source {
+            state::Source::Libvirt { uri, .. } => Some(uri),
+            _ => None,
+        })
+        .collect();
+    if let Some(uri) = uris.into_iter().next() {
+        cmd.arg("--libvirt").arg(uri);
+    }
+    cmd
         // The agent's log is for the operator: what it adopted, charged and repaired.
         .env(
             "BURST_QEMU_LOG",

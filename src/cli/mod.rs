@@ -19,13 +19,14 @@ use clap::{Args, Parser, Subcommand};
 mod agent_cmd;
 mod check;
 mod fleet;
+mod foreign;
 mod mem;
 mod observe;
 mod top;
 
 use agent_cmd::{run_agent, AgentArgs};
 use check::check;
-use fleet::{credits, ensure_agent, ls, qmp_on, stop};
+use fleet::{credits, ensure_agent, ls, stop};
 
 /// Exit status for bad input: a flag, a file or a value out of range.
 pub const EXIT_USAGE: u8 = 2;
@@ -118,10 +119,11 @@ enum Command {
     Ls(LsArgs),
     /// Stop a VM gracefully (power-down, then quit, then kill) and wait until it has ended.
     Stop(StopArgs),
-    /// Pause a VM's vCPUs (QMP `stop`).
+    /// Pause a VM's vCPUs (QMP `stop`; a libvirt domain through libvirt).
     Pause(NameArgs),
     /// Resume a paused VM (QMP `cont`).
     Resume(NameArgs),
+    Adopt(foreign::AdoptArgs),
     /// Show a VM's credits (running or stopped), or set its balance with --set.
     Credits(CreditsArgs),
     /// Show the memory coordinator's view of the memory-balanced VMs (sizes in MiB): balloon
@@ -364,8 +366,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Run(args)) => run_vm(g, args),
         Some(Command::Ls(args)) => ls(g, args),
         Some(Command::Stop(args)) => stop(g, args),
-        Some(Command::Pause(a)) => qmp_on(g, &a, qmp::qapi::qmp::stop {}),
-        Some(Command::Resume(a)) => qmp_on(g, &a, qmp::qapi::qmp::cont {}),
+        Some(Command::Pause(a)) => foreign::pause_or_resume(g, &a.name, true),
+        Some(Command::Resume(a)) => foreign::pause_or_resume(g, &a.name, false),
+        Some(Command::Adopt(a)) => foreign::adopt_cmd(g, a),
         Some(Command::Credits(a)) => credits(g, a),
         Some(Command::Mem(a)) => mem::mem(g, a),
         Some(Command::Agent(a)) => run_agent(g, *a),

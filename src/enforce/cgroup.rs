@@ -14,6 +14,19 @@
 //! `INSTANCE` is the agent's state dir spelled as one path component, so that two state dirs
 //! on one host never share (or clean up) each other's cgroups.
 //!
+//! A libvirt domain's QEMU stays where libvirt put it (libvirt finds a domain's cgroup from
+//! its process when it reconnects); only its vCPU threads move, out of libvirt's per-vCPU
+//! `vcpuN` groups into one group that holds them all under one quota (the pooled grant):
+//!
+//! ```text
+//! v1: MOUNT/burst-qemu/INSTANCE/NAME/                 tasks ← each vCPU TID (as above)
+//! v2: MOUNT/machine/qemu-ID-NAME.libvirt-qemu/burst-qemu/  cgroup.type = threaded
+//!                                                     cgroup.threads ← each vCPU TID, cpu.max
+//! ```
+//!
+//! (v2 lets a thread move only inside its process's threaded subtree: the domain's cgroup.)
+//! When the domain is let go while it runs, each thread goes back to its `vcpuN`.
+//!
 //! Emulator and I/O threads are not charged. On v1 they stay in whatever cpu cgroup QEMU was
 //! started in, since v1 moves single threads. v2 moves threads only inside a threaded subtree,
 //! so the whole QEMU process moves to the VM's domain cgroup `NAME/`, which has no CPU limit,
@@ -163,10 +176,24 @@ pub fn instance_name(state_dir: &Path) -> String {
 struct Attached {
     /// The cgroup holding the vCPU threads (with the bandwidth files).
     vcpus: PathBuf,
+    /// For a libvirt domain: its vCPU threads, and the `vcpuN` group each goes back to.
+    home: Vec<(u32, PathBuf)>,
+    /// The threads live inside the domain's own cgroup (v2): the weight is libvirt's.
+    in_domain: bool,
     /// The last (quota, period) written.
     written: Option<(Option<u64>, u64)>,
     /// The last CPU weight written (`cpu.shares` on v1, `cpu.weight` on v2).
     weight: Option<u64>,
+}
+
+/// A libvirt domain's cgroup directory, relative to the mount.
+fn libvirt_cgroup(vm: &VmRecord) -> Option<&str> {
+    match &vm.source {
+        crate::state::Source::Libvirt {
+            cgroup: Some(dir), ..
+        } => Some(dir.trim_start_matches('/')),
+        _ => None,
+    }
 }
 
 /// Cgroup CPU-bandwidth enforcement.
@@ -330,6 +357,78 @@ impl CgroupEnforcer {
         Some((u64::try_from(quota).ok(), period))
     }
 
+    /// For a libvirt domain, each vCPU thread's `vcpuN` group in libvirt's tree.
+    fn home_of(&self, vm: &VmRecord) -> Vec<(u32, PathBuf)> {
+        let Some(dir) = libvirt_cgroup(vm) else {
+            return Vec::new();
+        };
+        let domain = self.mount.join(dir);
+        vm.vcpu_tids
+            .iter()
+            .enumerate()
+            .map(|(n, &tid)| (tid, domain.join(format!("vcpu{n}"))))
+            .collect()
+    }
+
+    /// v2, libvirt domain: the vCPU threads into a threaded child `burst-qemu` of the domain's
+    /// cgroup (libvirt enables `cpu` for its children), QEMU's process left where it is.
+    fn attach_in_domain(
+        &mut self,
+        vm: &VmRecord,
+        domain: &Path,
+        home: Vec<(u32, PathBuf)>,
+    ) -> Result<(), EnforceError> {
+        if !domain.is_dir() {
+            return Err(EnforceError::Unsupported {
+                what: "the libvirt domain's cgroup is missing:",
+                path: domain.to_owned(),
+            });
+        }
+        let vcpus = domain.join("burst-qemu");
+        fs::create_dir_all(&vcpus).map_err(err("creating", &vcpus))?;
+        let kind = fs::read_to_string(vcpus.join("cgroup.type")).unwrap_or_default();
+        if kind.trim() != "threaded" {
+            self.write(&vcpus.join("cgroup.type"), "threaded")?;
+        }
+        let foreign: Vec<String> = fs::read_to_string(vcpus.join("cgroup.threads"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|id| id.parse().is_ok_and(|t: u32| !vm.vcpu_tids.contains(&t)))
+            .map(str::to_owned)
+            .collect();
+        for tid in &vm.vcpu_tids {
+            self.write(&vcpus.join("cgroup.threads"), &tid.to_string())?;
+        }
+        for id in foreign {
+            let _ = self.write(&domain.join("emulator").join("cgroup.threads"), &id);
+        }
+        self.vms.insert(
+            vm.name.clone(),
+            Attached {
+                vcpus,
+                home,
+                in_domain: true,
+                written: None,
+                weight: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// A libvirt domain's vCPU threads back into libvirt's `vcpuN` groups (those that still
+    /// exist: a stopped domain's tree is gone with its threads).
+    fn send_home(&mut self, a: &Attached) {
+        let list = match self.version {
+            Version::V1 => "tasks",
+            Version::V2 => "cgroup.threads",
+        };
+        for (tid, dir) in &a.home {
+            if dir.is_dir() {
+                let _ = self.write(&dir.join(list), &tid.to_string());
+            }
+        }
+    }
+
     /// Moves any thread still in `dir` to the hierarchy's root, then removes `dir`.
     fn evacuate_and_remove(&mut self, dir: &Path) -> Result<(), EnforceError> {
         if Self::remove(dir).is_ok() {
@@ -362,6 +461,10 @@ impl Enforcer for CgroupEnforcer {
             if self.version == Version::V2 {
                 self.write(&self.root.join("cgroup.subtree_control"), "+cpu")?;
             }
+        }
+        let home = self.home_of(vm);
+        if let (Version::V2, Some(dir)) = (self.version, libvirt_cgroup(vm)) {
+            return self.attach_in_domain(vm, &self.mount.join(dir), home);
         }
         let domain = self.root.join(&vm.name);
         let vcpus = self.vcpu_cgroup(&vm.name);
@@ -427,6 +530,8 @@ impl Enforcer for CgroupEnforcer {
             vm.name.clone(),
             Attached {
                 vcpus,
+                home,
+                in_domain: false,
                 written: None,
                 weight: None,
             },
@@ -468,7 +573,7 @@ impl Enforcer for CgroupEnforcer {
     }
 
     fn weigh(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
-        let Some(a) = self.vms.get(vm) else {
+        let Some(a) = self.vms.get(vm).filter(|a| !a.in_domain) else {
             return Ok(());
         };
         // One CPU's worth is the kernel's default weight (1024 shares, weight 100), so an
@@ -515,7 +620,11 @@ impl Enforcer for CgroupEnforcer {
                 .map(|t| format!("vCPU thread {t} was moved out of {}", dir.display()))
         };
         if let Some(why) = repaired {
+            let weight = self.vms.get(&vm.name).and_then(|a| a.weight);
             self.attach(vm)?;
+            if let Some(a) = self.vms.get_mut(&vm.name) {
+                a.weight = weight;
+            }
             if let Some((quota, period)) = written {
                 self.write_bandwidth(&dir, quota, period, None)?;
                 if let Some(a) = self.vms.get_mut(&vm.name) {
@@ -556,7 +665,18 @@ impl Enforcer for CgroupEnforcer {
     }
 
     fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {
-        self.vms.remove(vm);
+        if let Some(a) = self.vms.remove(vm) {
+            self.send_home(&a);
+            if a.in_domain {
+                // libvirt removes the domain's whole tree (ours included) when it stops.
+                return match Self::remove(&a.vcpus) {
+                    Err(e) if a.vcpus.parent().is_some_and(Path::is_dir) => {
+                        Err(err("removing", &a.vcpus)(e))
+                    }
+                    _ => Ok(()),
+                };
+            }
+        }
         let domain = self.root.join(vm);
         if self.version == Version::V2 {
             let vcpus = domain.join("vcpus");
@@ -611,6 +731,7 @@ mod tests {
             qmp_socket: "/run/web/qmp.sock".into(),
             qemu_start: 0,
             boot_id: String::new(),
+            source: Default::default(),
         }
     }
 
@@ -816,6 +937,67 @@ mod tests {
         e.cleanup(&["web"]);
         assert!(mount.path().join("burst-qemu/i/web").exists());
         assert!(!mount.path().join("burst-qemu/i/gone").exists());
+    }
+
+    fn domain_record(dir: &str) -> VmRecord {
+        VmRecord {
+            source: crate::state::Source::Libvirt {
+                uri: "qemu:///system".into(),
+                uuid: "u".into(),
+                cgroup: Some(dir.into()),
+            },
+            ..record()
+        }
+    }
+
+    #[test]
+    fn a_libvirt_domains_threads_go_into_one_pooled_group_and_back_to_their_vcpu_groups() {
+        let dir = "/machine/qemu-3-web.libvirt-qemu";
+        // v2: a threaded child of the domain's cgroup; QEMU's process is not moved.
+        let mount = tempfile::tempdir().unwrap();
+        let domain = mount.path().join(&dir[1..]);
+        for n in ["vcpu0", "vcpu1", "emulator"] {
+            fs::create_dir_all(domain.join(n)).unwrap();
+        }
+        let mut e = CgroupEnforcer::new(Version::V2, mount.path(), "i").unwrap();
+        e.journal.clear();
+        e.attach(&domain_record(dir)).unwrap();
+        e.apply("web", Rate(400_000), FULL).unwrap();
+        e.weigh("web", Rate(400_000)).unwrap(); // libvirt's own weight: not written
+        e.detach("web").unwrap();
+        let d = "machine/qemu-3-web.libvirt-qemu";
+        assert_eq!(
+            written(&e, mount.path()),
+            pairs(&[
+                (&format!("{d}/burst-qemu/cgroup.type"), "threaded"),
+                (&format!("{d}/burst-qemu/cgroup.threads"), "101"),
+                (&format!("{d}/burst-qemu/cgroup.threads"), "102"),
+                (&format!("{d}/burst-qemu/cpu.max"), "40000 100000"),
+                (&format!("{d}/vcpu0/cgroup.threads"), "101"),
+                (&format!("{d}/vcpu1/cgroup.threads"), "102"),
+            ])
+        );
+        assert!(!domain.join("burst-qemu").exists());
+        // A domain whose cgroup is gone (stopped) is an error at attach, not a stray mkdir.
+        fs::remove_dir_all(mount.path().join("machine")).unwrap();
+        assert!(e.attach(&domain_record(dir)).is_err());
+        assert!(!domain.exists());
+
+        // v1: our own group in the cpu hierarchy, as for any VM; home again on detach.
+        let mount = tempfile::tempdir().unwrap();
+        let domain = mount.path().join(&dir[1..]);
+        fs::create_dir_all(domain.join("vcpu0")).unwrap();
+        let mut e = CgroupEnforcer::new(Version::V1, mount.path(), "i").unwrap();
+        e.attach(&domain_record(dir)).unwrap();
+        e.journal.clear();
+        e.detach("web").unwrap();
+        let w = written(&e, mount.path());
+        assert_eq!(
+            w[0],
+            (format!("{d}/vcpu0/tasks"), "101".to_owned()),
+            "{w:?}"
+        );
+        assert!(!mount.path().join("burst-qemu/i/web").exists());
     }
 
     #[test]

@@ -155,9 +155,11 @@ impl LaunchError {
     pub fn exit_code(&self) -> u8 {
         match self {
             LaunchError::Usage(_) | LaunchError::Config(_) => EXIT_USAGE,
-            LaunchError::Claim(ClaimError::AlreadyRunning { .. } | ClaimError::Orphaned { .. }) => {
-                EXIT_RUNNING
-            }
+            LaunchError::Claim(
+                ClaimError::AlreadyRunning { .. }
+                | ClaimError::Orphaned { .. }
+                | ClaimError::Foreign { .. },
+            ) => EXIT_RUNNING,
             LaunchError::QemuNotFound { .. } => EXIT_NOT_FOUND,
             LaunchError::QemuNotExecutable { .. } => EXIT_NOT_EXECUTABLE,
             LaunchError::QemuStartup { .. } => EXIT_QEMU_STARTUP,
@@ -228,6 +230,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
             qmp_socket: state::absolute(&plan.qmp_socket),
             qemu_start,
             boot_id: Proc::host().boot_id(),
+            source: state::Source::Launcher,
         },
         Err(e) => return Err(kill_child(&mut child, e)),
     };
@@ -247,6 +250,23 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         signals,
         shutdown_timeout: req.shutdown_timeout,
     })
+}
+
+/// The name, config file and config that `req`'s flags and QEMU command line give by the
+/// launcher's own rules (flags that contradict the file refused), and whether the file must be
+/// written: for `burst-qemu adopt`, which takes a QEMU someone else started.
+pub fn resolve_config(
+    req: &Request,
+) -> Result<(String, std::path::PathBuf, crate::config::VmConfig, bool), LaunchError> {
+    let name = config::resolve_name(req)?;
+    let args = &req.qemu[1..];
+    let smp = match option(args, "smp").as_slice() {
+        [(_, v)] => smp_cpus(v).ok(),
+        _ => None,
+    };
+    let path = req.vms_dir.join(format!("{name}.toml"));
+    let (cfg, write) = config::resolve_config(req, &path, smp)?;
+    Ok((name, path, cfg, write))
 }
 
 /// Name, QMP socket, `-smp` and config, checked against each other.
