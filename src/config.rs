@@ -456,7 +456,7 @@ pub fn render(config: &VmConfig) -> String {
          # as \"0-1,3\" or [0, 1, 3]. Default: any CPU the agent manages.\n\
          {cpus_line}\n\
          \n\
-         # Balloon memory coordinator (sizes in MiB; see the README): balance this VM's memory,\n\
+         # Balloon memory coordinator (sizes in MiB; see docs/memory.md): balance this VM's memory,\n\
          # never below memory_min (default 200) nor above memory_max (default: the boot -m);\n\
          # balloon to memory_start once running; memory_shares for the idle-tax policy.\n\
          {memory_lines}\n",

@@ -151,7 +151,7 @@ pub(super) struct AgentArgs {
     disk_bandwidth: Option<disk::DiskBandwidth>,
     /// `cpu`: run the vCPU pinning balancer, which pins every vCPU thread to one CPU so that
     /// the CPUs carry equal demand, and re-pins only when that is off by more than 5 % and a
-    /// new plan is clearly better (README: "The vCPU pinning balancer"); `off`: never pin.
+    /// new plan is clearly better (docs/pinning.md); `off`: never pin.
     #[arg(
         long,
         value_enum,
@@ -216,7 +216,7 @@ pub(super) struct AgentArgs {
     memory_trace: Option<PathBuf>,
     /// Watch the domains of this libvirt connection [URI default: qemu:///system]: those that
     /// opt in (a vms/NAME.toml, or burst-qemu's <config> element in the domain's <metadata>)
-    /// join the fleet (README: "libvirt and other managers"). Needs a build with the `libvirt`
+    /// join the fleet (docs/libvirt.md). Needs a build with the `libvirt`
     /// feature [default: libvirt is not watched].
     #[arg(
         long,

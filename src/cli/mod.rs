@@ -18,6 +18,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod agent_cmd;
 mod check;
+#[cfg(test)]
+mod docs_check;
 mod fleet;
 mod foreign;
 mod mem;
