@@ -175,7 +175,7 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
         planned / MB,
         capacity / MB
     );
-    // What QEMU's throttle delivers against a limit: +1.7 % and +3.6 % over 10 s (README
+    // What QEMU's throttle delivers against a limit: +1.7 % and +3.6 % over 10 s (docs/contention.md
     // table), so each VM within 5 % of its limit, at least 97 % of its template, and the two
     // together 97-105 % of the bandwidth.
     for i in 0..spec.len() {

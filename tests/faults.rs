@@ -133,10 +133,13 @@ fn assert_held(s: &Scratch, name: &str, vm: &Launched, what: &str) -> f64 {
     let tolerance = if nested_guest() { 3.0 } else { 1.5 };
     // Held means held near the 20 % baseline: with no credits the grant is the baseline plus
     // what a starved VM earned back (the decline law grants baseline + √(2·B·k) for a balance
-    // B): measured 20.00 % in every case here and in the 6.12 guest but one orphan there at
-    // 20.50 %.
+    // B): measured 20.00 % in every case on this host. In a nested guest the quota delivers
+    // 0.4-0.9 points less than asked (docs/testing.md: bare cpu.max 19.08-19.58 % for 20 %),
+    // the ledger counts the shortfall as savings and hands it back: orphans there measured
+    // 20.50 % and 21.14 % (a full CI run), so 22 there.
+    let max_grant = if nested_guest() { 22.0 } else { 21.0 };
     assert!(
-        grant <= 21.0 && (share - grant).abs() <= tolerance,
+        grant <= max_grant && (share - grant).abs() <= tolerance,
         "{what}: {share:.2} % of one CPU against a grant of {grant:.2} % (baseline 20)"
     );
     share

@@ -299,10 +299,26 @@ fn a_domain_is_held_to_its_baseline_beside_a_wrapper_vm_bursts_and_takes_live_ed
     // A burst: 5 credits set with credits --set.
     let out = s.cli(&["credits", &d.name, "--set", "5"]);
     assert!(out.status.success(), "{out:?}");
+    // Measured once the agent has applied it (its view shows the balance) and a period has
+    // passed (a 42 % window was once measured from a set still on its way).
+    wait_until("the set balance applied", Duration::from_secs(5), || {
+        view(&s, &d.name)["balance"].as_f64().unwrap_or(0.0) > 4.0
+    });
+    // 5 credits on 2 vCPUs are in the smooth decline: a grant of about 64 %, not full speed
+    // (measured 64.6 % here, 62.7 % used in the v2 guest).
     sleep(Duration::from_millis(500));
     let burst = side_by_side(&[&dom], Duration::from_secs(4))[0];
     eprintln!("bursting on 5 credits: libvirt domain {burst:.1} % of its 2 vCPUs");
-    assert!(burst > 45.0, "{burst:.1} %: no burst");
+    assert!(
+        burst > 45.0,
+        "{burst:.1} %: no burst; view {}; quotas {:?}; agent log:\n{}",
+        view(&s, &d.name),
+        std::process::Command::new("sh")
+            .args(["-c", &format!("grep . /sys/fs/cgroup/cpu/burst-qemu/*/{}/cpu.cfs_* /sys/fs/cgroup/cpu/burst-qemu/*/{}/tasks", d.name, d.name)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned()),
+        agent_log(&s)
+    );
 
     // A live edit with virsh metadata: baseline 30 %, balance back to 0.
     set_element(
@@ -468,6 +484,13 @@ fn lifecycle_while_the_agent_runs() {
     wait_until("2 vCPU threads", Duration::from_secs(10), || {
         state::find(&s.state(), &d.name).is_some_and(|(r, _)| r.vcpu_tids.len() == 2)
     });
+    // The record is written when the domain is placed again, a moment before the agent takes
+    // it (and logs it adopted): wait for its view, published after.
+    wait_until(
+        "the resized domain adopted",
+        Duration::from_secs(10),
+        || view(&s, &d.name)["vcpus"] == 2,
+    );
     let two = in_fleet(&s, &d.name);
     assert_eq!(two.vcpus, 2);
     assert!((balance(&s, &d.name) - before).abs() < 0.1);
@@ -477,7 +500,12 @@ fn lifecycle_while_the_agent_runs() {
     restart_libvirtd();
     // (the old connection died with the daemon)
     sleep(Duration::from_secs(3));
-    assert_eq!(agent_log(&s).matches(": adopted (pid").count(), adopted);
+    assert_eq!(
+        agent_log(&s).matches(": adopted (pid").count(),
+        adopted,
+        "adopted again after libvirtd's restart; agent log:\n{}",
+        agent_log(&s)
+    );
     assert_eq!(state::find(&s.state(), &d.name).unwrap().0.pid, two.pid);
 
     // libvirtd stopped: still charged and enforced from /proc; the domain dies meanwhile.
@@ -689,7 +717,24 @@ fn credits_travel_by_redefinition_save_image_and_live_migration() {
     eprintln!("live migration in {took:.1} s: arrived with {arrived:.3} credits (7 set; floor {floor:.3})");
     assert!(arrived <= 7.0 && arrived >= floor, "{arrived}");
     assert!(agent_log(&s2).contains("continues from its metadata checkpoint"));
-    assert!(agent_log(&s1).contains("libvirt domain left (migratedaway)"));
+    // The source's agent sees the departure at its next poll (once a second).
+    // The source's agent lets it go at its next poll (once a second): seen as migrated away
+    // when a poll catches the source's `shut off (migrated)`; with `--undefinesource` the
+    // domain usually vanishes between two polls and is seen as undefined (3 runs of 3 today,
+    // migrated away in an earlier one). Either
+    // way it ends there, charged no more.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !["(migratedaway)", "(undefined)"]
+        .iter()
+        .any(|how| agent_log(&s1).contains(&format!("libvirt domain left {how}")))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the source's agent did not let it go; its log:\n{}",
+            agent_log(&s1)
+        );
+        sleep(Duration::from_millis(100));
+    }
 
     // 2. Its definition moved back (dumpxml on the second, define on the host) after it
     // stopped: it starts with the final balance, no gap.

@@ -209,7 +209,12 @@ fn wait_done(guests: &mut [Guest], within: Duration) {
         if let Some(d) = &g.domain {
             // The guest powers off when its command is done; libvirt then destroys it.
             while d.running() {
-                assert!(Instant::now() < deadline, "{}: still running", g.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: still running after {within:?}; its console:\n{}",
+                    g.name,
+                    console(g)
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
             continue;
@@ -257,7 +262,7 @@ fn assert_no_oom(guests: &[Guest]) {
     }
 }
 
-/// Prints the key figures of each VM's curve (the README's table comes from this).
+/// Prints the key figures of each VM's curve (docs/memory.md's table comes from this).
 fn report(t: &[TraceLine], guests: &[Guest], start: u64) {
     eprintln!("| VM | at start | ready after | peak (after start) | low | end | min unused | steps down after peak (largest) |");
     for g in guests {
@@ -928,20 +933,22 @@ fn rescoin_splits_a_contended_pool_by_shares() {
         );
     }
     // What the rule delivers here, measured (median split a/b over the rounds with both
-    // short of memory): 1.58 (13 rounds), 1.48 (13), ⟨more⟩. Not the templates' 2.00: only a
-    // donor gives back (a VM above its template is not squeezed while it grows: squeezing it
-    // from stats an interval old once OOM-killed a guest), so the split leans to the templates
-    // without reaching them. The bound: the measured range with 0.1 on either side, and never
-    // the other way round (b, with half a's shares, never holds as much).
+    // short of memory): 1.58 (13 rounds), 1.48 (13), 1.53, and 1.91 in a full CI run with the
+    // memory scenarios three at a time. Only a donor gives back (a VM above its template is not
+    // squeezed while it grows: squeezing it from stale stats once OOM-killed a guest), so the
+    // split starts at 1:1 (both at memory_start) and leans toward the templates' 2.00 without
+    // passing them: how far it gets depends on how the two hogs' growth interleaves. The
+    // bound: from the lowest measured less 0.1 up to the templates plus one 64-MiB step of b
+    // (a split past the templates would be a planner that gives beyond them).
     assert!(
-        (1.38..=1.68).contains(&ratio),
-        "split {ratio:.2} ({pa} / {pb} MiB) with both short of memory: outside the measured 1.48-1.58 (shares 2:1)"
+        (1.38..=2.1).contains(&ratio),
+        "split {ratio:.2} ({pa} / {pb} MiB) with both short of memory: outside 1.38-2.1 (measured 1.48-1.91, templates 2.00, shares 2:1)"
     );
 }
 
 /// A VM whose stats stall (paused with QMP `stop`: its guest answers no more stats polls) is
 /// not planned from its old stats: the coordinator plans only from stats stamped after the VM's
-/// last balloon move and at most 3 s before the round (the README's bound). An idle guest
+/// last balloon move and at most 3 s before the round (docs/memory.md's bound). An idle guest
 /// booted at its ceiling is a donor, given back a step a round; once paused, at most the move
 /// planned from its last fresh stats follows, none after 3 s, and its stats show as none; once
 /// resumed, the give-back goes on.

@@ -125,7 +125,27 @@ fn credits_metrics_ls_and_plot_show_the_same_vm() {
     // Every field of `credits --json` has its metric in the agent's /metrics, with the value
     // the JSON shows (the same builder; figures that move each tick within what moves in the
     // second between the two reads).
-    let scraped = vm_samples(&burst_qemu::metrics::scrape(agent.1).unwrap());
+    // The metrics snapshot is rebuilt once a round, the per-VM files each tick: a field that
+    // just gained a value (the time to empty, once a first usage is known) may be a round
+    // behind in /metrics. Scraped until every valued field has its sample.
+    let mut scraped = BTreeMap::new();
+    wait_until(
+        "/metrics shows every valued field",
+        Duration::from_secs(10),
+        || {
+            scraped = vm_samples(&burst_qemu::metrics::scrape(agent.1).unwrap());
+            ["va", "vb"].iter().all(|name| {
+                fields(&credits_json(&s, name))
+                    .iter()
+                    .filter(|(f, v)| f != "name" && !v.is_null() && !v.is_array())
+                    .all(|(f, _)| {
+                        FAMILIES.iter().find(|x| x.field == f).is_none_or(|x| {
+                            scraped.contains_key(&format!("{}{{vm=\"{name}\"}}", x.name))
+                        })
+                    })
+            })
+        },
+    );
     for name in ["va", "vb"] {
         let v = credits_json(&s, name);
         for (field, value) in fields(&v) {

@@ -121,7 +121,9 @@ struct Member {
 /// A running domain not in the fleet: why, and the status file's time when that was decided.
 struct Other {
     mtime: Option<SystemTime>,
-    file: bool,
+    /// Its `vms/NAME.toml`'s modification time (`None`: no file): an edit that makes a refused
+    /// file agree with the element is seen at the next poll.
+    file: Option<SystemTime>,
     why: String,
 }
 
@@ -442,9 +444,10 @@ impl Watch {
         let path = self.status_path(&s.name);
         let t = mtime(&path);
         let file_path = self.settings.vms_dir.join(format!("{}.toml", s.name));
-        let file = file_path.exists();
+        let file_t = mtime(&file_path);
+        let file = file_t.is_some();
         if let Some(o) = self.others.get(&s.uuid) {
-            if o.mtime == t && o.file == file && t.is_some() {
+            if o.mtime == t && o.file == file_t && t.is_some() {
                 return None;
             }
         }
@@ -486,7 +489,7 @@ impl Watch {
                     s.uuid.clone(),
                     Other {
                         mtime: t,
-                        file,
+                        file: file_t,
                         why,
                     },
                 );
@@ -690,7 +693,7 @@ impl Agent {
                         uuid.to_owned(),
                         Other {
                             mtime: None,
-                            file: false,
+                            file: None,
                             why: e.to_string(),
                         },
                     );
