@@ -27,6 +27,14 @@ use agent_cmd::{run_agent, AgentArgs};
 use check::check;
 use fleet::{credits, ensure_agent, ls, qmp_on, stop};
 
+/// `burst-qemu --version`: the crate's version and the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BURST_QEMU_COMMIT"),
+    ")"
+);
+
 /// Exit status for bad input: a flag, a file or a value out of range.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status for a failure of the host (I/O that should have worked).
@@ -54,7 +62,7 @@ pub const EXIT_RUNNING: u8 = 3;
 /// started, the launcher exits with QEMU's own status (128 + N when QEMU was killed by
 /// signal N).
 #[derive(Debug, Parser)]
-#[command(name = "burst-qemu", version, about, long_about)]
+#[command(name = "burst-qemu", version = VERSION, about, long_about)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
