@@ -49,6 +49,7 @@ pub mod history_file;
 mod ledger_file;
 mod lifecycle;
 mod pinning;
+mod reload;
 mod vm;
 
 use events::Events;
@@ -56,6 +57,7 @@ use vm::Vm;
 
 pub use crate::view::CreditsView;
 pub use ledger_file::{Checkpoint, LedgerFile};
+pub use reload::Reload;
 pub use vm::HISTORY_TAIL;
 
 /// The agent's tick.
@@ -143,6 +145,10 @@ pub struct Agent {
     /// The memory-balanced VMs and their settings, shared with the memory coordinator's thread
     /// (`None` when it is off).
     memory_members: Option<Arc<Mutex<Vec<memory::Member>>>>,
+    /// The memory coordinator's thread, while it runs.
+    memory: Option<memory::Coordinator>,
+    /// Where new settings come from while the agent runs (its config file).
+    reload: Option<Reload>,
 }
 
 impl Agent {
@@ -165,7 +171,15 @@ impl Agent {
             metrics: None,
             health: Health::default(),
             memory_members: None,
+            memory: None,
+            reload: None,
         }
+    }
+
+    /// Takes new settings from `reload` on each edit of its file (see [`reload`]).
+    pub fn with_reload(mut self, reload: Reload) -> Self {
+        self.reload = Some(reload);
+        self
     }
 
     /// Runs until SIGINT/SIGTERM (or idle exit); ledgers are saved on the way out. Cgroups of
@@ -178,8 +192,11 @@ impl Agent {
             self.enforcer.describe()
         );
         self.serve_metrics()?;
-        // Its own thread (QMP may block); stopped when this function returns.
-        let _memory = self.start_memory_coordinator();
+        // Its own thread (QMP may block); stopped when the agent is dropped.
+        self.memory = self.start_memory_coordinator();
+        if let Some(reload) = &self.reload {
+            events.watch_config(&reload.path);
+        }
         self.scan(&mut events);
         let live: Vec<String> = self.vms.keys().cloned().collect();
         self.enforcer
@@ -348,6 +365,13 @@ impl Agent {
             .collect();
         for name in configs {
             self.reload(&name);
+        }
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| changed.contains(&r.path))
+        {
+            self.reload_settings();
         }
         let own = |p: &Path| {
             p.file_name()

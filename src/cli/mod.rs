@@ -17,6 +17,7 @@ use burst_qemu::testguest::{self, Behaviour};
 use clap::{Args, Parser, Subcommand};
 
 mod agent_cmd;
+mod agent_config;
 mod check;
 mod fleet;
 mod mem;
@@ -74,7 +75,7 @@ pub struct Cli {
 
 /// Where the fleet lives: accepted before or after any command (`burst-qemu --state-dir D ls`
 /// and `burst-qemu ls --state-dir D` alike).
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 struct Global {
     /// Directory of the per-VM config files (NAME.toml).
     #[arg(
@@ -137,10 +138,11 @@ enum Command {
     Mem(LsArgs),
     /// Run the credit agent for a state dir in the foreground (launchers start one
     /// automatically when none runs).
+    #[command(after_long_help = agent_cmd::CONFIG_HELP)]
     Agent(Box<AgentArgs>),
     /// Report what this host supports: QEMU, KVM, cgroup CPU bandwidth, ghOSt; and the fix for
-    /// each missing piece.
-    Check,
+    /// each missing piece; then the agent's settings and where each comes from.
+    Check(check::CheckArgs),
     Simulate(SimulateArgs),
     /// Plot a VM's real credit curve from its history (balance and surplus above, usage and
     /// grant below, baseline marked) as SVG, or print the samples with --json/--csv.
@@ -376,8 +378,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Resume(a)) => qmp_on(g, &a, qmp::qapi::qmp::cont {}),
         Some(Command::Credits(a)) => credits(g, a),
         Some(Command::Mem(a)) => mem::mem(g, a),
-        Some(Command::Agent(a)) => run_agent(g, *a),
-        Some(Command::Check) => check(g),
+        // The agent reads its command line again, with its config file's values.
+        Some(Command::Agent(_)) => run_agent(std::env::args_os().collect()),
+        Some(Command::Check(a)) => check(g, &a),
         Some(Command::Simulate(args)) => simulate_cmd(args),
         Some(Command::Plot(a)) => observe::plot_cmd(
             &g.state_dir(),
