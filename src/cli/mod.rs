@@ -20,6 +20,7 @@ mod agent_cmd;
 mod agent_config;
 mod check;
 mod fleet;
+mod generate;
 mod mem;
 mod observe;
 mod top;
@@ -154,6 +155,9 @@ enum Command {
     Top,
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
+    /// Write the man pages and shell completions (for packaging: contrib/deb/build).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
     /// The sched_ext scheduler process (started by `agent --enforcer scx`).
     #[command(hide = true)]
     ScxScheduler(ScxSchedulerArgs),
@@ -394,6 +398,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
         Some(Command::ScxScheduler(a)) => agent_cmd::run_scx_scheduler(a.stats.as_deref()),
+        Some(Command::Generate(a)) => generate::generate(&a),
         Some(Command::TestGuest(a)) => {
             let kind = match (a.halt, a.duty) {
                 (true, _) => Behaviour::Halt,
