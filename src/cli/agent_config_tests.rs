@@ -258,3 +258,23 @@ fn an_edit_keeps_the_keys_that_need_a_restart_and_takes_the_live_ones() {
     let (_, restart) = hold_restart_keys(old.as_ref(), Some(&new), &in_force);
     assert!(restart.is_empty(), "{restart:?}");
 }
+
+#[test]
+fn the_reference_page_lists_every_key_with_its_reload_class() {
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/agent-config.md"))
+            .unwrap();
+    for key in key_names() {
+        let row = page
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("docs/agent-config.md has no row for {key}"));
+        let class = row.split('|').nth(3).unwrap().trim();
+        let live = LIVE.contains(&key.as_str());
+        assert_eq!(
+            class.starts_with("live"),
+            live,
+            "docs/agent-config.md: {row}"
+        );
+    }
+}
