@@ -127,6 +127,10 @@ pub(super) struct AgentArgs {
     /// Exit quietly if an agent already runs for the state dir.
     #[arg(long, hide = true)]
     if_absent: bool,
+    /// Stop an agent that a launcher started for the state dir and take its place (the
+    /// service's agent: see `takeover`).
+    #[arg(long, hide = true)]
+    take_over: bool,
     /// Exit after this many seconds without VMs.
     #[arg(long, value_name = "SECONDS", value_parser = seconds(0.0, f64::MAX))]
     idle_exit: Option<f64>,
@@ -514,7 +518,12 @@ pub(super) fn run_agent(argv: Vec<std::ffi::OsString>) -> Result<(), Failure> {
     let resolved = layers.resolve(file.as_ref())?;
     let (g, a) = (&resolved.global, &resolved.args);
     let state_dir = g.state_dir();
-    let _lock = match agent::lock(&state_dir) {
+    let locked = if a.take_over {
+        super::takeover::lock(&state_dir)
+    } else {
+        agent::lock(&state_dir)
+    };
+    let _lock = match locked {
         Ok(l) => l,
         Err(AgentError::AlreadyRunning(_)) if a.if_absent => return Ok(()),
         Err(e @ AgentError::AlreadyRunning(_)) => {

@@ -23,6 +23,7 @@ mod fleet;
 mod generate;
 mod mem;
 mod observe;
+mod takeover;
 mod top;
 
 use agent_cmd::{run_agent, AgentArgs};
