@@ -52,6 +52,7 @@ mod ledger_file;
 pub mod libvirt;
 mod lifecycle;
 mod pinning;
+mod reload;
 mod vm;
 
 use events::Events;
@@ -60,6 +61,7 @@ use vm::Vm;
 pub use crate::view::CreditsView;
 pub use domain::{checkpoint_of, host_name, CHECKPOINT_EVERY};
 pub use ledger_file::{Checkpoint, LedgerFile};
+pub use reload::Reload;
 pub use vm::HISTORY_TAIL;
 
 /// The agent's tick.
@@ -167,6 +169,10 @@ pub struct Agent {
     /// The libvirt watcher, when the agent watches libvirt.
     #[cfg(feature = "libvirt")]
     libvirt: Option<libvirt::Watch>,
+    /// The memory coordinator's thread, while it runs.
+    memory: Option<memory::Coordinator>,
+    /// Where new settings come from while the agent runs (its config file).
+    reload: Option<Reload>,
 }
 
 impl Agent {
@@ -191,7 +197,15 @@ impl Agent {
             memory_members: None,
             #[cfg(feature = "libvirt")]
             libvirt: None,
+            memory: None,
+            reload: None,
         }
+    }
+
+    /// Takes new settings from `reload` on each edit of its file (see [`reload`]).
+    pub fn with_reload(mut self, reload: Reload) -> Self {
+        self.reload = Some(reload);
+        self
     }
 
     /// Runs until SIGINT/SIGTERM (or idle exit); ledgers are saved on the way out. Cgroups of
@@ -204,8 +218,11 @@ impl Agent {
             self.enforcer.describe()
         );
         self.serve_metrics()?;
-        // Its own thread (QMP may block); stopped when this function returns.
-        let _memory = self.start_memory_coordinator();
+        // Its own thread (QMP may block); stopped when the agent is dropped.
+        self.memory = self.start_memory_coordinator();
+        if let Some(reload) = &self.reload {
+            events.watch_config(&reload.path);
+        }
         // libvirt first: it says which of the libvirt records in the state dir are still in
         // the fleet before the scan adopts them.
         self.start_libvirt();
@@ -391,6 +408,13 @@ impl Agent {
             .collect();
         for name in configs {
             self.reload(&name);
+        }
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| changed.contains(&r.path))
+        {
+            self.reload_settings();
         }
         let own = |p: &Path| {
             p.file_name()

@@ -118,6 +118,18 @@ impl Disks {
         }
     }
 
+    /// Takes a new host bandwidth (an edit of the agent's config file), from the next period.
+    pub fn set_bandwidth(&mut self, bandwidth: DiskBandwidth) {
+        self.read.set_capacity(bandwidth.read);
+        self.write.set_capacity(bandwidth.write);
+        self.bandwidth = bandwidth;
+    }
+
+    /// The host bandwidth in force.
+    pub fn bandwidth(&self) -> DiskBandwidth {
+        self.bandwidth
+    }
+
     /// Forgets a VM that ended.
     pub fn forget(&mut self, name: &str) {
         self.vms.remove(name);

@@ -45,7 +45,7 @@ pub const MEMORY_JSON: &str = "memory.json";
 pub const DRIVER_GRACE_ROUNDS: u32 = 10;
 
 /// The coordinator's settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MemorySettings {
     /// The planner's settings.
     pub planner: mem::Settings,
@@ -100,6 +100,35 @@ pub struct MemoryView {
 pub struct Coordinator {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    settings: Arc<Mutex<MemorySettings>>,
+}
+
+impl Coordinator {
+    /// Takes new settings (an edit of the agent's config file) from the next round on.
+    pub fn update(&self, settings: MemorySettings) {
+        tracing::info!("memory coordinator: {}", describe(&settings));
+        if let Ok(mut s) = self.settings.lock() {
+            *s = settings;
+        }
+    }
+}
+
+/// The settings as the agent's log shows them.
+fn describe(s: &MemorySettings) -> String {
+    format!(
+        "{} policy, every {:?}, host reserve {} MiB{}{}",
+        s.planner.policy,
+        s.interval,
+        s.planner.host_reserve,
+        s.planner
+            .pool
+            .map_or(String::new(), |p| format!(", pool {p} MiB")),
+        if s.planner.policy == mem::Policy::IdleTax {
+            format!(", idle tax {} %", s.planner.tax * 100.0)
+        } else {
+            String::new()
+        }
+    )
 }
 
 impl Drop for Coordinator {
@@ -140,22 +169,19 @@ pub fn spawn(
 ) -> Coordinator {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
+    tracing::info!("memory coordinator: {}", describe(&settings));
+    let shared = Arc::new(Mutex::new(settings));
+    let current = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
         .name("memory".into())
         .spawn(move || {
-            tracing::info!(
-                "memory coordinator: {} policy, every {:?}, host reserve {} MiB{}",
-                settings.planner.policy,
-                settings.interval,
-                settings.planner.host_reserve,
-                settings
-                    .planner
-                    .pool
-                    .map_or(String::new(), |p| format!(", pool {p} MiB"))
-            );
             let mut c = State::default();
             while !flag.load(Ordering::Relaxed) {
                 let started = Instant::now();
+                // The settings in force this round (the agent may have taken an edit).
+                let Ok(settings) = current.lock().map(|s| s.clone()) else {
+                    return;
+                };
                 let now = members.lock().map(|m| m.clone()).unwrap_or_default();
                 c.round(&state_dir, &settings, &now);
                 // Sleep in short slices so that a stopping agent is not held up.
@@ -165,7 +191,11 @@ pub fn spawn(
             }
         })
         .ok();
-    Coordinator { stop, thread }
+    Coordinator {
+        stop,
+        thread,
+        settings: shared,
+    }
 }
 
 /// One balanced VM, as the coordinator knows it between rounds.

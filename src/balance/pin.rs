@@ -112,6 +112,11 @@ impl PinBalancer {
         }
     }
 
+    /// Plans every `interval` from now on (an edit of the agent's config file).
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
+    }
+
     /// Whether an interval has passed since the last step.
     pub fn due(&self) -> bool {
         self.last.is_none_or(|t| t.elapsed() >= self.interval)

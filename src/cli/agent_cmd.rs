@@ -13,6 +13,7 @@ use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
 use burst_qemu::enforce::{scx, Enforcer};
 use clap::{Args, ValueEnum};
 
+use super::agent_config::{self, ConfigArg, Layers, Resolved};
 use super::{Failure, Global, EXIT_RUNNING};
 
 /// How grants are enforced (`--enforcer`).
@@ -79,8 +80,10 @@ pub(super) enum CgroupVersionArg {
     V2,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub(super) struct AgentArgs {
+    #[command(flatten)]
+    pub(super) config: ConfigArg,
     /// Mount point of the cgroup hierarchy with the cpu controller [default: detected].
     #[arg(long, value_name = "DIR", env = "BURST_QEMU_CGROUP_MOUNT")]
     cgroup_mount: Option<PathBuf>,
@@ -107,11 +110,11 @@ pub(super) struct AgentArgs {
     /// With --enforcer scx: the CPUs the vCPU threads run on, as a list (`0-3,6`; keep other
     /// busy threads off them: on 6.12 the normal scheduler runs before sched_ext) [default:
     /// all].
-    #[arg(long, value_name = "LIST", env = "BURST_QEMU_SCX_CPUS")]
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_SCX_CPUS", value_parser = cpu_list_text)]
     scx_cpus: Option<String>,
     /// CPUs of the ghOSt enclave, as a list (`0-3,6`); the first runs the global agent
     /// [default: all].
-    #[arg(long, value_name = "LIST", env = "BURST_QEMU_GHOST_CPUS")]
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_GHOST_CPUS", value_parser = cpu_list_text)]
     ghost_cpus: Option<String>,
     /// The cgroup version at --cgroup-mount [default: detected from the mount].
     #[arg(
@@ -124,8 +127,12 @@ pub(super) struct AgentArgs {
     /// Exit quietly if an agent already runs for the state dir.
     #[arg(long, hide = true)]
     if_absent: bool,
+    /// Stop an agent that a launcher started for the state dir and take its place (the
+    /// service's agent: see `takeover`).
+    #[arg(long, hide = true)]
+    take_over: bool,
     /// Exit after this many seconds without VMs.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = seconds(0.0, f64::MAX))]
     idle_exit: Option<f64>,
     /// How the CPU is divided when the VMs together want more than the host has: `rescoin`
     /// (every VM first gets its baseline, the rest is shared by ResCoin's rule) or `off` (each
@@ -140,7 +147,7 @@ pub(super) struct AgentArgs {
     contention: ContentionRule,
     /// The CPU the VMs share, for the contention stage: a number of CPUs (`2`, `1.5`) or a CPU
     /// list (`0-3,6`) [default: every CPU this agent may run on].
-    #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY")]
+    #[arg(long, value_name = "CPUS", env = "BURST_QEMU_CAPACITY", value_parser = capacity_text)]
     capacity: Option<String>,
     /// The host's disk bandwidth, bytes/s (`100M`, `1Gi`; `READ,WRITE` when they differ),
     /// shared by ResCoin's rule among the VMs whose config sets `disk_share`: while they
@@ -162,14 +169,15 @@ pub(super) struct AgentArgs {
     balance: BalanceKind,
     /// The CPUs the pinning balancer uses, as a list (`0-3,6`) [default: every CPU this agent
     /// may run on].
-    #[arg(long, value_name = "LIST", env = "BURST_QEMU_BALANCE_CPUS")]
+    #[arg(long, value_name = "LIST", env = "BURST_QEMU_BALANCE_CPUS", value_parser = cpu_list_text)]
     balance_cpus: Option<String>,
     /// Seconds between the pinning balancer's plans.
     #[arg(
         long,
         value_name = "SECONDS",
         default_value_t = 2.0,
-        env = "BURST_QEMU_BALANCE_INTERVAL"
+        env = "BURST_QEMU_BALANCE_INTERVAL",
+        value_parser = seconds(0.2, f64::MAX)
     )]
     balance_interval: f64,
     /// The balloon memory coordinator, for VMs whose config says `balance_memory = true`:
@@ -189,7 +197,8 @@ pub(super) struct AgentArgs {
         long,
         value_name = "SECONDS",
         default_value_t = 2.0,
-        env = "BURST_QEMU_MEMORY_INTERVAL"
+        env = "BURST_QEMU_MEMORY_INTERVAL",
+        value_parser = seconds(0.5, 3600.0)
     )]
     memory_interval: f64,
     /// The idle-memory tax rate, percent (idle-tax policy).
@@ -197,7 +206,8 @@ pub(super) struct AgentArgs {
         long,
         value_name = "PCT",
         default_value_t = 75.0,
-        env = "BURST_QEMU_IDLE_TAX"
+        env = "BURST_QEMU_IDLE_TAX",
+        value_parser = idle_tax_pct
     )]
     idle_tax: f64,
     /// Host memory (MemAvailable) the coordinator never gives to VMs, MiB.
@@ -237,6 +247,49 @@ pub(super) struct AgentArgs {
     libvirt_run_dir: Option<PathBuf>,
 }
 
+/// `--capacity`'s value parser: the text, once [`parse_capacity`] reads it.
+fn capacity_text(text: &str) -> Result<String, String> {
+    parse_capacity(text).map(|_| text.to_owned())
+}
+
+/// A CPU list's value parser (`0-3,6`): the text, once it parses.
+fn cpu_list_text(text: &str) -> Result<String, String> {
+    parse_cpu_list(text).map(|_| text.to_owned())
+}
+
+/// A value parser of seconds in `[min, max]`.
+fn seconds(min: f64, max: f64) -> impl Fn(&str) -> Result<f64, String> + Clone {
+    move |text| match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (min..=max).contains(&s) => Ok(s),
+        _ if max == f64::MAX => Err(format!("give a number of seconds ≥ {min}")),
+        _ => Err(format!("give {min} to {max} seconds")),
+    }
+}
+
+/// `--idle-tax`'s value parser: a percentage from 0 to 95.
+fn idle_tax_pct(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(p) if (0.0..=95.0).contains(&p) => Ok(p),
+        _ => Err("give a percentage from 0 to 95".into()),
+    }
+}
+
+/// The agent's `--help` epilogue (and its man page's): the configuration file.
+pub(super) const CONFIG_HELP: &str = "\
+Configuration file: every long option above is also a key of /etc/burst-qemu/agent.toml \
+(root's; other users' is $XDG_CONFIG_HOME/burst-qemu/agent.toml; --config FILE or \
+BURST_QEMU_AGENT_CONFIG name another), spelled with _ for - \
+(memory_interval = 5, balance_cpus = \"0-3\" or [0, 1, 2, 3]), as are state_dir and data_dir. \
+A flag wins over its environment variable, which wins over the file, which wins over the \
+built-in default; `burst-qemu check` shows each setting in force and where it comes from. \
+A missing file at the default path means the defaults; a missing file named explicitly, an \
+unknown key or a bad value is an error naming the file, line and key.
+
+While the agent runs, an edit of the file applies at once to capacity, disk_bandwidth (its \
+value), balance_interval, memory_interval, idle_tax, host_reserve, memory_pool, memory_trace \
+and idle_exit; a change of any other key is logged as needing a restart and the value in \
+force stays.";
+
 fn usage(message: String) -> Failure {
     Failure::usage(anyhow::anyhow!(message))
 }
@@ -253,16 +306,18 @@ pub(super) fn capacity(arg: Option<&str>) -> Result<Rate, Failure> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         return Ok(Rate(n as u64 * PPM_PER_CPU));
     };
+    parse_capacity(text).map_err(|e| usage(format!("--capacity {text:?}: {e}")))
+}
+
+/// A number of CPUs (`2`, `1.5`) or a CPU list (`0-3,6`).
+fn parse_capacity(text: &str) -> Result<Rate, String> {
     if let Ok(cpus) = text.trim().parse::<f64>() {
         if cpus.is_finite() && cpus > 0.0 && !text.contains('-') {
             return Ok(Rate((cpus * PPM_PER_CPU as f64).round() as u64));
         }
     }
-    let cpus = parse_cpu_list(text).map_err(|e| {
-        usage(format!(
-            "--capacity {text:?}: give a number of CPUs (2, 1.5) or a CPU list (0-3,6): {e}"
-        ))
-    })?;
+    let cpus = parse_cpu_list(text)
+        .map_err(|e| format!("give a number of CPUs (2, 1.5) or a CPU list (0-3,6): {e}"))?;
     Ok(Rate(cpus.len() as u64 * PPM_PER_CPU))
 }
 
@@ -271,18 +326,6 @@ fn memory_settings(a: &AgentArgs) -> Result<Option<memory::MemorySettings>, Fail
     let Some(policy) = a.memory_policy.policy() else {
         return Ok(None);
     };
-    if !(0.0..=95.0).contains(&a.idle_tax) {
-        return Err(usage(format!(
-            "--idle-tax {}: give a percentage from 0 to 95",
-            a.idle_tax
-        )));
-    }
-    if !(a.memory_interval >= 0.5 && a.memory_interval <= 3600.0) {
-        return Err(usage(format!(
-            "--memory-interval {}: give 0.5 to 3600 seconds",
-            a.memory_interval
-        )));
-    }
     Ok(Some(memory::MemorySettings {
         planner: mem::Settings {
             policy,
@@ -319,13 +362,7 @@ fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failu
             )));
         }
     }
-    let every = a.balance_interval;
-    if !(every.is_finite() && every >= 0.2) {
-        return Err(usage(
-            "--balance-interval must be a number of seconds ≥ 0.2".into(),
-        ));
-    }
-    Ok(Some((cpus, Duration::from_secs_f64(every))))
+    Ok(Some((cpus, Duration::from_secs_f64(a.balance_interval))))
 }
 
 /// The enforcer `auto` picks: sched_ext where this build has it and the kernel offers it with
@@ -533,9 +570,20 @@ fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, F
     })
 }
 
-pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
+/// `burst-qemu agent`, from its command line `argv` (flags, then the environment, then the
+/// config file, then the defaults: [`agent_config`]).
+pub(super) fn run_agent(argv: Vec<std::ffi::OsString>) -> Result<(), Failure> {
+    let layers = Layers::new(argv)?;
+    let file = layers.read().map_err(Failure::usage)?;
+    let resolved = layers.resolve(file.as_ref())?;
+    let (g, a) = (&resolved.global, &resolved.args);
     let state_dir = g.state_dir();
-    let _lock = match agent::lock(&state_dir) {
+    let locked = if a.take_over {
+        super::takeover::lock(&state_dir)
+    } else {
+        agent::lock(&state_dir)
+    };
+    let _lock = match locked {
         Ok(l) => l,
         Err(AgentError::AlreadyRunning(_)) if a.if_absent => return Ok(()),
         Err(e @ AgentError::AlreadyRunning(_)) => {
@@ -547,10 +595,17 @@ pub(super) fn run_agent(g: &Global, a: AgentArgs) -> Result<(), Failure> {
         Err(e) => return Err(Failure::host(e)),
     };
     let kind = resolve_enforcer(a.enforcer);
-    refuse_contradictions(kind, &a)?;
-    let settings = settings(g, &a, kind)?;
-    let enforcer = enforcer(kind, &a, &state_dir)?;
-    Agent::new(settings, enforcer).run().map_err(Failure::host)
+    refuse_contradictions(kind, a).map_err(|f| resolved.blame(f))?;
+    let in_force = settings(g, a, kind).map_err(|f| resolved.blame(f))?;
+    let enforcer = enforcer(kind, a, &state_dir).map_err(|f| resolved.blame(f))?;
+    let mut agent = Agent::new(in_force, enforcer);
+    // Edits are watched where the file's directory exists (a file created later in a new
+    // directory needs a restart).
+    if layers.path().parent().is_some_and(Path::is_dir) {
+        let build = move |r: &Resolved| settings(&r.global, &r.args, kind);
+        agent = agent.with_reload(agent_config::reloader(layers, file, &resolved, build));
+    }
+    agent.run().map_err(Failure::host)
 }
 
 /// `burst-qemu scx-scheduler`: the sched_ext scheduler process the scx enforcer starts.

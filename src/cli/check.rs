@@ -32,7 +32,15 @@ impl Report {
     }
 }
 
-pub(super) fn check(g: &Global) -> Result<(), Failure> {
+/// `burst-qemu check`'s options.
+#[derive(Debug, Args)]
+pub(super) struct CheckArgs {
+    /// The agent's settings shown are those this config file gives.
+    #[command(flatten)]
+    config: super::agent_config::ConfigArg,
+}
+
+pub(super) fn check(g: &Global, _args: &CheckArgs) -> Result<(), Failure> {
     let mut r = Report {
         lines: Vec::new(),
         required_ok: true,
@@ -45,6 +53,19 @@ pub(super) fn check(g: &Global) -> Result<(), Failure> {
     r.line(ok, "sched_ext", detail);
     libvirt(&mut r, &g.state_dir());
     fleet(&mut r, &g.state_dir());
+    // The agent's settings, as `burst-qemu agent` with this command's options would run.
+    let agent = super::agent_config::report(std::env::args_os().collect());
+    match &agent {
+        Ok((file, _)) => r.required(true, "agent config", file.clone()),
+        Err(e) => r.required(
+            false,
+            "agent config",
+            format!("{e}. Fix: correct the file (the agent refuses to start with it)"),
+        ),
+    }
+    if let Ok((_, settings)) = agent {
+        r.lines.extend(settings);
+    }
     let mut text = r.lines.join("\n") + "\n";
     text.push_str(if r.required_ok {
         "burst-qemu can run and enforce credits on this host\n"

@@ -227,6 +227,17 @@ pub(super) fn read_view(state_dir: &std::path::Path, name: &str) -> Option<Credi
     serde_json::from_slice(&bytes).ok()
 }
 
+/// This program's path, to start an agent from. Once a package upgrade has replaced the binary,
+/// the kernel names the running one `/usr/bin/burst-qemu (deleted)`: the launchers of VMs
+/// started before the upgrade then start the new binary from the same path.
+fn own_exe() -> std::io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(path) if std::path::Path::new(path).is_file() => Ok(path.into()),
+        _ => Ok(exe),
+    }
+}
+
 /// Starts an agent for the state dir unless one runs: a grandchild in its own session, so it
 /// outlives this launcher and leaves no zombie; its log is `<state dir>/agent.log`.
 pub(super) fn ensure_agent(
@@ -243,9 +254,7 @@ pub(super) fn ensure_agent(
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = std::process::Command::new(
-        std::env::current_exe().context("finding burst-qemu's own path")?,
-    );
+    let mut cmd = std::process::Command::new(own_exe().context("finding burst-qemu's own path")?);
     cmd.arg("agent")
         .arg("--state-dir")
         .arg(state_dir)

@@ -17,18 +17,29 @@ use burst_qemu::testguest::{self, Behaviour};
 use clap::{Args, Parser, Subcommand};
 
 mod agent_cmd;
+mod agent_config;
 mod check;
 #[cfg(test)]
 mod docs_check;
 mod fleet;
 mod foreign;
+mod generate;
 mod mem;
 mod observe;
+mod takeover;
 mod top;
 
 use agent_cmd::{run_agent, AgentArgs};
 use check::check;
 use fleet::{credits, ensure_agent, ls, stop};
+
+/// `burst-qemu --version`: the crate's version and the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BURST_QEMU_COMMIT"),
+    ")"
+);
 
 /// Exit status for bad input: a flag, a file or a value out of range.
 pub const EXIT_USAGE: u8 = 2;
@@ -57,7 +68,7 @@ pub const EXIT_RUNNING: u8 = 3;
 /// started, the launcher exits with QEMU's own status (128 + N when QEMU was killed by
 /// signal N).
 #[derive(Debug, Parser)]
-#[command(name = "burst-qemu", version, about, long_about)]
+#[command(name = "burst-qemu", version = VERSION, about, long_about)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -69,7 +80,7 @@ pub struct Cli {
 
 /// Where the fleet lives: accepted before or after any command (`burst-qemu --state-dir D ls`
 /// and `burst-qemu ls --state-dir D` alike).
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 struct Global {
     /// Directory of the per-VM config files (NAME.toml).
     #[arg(
@@ -133,10 +144,11 @@ enum Command {
     Mem(LsArgs),
     /// Run the credit agent for a state dir in the foreground (launchers start one
     /// automatically when none runs).
+    #[command(after_long_help = agent_cmd::CONFIG_HELP)]
     Agent(Box<AgentArgs>),
     /// Report what this host supports: QEMU, KVM, cgroup CPU bandwidth, ghOSt; and the fix for
-    /// each missing piece.
-    Check,
+    /// each missing piece; then the agent's settings and where each comes from.
+    Check(check::CheckArgs),
     Simulate(SimulateArgs),
     /// Plot a VM's real credit curve from its history (balance and surplus above, usage and
     /// grant below, baseline marked) as SVG, or print the samples with --json/--csv.
@@ -148,6 +160,9 @@ enum Command {
     Top,
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
+    /// Write the man pages and shell completions (for packaging: contrib/deb/build).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
     /// The sched_ext scheduler process (started by `agent --enforcer scx`).
     #[command(hide = true)]
     ScxScheduler(ScxSchedulerArgs),
@@ -373,8 +388,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Adopt(a)) => foreign::adopt_cmd(g, a),
         Some(Command::Credits(a)) => credits(g, a),
         Some(Command::Mem(a)) => mem::mem(g, a),
-        Some(Command::Agent(a)) => run_agent(g, *a),
-        Some(Command::Check) => check(g),
+        // The agent reads its command line again, with its config file's values.
+        Some(Command::Agent(_)) => run_agent(std::env::args_os().collect()),
+        Some(Command::Check(a)) => check(g, &a),
         Some(Command::Simulate(args)) => simulate_cmd(args),
         Some(Command::Plot(a)) => observe::plot_cmd(
             &g.state_dir(),
@@ -388,6 +404,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
         Some(Command::ScxScheduler(a)) => agent_cmd::run_scx_scheduler(a.stats.as_deref()),
+        Some(Command::Generate(a)) => generate::generate(&a),
         Some(Command::TestGuest(a)) => {
             let kind = match (a.halt, a.duty) {
                 (true, _) => Behaviour::Halt,
