@@ -25,7 +25,7 @@
 //! call for polling). libvirt's C ABI is stable forever, the agent calls about thirty
 //! functions, and every layout and constant is checked against the installed headers by
 //! `tests/libvirt.rs`; so `ffi.rs` declares them.
-#![doc = include_str!("../../../docs/libvirt.md")]
+#![doc = include_str!("../../../docs/libvirt-facts.md")]
 
 #[cfg(feature = "libvirt")]
 pub mod conn;
