@@ -321,17 +321,21 @@ impl RuntimeDir {
         if record.qemu_alive() {
             return false;
         }
-        match try_lock(&path.join(LOCK), 0o600) {
-            Ok(Some(lock)) => {
-                drop(RuntimeDir {
-                    path,
-                    _lock: lock,
-                    kept: false,
-                });
-                true
-            }
-            _ => false,
-        }
+        matches!(Self::remove_unheld(path), Ok(true))
+    }
+
+    /// Removes the runtime dir at `path` unless a launcher holds its lock: `Ok(true)` when
+    /// removed, `Ok(false)` when held.
+    fn remove_unheld(path: PathBuf) -> io::Result<bool> {
+        let Some(lock) = try_lock(&path.join(LOCK), 0o600)? else {
+            return Ok(false);
+        };
+        drop(RuntimeDir {
+            path,
+            _lock: lock,
+            kept: false,
+        });
+        Ok(true)
     }
 
     /// The directory.
@@ -575,18 +579,7 @@ pub fn place_foreign(state_dir: &Path, record: &VmRecord) -> Result<PathBuf, Cla
 /// (a departed or released libvirt domain); `false` when a launcher holds the name.
 pub fn remove_foreign(state_dir: &Path, name: &str) -> bool {
     let path = state_dir.join(name);
-    match try_lock(&path.join(LOCK), 0o600) {
-        Ok(Some(lock)) => {
-            drop(RuntimeDir {
-                path,
-                _lock: lock,
-                kept: false,
-            });
-            true
-        }
-        Ok(None) => false,
-        Err(_) => !path.exists(),
-    }
+    RuntimeDir::remove_unheld(path.clone()).unwrap_or_else(|_| !path.exists())
 }
 
 /// Whether a live launcher holds the runtime dir's lock.

@@ -61,15 +61,7 @@ impl Agent {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let path = s.state().join("metrics.addr");
-        let mut addr = None;
-        wait_until("agent serving metrics", Duration::from_secs(10), || {
-            addr = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|a| a.trim().parse().ok());
-            addr.is_some()
-        });
-        (Agent(child), addr.unwrap())
+        (Agent(child), metrics_addr(s, Duration::from_secs(10)))
     }
 }
 

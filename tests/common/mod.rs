@@ -432,3 +432,17 @@ pub fn expect_enforcer(s: &Scratch, name: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The address the agent of `s` serves its metrics at, once it has written it
+/// (`<state dir>/metrics.addr`), waiting up to `within`.
+pub fn metrics_addr(s: &Scratch, within: Duration) -> std::net::SocketAddr {
+    let path = s.state().join("metrics.addr");
+    let mut addr = None;
+    wait_until("agent serving metrics", within, || {
+        addr = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|a| a.trim().parse().ok());
+        addr.is_some()
+    });
+    addr.unwrap()
+}
