@@ -18,7 +18,6 @@ mod libvirt_harness;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use burst_qemu::enforce::cgroup::{self, Version};
@@ -31,7 +30,7 @@ use burst_qemu::source::threads;
 use burst_qemu::testguest::Behaviour;
 
 use libvirt_harness::{
-    cpu_over, free_port, libvirtd_pid, require_libvirtd, start_libvirtd, virsh, wait_events,
+    cpu_over, free_port, require_libvirtd, start_libvirtd, stop_libvirtd, virsh, wait_events,
     SecondLibvirtd, TestDomain, IMAGES, RUN_DIR,
 };
 
@@ -508,17 +507,7 @@ fn vcpu_threads_moved_into_our_cgroup_stay_there_through_vcpupin_schedinfo_and_a
     );
 
     // Restart libvirtd (SIGTERM, wait until it has exited, start again).
-    let pid = libvirtd_pid().expect("libvirtd's pid file");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(Instant::now() < deadline, "libvirtd {pid} did not exit");
-        sleep(Duration::from_millis(100));
-    }
+    stop_libvirtd();
     let conn2 = start_libvirtd().unwrap();
     let dom = conn2.domain(&d.name).unwrap();
     assert_eq!(

@@ -27,7 +27,7 @@ use burst_qemu::state::{self, Source, VmRecord};
 use burst_qemu::testguest::Behaviour;
 use common::*;
 use libvirt_harness::{
-    free_port, libvirtd_pid, own_domains, require_libvirtd, start_libvirtd, virsh, SecondLibvirtd,
+    free_port, own_domains, require_libvirtd, start_libvirtd, stop_libvirtd, virsh, SecondLibvirtd,
     TestDomain, IMAGES, URI,
 };
 use serde_json::Value;
@@ -565,21 +565,6 @@ fn state_balance(s: &Scratch, name: &str) -> f64 {
         panic!("{}", String::from_utf8_lossy(&out.stderr));
     });
     v["balance"].as_f64().unwrap()
-}
-
-fn stop_libvirtd() -> u32 {
-    let pid = libvirtd_pid().expect("libvirtd's pid file");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(Instant::now() < deadline, "libvirtd {pid} did not exit");
-        sleep(Duration::from_millis(100));
-    }
-    pid
 }
 
 fn restart_libvirtd() {

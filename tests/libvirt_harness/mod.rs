@@ -485,3 +485,19 @@ impl Drop for GuestDomain {
         }
     }
 }
+
+/// Stops the host's libvirtd (SIGTERM) and waits until it has exited; its pid.
+pub fn stop_libvirtd() -> u32 {
+    let pid = libvirtd_pid().expect("libvirtd's pid file");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "libvirtd {pid} did not exit");
+        sleep(Duration::from_millis(100));
+    }
+    pid
+}
