@@ -8,8 +8,8 @@
 use std::fs;
 use std::path::Path;
 
-use super::lifecycle::{read_config, Unusable};
 use super::vm::Vm;
+use super::vm_config::{read_config, Unusable};
 use super::{Agent, LedgerFile, TICK};
 use crate::base::chain;
 use crate::config::{self, VmConfig};

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::domain::{checkpoint_now, checkpoint_of, combined_config, host_name, CHECKPOINT_EVERY};
-use super::lifecycle::Unusable;
+use super::vm_config::Unusable;
 use super::{Agent, Events, LedgerFile, LibvirtSettings};
 use crate::base::{chain, validate_name};
 use crate::control::{Control, Unavailable};

@@ -4,45 +4,21 @@
 //! enforcement removed).
 //!
 //! A VM's config takes one path, at adoption and at every edit: the file is parsed and
-//! validated ([`config::load`]), checked against the running VM ([`read_config`]), and applied
+//! validated ([`crate::config::load`]), checked against the running VM
+//! ([`read_config`](super::vm_config::read_config)), and applied
 //! ([`Agent::apply_config`]): policy, balance override, CPU list, disk share and memory
 //! settings, each to the stage that uses it. Files are read only then: never once per tick.
 
 use std::fs;
-use std::io;
 
 use super::vm::{fallback_config, load_history, read_cpu, Vm};
+use super::vm_config::{read_config, Unusable};
 use super::{Agent, Events, LedgerFile};
 use crate::base::{boottime_ns, chain};
-use crate::config::{self, ConfigError, VmConfig};
+use crate::config::VmConfig;
 use crate::credit::{Credits, Ledger};
 use crate::procfs::Proc;
 use crate::state::{self, Liveness, VmRecord};
-
-/// Why a VM's config file cannot be applied.
-pub(super) enum Unusable {
-    /// The file is missing (an editor between unlink and rename: the next event brings it).
-    Missing,
-    /// It is invalid, or does not fit the running VM; the message names file, line and field.
-    Invalid(String),
-}
-
-/// Reads and validates `record`'s config file, and checks it fits the running VM.
-pub(super) fn read_config(record: &VmRecord) -> Result<VmConfig, Unusable> {
-    match config::load(&record.config) {
-        Ok(cfg) if cfg.policy.vcpus() != record.vcpus => Err(Unusable::Invalid(format!(
-            "{}: vcpus = {} differs from the running VM's {} vCPUs; restart the VM to change it",
-            record.config.display(),
-            cfg.policy.vcpus(),
-            record.vcpus
-        ))),
-        Ok(cfg) => Ok(cfg),
-        Err(ConfigError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            Err(Unusable::Missing)
-        }
-        Err(e) => Err(Unusable::Invalid(e.to_string())),
-    }
-}
 
 impl Agent {
     /// Adopts VMs that appeared and lets go of those that ended.

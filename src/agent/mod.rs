@@ -54,6 +54,7 @@ mod lifecycle;
 mod pinning;
 mod reload;
 mod vm;
+mod vm_config;
 
 use events::Events;
 use vm::Vm;
