@@ -99,6 +99,7 @@ pub fn require_libvirtd() -> Option<Connection> {
         return None;
     }
     if let Ok(c) = Connection::open(URI) {
+        remove_leftovers();
         return Some(c);
     }
     // SAFETY: geteuid has no preconditions.
@@ -107,7 +108,10 @@ pub fn require_libvirtd() -> Option<Connection> {
         return None;
     }
     match start_libvirtd() {
-        Ok(c) => Some(c),
+        Ok(c) => {
+            remove_leftovers();
+            Some(c)
+        }
         Err(e) => {
             common::skip_or_fail(&format!(
                 "no libvirtd at {URI} and it could not be started ({e}); apt-get install \
@@ -115,6 +119,30 @@ pub fn require_libvirtd() -> Option<Connection> {
             ));
             None
         }
+    }
+}
+
+/// Destroys and undefines the test domains of test processes that no longer run
+/// (`bq-test-PID-*`, PID gone): a test killed mid-run (a timeout, a crash, a daemon restart that
+/// took its connection) leaves its domain running, and one such domain burnt 0.9 of a core for
+/// the rest of a full run, spoiling every CPU-share figure after it.
+pub fn remove_leftovers() {
+    let (_, names) = virsh(&["list", "--all", "--name"]);
+    for name in names.lines().map(str::trim) {
+        let Some(pid) = name
+            .strip_prefix("bq-test-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("libvirt harness: removing {name}, left by test process {pid} that is gone");
+        let _ = virsh(&["destroy", name]);
+        let _ = virsh(&["undefine", "--nvram", name]);
+        let _ = virsh(&["undefine", name]);
     }
 }
 
