@@ -37,8 +37,6 @@ pub struct PlotError {
 
 /// Draws `points` as SVG at `path`; `usage_label` names the lower black line ("demand" for a
 /// simulation, "usage" for a real VM) and `x_desc` the time axis.
-// One drawing: the two panels share the axis ranges and series computed at its top, and
-// splitting it would pass a dozen locals around.
 pub fn credit_curve(
     path: &Path,
     title: &str,
@@ -63,84 +61,88 @@ pub fn credit_curve(
         .map(|s| s.balance.max(s.surplus))
         .fold(1.0, f64::max)
         * 1.05;
-
-    let mut chart = ChartBuilder::on(&top)
-        .caption(title, ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, 0.0..max_credits)
+    let series = |f: fn(&CurvePoint) -> f64| -> Vec<(f64, f64)> {
+        points.iter().map(|s| (s.hours, f(s))).collect()
+    };
+    let credits = Panel {
+        caption: Some(title),
+        x: x0..x1,
+        y: 0.0..max_credits,
+        x_desc,
+        y_desc: "credits (vCPU-minutes)",
+    };
+    credits
+        .draw(
+            &top,
+            &[
+                (series(|s| s.balance), BLUE.stroke_width(2), "balance"),
+                (series(|s| s.surplus), RED.stroke_width(2), "surplus"),
+            ],
+        )
         .map_err(|e| fail(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc("credits (vCPU-minutes)")
-        .draw()
-        .map_err(|e| fail(&e))?;
-    line(
-        &mut chart,
-        points.iter().map(|s| (s.hours, s.balance)),
-        BLUE.stroke_width(2),
-        "balance",
-    )
-    .map_err(|e| fail(&e))?;
-    line(
-        &mut chart,
-        points.iter().map(|s| (s.hours, s.surplus)),
-        RED.stroke_width(2),
-        "surplus",
-    )
-    .map_err(|e| fail(&e))?;
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))?;
-
-    let mut chart = ChartBuilder::on(&bottom)
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, 0.0..105.0)
-        .map_err(|e| fail(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc("CPU (% of all vCPUs)")
-        .draw()
-        .map_err(|e| fail(&e))?;
+    let cpu = Panel {
+        caption: None,
+        x: x0..x1,
+        y: 0.0..105.0,
+        x_desc,
+        y_desc: "CPU (% of all vCPUs)",
+    };
     let green = RGBColor(0, 140, 0);
     let grey = RGBColor(140, 140, 140);
-    line(
-        &mut chart,
-        points.iter().map(|s| (s.hours, s.baseline_pct)),
-        grey.stroke_width(1),
-        "baseline",
+    cpu.draw(
+        &bottom,
+        &[
+            (series(|s| s.baseline_pct), grey.stroke_width(1), "baseline"),
+            (series(|s| s.usage_pct), BLACK.stroke_width(1), usage_label),
+            (series(|s| s.grant_pct), green.stroke_width(2), "granted"),
+        ],
     )
     .map_err(|e| fail(&e))?;
-    line(
-        &mut chart,
-        points.iter().map(|s| (s.hours, s.usage_pct)),
-        BLACK.stroke_width(1),
-        usage_label,
-    )
-    .map_err(|e| fail(&e))?;
-    line(
-        &mut chart,
-        points.iter().map(|s| (s.hours, s.grant_pct)),
-        green.stroke_width(2),
-        "granted",
-    )
-    .map_err(|e| fail(&e))?;
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))?;
     Ok(())
+}
+
+/// One labelled line: its points (hours, value), its style and its legend.
+type Series<'a> = (Vec<(f64, f64)>, ShapeStyle, &'a str);
+
+/// One panel of the picture: its axes, and the lines drawn on them with a legend.
+struct Panel<'a> {
+    caption: Option<&'a str>,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    x_desc: &'a str,
+    y_desc: &'a str,
+}
+
+impl Panel<'_> {
+    fn draw(
+        &self,
+        area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+        lines: &[Series<'_>],
+    ) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+        let mut builder = ChartBuilder::on(area);
+        if let Some(caption) = self.caption {
+            builder.caption(caption, ("sans-serif", 20));
+        }
+        let mut chart = builder
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(self.x.clone(), self.y.clone())?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_desc)
+            .y_desc(self.y_desc)
+            .draw()?;
+        for (data, style, label) in lines {
+            line(&mut chart, data.iter().copied(), *style, label)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+    }
 }
 
 /// One labelled line of the chart, with its legend entry in the same style.

@@ -271,9 +271,9 @@ pub fn plan(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
     Decision::Apply(first)
 }
 
-// One planning pass read top to bottom (place, improve, compare, decide) over the same
-// locals; its steps are already the `Problem` methods, and what is left is their order.
-fn plan_once(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
+/// Each vCPU's demand (0..=1, garbage as 0) and the CPUs it may use among `cpus` (all of
+/// them when its own list has none of them).
+fn inputs(cpus: &[u32], vcpus: &[Vcpu]) -> (Vec<f64>, Vec<Vec<u32>>) {
     let demands: Vec<f64> = vcpus
         .iter()
         .map(|v| {
@@ -300,6 +300,13 @@ fn plan_once(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
             }
         })
         .collect();
+    (demands, allowed)
+}
+
+// One planning pass read top to bottom (place, improve, compare, decide) over the same
+// locals; its steps are already the `Problem` methods, and what is left is their order.
+fn plan_once(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
+    let (demands, allowed) = inputs(cpus, vcpus);
     let now: Vec<u32> = vcpus.iter().map(|v| v.now.cpu()).collect();
     let before = Spread::of(&loads(cpus, &demands, &now));
     if cpus.is_empty() || vcpus.is_empty() {

@@ -99,8 +99,120 @@ fn mem_available_mb() -> u64 {
 
 const MB: usize = 1 << 20;
 
-// The hog's phases in order (wait, grow, hold, free, idle) over the memory it holds: a
-// test program read top to bottom, each phase marked.
+/// The memory held, in chunks, and the once-a-second progress line.
+struct Hog {
+    held: Vec<Vec<u8>>,
+    chunk: u64,
+    start: Instant,
+    last_report: Instant,
+}
+
+impl Hog {
+    fn mb(&self) -> u64 {
+        self.held.len() as u64 * self.chunk
+    }
+
+    fn report(&mut self) {
+        if self.last_report.elapsed() >= Duration::from_secs(1) {
+            self.last_report = Instant::now();
+            println!(
+                "t={:.1} hog={} MB avail={} MB",
+                self.start.elapsed().as_secs_f64(),
+                self.mb(),
+                mem_available_mb()
+            );
+        }
+    }
+
+    /// Grows at `--rate` up to `--max`, waiting for memory to keep `--margin` available; stops
+    /// after `--grow-for` s, or fails after waiting `--stall` s. Answers how it ended.
+    fn grow(&mut self, a: &Args) -> &'static str {
+        let mut waiting_since: Option<Instant> = None;
+        let grow_start = Instant::now();
+        while self.mb() < a.max {
+            self.report();
+            if a.grow_for > 0.0 && grow_start.elapsed().as_secs_f64() >= a.grow_for {
+                return "STOPPED at";
+            }
+            // Keep to the rate.
+            let due = (self.held.len() as f64 + 1.0) * a.chunk as f64 / a.rate;
+            let ahead = due - grow_start.elapsed().as_secs_f64();
+            if ahead > 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(ahead.min(0.2)));
+                continue;
+            }
+            if mem_available_mb() < a.margin + a.chunk {
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if a.stall > 0.0 && since.elapsed().as_secs_f64() >= a.stall {
+                    return "FAILED at";
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            waiting_since = None;
+            // Filled with a non-zero byte: every page is touched (zeroed memory may stay
+            // unbacked).
+            self.held.push(vec![0x5a; a.chunk as usize * MB]);
+        }
+        "REACHED"
+    }
+
+    /// Holds for `--hold` s, touching every page each round when asked (an active working set).
+    fn hold(&mut self, a: &Args) {
+        let hold_end = Instant::now() + Duration::from_secs_f64(a.hold);
+        while Instant::now() < hold_end {
+            self.report();
+            if a.touch {
+                for c in self.held.iter_mut() {
+                    for page in c.chunks_mut(4096) {
+                        page[0] = page[0].wrapping_add(1);
+                    }
+                }
+            }
+            std::thread::sleep(
+                Duration::from_millis(200).min(hold_end - Instant::now().min(hold_end)),
+            );
+        }
+    }
+
+    /// Frees at `--free-rate`, or all at once.
+    fn free(&mut self, a: &Args) {
+        let free_start = Instant::now();
+        let mut freed = 0usize;
+        while !self.held.is_empty() {
+            self.report();
+            if a.free_rate > 0.0 {
+                let due = (freed as f64 + 1.0) * a.chunk as f64 / a.free_rate;
+                let ahead = due - free_start.elapsed().as_secs_f64();
+                if ahead > 0.0 {
+                    std::thread::sleep(Duration::from_secs_f64(ahead.min(0.2)));
+                    continue;
+                }
+                self.held.pop();
+            } else {
+                self.held.clear();
+            }
+            freed += 1;
+        }
+        self.held.shrink_to_fit();
+    }
+}
+
+/// Like the published test scripts, which set every VM's memory before the programs start:
+/// waits (at most 5 minutes) until the balloon has brought MemTotal down to `after_total`.
+fn wait_for_balloon(after_total: u64) {
+    let waited = Instant::now();
+    while meminfo_mb("MemTotal:") > after_total && waited.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "MemTotal {} MB after {:.1} s",
+        meminfo_mb("MemTotal:"),
+        waited.elapsed().as_secs_f64()
+    );
+}
+
+/// The hog's phases in order: wait, grow, hold, free, idle.
 fn main() {
     let a = match parse() {
         Ok(a) => a,
@@ -110,105 +222,27 @@ fn main() {
         }
     };
     if a.after_total > 0 {
-        // Like the published test scripts, which set every VM's memory before the programs
-        // start: wait (at most 5 minutes) until the balloon has brought MemTotal down.
-        let waited = Instant::now();
-        while meminfo_mb("MemTotal:") > a.after_total && waited.elapsed() < Duration::from_secs(300)
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        println!(
-            "MemTotal {} MB after {:.1} s",
-            meminfo_mb("MemTotal:"),
-            waited.elapsed().as_secs_f64()
-        );
+        wait_for_balloon(a.after_total);
     }
-    let start = Instant::now();
-    let mut held: Vec<Vec<u8>> = Vec::new();
-    let mut last_report = Instant::now() - Duration::from_secs(1);
-    let report = |held: &Vec<Vec<u8>>, last: &mut Instant| {
-        if last.elapsed() >= Duration::from_secs(1) {
-            *last = Instant::now();
-            println!(
-                "t={:.1} hog={} MB avail={} MB",
-                start.elapsed().as_secs_f64(),
-                held.len() as u64 * held.first().map_or(0, |c| c.len() / MB) as u64,
-                mem_available_mb()
-            );
-        }
+    let mut hog = Hog {
+        held: Vec::new(),
+        chunk: a.chunk,
+        start: Instant::now(),
+        last_report: Instant::now() - Duration::from_secs(1),
     };
-    // Grow.
-    let mut waiting_since: Option<Instant> = None;
-    let grow_start = Instant::now();
-    let mut outcome = "REACHED";
-    while (held.len() as u64) * a.chunk < a.max {
-        report(&held, &mut last_report);
-        if a.grow_for > 0.0 && grow_start.elapsed().as_secs_f64() >= a.grow_for {
-            outcome = "STOPPED at";
-            break;
-        }
-        // Keep to the rate.
-        let due = (held.len() as f64 + 1.0) * a.chunk as f64 / a.rate;
-        let ahead = due - grow_start.elapsed().as_secs_f64();
-        if ahead > 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(ahead.min(0.2)));
-            continue;
-        }
-        if mem_available_mb() < a.margin + a.chunk {
-            let since = *waiting_since.get_or_insert_with(Instant::now);
-            if a.stall > 0.0 && since.elapsed().as_secs_f64() >= a.stall {
-                outcome = "FAILED at";
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        waiting_since = None;
-        // Filled with a non-zero byte: every page is touched (zeroed memory may stay unbacked).
-        held.push(vec![0x5a; a.chunk as usize * MB]);
-    }
+    let outcome = hog.grow(&a);
     println!(
         "{outcome} {} MB after {:.1} s",
-        held.len() as u64 * a.chunk,
-        start.elapsed().as_secs_f64()
+        hog.mb(),
+        hog.start.elapsed().as_secs_f64()
     );
-    // Hold (touching the memory every second when asked: an active working set).
-    let hold_end = Instant::now() + Duration::from_secs_f64(a.hold);
-    while Instant::now() < hold_end {
-        report(&held, &mut last_report);
-        if a.touch {
-            for c in held.iter_mut() {
-                for page in c.chunks_mut(4096) {
-                    page[0] = page[0].wrapping_add(1);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200).min(hold_end - Instant::now().min(hold_end)));
-    }
-    // Free: at --free-rate, or all at once.
-    let free_start = Instant::now();
-    let mut freed = 0usize;
-    while !held.is_empty() {
-        report(&held, &mut last_report);
-        if a.free_rate > 0.0 {
-            let due = (freed as f64 + 1.0) * a.chunk as f64 / a.free_rate;
-            let ahead = due - free_start.elapsed().as_secs_f64();
-            if ahead > 0.0 {
-                std::thread::sleep(Duration::from_secs_f64(ahead.min(0.2)));
-                continue;
-            }
-            held.pop();
-        } else {
-            held.clear();
-        }
-        freed += 1;
-    }
-    held.shrink_to_fit();
-    println!("FREED after {:.1} s", start.elapsed().as_secs_f64());
+    hog.hold(&a);
+    hog.free(&a);
+    println!("FREED after {:.1} s", hog.start.elapsed().as_secs_f64());
     let idle_end = Instant::now() + Duration::from_secs_f64(a.idle);
     while Instant::now() < idle_end {
-        report(&held, &mut last_report);
+        hog.report();
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("DONE after {:.1} s", start.elapsed().as_secs_f64());
+    println!("DONE after {:.1} s", hog.start.elapsed().as_secs_f64());
 }

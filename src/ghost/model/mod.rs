@@ -510,6 +510,79 @@ pub fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
+impl Model {
+    /// GHOST_IOC_CREATE_QUEUE: a power-of-two queue mapped from a file of its own, its header
+    /// written; answers the queue's descriptor and its map size in `a`.
+    fn create_queue(&self, id: u64, a: &mut abi::ghost_ioc_create_queue) -> io::Result<i32> {
+        let elems = u32::try_from(a.elems).map_err(|_| errno(libc::EINVAL))?;
+        if !elems.is_power_of_two() || elems > abi::GHOST_MAX_QUEUE_ELEMS || a.flags != 0 {
+            return Err(errno(libc::EINVAL));
+        }
+        let mapsize = abi::queue_mapsize(elems, 4096);
+        let n = {
+            let mut st = self.state.lock().unwrap();
+            st.next_queue += 1;
+            st.next_queue
+        };
+        let path = self.with(id, |e| e.dir.join(format!(".queue_{n}")));
+        let (f, map) = shared_file(&path, mapsize)?;
+        let header = abi::ghost_queue_header {
+            version: abi::GHOST_QUEUE_VERSION,
+            start: 64,
+            nelems: elems,
+        };
+        // SAFETY: the header is at offset 0 of the model's own page-aligned mapping.
+        unsafe {
+            std::ptr::write(
+                map.at(0, 64).expect("header") as *mut abi::ghost_queue_header,
+                header,
+            )
+        };
+        self.with(id, |e| {
+            e.queues.push(KQueue {
+                path: path.clone(),
+                map,
+                nelems: elems,
+                wakeup: Vec::new(),
+            })
+        });
+        a.mapsize = mapsize as u64;
+        Ok(f.into_raw_fd())
+    }
+
+    /// GHOST_IOC_ASSOC_QUEUE: a task's messages to the queue `a.fd`, refused (ESTALE) when the
+    /// task's status word has moved past `a.barrier`; answers the ALREADY/BRAND_NEW flags.
+    fn assoc_queue(&self, id: u64, a: &abi::ghost_ioc_assoc_queue) -> io::Result<i32> {
+        if a.src.type_ != abi::GHOST_TASK {
+            return Err(errno(libc::EINVAL));
+        }
+        let path = Self::fd_path(a.fd)?;
+        self.with(id, |e| {
+            e.queue(&path).ok_or_else(|| errno(libc::EBADF))?;
+            let index = e
+                .tasks
+                .get(&a.src.arg)
+                .ok_or_else(|| errno(libc::ENOENT))?
+                .sw_index;
+            let (barrier, _, _) = e.sw(index);
+            if barrier.load(Ordering::Acquire) != a.barrier {
+                return Err(errno(libc::ESTALE));
+            }
+            let t = e.tasks.get_mut(&a.src.arg).expect("checked");
+            let mut status = 0;
+            if t.queue.as_ref() == Some(&path) {
+                status |= abi::GHOST_ASSOC_SF_ALREADY;
+            }
+            if !t.associated {
+                status |= abi::GHOST_ASSOC_SF_BRAND_NEW;
+            }
+            t.associated = true;
+            t.queue = Some(path);
+            Ok(status)
+        })
+    }
+}
+
 impl GhostKernel for Model {
     fn write(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         let text = std::str::from_utf8(data).map_err(|_| errno(libc::EINVAL))?;
@@ -554,41 +627,9 @@ impl GhostKernel for Model {
         match request {
             abi::GHOST_IOC_CREATE_QUEUE => {
                 // SAFETY: the caller passes a ghost_ioc_create_queue for this request.
-                let a = unsafe { &mut *(arg as *mut abi::ghost_ioc_create_queue) };
-                let elems = u32::try_from(a.elems).map_err(|_| errno(libc::EINVAL))?;
-                if !elems.is_power_of_two() || elems > abi::GHOST_MAX_QUEUE_ELEMS || a.flags != 0 {
-                    return Err(errno(libc::EINVAL));
-                }
-                let mapsize = abi::queue_mapsize(elems, 4096);
-                let n = {
-                    let mut st = self.state.lock().unwrap();
-                    st.next_queue += 1;
-                    st.next_queue
-                };
-                let path = self.with(id, |e| e.dir.join(format!(".queue_{n}")));
-                let (f, map) = shared_file(&path, mapsize)?;
-                let header = abi::ghost_queue_header {
-                    version: abi::GHOST_QUEUE_VERSION,
-                    start: 64,
-                    nelems: elems,
-                };
-                // SAFETY: the header is at offset 0 of the model's own page-aligned mapping.
-                unsafe {
-                    std::ptr::write(
-                        map.at(0, 64).expect("header") as *mut abi::ghost_queue_header,
-                        header,
-                    )
-                };
-                self.with(id, |e| {
-                    e.queues.push(KQueue {
-                        path: path.clone(),
-                        map,
-                        nelems: elems,
-                        wakeup: Vec::new(),
-                    })
-                });
-                a.mapsize = mapsize as u64;
-                Ok(f.into_raw_fd())
+                self.create_queue(id, unsafe {
+                    &mut *(arg as *mut abi::ghost_ioc_create_queue)
+                })
             }
             abi::GHOST_IOC_SET_DEFAULT_QUEUE => {
                 // SAFETY: the caller passes a ghost_ioc_set_default_queue for this request.
@@ -624,34 +665,7 @@ impl GhostKernel for Model {
             }
             abi::GHOST_IOC_ASSOC_QUEUE => {
                 // SAFETY: the caller passes a ghost_ioc_assoc_queue for this request.
-                let a = unsafe { &*(arg as *const abi::ghost_ioc_assoc_queue) };
-                if a.src.type_ != abi::GHOST_TASK {
-                    return Err(errno(libc::EINVAL));
-                }
-                let path = Self::fd_path(a.fd)?;
-                self.with(id, |e| {
-                    e.queue(&path).ok_or_else(|| errno(libc::EBADF))?;
-                    let index = e
-                        .tasks
-                        .get(&a.src.arg)
-                        .ok_or_else(|| errno(libc::ENOENT))?
-                        .sw_index;
-                    let (barrier, _, _) = e.sw(index);
-                    if barrier.load(Ordering::Acquire) != a.barrier {
-                        return Err(errno(libc::ESTALE));
-                    }
-                    let t = e.tasks.get_mut(&a.src.arg).expect("checked");
-                    let mut status = 0;
-                    if t.queue.as_ref() == Some(&path) {
-                        status |= abi::GHOST_ASSOC_SF_ALREADY;
-                    }
-                    if !t.associated {
-                        status |= abi::GHOST_ASSOC_SF_BRAND_NEW;
-                    }
-                    t.associated = true;
-                    t.queue = Some(path);
-                    Ok(status)
-                })
+                self.assoc_queue(id, unsafe { &*(arg as *const abi::ghost_ioc_assoc_queue) })
             }
             abi::GHOST_IOC_COMMIT_TXN => {
                 // SAFETY: the caller passes a ghost_ioc_commit_txn for this request.
