@@ -20,12 +20,14 @@
 //! # `thresholds` (default): the published coordinator rules (fact sheet §1.7)
 //!
 //! A VM is *needy* when its unused memory falls below `grow_below` (100 MiB): it asks for one
-//! `step_up`, up to its ceiling. A VM whose unused memory exceeds `keep_unused +
-//! hysteresis` is a *donor*: it gives back at most `step_down`, down to `keep_unused +
+//! `step_up`, up to its ceiling. A VM whose unused memory exceeds `keep_unused + hysteresis`
+//! and whose use has not grown since the previous stats (by more than `min_change`; unknown at
+//! the first stats) is a *donor*: it gives back at most `step_down`, down to `keep_unused +
 //! hysteresis / 2` of unused memory and never below its floor. Needy VMs are fed, most needy
 //! first, from what the donors give (the idle VMs first), then from the host's budget. Donors
 //! shrink whether or not someone is needy: memory a VM does not use goes back to the host,
-//! gradually.
+//! gradually. (The published rules shrink on the unused memory alone; a guest whose use grows
+//! between two samples then loses the memory its program is taking, and the OOM killer runs.)
 //!
 //! # `idle-tax`: shares with an idle-memory tax (Waldspurger, OSDI 2002; fact sheet §3)
 //!
@@ -137,6 +139,12 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The guest's used memory, MemTotal − MemAvailable: unchanged by the balloon (which takes
+    /// inflated pages out of both).
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+
     /// The used fraction of the guest's memory, 1 − available/total, in [0, 1].
     pub fn used_fraction(&self) -> f64 {
         if self.total == 0 {
@@ -161,6 +169,10 @@ pub struct Vm {
     pub actual: u64,
     /// The guest's stats; `None` when it has none (no driver yet, or none at all).
     pub stats: Option<Stats>,
+    /// The guest's used memory ([`Stats::used`]) in the previous usable stats; `None` before
+    /// the second. A VM gives back only when its use is known not to be growing.
+    #[serde(default)]
+    pub used_before: Option<u64>,
     /// The smoothed active fraction in [0, 1] (see [`Activity`]), for `idle-tax`.
     pub active: f64,
 }
@@ -236,6 +248,17 @@ impl<'a> Work<'a> {
             .min(self.target.saturating_sub(self.vm.floor))
     }
 
+    /// Whether the guest's use is known and not growing since the previous stats: only then is
+    /// its unused memory idle. A hog that starts between two samples allocates the very memory a
+    /// shrink would take, and the balloon's inflation then left the guest nothing: the OOM
+    /// killer ran in a VM shrunk on its first stats while its hog grew at 64 MiB/s.
+    fn steady(&self, s: &Settings) -> bool {
+        match (self.vm.stats, self.vm.used_before) {
+            (Some(now), Some(before)) => now.used() <= before + s.min_change,
+            _ => false,
+        }
+    }
+
     fn needy(&self, s: &Settings) -> bool {
         self.unused().is_some_and(|u| u < s.grow_below) && self.vm.actual < self.vm.ceiling
     }
@@ -253,7 +276,7 @@ fn thresholds(s: &Settings, work: &mut [Work], budget: i64) {
     let keep = s.keep_unused + s.hysteresis / 2;
     for w in work.iter_mut() {
         let excess = w.unused().unwrap_or(0);
-        if w.needy(s) || excess <= s.keep_unused + s.hysteresis {
+        if w.needy(s) || !w.steady(s) || excess <= s.keep_unused + s.hysteresis {
             continue;
         }
         let give = s.step_down.min(w.givable(keep));

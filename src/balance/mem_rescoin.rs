@@ -247,6 +247,7 @@ mod tests {
                 available: actual.saturating_sub(used),
                 total: actual,
             }),
+            used_before: Some(used),
             active: 1.0,
         }
     }

@@ -220,6 +220,8 @@ struct Tracked {
     /// balloon driver takes inflated pages out of MemTotal), so stats that disagree with it
     /// describe another balloon size.
     overhead: Option<u64>,
+    /// The guest's used memory (MemTotal − MemAvailable) in the last usable stats.
+    last_used: Option<u64>,
     activity: Activity,
     last_change: Option<String>,
     /// ResCoin's last allocation (`rescoin` policy).
@@ -417,8 +419,10 @@ fn observe(
         .filter(|st| !settling(t, actual, st, s.interval))
         .copied();
     t.last_actual = Some(actual);
+    let used_before = t.last_used;
     if let Some(st) = &stats {
         t.activity.observe(st.used_fraction());
+        t.last_used = Some(st.used());
     }
     let ceiling = t.config.max.map_or(t.boot_mb, |m| m.min(t.boot_mb));
     // A VM without usable stats this round is still counted (its memory is held), but the
@@ -430,6 +434,7 @@ fn observe(
         shares: t.config.shares,
         actual,
         stats,
+        used_before,
         active: t.activity.value(),
     }
 }
@@ -504,6 +509,7 @@ fn adopt(
         last_actual: None,
         last_sample: None,
         overhead: None,
+        last_used: None,
         activity: Activity::default(),
         last_change: target.map(|_| "memory_start".to_owned()),
         allocation: None,
@@ -657,6 +663,7 @@ mod tests {
             last_actual,
             last_sample: None,
             overhead: Some(40),
+            last_used: None,
             activity: Activity::default(),
             last_change: None,
             allocation: None,

@@ -27,6 +27,7 @@ impl Guest {
                 shares: 1000,
                 actual: start,
                 stats: None,
+                used_before: None,
                 active: 0.0,
             },
             hog: 0,
@@ -42,6 +43,7 @@ impl Guest {
         let total = self.vm.actual - KERNEL;
         let used = BASE_USE + self.hog;
         let available = total.saturating_sub(used);
+        self.vm.used_before = self.vm.stats.map(|st| st.used());
         self.vm.stats = Some(Stats {
             free: available,
             available,
@@ -325,8 +327,9 @@ fn arb_vm(i: usize) -> impl Strategy<Value = Vm> {
         prop::option::weighted(0.9, (0u64..=3000, 0u64..=3000)),
         1u64..=4000,
         0.0f64..=1.0,
+        prop::option::weighted(0.8, 0u64..=3000),
     )
-        .prop_map(move |(floor, extra, stats, shares, active)| {
+        .prop_map(move |(floor, extra, stats, shares, active, used_before)| {
             let ceiling = floor + extra;
             let actual = (floor + extra / 2).min(ceiling);
             Vm {
@@ -343,6 +346,7 @@ fn arb_vm(i: usize) -> impl Strategy<Value = Vm> {
                         total,
                     }
                 }),
+                used_before,
                 active,
             }
         })
@@ -374,16 +378,19 @@ proptest! {
 /// from the published rules (not the targets the planner recorded) and keeps the invariants.
 #[test]
 fn recorded_rounds_plan_the_targets_the_published_rules_give() {
-    // Defaults: a donor has unused (MemAvailable) above keep_unused 100 + hysteresis 50 = 150
-    // and gives back min(step_down 128, unused − (100 + 50/2)); a needy VM (unused below
-    // grow_below 100) grows by step_up 128 up to its ceiling (1024 here); the host has ~22 GiB
-    // available, so growth is never short. Between 100 and 150 unused: no move.
+    // Defaults: a donor has unused (MemAvailable) above keep_unused 100 + hysteresis 50 = 150,
+    // a use (MemTotal − MemAvailable) not above the previous round's + min_change 16 (none at
+    // its first stats), and gives back min(step_down 128, unused − (100 + 50/2)); a needy VM
+    // (unused below grow_below 100) grows by step_up 128 up to its ceiling (1024 here); the host
+    // has ~22 GiB available, so growth is never short. Between 100 and 150 unused: no move.
+    // (The recorded run shrank the hog three times while its use grew 104 → 337 MiB, then grew
+    // it back: rounds 1-4 below keep it.)
     const EXPECTED: [&[(&str, u64)]; 31] = [
-        &[("hog", 878)],                // hog unused 856: 1006 − min(128, 731)
-        &[("hog", 750), ("idle", 256)], // hog 878 − 128 (unused 605); idle 384 − 128 (856)
-        &[("hog", 622), ("idle", 384)], // hog 750 − 128 (349); idle needy (88): 256 + 128
-        &[("hog", 750), ("idle", 335)], // hog needy (93): 622 + 128; idle 384 − (174 − 125)
-        &[("hog", 878), ("idle", 293)], // hog 750 + 128; idle 335 − (167 − 125)
+        &[],                            // hog unused 856 but first stats: no use known
+        &[],                            // hog use 104 → 209: growing; idle: first stats
+        &[("idle", 384)],               // hog use 209 → 337; idle needy (88): 256 + 128
+        &[("hog", 750)],                // hog needy (93): 622 + 128; idle use 104 → 146
+        &[("hog", 878), ("idle", 293)], // hog 750 + 128; idle (use 146 → 104) 335 − (167 − 125)
         &[("hog", 1006)],               // hog 878 + 128; idle unused 125: inside the band
         &[("hog", 1024)],               // hog 1006 + 128, clamped to its ceiling
         &[],                            // 8-15: hog needy but at its ceiling; idle in the band
@@ -415,9 +422,17 @@ fn recorded_rounds_plan_the_targets_the_published_rules_give() {
     let s = Settings::default();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), EXPECTED.len());
+    let mut used: std::collections::HashMap<String, u64> = Default::default();
     for (round, (line, expected)) in lines.iter().zip(EXPECTED).enumerate() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let vms: Vec<Vm> = serde_json::from_value(v["vms"].clone()).unwrap();
+        let mut vms: Vec<Vm> = serde_json::from_value(v["vms"].clone()).unwrap();
+        // The trace predates `used_before`: the coordinator's value, the previous round's use.
+        for vm in &mut vms {
+            vm.used_before = used.get(&vm.name).copied();
+            if let Some(st) = vm.stats {
+                used.insert(vm.name.clone(), st.used());
+            }
+        }
         let host = v["host_available"].as_u64().unwrap();
         let planned = plan(&s, &vms, host);
         check_invariants(&s, &vms, host, &planned);
