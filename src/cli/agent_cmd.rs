@@ -146,7 +146,8 @@ pub(super) struct AgentArgs {
     /// baseline, the burst each VM's credits buy), `baseline` (in proportion to the baselines)
     /// or `rescoin` (ResCoin's rule: by the credit each VM accumulated over the last 9 s, so
     /// the split depends on history); `off`: each VM is capped by its credits alone, and the
-    /// kernel splits the rest evenly (docs/contention.md).
+    /// kernel splits the rest evenly. The sched_ext and ghOSt enforcers split the spare by
+    /// headroom themselves and accept only `headroom` (docs/contention.md).
     #[arg(
         long,
         value_enum,
@@ -400,6 +401,9 @@ fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failur
                 .into(),
         ));
     }
+    if let Some(why) = contention_refusal(kind, a.contention) {
+        return Err(usage(why));
+    }
     if a.balance == BalanceKind::Cpu {
         match kind {
             EnforcerKind::Ghost => return Err(usage(
@@ -412,6 +416,32 @@ fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failur
         }
     }
     Ok(())
+}
+
+/// Why `--contention rule` cannot run under the `kind` enforcer, if it cannot. The cgroup
+/// enforcer takes the contention stage's plan as quotas and weights, for every rule. The
+/// sched_ext program and the ghOSt scheduler decide every dispatch themselves: baselines
+/// first, then the spare in proportion to grant − baseline, which is the `headroom` rule;
+/// they take no per-period caps from the stage, so any other rule (or `off`, which would
+/// leave the split to the kernel's fair class) would be silently not what runs.
+fn contention_refusal(kind: EnforcerKind, rule: ContentionRule) -> Option<String> {
+    let (enforcer, what) = match kind {
+        EnforcerKind::Scx => ("scx", "the sched_ext scheduler"),
+        EnforcerKind::Ghost => ("ghost", "the ghOSt agent"),
+        EnforcerKind::Cgroup | EnforcerKind::Auto => return None,
+    };
+    if rule == ContentionRule::Headroom {
+        return None;
+    }
+    let name = rule
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned());
+    Some(format!(
+        "--contention {name}: with --enforcer {enforcer} (given, or chosen by auto on this host), \
+         {what} guarantees every baseline and splits the spare in proportion to grant − \
+         baseline in its own dispatch, which is --contention headroom; it cannot apply \
+         `{name}`: use --contention headroom, or --enforcer cgroup for `{name}`"
+    ))
 }
 
 /// The cgroup hierarchy to use: `--cgroup-mount` (its version given or read from the mount),
@@ -565,8 +595,8 @@ fn spare_rule(rule: ContentionRule) -> Option<SpareRule> {
 
 /// The agent's settings from the flags, for whichever enforcer runs.
 fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, Failure> {
-    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare
-    // themselves.
+    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare by
+    // headroom themselves (any other rule is refused: `contention_refusal`).
     let contention = match (spare_rule(a.contention), kind) {
         (None, _) | (_, EnforcerKind::Scx | EnforcerKind::Ghost) => None,
         (Some(_), _) => Some(capacity(a.capacity.as_deref())?),

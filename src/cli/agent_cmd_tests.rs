@@ -1,4 +1,5 @@
-//! `agent`'s flags: the contention stage's spare rule from the flag and the file.
+//! `agent`'s flags against the enforcer chosen: what each enforcer honours of `--contention`,
+//! and the refusal a user sees for the rest.
 
 use std::ffi::OsString;
 
@@ -37,4 +38,36 @@ fn the_cgroup_enforcer_runs_every_rule_in_the_contention_stage() {
     assert_eq!(s.contention, None);
     let (_dir, r) = resolved("", &[]);
     assert_eq!(r.args.contention, ContentionRule::Headroom, "the default");
+}
+
+#[test]
+fn scx_and_ghost_honour_headroom_and_refuse_every_other_rule_naming_option_and_enforcer() {
+    for (kind, enforcer, what) in [
+        (EnforcerKind::Scx, "scx", "the sched_ext scheduler"),
+        (EnforcerKind::Ghost, "ghost", "the ghOSt agent"),
+    ] {
+        assert!(contention_refusal(kind, ContentionRule::Headroom).is_none());
+        for (rule, name) in [
+            (ContentionRule::Rescoin, "rescoin"),
+            (ContentionRule::Baseline, "baseline"),
+            (ContentionRule::Off, "off"),
+        ] {
+            let e = contention_refusal(kind, rule).expect("refused");
+            assert!(e.starts_with(&format!("--contention {name}: ")), "{e}");
+            assert!(e.contains(&format!("--enforcer {enforcer}")), "{e}");
+            assert!(
+                e.contains(what) && e.contains("--contention headroom"),
+                "{e}"
+            );
+        }
+    }
+    // At startup, from the file: the error names the file's line (ghOSt: always built).
+    let (_dir, r) = resolved("\ncontention = \"rescoin\"\n", &[]);
+    let f = r.blame(refuse_contradictions(EnforcerKind::Ghost, &r.args).unwrap_err());
+    let text = format!("{:#}", f.error);
+    assert!(
+        text.contains("agent.toml:2: contention: --contention rescoin: with --enforcer ghost"),
+        "{text}"
+    );
+    assert!(contention_refusal(EnforcerKind::Cgroup, ContentionRule::Off).is_none());
 }
