@@ -25,10 +25,10 @@
  * guest kernel); kfuncs use their 6.12 names (scx_bpf_dispatch, scx_bpf_consume).
  */
 
+#include "intf.h"
+
 typedef unsigned char u8;
-typedef unsigned int u32;
 typedef int s32;
-typedef unsigned long long u64;
 typedef long long s64;
 typedef _Bool bool;
 #define true 1
@@ -93,28 +93,7 @@ extern void scx_bpf_kick_cpu(s32 cpu, u64 flags) __ksym;
 extern s32 scx_bpf_dsq_nr_queued(u64 dsq_id) __ksym;
 extern s32 scx_bpf_task_cpu(const struct task_struct *p) __ksym;
 
-/* Shared with src/enforce/scx.rs: keep the layouts in step. */
-#define MAX_VMS 64
-#define MAX_CPUS 256
-#define NO_VM 0xffffffffu
-
-struct conf {
-	u64 period_ns; /* budget period */
-	u64 slice_ns;  /* the longest a thread runs before dispatch decides again */
-	u32 nr_cpus;   /* CPUs the timer kicks: 0 .. nr_cpus - 1 */
-	u32 pad;
-};
-
-struct budget {
-	u64 base_ns;  /* baseline, ns of CPU per period (all vCPUs) */
-	u64 grant_ns; /* grant, ns of CPU per period; 0 = the VM slot is unused */
-};
-
-struct usage {
-	u64 used_ns;  /* charged this period (carries at most one period of overshoot) */
-	u64 total_ns; /* charged since load */
-	u64 held;     /* times a thread was held back for want of budget */
-};
+/* MAX_VMS, MAX_CPUS, NO_VM and struct conf, budget, usage: intf.h. */
 
 struct running {
 	u64 since; /* the running thread's se.sum_exec_runtime when last charged */

@@ -1,23 +1,26 @@
 //! Contention measured side by side on real cgroups (needs root, QEMU and a cgroup cpu
 //! controller): three 2-vCPU VMs, every vCPU busy, baselines 40/20/10 % per vCPU (80, 40 and
 //! 20 % of one CPU), all with credits, on this host's CPUs — with the contention stage off
-//! (plain caps: each VM capped by its credits alone) and on (ResCoin), alternating ROUNDS times.
+//! (plain caps: each VM capped by its credits alone) and under each spare rule given (default:
+//! `off rescoin headroom`), in turn, ROUNDS times.
 //!
-//! For each: the CPU each VM received over 10 s after 12 s to settle, and Jain's fairness
-//! index of delivered/entitled, where *entitled* is what the contention stage planned in the
-//! run with it on (the same target for both). Then, with the stage on, a phase change: the
+//! For each: the CPU each VM received over 10 s after 12 s to settle, the stage's plan and
+//! Jain's fairness index of delivered/planned (off: against an even split), the planner's
+//! prediction for a history-free rule, and each VM's spread between rounds. Then, with the last
+//! rule given (unless `--no-phase-change`), a phase change: the
 //! 80 % VM is paused for 10 s and resumed: how long until every VM is back within 1 point of
 //! its baseline guarantee, and the EWMA's prediction error (|estimate − use| each second).
 //!
 //! ```sh
-//! cargo build --release && cargo run --release --example contention [-- ROUNDS]
+//! cargo build --release && cargo run --release --example contention [-- ROUNDS [RULE…] [--no-phase-change]]
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use burst_qemu::contention::jain;
+use burst_qemu::contention::{self, jain, SpareRule};
+use burst_qemu::credit::{Rate, PPM_PER_CPU};
 use burst_qemu::state;
 use burst_qemu::testguest::{self, Behaviour};
 
@@ -143,11 +146,43 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The command line: ROUNDS, then the `--contention` values to compare (default `off
+/// rescoin headroom`), `--no-phase-change` to skip the phase change.
+fn args() -> (usize, Vec<String>, bool) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds = args.first().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let phase = !args.iter().any(|a| a == "--no-phase-change");
+    let mut modes: Vec<String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .cloned()
+        .collect();
+    if modes.is_empty() {
+        modes = ["off", "rescoin", "headroom"].map(String::from).to_vec();
+    }
+    (rounds, modes, phase)
+}
+
+/// The planner's split of the three busy VMs under `mode` on `cpus` CPUs, when it has one.
+fn predicted(mode: &str, cpus: usize) -> Option<Vec<f64>> {
+    let rule: SpareRule = mode.parse().ok().filter(|r: &SpareRule| r.history_free())?;
+    let fleet: Vec<(Rate, Rate)> = VMS
+        .iter()
+        .map(|(_, b)| {
+            (
+                Rate(2 * PPM_PER_CPU),
+                Rate(b.parse::<u64>().unwrap() * 20_000),
+            )
+        })
+        .collect();
+    let capacity = contention::cpus(u32::try_from(cpus).unwrap());
+    let split = contention::busy_split(capacity, rule, &fleet);
+    Some(split.iter().map(|r| r.0 as f64 / 10_000.0).collect())
+}
+
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2);
+    let (rounds, modes, phase) = args();
     let launcher = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/burst-qemu");
     assert!(launcher.exists(), "build it first: cargo build --release");
     let images = tempfile::tempdir().unwrap();
@@ -158,27 +193,30 @@ fn main() {
     println!(
         "three 2-vCPU VMs, all vCPUs busy, baselines 80/40/20 % of one CPU, all with credits, {cpus} CPUs"
     );
-
-    let (mut jain_off, mut jain_on) = (Vec::new(), Vec::new());
+    for mode in &modes {
+        if let Some(p) = predicted(mode, cpus) {
+            println!("  the planner predicts for {mode}: {p:.2?}");
+        }
+    }
+    let mut by_mode: Vec<(String, Vec<Vec<f64>>, Vec<f64>)> = modes
+        .iter()
+        .map(|m| (m.clone(), Vec::new(), Vec::new()))
+        .collect();
     for round in 0..rounds {
-        let mut results = Vec::new();
-        for mode in ["off", "rescoin"] {
+        println!(
+            "round {}: delivered % of one CPU over 10 s after 12 s",
+            round + 1
+        );
+        for (mode, runs, jains) in &mut by_mode {
             let fleet = Fleet::start(&launcher, &busy, mode);
             std::thread::sleep(Duration::from_secs(12));
             let got = shares(&fleet.records, 10.0);
-            let plan = fleet.planned();
-            results.push((mode, got, plan));
-        }
-        let plan = results[1].2.clone();
-        println!(
-            "round {}: delivered % of one CPU (planned by the stage: {})",
-            round + 1,
-            plan.iter()
-                .map(|p| format!("{p:.1}"))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        );
-        for (mode, got, _) in &results {
+            // Against the stage's own plan (off: an even split of the CPUs).
+            let plan = if mode == "off" {
+                vec![cpus as f64 * 100.0 / 3.0; 3]
+            } else {
+                fleet.planned()
+            };
             let short: Vec<String> = got
                 .iter()
                 .zip(baselines)
@@ -186,22 +224,42 @@ fn main() {
                 .collect();
             let ratio: Vec<f64> = got.iter().zip(&plan).map(|(g, p)| g / p).collect();
             let j = jain(&ratio);
-            println!("  contention {mode:<7}: {}  Jain {j:.4}", short.join("  "));
-            if *mode == "off" {
-                jain_off.push(j)
-            } else {
-                jain_on.push(j)
-            }
+            let plan: Vec<String> = plan.iter().map(|p| format!("{p:.1}")).collect();
+            println!(
+                "  {mode:<8}: {}  planned {}  Jain(delivered/planned) {j:.4}",
+                short.join("  "),
+                plan.join(" / ")
+            );
+            runs.push(got);
+            jains.push(j);
         }
     }
-    println!(
-        "median Jain's index of delivered/planned: off {:.4}, on {:.4}",
-        median(jain_off),
-        median(jain_on)
-    );
+    for (mode, runs, jains) in by_mode {
+        let spread: Vec<String> = (0..VMS.len())
+            .map(|i| {
+                let v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+                let max = v.iter().cloned().fold(f64::MIN, f64::max);
+                let min = v.iter().cloned().fold(f64::MAX, f64::min);
+                format!("{:.2}", max - min)
+            })
+            .collect();
+        println!(
+            "{mode}: median Jain {:.4}; spread between rounds (points) {}",
+            median(jains),
+            spread.join(" / ")
+        );
+    }
+    if let Some(last) = modes.iter().rev().find(|m| *m != "off").filter(|_| phase) {
+        phase_change(&launcher, &busy, last);
+    }
+}
 
-    println!("phase change (contention on): pause big for 10 s, then resume");
-    let fleet = Fleet::start(&launcher, &busy, "rescoin");
+/// With the stage on under `last`: the 80 % VM paused for 10 s, then resumed: how long until
+/// every VM is back at its baseline, and the EWMA's prediction error.
+fn phase_change(launcher: &Path, busy: &Path, last: &str) {
+    let baselines = [80.0, 40.0, 20.0];
+    println!("phase change (contention {last}): pause big for 10 s, then resume");
+    let fleet = Fleet::start(launcher, busy, last);
     std::thread::sleep(Duration::from_secs(12));
     // The EWMA's prediction error: each second, the estimate made a period earlier against
     // the demand the stage then observed.

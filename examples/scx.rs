@@ -5,7 +5,7 @@
 //!
 //! 1. Overcommit: three 2-vCPU VMs of the busy test guest, baselines 40/20/10 % per vCPU (80,
 //!    40 and 20 % of one CPU), all with credits, on the 2 managed CPUs: the CPU each VM got over
-//!    10 s (after 8 s to settle) under cgroup quotas (contention stage off, then on) and under
+//!    10 s (after 8 s to settle) under cgroup quotas (contention stage off, rescoin, headroom) and under
 //!    the scx enforcer.
 //! 2. Cap accuracy at baseline: one 2-vCPU VM at 10 % per vCPU without credits (held to 20 % of
 //!    one CPU) under the scx enforcer, against the same QEMU under a bare `cpu.max` of
@@ -211,8 +211,10 @@ fn overcommit(launcher: &Path, busy: &Path) {
     println!("   delivered % of one CPU over 10 s (after 8 s to settle), and the shortfall below the baseline");
     for (enforcer, contention, label) in [
         ("cgroup", "off", "cgroup quotas, contention off"),
-        ("cgroup", "rescoin", "cgroup quotas, contention on"),
-        ("scx", "off", "scx enforcer"),
+        ("cgroup", "rescoin", "cgroup quotas, contention rescoin"),
+        ("cgroup", "headroom", "cgroup quotas, contention headroom"),
+        // The scx enforcer splits by headroom itself and refuses any other rule.
+        ("scx", "headroom", "scx enforcer"),
     ] {
         let fleet = Fleet::start(launcher, busy, enforcer, contention, &vms);
         std::thread::sleep(Duration::from_secs(8));
@@ -243,7 +245,7 @@ fn cap_accuracy(launcher: &Path, busy: &Path) {
         (err, s)
     };
     let vms = vec![("capped".to_string(), 2, 10.0, 0.0)];
-    let fleet = Fleet::start(launcher, busy, "scx", "off", &vms);
+    let fleet = Fleet::start(launcher, busy, "scx", "headroom", &vms);
     std::thread::sleep(Duration::from_secs(3));
     let (scx_err, scx_s) = windows(&fleet.groups());
     drop(fleet);
@@ -318,7 +320,8 @@ fn agent_cost(launcher: &Path, halt: &Path) {
         (0..10).map(|i| (format!("vm{i}"), 1, 10.0, 5.0)).collect();
     println!("3. agent cost, 10 1-vCPU VMs (idle guests), over 10 s after 3 s");
     for (enforcer, label) in [("cgroup", "cgroup enforcer"), ("scx", "scx enforcer")] {
-        let fleet = Fleet::start(launcher, halt, enforcer, "off", &vms);
+        let contention = if enforcer == "scx" { "headroom" } else { "off" };
+        let fleet = Fleet::start(launcher, halt, enforcer, contention, &vms);
         std::thread::sleep(Duration::from_secs(3));
         let a = fleet.agent_cpu_ns();
         let t = Instant::now();

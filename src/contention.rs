@@ -27,10 +27,12 @@
 //! 2. No contention — Σ min(est, grant) ≤ capacity: every VM may use its whole grant, exactly as
 //!    without this stage.
 //! 3. Contention: every VM first gets `g = min(est, baseline)` (never above its grant); the spare
-//!    `C_e = capacity − Σg` goes to the VMs that want more than `g`, in proportion to `|ac|`
-//!    (the README's weight `‖ac_i‖ / Σ‖ac‖`), never above a VM's grant; what a capped VM cannot
-//!    take is shared again among the others (water-filling), so nothing is left idle while a
-//!    VM under its grant wants it.
+//!    `C_e = capacity − Σg` goes to the VMs that want more than `g`, in proportion to their
+//!    weights under the [`SpareRule`] in force, never above a VM's grant; what a capped VM
+//!    cannot take is shared again among the others (water-filling), so nothing is left idle
+//!    while a VM under its grant wants it. ResCoin's weight is `|ac|` (the README's
+//!    `‖ac_i‖ / Σ‖ac‖`, [`SpareRule::Rescoin`]); the default, [`SpareRule::Headroom`], weighs
+//!    by grant − g and needs no history (see [`rule`] for the rules and why).
 //!
 //! # Why this shape
 //!
@@ -55,13 +57,14 @@
 //!   samples) and a quota acts within 100 ms, so a short period costs nothing in accuracy and
 //!   makes re-convergence after a phase change a matter of seconds. With α = 0.7, a VM that
 //!   stops is estimated at 3 % of its old demand after 3 periods.
-//! * **The weights `|ac|` are neutral at the fixed point.** A VM that runs above its baseline
-//!   by `s` each period accumulates `|ac| = 9·s`, so weights proportional to `|ac|` reproduce
-//!   the split that produced them: the rule keeps the spare split where it settles, and moves
-//!   it only as VMs save (run below their template) or stop. Starting from an even split under
-//!   plain quotas, the VMs with the smallest baselines had overrun most and keep most of the
-//!   spare. That is ResCoin's rule as written; we measure the kernel against it, not against
-//!   a split we would prefer.
+//! * **ResCoin's weights `|ac|` are neutral at the fixed point.** A VM that runs above its
+//!   baseline by `s` each period accumulates `|ac| = 9·s`, so weights proportional to `|ac|`
+//!   reproduce the split that produced them: the rule keeps the spare split where it settles,
+//!   and moves it only as VMs save (run below their template) or stop. Starting from an even
+//!   split under plain quotas, the VMs with the smallest baselines had overrun most and keep
+//!   most of the spare. That is ResCoin's rule as written, and why it is no longer the default
+//!   for CPU (`--contention rescoin` keeps it); disk and memory, which have no credits, still
+//!   use it.
 //!
 //! # Deviations from ResCoin (README and code)
 //!
@@ -84,6 +87,9 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::credit::{Rate, PPM_PER_CPU};
+
+pub mod rule;
+pub use rule::SpareRule;
 
 /// A quantity one stage shares: a resource's unit per second.
 pub trait Amount: Copy + std::fmt::Debug + PartialEq + Eq {
@@ -183,16 +189,23 @@ struct History {
 #[derive(Clone, Debug)]
 pub struct Contention<U = Rate> {
     capacity: U,
+    rule: SpareRule,
     vms: BTreeMap<String, History>,
 }
 
 impl<U: Amount> Contention<U> {
-    /// A stage for a host whose VMs may use `capacity` in all.
-    pub fn new(capacity: U) -> Self {
+    /// A stage for a host whose VMs may use `capacity` in all, sharing the spare by `rule`.
+    pub fn new(capacity: U, rule: SpareRule) -> Self {
         Contention {
             capacity,
+            rule,
             vms: BTreeMap::new(),
         }
+    }
+
+    /// The spare rule in force.
+    pub fn rule(&self) -> SpareRule {
+        self.rule
     }
 
     /// The capacity shared.
@@ -274,7 +287,7 @@ impl<U: Amount> Contention<U> {
             est.push(e);
             credit.push(h.unused.iter().sum::<i64>());
         }
-        let rates = plan(self.capacity.get(), observed, &est, &credit);
+        let rates = plan(self.capacity.get(), self.rule, observed, &est, &credit);
         let contended = rates.is_some();
         let rates = rates.unwrap_or_else(|| observed.iter().map(|(_, o)| o.grant).collect());
         observed
@@ -299,6 +312,7 @@ impl<U: Amount> Contention<U> {
 /// The allocations under contention, or `None` when there is none.
 fn plan(
     capacity: u64,
+    rule: SpareRule,
     observed: &[(&str, Observed<u64>)],
     est: &[u64],
     credit: &[i64],
@@ -326,10 +340,11 @@ fn plan(
         .sum();
     let mut spare = capacity.saturating_sub(counted);
     let mut alloc = g.clone();
-    // Water-filling by |ac|: each round shares what is left among the hungry VMs with room.
+    // Water-filling by the rule's weights: each round shares what is left among the hungry
+    // VMs with room (equally when every weight is 0).
     let mut open: Vec<usize> = (0..n).filter(|&i| hungry[i]).collect();
+    let weight = |i: usize| rule.weight(grant[i], baseline[i], g[i], credit[i]);
     while spare > 0 && !open.is_empty() {
-        let weight = |i: usize| u128::from(credit[i].unsigned_abs());
         let sum: u128 = open.iter().map(|&i| weight(i)).sum();
         let mut given = 0;
         for &i in &open {
@@ -361,6 +376,32 @@ fn plan(
     Some(alloc)
 }
 
+/// The plan for VMs that all want their whole grant, from a fresh stage: `vms` are each VM's
+/// (grant, baseline). Under a history-free rule this is the split of every period while they
+/// stay busy (what a measurement of busy VMs is compared with); under ResCoin's, only the
+/// first period's.
+pub fn busy_split(capacity: Rate, rule: SpareRule, vms: &[(Rate, Rate)]) -> Vec<Rate> {
+    let names: Vec<String> = (0..vms.len()).map(|i| format!("vm{i}")).collect();
+    let observed: Vec<(&str, Observed)> = names
+        .iter()
+        .zip(vms)
+        .map(|(n, &(grant, baseline))| {
+            let o = Observed {
+                grant,
+                baseline,
+                used: grant,
+                waited: Rate(0),
+            };
+            (n.as_str(), o)
+        })
+        .collect();
+    Contention::new(capacity, rule)
+        .period(&observed)
+        .into_iter()
+        .map(|a| a.rate)
+        .collect()
+}
+
 /// The capacity of `cpus` whole CPUs.
 pub fn cpus(cpus: u32) -> Rate {
     Rate(u64::from(cpus) * PPM_PER_CPU)
@@ -377,236 +418,4 @@ pub fn jain(x: &[f64]) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    const CPU: u64 = PPM_PER_CPU;
-
-    fn obs(grant: u64, baseline: u64, used: u64) -> Observed {
-        Observed {
-            grant: Rate(grant),
-            baseline: Rate(baseline),
-            used: Rate(used),
-            waited: Rate(0),
-        }
-    }
-
-    /// Runs `periods` periods of VMs that each want `want` (and use min(want, cap)).
-    fn run(c: &mut Contention, vms: &[(&str, u64, u64, u64)], periods: usize) -> Vec<Allocation> {
-        let mut caps: Vec<u64> = vms.iter().map(|v| v.1).collect();
-        let mut out = Vec::new();
-        for _ in 0..periods {
-            let o: Vec<(&str, Observed)> = vms
-                .iter()
-                .zip(&caps)
-                .map(|(&(n, grant, base, want), &cap)| (n, obs(grant, base, want.min(cap))))
-                .collect();
-            out = c.period(&o);
-            caps = out.iter().map(|a| a.rate.0).collect();
-        }
-        out
-    }
-
-    #[test]
-    fn without_contention_allocations_are_the_grants() {
-        let mut c = Contention::new(cpus(2));
-        let a = run(
-            &mut c,
-            &[
-                ("a", 2 * CPU, CPU / 5, CPU / 2),
-                ("b", 2 * CPU, CPU / 5, CPU / 2),
-            ],
-            5,
-        );
-        assert!(a.iter().all(|x| !x.contended && x.rate == Rate(2 * CPU)));
-    }
-
-    #[test]
-    fn three_busy_vms_get_their_baselines_and_share_the_rest_on_two_cpus() {
-        // Baselines 80/40/20 % of one CPU, all with credits (grant = 2 CPUs), all busy.
-        let mut c = Contention::new(cpus(2));
-        let vms = [
-            ("a", 2 * CPU, 800_000, 2 * CPU),
-            ("b", 2 * CPU, 400_000, 2 * CPU),
-            ("c", 2 * CPU, 200_000, 2 * CPU),
-        ];
-        let a = run(&mut c, &vms, 30);
-        let total: u64 = a.iter().map(|x| x.rate.0).sum();
-        assert!(a.iter().all(|x| x.contended));
-        assert_eq!(total, 2 * CPU, "{a:?}");
-        for (x, v) in a.iter().zip(&vms) {
-            assert!(x.rate.0 >= v.2, "{} below its baseline: {a:?}", v.0);
-        }
-    }
-
-    #[test]
-    fn an_idle_vm_releases_its_share_and_gets_its_baseline_back_when_it_returns() {
-        let mut c = Contention::new(cpus(2));
-        let busy = [
-            ("a", 2 * CPU, 800_000, 2 * CPU),
-            ("b", 2 * CPU, 400_000, 2 * CPU),
-            ("c", 2 * CPU, 200_000, 2 * CPU),
-        ];
-        run(&mut c, &busy, 10);
-        let mut idle = busy;
-        idle[0].3 = 0;
-        let a = run(&mut c, &idle, 4);
-        assert!(a[0].estimate.0 < 30_000, "{a:?}");
-        assert_eq!(a[0].rate.0, 800_000, "keeps its baseline as a cap");
-        assert_eq!(a[1].rate.0 + a[2].rate.0, 2 * CPU - a[0].estimate.0);
-        let a = run(&mut c, &busy, 2);
-        assert!(a[0].rate.0 >= 800_000, "{a:?}");
-    }
-
-    #[test]
-    fn baselines_beyond_the_capacity_are_scaled_down_in_proportion() {
-        let mut c = Contention::new(cpus(1));
-        let a = run(
-            &mut c,
-            &[("a", 2 * CPU, CPU, 2 * CPU), ("b", 2 * CPU, CPU, 2 * CPU)],
-            5,
-        );
-        assert_eq!(a[0].rate.0 + a[1].rate.0, CPU);
-        assert!(a[0].rate.0.abs_diff(a[1].rate.0) <= 1);
-    }
-
-    #[test]
-    fn the_spare_follows_the_magnitude_of_the_accumulated_credit() {
-        let mut c = Contention::new(cpus(2));
-        // Seed the window: a saved (used 0 of 1 CPU), b overran (used 2 of 0.5).
-        let o = [
-            ("a", obs(2 * CPU, CPU, 0)),
-            ("b", obs(2 * CPU, CPU / 2, 2 * CPU)),
-        ];
-        c.period(&o);
-        let held = [
-            ("a", obs(2 * CPU, CPU, 2 * CPU)),
-            ("b", obs(2 * CPU, CPU / 2, 2 * CPU)),
-        ];
-        let a = c.period(&held);
-        // The window: a saved 1 CPU then overran by 1 (ac 0); b overran by 1.5 twice.
-        assert_eq!(a[0].credit, 0);
-        assert_eq!(a[1].credit, -3_000_000);
-        // Guarantees 1 + 0.5, spare 0.5 all to b (a's |ac| is 0).
-        assert_eq!(a[0].rate.0, CPU);
-        assert_eq!(a[1].rate.0, CPU);
-    }
-
-    #[test]
-    fn busy_vms_that_the_host_starves_are_seen_as_contended() {
-        // No caps yet; each ran 2/3 of a CPU and waited 4/3 on a run queue.
-        let mut c = Contention::new(cpus(2));
-        let o = |base| obs_waited(2 * CPU, base, 666_667, 1_333_333);
-        let a = c.period(&[("a", o(800_000)), ("b", o(400_000)), ("c", o(200_000))]);
-        assert!(
-            a.iter().all(|x| x.contended && x.observed == Rate(2 * CPU)),
-            "{a:?}"
-        );
-        assert!(a[0].rate.0 >= 800_000);
-    }
-
-    fn obs_waited(grant: u64, baseline: u64, used: u64, waited: u64) -> Observed {
-        Observed {
-            waited: Rate(waited),
-            ..obs(grant, baseline, used)
-        }
-    }
-
-    #[test]
-    fn disk_bandwidth_is_shared_by_the_same_rule_in_bytes_per_second() {
-        // 60 MB/s shared; templates 2:1 (40 and 20 MB/s); both read as fast as they may.
-        const MB: u64 = 1_000_000;
-        let mut c = Contention::new(Bps(60 * MB));
-        let mut caps = [60 * MB, 60 * MB];
-        let mut a = Vec::new();
-        for _ in 0..20 {
-            let o = [
-                (
-                    "a",
-                    Observed {
-                        grant: Bps(60 * MB),
-                        baseline: Bps(40 * MB),
-                        used: Bps(caps[0].min(900 * MB)),
-                        waited: Bps(0),
-                    },
-                ),
-                (
-                    "b",
-                    Observed {
-                        grant: Bps(60 * MB),
-                        baseline: Bps(20 * MB),
-                        used: Bps(caps[1].min(900 * MB)),
-                        waited: Bps(0),
-                    },
-                ),
-            ];
-            a = c.period(&o);
-            caps = [a[0].rate.0, a[1].rate.0];
-        }
-        assert!(a.iter().all(|x| x.contended));
-        assert_eq!((a[0].rate, a[1].rate), (Bps(40 * MB), Bps(20 * MB)));
-    }
-
-    #[test]
-    fn jain_is_one_for_equal_shares() {
-        assert!((jain(&[1.0, 1.0, 1.0]) - 1.0).abs() < 1e-12);
-        assert!((jain(&[1.0, 0.0]) - 0.5).abs() < 1e-12);
-    }
-
-    proptest! {
-        #[test]
-        fn allocations_fit_the_host_respect_grants_and_guarantee_baselines(
-            capacity in 1u32..8,
-            vms in prop::collection::vec((1u64..8, 1u64..100, 0u64..101, 0u64..101), 1..12),
-            periods in 1usize..15,
-        ) {
-            // (vcpus, baseline %, credits-or-not as grant % of full, demand % of full)
-            let cap = u64::from(capacity) * CPU;
-            let spec: Vec<(String, u64, u64, u64)> = vms
-                .iter()
-                .enumerate()
-                .map(|(i, &(v, b, g, d))| {
-                    let full = v * CPU;
-                    let base = full * b / 100;
-                    let grant = (full * g / 100).max(base);
-                    (format!("vm{i}"), grant, base, full * d / 100)
-                })
-                .collect();
-            let named: Vec<(&str, u64, u64, u64)> =
-                spec.iter().map(|(n, g, b, d)| (n.as_str(), *g, *b, *d)).collect();
-            let mut c = Contention::new(Rate(cap));
-            let a = run(&mut c, &named, periods);
-            let sum_base: u64 = named.iter().map(|v| v.2.min(v.1)).sum();
-            for (x, v) in a.iter().zip(&named) {
-                prop_assert!(x.rate.0 <= v.1, "above its grant");
-                if !x.contended {
-                    prop_assert_eq!(x.rate.0, v.1);
-                } else if sum_base <= cap {
-                    // Every VM at least min(estimate, baseline).
-                    prop_assert!(x.rate.0 >= x.estimate.0.min(v.2).min(v.1), "{:?} {:?}", x, v);
-                }
-            }
-            if a.iter().any(|x| x.contended) {
-                // What the plan counts (hungry: allocation; others: their estimate) fits, and
-                // is the whole capacity unless every hungry VM is at its grant.
-                let counted: u64 = a
-                    .iter()
-                    .zip(&named)
-                    .map(|(x, v)| {
-                        let g = x.estimate.0.min(v.2).min(v.1);
-                        if x.estimate.0 > g && v.1 > g { x.rate.0 } else { x.estimate.0.min(x.rate.0) }
-                    })
-                    .sum();
-                let all_capped = a.iter().zip(&named).all(|(x, v)| {
-                    let g = x.estimate.0.min(v.2).min(v.1);
-                    !(x.estimate.0 > g && v.1 > g) || x.rate.0 == v.1
-                });
-                prop_assert!(counted <= cap + named.len() as u64, "{counted} > {cap}");
-                if sum_base <= cap && !all_capped {
-                    prop_assert!(counted + named.len() as u64 >= cap, "idle capacity: {counted} < {cap}");
-                }
-            }
-        }
-    }
-}
+mod tests;

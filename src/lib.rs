@@ -12,7 +12,7 @@
 //! | base | [`base`] | VM names, CPU lists, clocks, I/O errors with their context |
 //! | | [`procfs`] | what the kernel says of threads and processes: `schedstat`, `stat`, start times, boot id, affinity |
 //! | pure | [`credit`] | the ledger and the decline planner: integer arithmetic, no I/O, no clock |
-//! | | [`contention`] | the contention stage: ResCoin's rule over CPU, disk and memory |
+//! | | [`contention`] | the contention stage: baselines first, the spare by a named rule (`headroom`, `baseline`, ResCoin's) over CPU, disk and memory |
 //! | | [`sched`] | the scheduling policy (cap, baseline guarantee, spare): for ghOSt and sched_ext |
 //! | | [`history`] | a VM's credit history: 10-s and 1-min rings, downsampling, compact encoding |
 //! | | [`view`] | what a VM looks like to `ls`, `credits`, `top`, `plot` and the metrics; the agent's health |

@@ -38,7 +38,7 @@ use thiserror::Error;
 
 use crate::balance::memory;
 use crate::base::{chain, IoContext, IoFailure};
-use crate::contention::{Contention, Observed};
+use crate::contention::{Contention, Observed, SpareRule};
 use crate::credit::{Credits, Rate, PPM_PER_CPU};
 use crate::enforce::Enforcer;
 use crate::state;
@@ -107,6 +107,9 @@ pub struct Settings {
     /// The CPU the VMs share, for the contention stage; `None` turns the stage off (each VM
     /// is held to its grant alone).
     pub contention: Option<Rate>,
+    /// How the contention stage shares the spare (`--contention`; see
+    /// [`crate::contention::rule`]).
+    pub spare_rule: SpareRule,
     /// Serve Prometheus metrics here (`--metrics-listen`); `None`: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The disk bandwidth the VMs with a `disk_share` share (`--disk-bandwidth`); `None`:
@@ -185,7 +188,9 @@ impl Agent {
             .map(|(cpus, every)| crate::balance::pin::PinBalancer::new(cpus, every));
         Agent {
             balancer,
-            contention: settings.contention.map(Contention::new),
+            contention: settings
+                .contention
+                .map(|capacity| Contention::new(capacity, settings.spare_rule)),
             disks: settings
                 .disk_bandwidth
                 .map(crate::balance::disk::Disks::new),

@@ -66,6 +66,10 @@ impl Agent {
             (None, None) => {}
             _ => restart("turning the contention stage on or off"),
         }
+        if self.contention.is_some() && new.contention.is_some() && new.spare_rule != old.spare_rule
+        {
+            restart("the contention stage's spare rule");
+        }
         match (self.disks.as_mut(), new.disk_bandwidth) {
             (Some(disks), Some(bandwidth)) if disks.bandwidth() != bandwidth => {
                 disks.set_bandwidth(bandwidth);

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::view::DiskView;
 
-use crate::contention::{Bps, Contention, Observed};
+use crate::contention::{Bps, Contention, Observed, SpareRule};
 
 /// The host's disk bandwidth shared by the VMs that set `disk_share`, bytes per second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +86,9 @@ impl Disks {
             .spawn(move || worker(job_rx, sample_tx))
             .expect("spawning the disk QMP thread");
         Disks {
-            read: Contention::new(bandwidth.read),
-            write: Contention::new(bandwidth.write),
+            // No credits for disk: ResCoin's rule, as measured (docs/contention.md).
+            read: Contention::new(bandwidth.read, SpareRule::Rescoin),
+            write: Contention::new(bandwidth.write, SpareRule::Rescoin),
             bandwidth,
             vms: HashMap::new(),
             jobs,

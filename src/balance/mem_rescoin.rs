@@ -36,7 +36,7 @@
 //! holds without swapping or killing, and a burstable host must do neither), and growth only
 //! out of what the host can spare above its reserve plus what others give back in the same round.
 
-use crate::contention::{Contention, Mib, Observed};
+use crate::contention::{Contention, Mib, Observed, SpareRule};
 
 use super::mem::{Settings, Stats, Target, Vm};
 
@@ -49,7 +49,7 @@ pub struct Rescoin {
 impl Default for Rescoin {
     fn default() -> Self {
         Rescoin {
-            stage: Contention::new(Mib(0)),
+            stage: Contention::new(Mib(0), SpareRule::Rescoin),
         }
     }
 }

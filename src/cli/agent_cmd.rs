@@ -8,6 +8,7 @@ use anyhow::Context;
 use burst_qemu::agent::{self, Agent, AgentError, Settings};
 use burst_qemu::balance::{disk, mem, memory};
 use burst_qemu::base::parse_cpu_list;
+use burst_qemu::contention::SpareRule;
 use burst_qemu::credit::{Rate, PPM_PER_CPU};
 use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
 use burst_qemu::enforce::{scx, Enforcer};
@@ -32,7 +33,13 @@ pub(super) enum EnforcerKind {
 /// How the CPU is divided when the host is contended (`--contention`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(super) enum ContentionRule {
-    /// Every VM first gets its baseline; the rest is shared by ResCoin's rule.
+    /// Every VM first gets its baseline; the rest in proportion to grant − baseline (the
+    /// burst its credits buy).
+    Headroom,
+    /// Every VM first gets its baseline; the rest in proportion to the baselines.
+    Baseline,
+    /// Every VM first gets its baseline; the rest by ResCoin's rule (|credit accumulated over
+    /// 9 periods|: depends on history).
     Rescoin,
     /// Each VM is capped by its credits alone.
     Off,
@@ -134,14 +141,18 @@ pub(super) struct AgentArgs {
     /// Exit after this many seconds without VMs.
     #[arg(long, value_name = "SECONDS", value_parser = seconds(0.0, f64::MAX))]
     idle_exit: Option<f64>,
-    /// How the CPU is divided when the VMs together want more than the host has: `rescoin`
-    /// (every VM first gets its baseline, the rest is shared by ResCoin's rule) or `off` (each
-    /// VM is capped by its credits alone, and the kernel splits the rest evenly).
+    /// How the CPU is divided when the VMs together want more than the host has: every VM
+    /// first gets its baseline, and the spare goes by `headroom` (in proportion to grant −
+    /// baseline, the burst each VM's credits buy), `baseline` (in proportion to the baselines)
+    /// or `rescoin` (ResCoin's rule: by the credit each VM accumulated over the last 9 s, so
+    /// the split depends on history); `off`: each VM is capped by its credits alone, and the
+    /// kernel splits the rest evenly. The sched_ext and ghOSt enforcers split the spare by
+    /// headroom themselves and accept only `headroom` (docs/contention.md).
     #[arg(
         long,
         value_enum,
-        value_name = "rescoin|off",
-        default_value = "rescoin",
+        value_name = "headroom|baseline|rescoin|off",
+        default_value = "headroom",
         env = "BURST_QEMU_CONTENTION"
     )]
     contention: ContentionRule,
@@ -390,6 +401,9 @@ fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failur
                 .into(),
         ));
     }
+    if let Some(why) = contention_refusal(kind, a.contention) {
+        return Err(usage(why));
+    }
     if a.balance == BalanceKind::Cpu {
         match kind {
             EnforcerKind::Ghost => return Err(usage(
@@ -402,6 +416,32 @@ fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failur
         }
     }
     Ok(())
+}
+
+/// Why `--contention rule` cannot run under the `kind` enforcer, if it cannot. The cgroup
+/// enforcer takes the contention stage's plan as quotas and weights, for every rule. The
+/// sched_ext program and the ghOSt scheduler decide every dispatch themselves: baselines
+/// first, then the spare in proportion to grant − baseline, which is the `headroom` rule;
+/// they take no per-period caps from the stage, so any other rule (or `off`, which would
+/// leave the split to the kernel's fair class) would be silently not what runs.
+fn contention_refusal(kind: EnforcerKind, rule: ContentionRule) -> Option<String> {
+    let (enforcer, what) = match kind {
+        EnforcerKind::Scx => ("scx", "the sched_ext scheduler"),
+        EnforcerKind::Ghost => ("ghost", "the ghOSt agent"),
+        EnforcerKind::Cgroup | EnforcerKind::Auto => return None,
+    };
+    if rule == ContentionRule::Headroom {
+        return None;
+    }
+    let name = rule
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned());
+    Some(format!(
+        "--contention {name}: with --enforcer {enforcer} (given, or chosen by auto on this host), \
+         {what} guarantees every baseline and splits the spare in proportion to grant − \
+         baseline in its own dispatch, which is --contention headroom; it cannot apply \
+         `{name}`: use --contention headroom, or --enforcer cgroup for `{name}`"
+    ))
 }
 
 /// The cgroup hierarchy to use: `--cgroup-mount` (its version given or read from the mount),
@@ -543,13 +583,23 @@ fn libvirt_settings(g: &Global, a: &AgentArgs) -> Result<Option<agent::LibvirtSe
     }))
 }
 
+/// The contention stage's spare rule for `--contention` (`None`: the stage is off).
+fn spare_rule(rule: ContentionRule) -> Option<SpareRule> {
+    match rule {
+        ContentionRule::Headroom => Some(SpareRule::Headroom),
+        ContentionRule::Baseline => Some(SpareRule::Baseline),
+        ContentionRule::Rescoin => Some(SpareRule::Rescoin),
+        ContentionRule::Off => None,
+    }
+}
+
 /// The agent's settings from the flags, for whichever enforcer runs.
 fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, Failure> {
-    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare
-    // themselves.
-    let contention = match (a.contention, kind) {
-        (ContentionRule::Off, _) | (_, EnforcerKind::Scx | EnforcerKind::Ghost) => None,
-        (ContentionRule::Rescoin, _) => Some(capacity(a.capacity.as_deref())?),
+    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare by
+    // headroom themselves (any other rule is refused: `contention_refusal`).
+    let contention = match (spare_rule(a.contention), kind) {
+        (None, _) | (_, EnforcerKind::Scx | EnforcerKind::Ghost) => None,
+        (Some(_), _) => Some(capacity(a.capacity.as_deref())?),
     };
     Ok(Settings {
         state_dir: g.state_dir(),
@@ -562,6 +612,7 @@ fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, F
         memory: memory_settings(a)?,
         libvirt: libvirt_settings(g, a)?,
         contention,
+        spare_rule: spare_rule(a.contention).unwrap_or_default(),
         balance: if kind == EnforcerKind::Cgroup {
             balance_settings(a)?
         } else {
@@ -622,3 +673,7 @@ pub(super) fn run_scx_scheduler(stats: Option<&Path>) -> Result<(), Failure> {
         ))
     }
 }
+
+#[cfg(test)]
+#[path = "agent_cmd_tests.rs"]
+mod tests;

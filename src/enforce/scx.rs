@@ -19,6 +19,7 @@
 //! A VM whose grant is 0 is paused with QMP `stop` rather than starved (a runnable thread held
 //! past `timeout_ms` would make the kernel abort the scheduler), and resumed with `cont`.
 
+pub mod abi;
 #[cfg(feature = "scx")]
 pub mod loader;
 
@@ -39,8 +40,8 @@ pub const SYSFS: &str = "/sys/kernel/sched_ext";
 pub const OPS_NAME: &str = "burst_qemu";
 /// The scheduling policy number of SCHED_EXT (uapi).
 pub const SCHED_EXT: i32 = 7;
-/// The most VMs one scheduler holds (its DSQs and map sizes; `MAX_VMS` in the BPF code).
-pub const MAX_VMS: u32 = 64;
+/// The most VMs one scheduler holds (its DSQs and map sizes; `MAX_VMS` of bpf/intf.h).
+pub use abi::MAX_VMS;
 /// The budget period.
 pub const PERIOD: Duration = Duration::from_millis(100);
 

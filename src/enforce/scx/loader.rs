@@ -14,6 +14,7 @@ use libbpf_rs::{MapCore, MapFlags, ObjectBuilder};
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::abi::{Budget, Conf, Usage, MAX_CPUS};
 use super::{kernel_state, Command, Stats, VmStats, OPS_NAME, PERIOD};
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
@@ -40,14 +41,14 @@ fn apply(
             name,
         } => {
             names.insert(idx, name);
-            let mut v = Vec::with_capacity(16);
-            v.extend_from_slice(&base_ns.to_ne_bytes());
-            v.extend_from_slice(&grant_ns.to_ne_bytes());
-            find(obj, "budgets")?.update(&idx.to_ne_bytes(), &v, MapFlags::ANY)?;
+            let budget = Budget { base_ns, grant_ns };
+            find(obj, "budgets")?.update(&idx.to_ne_bytes(), &budget.to_bytes(), MapFlags::ANY)?;
         }
         Command::Free { idx } => {
             names.remove(&idx);
-            find(obj, "budgets")?.update(&idx.to_ne_bytes(), &[0u8; 16], MapFlags::ANY)?;
+            // Grant 0 marks the slot unused.
+            let free = Budget::default().to_bytes();
+            find(obj, "budgets")?.update(&idx.to_ne_bytes(), &free, MapFlags::ANY)?;
         }
         Command::Tid { tid, idx } => {
             find(obj, "tasks")?.update(&tid.to_ne_bytes(), &idx.to_ne_bytes(), MapFlags::ANY)?;
@@ -58,12 +59,6 @@ fn apply(
         }
     }
     Ok(())
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    bytes
-        .get(at..at + 8)
-        .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
 
 /// Writes [`Stats`] to `path` (atomically, not synced: it is rewritten each second).
@@ -82,20 +77,38 @@ fn publish(
     let (usage, budgets) = (find(obj, "usage")?, find(obj, "budgets")?);
     for (idx, name) in names {
         let key = idx.to_ne_bytes();
-        let u = usage.lookup(&key, MapFlags::ANY)?.unwrap_or_default();
-        let b = budgets.lookup(&key, MapFlags::ANY)?.unwrap_or_default();
+        let u = Usage::from_bytes(&usage.lookup(&key, MapFlags::ANY)?.unwrap_or_default());
+        let b = Budget::from_bytes(&budgets.lookup(&key, MapFlags::ANY)?.unwrap_or_default());
         stats.vms.insert(
             name.clone(),
             VmStats {
-                cpu_ns: u64_at(&u, 8),
-                held: u64_at(&u, 16),
-                base_ns: u64_at(&b, 0),
-                grant_ns: u64_at(&b, 8),
+                cpu_ns: u.total_ns,
+                held: u.held,
+                base_ns: b.base_ns,
+                grant_ns: b.grant_ns,
             },
         );
     }
     crate::state::write_published(path, &serde_json::to_vec(&stats)?)?;
     Ok(())
+}
+
+/// Writes the program's `conf` (before it is enabled); returns the CPUs its timer kicks.
+fn configure(obj: &libbpf_rs::Object) -> anyhow::Result<u32> {
+    let cpus = libbpf_rs::num_possible_cpus().context("counting CPUs")? as u32;
+    if cpus > MAX_CPUS {
+        eprintln!(
+            "burst-qemu scx-scheduler: {cpus} CPUs; the refill timer kicks the first {MAX_CPUS}"
+        );
+    }
+    let conf = Conf {
+        period_ns: PERIOD.as_nanos() as u64,
+        slice_ns: SLICE.as_nanos() as u64,
+        nr_cpus: cpus,
+        pad: 0,
+    };
+    find(obj, "conf")?.update(&0u32.to_ne_bytes(), &conf.to_bytes(), MapFlags::ANY)?;
+    Ok(cpus)
 }
 
 /// Runs the scheduler process (see the module docs); publishes [`Stats`] to `stats` each
@@ -122,13 +135,7 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     let mut obj = open
         .load()
         .context("loading the BPF scheduler (verifier or kernel BTF mismatch)")?;
-    let cpus = libbpf_rs::num_possible_cpus().context("counting CPUs")? as u32;
-    let mut conf = Vec::with_capacity(24);
-    conf.extend_from_slice(&(PERIOD.as_nanos() as u64).to_ne_bytes());
-    conf.extend_from_slice(&(SLICE.as_nanos() as u64).to_ne_bytes());
-    conf.extend_from_slice(&cpus.to_ne_bytes());
-    conf.extend_from_slice(&0u32.to_ne_bytes());
-    find(&obj, "conf")?.update(&0u32.to_ne_bytes(), &conf, MapFlags::ANY)?;
+    let cpus = configure(&obj)?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {

@@ -1,0 +1,233 @@
+//! The BPF program's interface (`bpf/intf.h`), mirrored once: its constants and the values of
+//! the maps the scheduler process reads and writes, as `repr(C)` structs with their layout
+//! asserted at compile time. With the `scx` feature, build.rs measures the C header itself
+//! (sizes, offsets and constants, compiled by the host's C compiler and checked under
+//! `clang -target bpf`) and the asserts below compare these types with what it measured, so a
+//! change on one side only fails the build. Types and constants only: no I/O.
+//!
+//! Map values cross the boundary as bytes (libbpf's `update`/`lookup`); [`Conf::to_bytes`],
+//! [`Budget::to_bytes`] and [`Usage::from_bytes`] convert field by field at the asserted
+//! offsets, in the host's byte order (BPF maps are in the CPU's own), without `unsafe`.
+
+use std::mem::{offset_of, size_of};
+
+/// The most VMs one scheduler holds (its DSQs and map sizes).
+pub const MAX_VMS: u32 = 64;
+/// The most CPUs the program's per-CPU state covers.
+pub const MAX_CPUS: u32 = 256;
+/// The `tasks` map's answer for a thread of no VM.
+pub const NO_VM: u32 = u32::MAX;
+
+/// `struct conf`: the `conf` map's one value, written before the program is enabled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conf {
+    /// The budget period, ns.
+    pub period_ns: u64,
+    /// The longest a thread runs before dispatch decides again, ns.
+    pub slice_ns: u64,
+    /// CPUs the refill timer kicks: 0 .. nr_cpus − 1.
+    pub nr_cpus: u32,
+    /// Padding to 8 bytes (0).
+    pub pad: u32,
+}
+
+/// `struct budget`: a VM's entry in `budgets`, ns of CPU per period over all its vCPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Its baseline.
+    pub base_ns: u64,
+    /// Its grant; 0 marks the slot unused.
+    pub grant_ns: u64,
+}
+
+/// `struct usage`: a VM's entry in `usage`, written by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Charged this period (carries at most one period of overshoot).
+    pub used_ns: u64,
+    /// Charged since the program was loaded.
+    pub total_ns: u64,
+    /// Times one of its threads was held back for want of budget.
+    pub held: u64,
+}
+
+// The layout, as the C compiler lays out bpf/intf.h for x86-64 and BPF alike.
+const _: () = assert!(size_of::<Conf>() == 24);
+const _: () = assert!(offset_of!(Conf, period_ns) == 0);
+const _: () = assert!(offset_of!(Conf, slice_ns) == 8);
+const _: () = assert!(offset_of!(Conf, nr_cpus) == 16);
+const _: () = assert!(offset_of!(Conf, pad) == 20);
+const _: () = assert!(size_of::<Budget>() == 16);
+const _: () = assert!(offset_of!(Budget, base_ns) == 0);
+const _: () = assert!(offset_of!(Budget, grant_ns) == 8);
+const _: () = assert!(size_of::<Usage>() == 24);
+const _: () = assert!(offset_of!(Usage, used_ns) == 0);
+const _: () = assert!(offset_of!(Usage, total_ns) == 8);
+const _: () = assert!(offset_of!(Usage, held) == 16);
+
+/// What build.rs measured of bpf/intf.h (feature `scx`: the header is compiled only then).
+#[cfg(feature = "scx")]
+mod measured {
+    include!(concat!(env!("OUT_DIR"), "/intf_layout.rs"));
+}
+
+/// The size of what `_field` returns: of a field, given `|s: S| s.field`.
+#[cfg(feature = "scx")]
+const fn size_of_field<S, F>(_field: fn(S) -> F) -> u64 {
+    size_of::<F>() as u64
+}
+
+/// Asserts that a field of a `repr(C)` type sits where build.rs measured the C field, with the
+/// same size.
+#[cfg(feature = "scx")]
+macro_rules! same_field {
+    ($ty:ident . $field:ident, $offset:ident, $size:ident) => {
+        assert!(
+            measured::$offset == offset_of!($ty, $field) as u64
+                && measured::$size == size_of_field(|s: $ty| s.$field),
+            concat!(
+                "bpf/intf.h and abi.rs disagree: ",
+                stringify!($ty),
+                ".",
+                stringify!($field)
+            )
+        );
+    };
+}
+
+#[cfg(feature = "scx")]
+const _: () = {
+    use measured as c;
+    let disagree = "bpf/intf.h and abi.rs disagree on a constant or a struct's size";
+    assert!(c::MAX_VMS == MAX_VMS as u64, "{}", disagree);
+    assert!(c::MAX_CPUS == MAX_CPUS as u64, "{}", disagree);
+    assert!(c::NO_VM == NO_VM as u64, "{}", disagree);
+    assert!(c::CONF_SIZE == size_of::<Conf>() as u64, "{}", disagree);
+    assert!(c::BUDGET_SIZE == size_of::<Budget>() as u64, "{}", disagree);
+    assert!(c::USAGE_SIZE == size_of::<Usage>() as u64, "{}", disagree);
+    same_field!(Conf.period_ns, CONF_PERIOD_NS, CONF_PERIOD_NS_SIZE);
+    same_field!(Conf.slice_ns, CONF_SLICE_NS, CONF_SLICE_NS_SIZE);
+    same_field!(Conf.nr_cpus, CONF_NR_CPUS, CONF_NR_CPUS_SIZE);
+    same_field!(Conf.pad, CONF_PAD, CONF_PAD_SIZE);
+    same_field!(Budget.base_ns, BUDGET_BASE_NS, BUDGET_BASE_NS_SIZE);
+    same_field!(Budget.grant_ns, BUDGET_GRANT_NS, BUDGET_GRANT_NS_SIZE);
+    same_field!(Usage.used_ns, USAGE_USED_NS, USAGE_USED_NS_SIZE);
+    same_field!(Usage.total_ns, USAGE_TOTAL_NS, USAGE_TOTAL_NS_SIZE);
+    same_field!(Usage.held, USAGE_HELD, USAGE_HELD_SIZE);
+};
+
+/// `bytes[at..at + 8]` as a u64 in the host's byte order (0 when the value is too short).
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    bytes
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_ne_bytes)
+}
+
+/// Writes `v` at `at` in the host's byte order.
+fn put(bytes: &mut [u8], at: usize, v: &[u8]) {
+    bytes[at..at + v.len()].copy_from_slice(v);
+}
+
+impl Conf {
+    /// The map value.
+    pub fn to_bytes(&self) -> [u8; size_of::<Conf>()] {
+        let mut b = [0; size_of::<Conf>()];
+        put(
+            &mut b,
+            offset_of!(Conf, period_ns),
+            &self.period_ns.to_ne_bytes(),
+        );
+        put(
+            &mut b,
+            offset_of!(Conf, slice_ns),
+            &self.slice_ns.to_ne_bytes(),
+        );
+        put(
+            &mut b,
+            offset_of!(Conf, nr_cpus),
+            &self.nr_cpus.to_ne_bytes(),
+        );
+        put(&mut b, offset_of!(Conf, pad), &self.pad.to_ne_bytes());
+        b
+    }
+}
+
+impl Budget {
+    /// The map value.
+    pub fn to_bytes(&self) -> [u8; size_of::<Budget>()] {
+        let mut b = [0; size_of::<Budget>()];
+        put(
+            &mut b,
+            offset_of!(Budget, base_ns),
+            &self.base_ns.to_ne_bytes(),
+        );
+        put(
+            &mut b,
+            offset_of!(Budget, grant_ns),
+            &self.grant_ns.to_ne_bytes(),
+        );
+        b
+    }
+
+    /// From a map value (fields beyond a short value read 0).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Budget {
+            base_ns: u64_at(bytes, offset_of!(Budget, base_ns)),
+            grant_ns: u64_at(bytes, offset_of!(Budget, grant_ns)),
+        }
+    }
+}
+
+impl Usage {
+    /// From a map value (fields beyond a short value read 0).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Usage {
+            used_ns: u64_at(bytes, offset_of!(Usage, used_ns)),
+            total_ns: u64_at(bytes, offset_of!(Usage, total_ns)),
+            held: u64_at(bytes, offset_of!(Usage, held)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_cross_as_the_c_layout_has_them() {
+        let b = Budget {
+            base_ns: 20_000_000,
+            grant_ns: 100_000_000,
+        };
+        let bytes = b.to_bytes();
+        assert_eq!(&bytes[..8], &20_000_000u64.to_ne_bytes());
+        assert_eq!(&bytes[8..], &100_000_000u64.to_ne_bytes());
+        assert_eq!(Budget::from_bytes(&bytes), b);
+        let c = Conf {
+            period_ns: 100_000_000,
+            slice_ns: 5_000_000,
+            nr_cpus: 3,
+            pad: 0,
+        }
+        .to_bytes();
+        assert_eq!(&c[16..20], &3u32.to_ne_bytes());
+        assert_eq!(&c[20..], &[0; 4]);
+        let mut u = [0u8; 24];
+        u[8..16].copy_from_slice(&7u64.to_ne_bytes());
+        u[16..].copy_from_slice(&2u64.to_ne_bytes());
+        assert_eq!(
+            Usage::from_bytes(&u),
+            Usage {
+                used_ns: 0,
+                total_ns: 7,
+                held: 2
+            }
+        );
+        // A value shorter than the struct (an empty lookup) reads as zeros.
+        assert_eq!(Usage::from_bytes(&[]), Usage::default());
+    }
+}
