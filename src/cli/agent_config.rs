@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 use burst_qemu::agent::{Reload, Settings};
 use burst_qemu::config::ConfigError;
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use toml::Spanned;
 
-use super::agent_cmd::AgentArgs;
+use super::agent_args::AgentArgs;
 use super::{Cli, Command, Failure, Global};
 
 /// The file root's agents read when neither `--config` nor the environment names one.
@@ -74,17 +74,6 @@ const LIVE_VALUE_ONLY: &[&str] = &["disk_bandwidth"];
 /// Options that are not keys: the file's own path, and the directory of VM configs (the
 /// agent finds each VM's config from its record).
 const NOT_KEYS: &[&str] = &["config", "vms"];
-
-/// `--config FILE`.
-#[derive(Clone, Debug, Args)]
-pub(super) struct ConfigArg {
-    /// The agent's configuration file: each long option is a key with `_` for `-`
-    /// (`memory_interval = 5`); flags and BURST_QEMU_* variables override it [default:
-    /// /etc/burst-qemu/agent.toml as root, else $XDG_CONFIG_HOME/burst-qemu/agent.toml;
-    /// built-in defaults when that file does not exist].
-    #[arg(long = "config", value_name = "FILE", env = "BURST_QEMU_AGENT_CONFIG")]
-    pub(super) config: Option<PathBuf>,
-}
 
 /// Where a setting's value comes from.
 #[derive(Clone, Debug, PartialEq)]

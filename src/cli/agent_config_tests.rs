@@ -77,7 +77,7 @@ fn every_live_key_is_a_key_and_is_named_in_the_help() {
     for key in LIVE {
         assert!(keys.iter().any(|k| k == key), "{key} is not a key");
         assert!(
-            super::super::agent_cmd::CONFIG_HELP.contains(key),
+            super::super::agent_args::CONFIG_HELP.contains(key),
             "the agent's help does not name live key {key}"
         );
     }

@@ -37,7 +37,7 @@ impl Report {
 pub(super) struct CheckArgs {
     /// The agent's settings shown are those this config file gives.
     #[command(flatten)]
-    config: super::agent_config::ConfigArg,
+    config: super::agent_args::ConfigArg,
 }
 
 pub(super) fn check(g: &Global, _args: &CheckArgs) -> Result<(), Failure> {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory};
 use clap_complete::Shell;
 
-use super::{agent_cmd, Cli, Failure};
+use super::{agent_args, Cli, Failure};
 
 #[derive(Debug, Args)]
 pub(super) struct GenerateArgs {
@@ -81,7 +81,7 @@ fn man_pages(dir: &Path) -> anyhow::Result<()> {
         }
         if is_agent {
             writeln!(page, ".SH \"CONFIGURATION FILE\"")?;
-            writeln!(page, "{}", roff_text(agent_cmd::CONFIG_HELP))?;
+            writeln!(page, "{}", roff_text(agent_args::CONFIG_HELP))?;
             writeln!(page, ".SH FILES")?;
             writeln!(page, ".TP\n/etc/burst\\-qemu/agent.toml\nThe configuration file; the package's copy documents every key.")?;
             writeln!(

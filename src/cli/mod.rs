@@ -16,6 +16,7 @@ use burst_qemu::state;
 use burst_qemu::testguest::{self, Behaviour};
 use clap::{Args, Parser, Subcommand};
 
+mod agent_args;
 mod agent_cmd;
 mod agent_config;
 mod check;
@@ -29,7 +30,8 @@ mod observe;
 mod takeover;
 mod top;
 
-use agent_cmd::{run_agent, AgentArgs};
+use agent_args::AgentArgs;
+use agent_cmd::run_agent;
 use check::check;
 use fleet::{credits, ensure_agent, ls, stop};
 
@@ -144,7 +146,7 @@ enum Command {
     Mem(LsArgs),
     /// Run the credit agent for a state dir in the foreground (launchers start one
     /// automatically when none runs).
-    #[command(after_long_help = agent_cmd::CONFIG_HELP)]
+    #[command(after_long_help = agent_args::CONFIG_HELP)]
     Agent(Box<AgentArgs>),
     /// Report what this host supports: QEMU, KVM, cgroup CPU bandwidth, ghOSt; and the fix for
     /// each missing piece; then the agent's settings and where each comes from.
