@@ -45,6 +45,9 @@ pub const CREDITS_JSON: &str = "credits.json";
 pub const CONFIG_ERROR: &str = "config_error";
 /// File name of the QMP socket burst-qemu adds.
 pub const QMP_SOCKET: &str = "qmp.sock";
+/// QEMU's run state (`running`, `paused`, …), kept current by the launcher (see
+/// `launch::run_state`).
+pub const RUN_STATE: &str = "run_state";
 /// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -352,9 +355,15 @@ impl RuntimeDir {
 
     /// Writes the VM record atomically. Not fsynced: it describes a live process and is
     /// meaningless after a crash, so durability would only slow the start-up.
+    ///
+    /// The directory's times are then set: the agent watches the state dir, not each runtime
+    /// dir, and the change of a child's attributes is what tells it that the record is there
+    /// (without it the agent found a record written after its scan of the new directory only at
+    /// its next rescan, up to a second later).
     pub fn write_record(&self, record: &VmRecord) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        write_published(&self.path.join(RECORD), &json)
+        write_published(&self.path.join(RECORD), &json)?;
+        File::open(&self.path)?.set_modified(std::time::SystemTime::now())
     }
 }
 

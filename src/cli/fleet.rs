@@ -1,6 +1,7 @@
 //! The fleet commands: `ls`, `stop`, `pause`, `resume`, `credits`, and starting the agent.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -8,10 +9,23 @@ use burst_qemu::state::{self, VmRecord};
 
 use super::*;
 
-/// A running VM's state as QMP (or libvirt, for a domain) reports it: `running`, `paused`,
-/// another run state, or `unknown` when its monitor does not answer.
-pub(super) fn vm_state(vm: &VmRecord) -> String {
+/// A running VM's state: `running`, `paused`, another run state, or `unknown` when its monitor
+/// does not answer. A launched VM's launcher keeps it in the runtime dir (no QMP session per VM
+/// per `ls`); an orphan, an adopted QEMU and a libvirt domain are asked over QMP or libvirt.
+pub(super) fn vm_state(state_dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> String {
+    if vm.source == state::Source::Launcher && liveness == state::Liveness::Managed {
+        if let Some(s) = published_run_state(state_dir, &vm.name) {
+            return s;
+        }
+    }
     super::foreign::run_state(vm)
+}
+
+/// The run state the launcher published for `name`, if it did.
+pub(super) fn published_run_state(state_dir: &Path, name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(state_dir.join(name).join(state::RUN_STATE)).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
 }
 
 /// Why a VM is orphaned (or, adopted, has no launcher), for `ls`.
@@ -52,7 +66,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
             .iter()
             .map(|(vm, liveness)| {
                 let mut v = serde_json::to_value(vm).expect("records are plain data");
-                let run_state = vm_state(vm);
+                let run_state = vm_state(&dir, vm, *liveness);
                 let orphaned =
                     *liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
                 v["state"] = if orphaned {
@@ -130,7 +144,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 if orphaned {
                     "orphaned".into()
                 } else {
-                    vm_state(vm)
+                    vm_state(&dir, vm, *liveness)
                 },
                 vm.source.label(),
                 live.as_ref()
