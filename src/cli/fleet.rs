@@ -64,39 +64,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
     let out = if a.json {
         let rows: Vec<serde_json::Value> = vms
             .iter()
-            .map(|(vm, liveness)| {
-                let mut v = serde_json::to_value(vm).expect("records are plain data");
-                let run_state = vm_state(&dir, vm, *liveness);
-                let orphaned =
-                    *liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
-                v["state"] = if orphaned {
-                    "orphaned".into()
-                } else {
-                    run_state.clone()
-                }
-                .into();
-                v["run_state"] = run_state.into();
-                v["launcher"] = match vm.source {
-                    state::Source::Launcher if orphaned => "gone",
-                    state::Source::Launcher => "running",
-                    _ => "none",
-                }
-                .into();
-                v["from"] = vm.source.label().into();
-                v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
-                let live = read_view(&dir, &vm.name);
-                v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
-                v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
-                v["pins"] = live.as_ref().and_then(|v| v.pins.clone()).into();
-                v["pin_changes"] = live.as_ref().and_then(|v| v.pin_changes).into();
-                v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
-                v["memory"] = serde_json::to_value(super::mem::read_memory(&dir, &vm.name))
-                    .unwrap_or_default();
-                let error = config_error(&dir, &vm.name);
-                v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
-                v["config_error"] = error.into();
-                v
-            })
+            .map(|(vm, liveness)| ls_row(&dir, vm, *liveness))
             .collect();
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
@@ -162,6 +130,39 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
         .write_all(out.as_bytes())
         .context("writing to stdout")
         .map_err(Failure::host)
+}
+
+/// One VM's row of `ls --json`.
+fn ls_row(dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> serde_json::Value {
+    let mut v = serde_json::to_value(vm).expect("records are plain data");
+    let run_state = vm_state(dir, vm, liveness);
+    let orphaned = liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
+    v["state"] = if orphaned {
+        "orphaned".into()
+    } else {
+        run_state.clone()
+    }
+    .into();
+    v["run_state"] = run_state.into();
+    v["launcher"] = match vm.source {
+        state::Source::Launcher if orphaned => "gone",
+        state::Source::Launcher => "running",
+        _ => "none",
+    }
+    .into();
+    v["from"] = vm.source.label().into();
+    v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
+    let live = read_view(dir, &vm.name);
+    v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
+    v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
+    v["pins"] = live.as_ref().and_then(|v| v.pins.clone()).into();
+    v["pin_changes"] = live.as_ref().and_then(|v| v.pin_changes).into();
+    v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
+    v["memory"] = serde_json::to_value(super::mem::read_memory(dir, &vm.name)).unwrap_or_default();
+    let error = config_error(dir, &vm.name);
+    v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
+    v["config_error"] = error.into();
+    v
 }
 
 /// The `PINS` column: each vCPU's CPU (`*` while not pinned to one), `-` when the agent does
