@@ -150,14 +150,9 @@ impl Qmp {
 
 impl Control for Qmp {
     fn run_state(&self) -> Result<String, ControlError> {
-        let s = self.execute(qmp::qapi::qmp::query_status {})?;
-        if s.running {
-            return Ok("running".into());
-        }
-        Ok(serde_json::to_value(s.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "paused".into()))
+        Ok(run_state_name(
+            &self.execute(qmp::qapi::qmp::query_status {})?,
+        ))
     }
 
     fn pause(&self) -> Result<(), ControlError> {
@@ -227,6 +222,18 @@ impl Control for Qmp {
         })
         .map(drop)
     }
+}
+
+/// `running`, or QEMU's name of the state it is in (`paused`, `shutdown`, `suspended`, …), from
+/// a `query-status` answer.
+pub fn run_state_name(s: &qmp::qapi::qmp::StatusInfo) -> String {
+    if s.running {
+        return "running".into();
+    }
+    serde_json::to_value(s.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "paused".into())
 }
 
 /// The QOM path of the VM's virtio-balloon device, if it has one.

@@ -13,6 +13,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use nix::sched::{sched_getaffinity, CpuSet};
@@ -138,6 +139,96 @@ pub fn parse_schedstat(text: &str) -> Option<SchedStat> {
     })
 }
 
+/// A host thread's `schedstat`, kept open between reads: a read is then one `pread` instead of an
+/// open, a read and a close (the path walk through `/proc` costs more than the read itself, and
+/// the agent reads every vCPU thread five times a second). The descriptor names the thread, not
+/// its number: once the thread exits, reads fail (`ESRCH`) even if the number is reused, so a
+/// kept file never reads another thread. At most half the process's descriptor limit is kept
+/// open (see [`kept_limit`]); beyond that a read opens the file by its path, as before.
+#[derive(Debug)]
+pub struct SchedFile {
+    pid: u32,
+    tid: u32,
+    file: Option<fs::File>,
+}
+
+/// Descriptors held open by [`SchedFile`]s in this process.
+static KEPT: AtomicUsize = AtomicUsize::new(0);
+
+/// How many [`SchedFile`] descriptors may stay open: half the soft `RLIMIT_NOFILE` as it is at
+/// the first call (an agent raises its soft limit to the hard one before it adopts a VM).
+pub fn kept_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| match nofile() {
+        Some((soft, _)) => (soft / 2).min(1 << 20) as usize,
+        None => 512,
+    })
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+fn nofile() -> Option<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    ok.then_some((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Raises the soft descriptor limit to the hard one (an agent keeps a file open per vCPU
+/// thread, see [`SchedFile`]); the soft limit in force after.
+pub fn raise_nofile() -> Option<u64> {
+    let (soft, hard) = nofile()?;
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads one rlimit through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Some(soft);
+        }
+    }
+    Some(hard.max(soft))
+}
+
+impl SchedFile {
+    /// Thread `tid` of `pid`, its file opened now when the bound allows.
+    pub fn open(pid: u32, tid: u32) -> SchedFile {
+        let mut f = SchedFile {
+            pid,
+            tid,
+            file: None,
+        };
+        if KEPT.fetch_add(1, Ordering::Relaxed) < kept_limit() {
+            f.file = fs::File::open(Proc::host().task(pid, tid).join("schedstat")).ok();
+        }
+        if f.file.is_none() {
+            KEPT.fetch_sub(1, Ordering::Relaxed);
+        }
+        f
+    }
+
+    /// The thread's statistics now; `None` once it is gone.
+    pub fn read(&self) -> Option<SchedStat> {
+        let Some(file) = &self.file else {
+            return Proc::host().thread_sched(self.pid, self.tid);
+        };
+        let mut buf = [0u8; 128];
+        let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, 0).ok()?;
+        parse_schedstat(std::str::from_utf8(&buf[..n]).ok()?)
+    }
+}
+
+impl Drop for SchedFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            KEPT.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Field `n` (1-based, as proc(5) numbers them) of a `stat` line. The command (field 2) is in
 /// parentheses and may hold spaces and parentheses itself: the fields after it start after its
 /// last `)`.
@@ -252,5 +343,42 @@ mod tests {
         assert!(own_cpus().contains(&c), "{c} not in {:?}", own_cpus());
         assert!(Proc::host().thread_sched(pid, tid).is_some());
         assert!(Proc::host().process_start_time(pid).is_some());
+    }
+
+    #[test]
+    fn a_kept_schedstat_file_reads_fresh_figures_and_nothing_once_its_thread_is_gone() {
+        let pid = std::process::id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let f = SchedFile::open(pid, tid);
+        assert!(f.file.is_some(), "kept open");
+        let first = f.read().unwrap();
+        assert_eq!(Some(first), Proc::host().thread_sched(pid, tid));
+        // This thread's own file: each read regenerates it. Spin until a fresh open shows 5 ms
+        // more CPU; the kept file must show at least as much.
+        // SAFETY: gettid has no preconditions.
+        let me_tid = unsafe { libc::gettid() } as u32;
+        let me = SchedFile::open(pid, me_tid);
+        let before = me.read().unwrap().run_ns;
+        let fresh = loop {
+            let now = Proc::host().thread_sched(pid, me_tid).unwrap().run_ns;
+            if now >= before + 5_000_000 {
+                break now;
+            }
+        };
+        let after = me.read().unwrap().run_ns;
+        assert!(
+            after >= fresh,
+            "kept {after} < fresh {fresh} (first {before})"
+        );
+        done_tx.send(()).unwrap();
+        worker.join().unwrap();
+        assert_eq!(f.read(), None, "the thread is gone");
     }
 }

@@ -22,7 +22,7 @@
 //! agent, `stop`, a new launch of the name) reaps the directory.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -45,6 +45,9 @@ pub const CREDITS_JSON: &str = "credits.json";
 pub const CONFIG_ERROR: &str = "config_error";
 /// File name of the QMP socket burst-qemu adds.
 pub const QMP_SOCKET: &str = "qmp.sock";
+/// QEMU's run state (`running`, `paused`, …), kept current by the launcher (see
+/// `launch::run_state`).
+pub const RUN_STATE: &str = "run_state";
 /// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -78,7 +81,12 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Where VM `name`'s ledger is persisted.
 pub fn ledger_path(data_dir: &Path, name: &str) -> PathBuf {
-    data_dir.join("ledgers").join(format!("{name}.json"))
+    ledger_dir(data_dir).join(format!("{name}.json"))
+}
+
+/// The directory of the ledgers.
+pub fn ledger_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("ledgers")
 }
 
 /// The agent's lock file in a state dir.
@@ -116,58 +124,14 @@ pub fn lock_held(path: &Path) -> bool {
     }
 }
 
+mod write;
+pub use write::{
+    remove_companion, write_atomic, write_atomic_all, write_published, write_swapping, BATCH_FDS,
+};
+
 /// `path` made absolute against the current directory (unchanged if that fails).
 pub fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
-/// renamed over `path`, then the directory fsynced. Readers see the old or the new content,
-/// never a part, and after a crash the file holds one of them.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    write_replacing(path, bytes, mode, true)
-}
-
-/// Like [`write_atomic`] without the fsyncs: for files that are rewritten every tick on a
-/// runtime (tmpfs) directory, where readers must never see a part but durability is moot.
-pub fn write_published(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_replacing(path, bytes, 0o644, false)
-}
-
-fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)?;
-        if durable {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Whether a VM's directory belongs to a live launcher, to a live QEMU whose launcher is gone,
@@ -352,9 +316,15 @@ impl RuntimeDir {
 
     /// Writes the VM record atomically. Not fsynced: it describes a live process and is
     /// meaningless after a crash, so durability would only slow the start-up.
+    ///
+    /// The directory's times are then set: the agent watches the state dir, not each runtime
+    /// dir, and the change of a child's attributes is what tells it that the record is there
+    /// (without it the agent found a record written after its scan of the new directory only at
+    /// its next rescan, up to a second later).
     pub fn write_record(&self, record: &VmRecord) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        write_published(&self.path.join(RECORD), &json)
+        write_published(&self.path.join(RECORD), &json)?;
+        File::open(&self.path)?.set_modified(std::time::SystemTime::now())
     }
 }
 
@@ -626,20 +596,6 @@ mod tests {
         assert_eq!(
             fs::metadata(d.path()).unwrap().permissions().mode() & 0o777,
             0o700
-        );
-    }
-
-    #[test]
-    fn atomic_write_replaces_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        write_atomic(&p, b"one", 0o644).unwrap();
-        write_atomic(&p, b"two", 0o644).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temporary left behind"
         );
     }
 }

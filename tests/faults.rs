@@ -478,7 +478,11 @@ impl Drop for SmallFs {
 
 /// Fills the file system at `dir` to the last byte; returns the filler.
 fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
+    fill_as(dir, "filler")
+}
+
+fn fill_as(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
     let mut f = fs::File::create(&path).unwrap();
     let chunk = vec![0u8; 4096];
     while f.write_all(&chunk).is_ok() {}
@@ -516,7 +520,8 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
         .unwrap()
         .flatten()
         .map(|e| e.file_name())
-        .filter(|n| n != "disk.json")
+        // The ledger and its companion (see state::write_swapping), nothing else.
+        .filter(|n| n != "disk.json" && n != ".disk.json.swap")
         .collect();
     assert!(leftovers.is_empty(), "no temporary left: {leftovers:?}");
 
@@ -537,7 +542,15 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
 fn data_dir_full_the_agent_enforces_from_memory_and_saves_again_when_space_returns() {
     unwritable_data_dir(|small| {
         let filler = fill(&small.0);
-        Box::new(move || fs::remove_file(filler).unwrap())
+        // A ledger is rewritten in its companion, in space it already holds
+        // (state::write_atomic_all): on a full disk its saves go on. Without a companion a save
+        // needs new space, which the full disk refuses: remove it, and fill what it freed.
+        let _ = fs::remove_file(small.0.join("ledgers/.disk.json.swap"));
+        let more = fill_as(&small.0, "filler2");
+        Box::new(move || {
+            fs::remove_file(filler).unwrap();
+            fs::remove_file(more).unwrap();
+        })
     });
 }
 

@@ -82,6 +82,12 @@ fn pause_and_resume_take_vcpus_to_zero_and_back() {
     assert!(paused.iter().all(|&p| p < 2.0), "paused shares {paused:?}");
     let ls: serde_json::Value = serde_json::from_slice(&s.cli(&["ls", "--json"]).stdout).unwrap();
     assert_eq!(ls[0]["state"], "paused");
+    let published = std::fs::read_to_string(s.state().join("pr").join(state::RUN_STATE));
+    assert_eq!(
+        published.unwrap(),
+        "paused\n",
+        "pause waits until it is published"
+    );
     assert!(s.cli(&["resume", "pr"]).status.success());
     let resumed = shares(pid, &tids, Duration::from_millis(700));
     assert!(
@@ -93,6 +99,54 @@ fn pause_and_resume_take_vcpus_to_zero_and_back() {
         tids,
         "same threads after resume"
     );
+}
+
+#[test]
+fn the_launcher_publishes_every_run_state_change_from_qemus_events() {
+    if !require_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let vm = Launched::start(
+        &s,
+        "ev",
+        &["--vcpus", "1", "--baseline", "10"],
+        &s.qemu_args(Halt),
+    );
+    let dir = s.state().join("ev");
+    let published = || {
+        std::fs::read_to_string(dir.join(state::RUN_STATE))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(published(), "running", "published before the record");
+    assert!(
+        !dir.join("ev.sock").exists(),
+        "the private monitor's socket is unlinked once connected"
+    );
+    // Someone else's QMP session, not burst-qemu's CLI: only QEMU's event tells the launcher.
+    let mut c = qmp::Client::connect(&vm.record.qmp_socket, Duration::from_secs(2)).unwrap();
+    for (command, want) in [("stop", "paused"), ("cont", "running")] {
+        let t = Instant::now();
+        match command {
+            "stop" => c.execute(qmp::qapi::qmp::stop {}).map(drop),
+            _ => c.execute(qmp::qapi::qmp::cont {}).map(drop),
+        }
+        .unwrap();
+        while published() != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{command}: still {:?}",
+                published()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        eprintln!("{command}: published {want} after {:?}", t.elapsed());
+    }
+    drop(c);
+    let ls: serde_json::Value = serde_json::from_slice(&s.cli(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(ls[0]["run_state"], "running");
 }
 
 #[test]

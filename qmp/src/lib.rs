@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -265,6 +266,12 @@ impl Client {
         }
     }
 
+    /// Whether a message has already been read from the socket but not yet taken (a queued
+    /// event, or a whole line in the buffer): `poll` on [`AsFd`] would not say so.
+    pub fn pending(&self) -> bool {
+        !self.events.is_empty() || self.buf.contains(&b'\n')
+    }
+
     /// Takes every event queued so far.
     pub fn take_events(&mut self) -> Vec<Event> {
         self.events.drain(..).collect()
@@ -370,6 +377,13 @@ impl Client {
                 Err(source) => return Err(Error::Io { phase, source }),
             }
         }
+    }
+}
+
+impl AsFd for Client {
+    /// The session's socket, to wait for events with `poll` (see [`Client::pending`]).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }
 

@@ -169,6 +169,20 @@ fn events_interleaved_with_a_reply_are_queued_in_order() {
 }
 
 #[test]
+fn an_event_read_with_a_reply_but_after_it_is_pending_though_the_socket_is_drained() {
+    let (mut c, _h) = connected(vec![
+        Expect("stop"),
+        Send("{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"STOP\"}\n{\"return\": {}, \"id\": {ID}}\n{\"timestamp\": {\"seconds\": 2, \"microseconds\": 0}, \"event\": \"RESUME\"}\n"),
+    ]);
+    c.execute(&qapi::qmp::stop {}).unwrap();
+    assert_eq!(c.take_events().len(), 1);
+    // One write: the RESUME line came in the same read as the reply.
+    assert!(c.pending(), "RESUME is buffered, and poll would not say so");
+    assert_eq!(c.wait_event(T).unwrap().unwrap().name, "RESUME");
+    assert!(!c.pending());
+}
+
+#[test]
 fn a_garbage_line_is_an_error_not_a_panic() {
     let (mut c, _h) = connected(vec![
         Expect("query-status"),

@@ -48,7 +48,7 @@ pub fn save(path: &Path, h: &History) -> io::Result<()> {
 pub fn save_tail(path: &Path, samples: &[Sample]) -> io::Result<()> {
     let mut h = History::new();
     h.extend_fine(samples);
-    state::write_published(path, &h.encode())
+    state::write_swapping(path, &h.encode())
 }
 
 /// A running VM's tail; empty when there is none (or it is unreadable: it is only a cache).

@@ -68,9 +68,14 @@ impl LedgerFile {
         }
     }
 
+    /// The file's content.
+    pub fn to_bytes(&self) -> io::Result<Vec<u8>> {
+        serde_json::to_vec_pretty(self).map_err(io::Error::other)
+    }
+
     /// Saves atomically (write, fsync, rename), creating the directory when missing.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        let json = self.to_bytes()?;
         match state::write_atomic(path, &json, 0o644) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if let Some(dir) = path.parent() {

@@ -240,6 +240,7 @@ impl Agent {
         if let Some(mut vm) = self.vms.remove(name) {
             vm.measure_and_tick();
             self.persist(&mut vm);
+            state::remove_companion(&state::ledger_path(&self.settings.data_dir, name));
             vm.save_history(&self.settings.data_dir, true);
             if let Err(e) = self.enforcer.detach(name) {
                 tracing::warn!("{name}: {}", chain(&e));

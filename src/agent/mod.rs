@@ -162,6 +162,8 @@ pub struct Agent {
     contention: Option<Contention>,
     disks: Option<crate::balance::disk::Disks>,
     last_period: Instant,
+    /// When the ledgers were last saved together.
+    last_persist: Instant,
     vms: HashMap<String, Vm>,
     /// What the metrics server shows, when one runs.
     metrics: Option<Arc<Mutex<Snapshot>>>,
@@ -195,6 +197,7 @@ impl Agent {
                 .disk_bandwidth
                 .map(crate::balance::disk::Disks::new),
             last_period: Instant::now(),
+            last_persist: Instant::now(),
             settings,
             enforcer,
             vms: HashMap::new(),
@@ -217,6 +220,9 @@ impl Agent {
     /// Runs until SIGINT/SIGTERM (or idle exit); ledgers are saved on the way out. Cgroups of
     /// running VMs are left in place, so they keep their last grant.
     pub fn run(mut self) -> Result<(), AgentError> {
+        if let Some(n) = crate::procfs::raise_nofile() {
+            tracing::debug!("descriptor limit {n}");
+        }
         let mut events = Events::start(&self.settings.state_dir)?;
         tracing::info!(
             "agent for {} using {}",
@@ -551,6 +557,47 @@ impl Agent {
             self.tend(&mut vm, now_s);
             self.vms.insert(name, vm);
         }
+        if self.last_persist.elapsed() >= PERSIST_EVERY {
+            self.persist_all();
+        }
+    }
+
+    /// Saves every ledger at once (see [`state::write_atomic_all`]): one fsync of the ledger
+    /// directory per interval, where a save per VM fsynced it once per VM (half the agent's CPU
+    /// with 150 idle VMs, with the file fsyncs). A crash still loses at most one interval.
+    fn persist_all(&mut self) {
+        self.last_persist = Instant::now();
+        let data_dir = &self.settings.data_dir;
+        let mut names: Vec<String> = Vec::with_capacity(self.vms.len());
+        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::with_capacity(self.vms.len());
+        for (name, vm) in &self.vms {
+            // Plain data always serializes; were it ever not, the VM is retried next interval.
+            if let Ok(bytes) = vm.ledger_file().to_bytes() {
+                names.push(name.clone());
+                files.push((state::ledger_path(data_dir, name), bytes));
+            }
+        }
+        if files.is_empty() {
+            return;
+        }
+        let dir = state::ledger_dir(data_dir);
+        if let Err(e) = fs::create_dir_all(&dir) {
+            tracing::debug!("creating {}: {e}", dir.display());
+        }
+        let (results, dir_synced) = state::write_atomic_all(&dir, &files, 0o644);
+        if let Err(e) = dir_synced {
+            tracing::error!("cannot fsync {}: {e}", dir.display());
+            self.health.ledger_save_failures += 1;
+        }
+        for ((name, (path, _)), result) in names.iter().zip(&files).zip(results) {
+            let saved = self
+                .vms
+                .get_mut(name)
+                .is_some_and(|vm| vm.saved(path, result));
+            if !saved {
+                self.health.ledger_save_failures += 1;
+            }
+        }
     }
 
     /// A VM's share of a tick after measuring: a balance request, enforcement, publishing,
@@ -570,9 +617,6 @@ impl Agent {
                 .join(&vm.record.name)
                 .join(state::SET_CREDITS);
             let _ = fs::remove_file(&request);
-        }
-        if vm.last_persist.elapsed() >= PERSIST_EVERY {
-            self.persist(vm);
         }
         vm.record_history(&self.settings.state_dir, &self.settings.data_dir, now_s);
     }

@@ -12,7 +12,7 @@ use crate::base::boottime_ns;
 use crate::config::VmConfig;
 use crate::contention::Allocation;
 use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
-use crate::procfs::Proc;
+use crate::procfs::{Proc, SchedFile};
 use crate::state::{self, VmRecord};
 use crate::view::{self, CreditsView, DiskView, Facts, Live};
 
@@ -48,8 +48,9 @@ pub(super) struct Vm {
     pub(super) orphaned: bool,
     /// Why the last save of the ledger failed, while it keeps failing.
     pub(super) ledger_error: Option<String>,
-    pub(super) last_persist: Instant,
     pub(super) last_publish: Instant,
+    /// Each vCPU thread's `schedstat`, kept open.
+    sched: HashMap<u32, SchedFile>,
     pub(super) published: HashMap<&'static str, String>,
     pub(super) history: crate::history::History,
     /// The start of the newest fine sample in the saved history file.
@@ -88,8 +89,8 @@ impl Vm {
             stale: None,
             orphaned: false,
             ledger_error: None,
-            last_persist: Instant::now(),
             last_publish: Instant::now(),
+            sched: HashMap::new(),
             published: HashMap::new(),
             history: crate::history::History::new(),
             history_saved_t: 0,
@@ -129,7 +130,11 @@ impl Vm {
         let mut waited = 0u64;
         self.waits.resize(self.cpu.len(), None);
         for ((tid, last), last_wait) in self.cpu.iter_mut().zip(self.waits.iter_mut()) {
-            if let Some(s) = Proc::host().thread_sched(self.record.pid, *tid) {
+            let file = self
+                .sched
+                .entry(*tid)
+                .or_insert_with(|| SchedFile::open(self.record.pid, *tid));
+            if let Some(s) = file.read() {
                 used += s.run_ns.saturating_sub(*last);
                 *last = s.run_ns;
                 if let Some(w) = *last_wait {
@@ -157,10 +162,9 @@ impl Vm {
         self.at_ns = now;
     }
 
-    /// Saves the ledger and its checkpoint; `false` when the save failed (the VM goes on being
-    /// charged and enforced from memory, and says why in its view until a save succeeds).
-    pub(super) fn persist(&mut self, data_dir: &Path) -> bool {
-        let file = LedgerFile {
+    /// The ledger file as it stands: balances and a checkpoint of the accounting.
+    pub(super) fn ledger_file(&self) -> LedgerFile {
+        LedgerFile {
             name: self.record.name.clone(),
             vcpus: self.record.vcpus,
             policy: Some(self.ledger.policy().clone()),
@@ -176,11 +180,21 @@ impl Vm {
             }),
             uuid: self.record.source.libvirt_uuid().map(str::to_owned),
             saved_unix_ns: crate::base::unix_now_ns(),
-        };
+        }
+    }
+
+    /// Saves the ledger and its checkpoint; `false` when the save failed (the VM goes on being
+    /// charged and enforced from memory, and says why in its view until a save succeeds).
+    pub(super) fn persist(&mut self, data_dir: &Path) -> bool {
         let path = state::ledger_path(data_dir, &self.record.name);
-        // Retried once per persistence interval, not every tick, while the disk refuses.
-        self.last_persist = Instant::now();
-        match file.save(&path) {
+        let saved = self.ledger_file().save(&path);
+        self.saved(&path, saved)
+    }
+
+    /// Takes the outcome of a save of the ledger to `path` (alone, or in a batch); whether it
+    /// succeeded.
+    pub(super) fn saved(&mut self, path: &Path, result: io::Result<()>) -> bool {
+        match result {
             Ok(()) => {
                 if let Some(e) = self.ledger_error.take() {
                     tracing::info!("{}: ledger saved again (after: {e})", self.record.name);
@@ -232,7 +246,7 @@ impl Vm {
                 } else {
                     format!("{value}\n")
                 };
-                if state::write_published(&dir.join(file), text.as_bytes()).is_ok() {
+                if state::write_swapping(&dir.join(file), text.as_bytes()).is_ok() {
                     self.published.insert(file, value);
                 }
             }

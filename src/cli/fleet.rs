@@ -1,6 +1,7 @@
 //! The fleet commands: `ls`, `stop`, `pause`, `resume`, `credits`, and starting the agent.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -8,10 +9,23 @@ use burst_qemu::state::{self, VmRecord};
 
 use super::*;
 
-/// A running VM's state as QMP (or libvirt, for a domain) reports it: `running`, `paused`,
-/// another run state, or `unknown` when its monitor does not answer.
-pub(super) fn vm_state(vm: &VmRecord) -> String {
+/// A running VM's state: `running`, `paused`, another run state, or `unknown` when its monitor
+/// does not answer. A launched VM's launcher keeps it in the runtime dir (no QMP session per VM
+/// per `ls`); an orphan, an adopted QEMU and a libvirt domain are asked over QMP or libvirt.
+pub(super) fn vm_state(state_dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> String {
+    if vm.source == state::Source::Launcher && liveness == state::Liveness::Managed {
+        if let Some(s) = published_run_state(state_dir, &vm.name) {
+            return s;
+        }
+    }
     super::foreign::run_state(vm)
+}
+
+/// The run state the launcher published for `name`, if it did.
+pub(super) fn published_run_state(state_dir: &Path, name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(state_dir.join(name).join(state::RUN_STATE)).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
 }
 
 /// Why a VM is orphaned (or, adopted, has no launcher), for `ls`.
@@ -50,39 +64,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
     let out = if a.json {
         let rows: Vec<serde_json::Value> = vms
             .iter()
-            .map(|(vm, liveness)| {
-                let mut v = serde_json::to_value(vm).expect("records are plain data");
-                let run_state = vm_state(vm);
-                let orphaned =
-                    *liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
-                v["state"] = if orphaned {
-                    "orphaned".into()
-                } else {
-                    run_state.clone()
-                }
-                .into();
-                v["run_state"] = run_state.into();
-                v["launcher"] = match vm.source {
-                    state::Source::Launcher if orphaned => "gone",
-                    state::Source::Launcher => "running",
-                    _ => "none",
-                }
-                .into();
-                v["from"] = vm.source.label().into();
-                v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
-                let live = read_view(&dir, &vm.name);
-                v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
-                v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
-                v["pins"] = live.as_ref().and_then(|v| v.pins.clone()).into();
-                v["pin_changes"] = live.as_ref().and_then(|v| v.pin_changes).into();
-                v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
-                v["memory"] = serde_json::to_value(super::mem::read_memory(&dir, &vm.name))
-                    .unwrap_or_default();
-                let error = config_error(&dir, &vm.name);
-                v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
-                v["config_error"] = error.into();
-                v
-            })
+            .map(|(vm, liveness)| ls_row(&dir, vm, *liveness))
             .collect();
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
@@ -130,7 +112,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 if orphaned {
                     "orphaned".into()
                 } else {
-                    vm_state(vm)
+                    vm_state(&dir, vm, *liveness)
                 },
                 vm.source.label(),
                 live.as_ref()
@@ -148,6 +130,39 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
         .write_all(out.as_bytes())
         .context("writing to stdout")
         .map_err(Failure::host)
+}
+
+/// One VM's row of `ls --json`.
+fn ls_row(dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> serde_json::Value {
+    let mut v = serde_json::to_value(vm).expect("records are plain data");
+    let run_state = vm_state(dir, vm, liveness);
+    let orphaned = liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
+    v["state"] = if orphaned {
+        "orphaned".into()
+    } else {
+        run_state.clone()
+    }
+    .into();
+    v["run_state"] = run_state.into();
+    v["launcher"] = match vm.source {
+        state::Source::Launcher if orphaned => "gone",
+        state::Source::Launcher => "running",
+        _ => "none",
+    }
+    .into();
+    v["from"] = vm.source.label().into();
+    v["orphan_reason"] = orphaned.then(|| orphan_reason(vm)).into();
+    let live = read_view(dir, &vm.name);
+    v["grant_pct"] = live.as_ref().and_then(|v| v.grant_pct).into();
+    v["allocation_pct"] = live.as_ref().and_then(|v| v.allocation_pct).into();
+    v["pins"] = live.as_ref().and_then(|v| v.pins.clone()).into();
+    v["pin_changes"] = live.as_ref().and_then(|v| v.pin_changes).into();
+    v["ledger_error"] = live.and_then(|v| v.ledger_error).into();
+    v["memory"] = serde_json::to_value(super::mem::read_memory(dir, &vm.name)).unwrap_or_default();
+    let error = config_error(dir, &vm.name);
+    v["config_state"] = if error.is_some() { "stale" } else { "ok" }.into();
+    v["config_error"] = error.into();
+    v
 }
 
 /// The `PINS` column: each vCPU's CPU (`*` while not pinned to one), `-` when the agent does

@@ -197,7 +197,18 @@ pub(super) fn pause_or_resume(g: &Global, name: &str, pause: bool) -> Result<(),
     let c = control_of(&vm);
     if pause { c.pause() } else { c.resume() }
         .context(if pause { "pausing" } else { "resuming" })
-        .map_err(Failure::host)
+        .map_err(Failure::host)?;
+    // The launcher publishes the change from QEMU's event, a moment after QEMU's answer: an
+    // `ls` right after `pause` must already say so.
+    let dir = g.state_dir();
+    let deadline = Instant::now() + burst_qemu::control::QMP_TIMEOUT;
+    while let Some(s) = super::fleet::published_run_state(&dir, name) {
+        if (s == "running") != pause || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 /// Why an adopted or libvirt VM is listed as it is, for `ls` and `check`.

@@ -31,6 +31,7 @@
 mod args;
 mod config;
 mod process;
+mod run_state;
 
 use std::ffi::OsString;
 use std::fs;
@@ -192,7 +193,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
     // The child inherits the mask: `clean_child` empties it before exec.
     let signals = block_signals()?;
     let runtime = RuntimeDir::claim(&req.state_dir, &plan.name)?;
-    let (mut cmd, monitor) = command(req, &plan)?;
+    let (mut cmd, monitor, events) = command(req, &plan, &runtime)?;
     let started = Instant::now();
     let binary = &req.qemu[0];
     let mut child = cmd.spawn().map_err(|source| match source.kind() {
@@ -217,21 +218,26 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         Ok((tids, start))
     });
     drop(monitor);
-    let record = match registered {
-        Ok((vcpu_tids, qemu_start)) => VmRecord {
-            name: plan.name.clone(),
-            pid,
-            wrapper_pid: std::process::id(),
-            vcpus: plan.cfg.policy.vcpus(),
-            baseline: plan.cfg.policy.baseline().percent(),
-            mode: plan.cfg.policy.mode(),
-            vcpu_tids,
-            config: state::absolute(&plan.config_path),
-            qmp_socket: state::absolute(&plan.qmp_socket),
-            qemu_start,
-            boot_id: Proc::host().boot_id(),
-            source: state::Source::Launcher,
-        },
+    // Before the record: a VM that `ls` lists has its run state published.
+    let registered = registered.and_then(|r| Ok((r, events.connect(runtime.path())?)));
+    let (record, watch) = match registered {
+        Ok(((vcpu_tids, qemu_start), watch)) => (
+            VmRecord {
+                name: plan.name.clone(),
+                pid,
+                wrapper_pid: std::process::id(),
+                vcpus: plan.cfg.policy.vcpus(),
+                baseline: plan.cfg.policy.baseline().percent(),
+                mode: plan.cfg.policy.mode(),
+                vcpu_tids,
+                config: state::absolute(&plan.config_path),
+                qmp_socket: state::absolute(&plan.qmp_socket),
+                qemu_start,
+                boot_id: Proc::host().boot_id(),
+                source: state::Source::Launcher,
+            },
+            watch,
+        ),
         Err(e) => return Err(kill_child(&mut child, e)),
     };
     if let Err(e) = save(req, &plan, &runtime, &record) {
@@ -249,6 +255,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
         record,
         signals,
         shutdown_timeout: req.shutdown_timeout,
+        run_state: Some(watch),
     })
 }
 
@@ -283,13 +290,16 @@ fn prepare(req: &Request) -> Result<Plan, LaunchError> {
         Some(p) => p.clone(),
         None => req.state_dir.join(&name).join(state::QMP_SOCKET),
     };
-    let socket_len = qmp_socket.as_os_str().len();
-    if socket_len > state::MAX_SOCKET_PATH {
-        return Err(LaunchError::Usage(format!(
-            "QMP socket path {} is {socket_len} bytes, more than a Unix socket holds ({}): use a shorter --state-dir",
-            qmp_socket.display(),
-            state::MAX_SOCKET_PATH
-        )));
+    let events_socket = req.state_dir.join(&name).join(run_state::SOCKET);
+    for socket in [&qmp_socket, &events_socket] {
+        let socket_len = socket.as_os_str().len();
+        if socket_len > state::MAX_SOCKET_PATH {
+            return Err(LaunchError::Usage(format!(
+                "QMP socket path {} is {socket_len} bytes, more than a Unix socket holds ({}): use a shorter --state-dir",
+                socket.display(),
+                state::MAX_SOCKET_PATH
+            )));
+        }
     }
     let smp = match option(args, "smp").as_slice() {
         [] => None,
@@ -341,7 +351,11 @@ fn block_signals() -> Result<SignalFd, LaunchError> {
 
 /// QEMU's command: the operator's, plus `-smp`, `-name`, the memory coordinator's arguments
 /// and our QMP monitor when they are missing.
-fn command(req: &Request, plan: &Plan) -> Result<(Command, Monitor), LaunchError> {
+fn command(
+    req: &Request,
+    plan: &Plan,
+    runtime: &RuntimeDir,
+) -> Result<(Command, Monitor, run_state::Listener), LaunchError> {
     let args = &req.qemu[1..];
     let mut cmd = Command::new(&req.qemu[0]);
     cmd.args(args);
@@ -371,6 +385,18 @@ fn command(req: &Request, plan: &Plan) -> Result<(Command, Monitor), LaunchError
             _listener: listener,
         }
     };
+    let events_path = runtime.path().join(run_state::SOCKET);
+    let events = run_state::Listener::bind(events_path.clone())
+        .doing(|| format!("binding {}", events_path.display()))?;
+    let fd = events.fd().as_raw_fd();
+    cmd.arg("-chardev")
+        .arg(format!(
+            "socket,id={},fd={fd},server=on,wait=off",
+            run_state::CHARDEV_ID
+        ))
+        .arg("-mon")
+        .arg(format!("chardev={},mode=control", run_state::CHARDEV_ID));
+    keep_fds.push(fd);
     // SAFETY: `clean_child` runs in the child between fork and exec and calls only
     // async-signal-safe functions (sigaction, sigprocmask, syscall, fcntl, getrlimit); it reads
     // `keep_fds`, which was allocated before the fork and is not freed in the child.
@@ -380,7 +406,7 @@ fn command(req: &Request, plan: &Plan) -> Result<(Command, Monitor), LaunchError
     if !console_on_terminal(args) {
         cmd.process_group(0);
     }
-    Ok((cmd, monitor))
+    Ok((cmd, monitor, events))
 }
 
 /// Learns the vCPU thread ids over QMP (`query-cpus-fast`), each checked to be a thread of QEMU.

@@ -36,6 +36,9 @@ pub struct Running {
     pub(super) record: VmRecord,
     pub(super) signals: SignalFd,
     pub(super) shutdown_timeout: Duration,
+    /// The private monitor that keeps the published run state current (`None` once QEMU
+    /// closed it).
+    pub(super) run_state: Option<super::run_state::Watch>,
 }
 
 /// Run in the child between fork and exec: QEMU starts with the default disposition for every
@@ -221,10 +224,8 @@ impl Running {
                     PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)
                 }
             };
-            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(IoFailure::of("polling signals", e).into()),
+            if self.wait_for_signals(timeout)? {
+                self.watch_run_state();
             }
             let mut asked_to_stop = false;
             while let Ok(Some(info)) = self.signals.read_signal() {
@@ -260,6 +261,35 @@ impl Running {
         };
         drop(self.runtime);
         Ok(exit_code(status))
+    }
+
+    /// Waits for a signal or an event on the private monitor; whether the monitor has
+    /// something to read.
+    fn wait_for_signals(&self, timeout: PollTimeout) -> Result<bool, LaunchError> {
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        if let Some(w) = &self.run_state {
+            fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(IoFailure::of("polling signals", e).into()),
+        }
+        Ok(fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty()))
+    }
+
+    /// Publishes a run state change; a closed monitor (QEMU exiting) is let go.
+    fn watch_run_state(&mut self) {
+        if let Some(w) = self.run_state.as_mut() {
+            if let Err(e) = w.on_readable() {
+                tracing::debug!("{}: run state no longer watched: {e}", self.record.name);
+                if let Some(w) = self.run_state.take() {
+                    w.abandon();
+                }
+            }
+        }
     }
 
     fn qmp<C: qmp::qapi::Command>(&self, command: C) -> Result<C::Ok, qmp::Error> {
