@@ -13,7 +13,7 @@ use burst_qemu::procfs::Proc;
 use burst_qemu::source::adopt::{self, Via};
 use burst_qemu::state::{self, Source, VmRecord};
 
-use super::fleet::ensure_agent;
+use super::agent_start::{ensure_agent, find_vm};
 use super::*;
 
 /// Take a QEMU that burst-qemu did not start (a script's, Proxmox's `qm`, Incus) into the
@@ -193,7 +193,7 @@ pub(super) fn run_state(record: &VmRecord) -> String {
 
 /// `pause` and `resume`.
 pub(super) fn pause_or_resume(g: &Global, name: &str, pause: bool) -> Result<(), Failure> {
-    let (vm, _) = super::fleet::find_vm(g, name)?;
+    let (vm, _) = find_vm(g, name)?;
     let c = control_of(&vm);
     if pause { c.pause() } else { c.resume() }
         .context(if pause { "pausing" } else { "resuming" })

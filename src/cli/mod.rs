@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 mod agent_args;
 mod agent_cmd;
 mod agent_config;
+mod agent_start;
 mod check;
 #[cfg(test)]
 mod docs_check;
@@ -32,8 +33,9 @@ mod top;
 
 use agent_args::AgentArgs;
 use agent_cmd::run_agent;
+use agent_start::ensure_agent;
 use check::check;
-use fleet::{credits, ensure_agent, ls, stop};
+use fleet::{credits, ls, stop};
 
 /// `burst-qemu --version`: the crate's version and the commit it was built from (build.rs).
 pub const VERSION: &str = concat!(
