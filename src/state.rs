@@ -48,6 +48,14 @@ pub const QMP_SOCKET: &str = "qmp.sock";
 /// QEMU's run state (`running`, `paused`, …), kept current by the launcher (see
 /// `launch::run_state`).
 pub const RUN_STATE: &str = "run_state";
+
+/// The run state the launcher published for `name`, if it did.
+pub fn published_run_state(state_dir: &Path, name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(state_dir.join(name).join(RUN_STATE)).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
 /// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 

@@ -15,18 +15,11 @@ use super::*;
 /// per `ls`); an orphan, an adopted QEMU and a libvirt domain are asked over QMP or libvirt.
 pub(super) fn vm_state(state_dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> String {
     if vm.source == state::Source::Launcher && liveness == state::Liveness::Managed {
-        if let Some(s) = published_run_state(state_dir, &vm.name) {
+        if let Some(s) = state::published_run_state(state_dir, &vm.name) {
             return s;
         }
     }
     super::foreign::run_state(vm)
-}
-
-/// The run state the launcher published for `name`, if it did.
-pub(super) fn published_run_state(state_dir: &Path, name: &str) -> Option<String> {
-    let s = std::fs::read_to_string(state_dir.join(name).join(state::RUN_STATE)).ok()?;
-    let s = s.trim();
-    (!s.is_empty()).then(|| s.to_owned())
 }
 
 /// Why a VM is orphaned (or, adopted, has no launcher), for `ls`.

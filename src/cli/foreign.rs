@@ -202,7 +202,7 @@ pub(super) fn pause_or_resume(g: &Global, name: &str, pause: bool) -> Result<(),
     // `ls` right after `pause` must already say so.
     let dir = g.state_dir();
     let deadline = Instant::now() + burst_qemu::control::QMP_TIMEOUT;
-    while let Some(s) = super::fleet::published_run_state(&dir, name) {
+    while let Some(s) = state::published_run_state(&dir, name) {
         if (s == "running") != pause || Instant::now() >= deadline {
             break;
         }
