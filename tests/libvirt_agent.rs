@@ -461,7 +461,15 @@ fn lifecycle_while_the_agent_runs() {
     assert!(ok, "{text}");
     left_fleet(&s, &d.name);
     let saved = state_balance(&s, &d.name);
-    let final_cp = checkpoint(&conn, &d.name, false).expect("a departure checkpoint");
+    // The departure checkpoint comes with libvirt's stop event; the runtime dir may go a moment
+    // before it, when the agent's rescan finds QEMU's process gone (one full run read the
+    // definition in between and found no checkpoint yet).
+    let mut final_cp = None;
+    wait_until("a departure checkpoint", Duration::from_secs(5), || {
+        final_cp = checkpoint(&conn, &d.name, false).filter(|cp| cp.departed);
+        final_cp.is_some()
+    });
+    let final_cp = final_cp.unwrap();
     assert!(final_cp.departed && final_cp.belongs_to(&conn.domain(&d.name).unwrap().uuid()));
     assert!(
         (final_cp.balances.balance().as_credits() - saved).abs() < 0.001,
