@@ -54,17 +54,22 @@ fn companion(path: &Path) -> io::Result<PathBuf> {
     Ok(path.with_file_name(format!(".{}.swap", name.to_string_lossy())))
 }
 
-/// Writes `bytes` into `path`'s companion (created when missing, else emptied first).
-fn fill_companion(path: &Path, bytes: &[u8], mode: u32) -> io::Result<(File, PathBuf)> {
-    let c = companion(path)?;
+/// Creates (or empties) `path` with `mode` and writes `bytes` into it.
+fn create_with(path: &Path, bytes: &[u8], mode: u32) -> io::Result<File> {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
-        .open(&c)?;
+        .open(path)?;
     f.write_all(bytes)?;
-    Ok((f, c))
+    Ok(f)
+}
+
+/// Writes `bytes` into `path`'s companion (created when missing, else emptied first).
+fn fill_companion(path: &Path, bytes: &[u8], mode: u32) -> io::Result<(File, PathBuf)> {
+    let c = companion(path)?;
+    Ok((create_with(&c, bytes, mode)?, c))
 }
 
 /// Puts the companion's content at `path`: the names exchanged, or the companion renamed over
@@ -85,13 +90,7 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::R
         .unwrap_or(Path::new("."));
     let tmp = temporary(path)?;
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
+        let f = create_with(&tmp, bytes, mode)?;
         if durable {
             f.sync_all()?;
         }

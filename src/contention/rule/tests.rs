@@ -109,6 +109,19 @@ fn rescoin_keeps_the_split_history_gave_it_and_headroom_does_not() {
     assert!(headroom > 0.9999, "{split:?}");
 }
 
+/// Busy VMs from `(vCPUs, baseline %, grant %)`, named by `names`: (name, grant, baseline, full
+/// rate), the grant never below the baseline.
+fn fleet<'a>(spec: &[(u64, u64, u64)], names: &'a [String]) -> Vec<(&'a str, u64, u64, u64)> {
+    spec.iter()
+        .zip(names)
+        .map(|(&(v, b, g), n)| {
+            let full = v * CPU;
+            let base = full * b / 100;
+            (n.as_str(), (full * g / 100).max(base), base, full)
+        })
+        .collect()
+}
+
 proptest! {
     #[test]
     fn identical_busy_vms_get_equal_shares_whatever_their_history(
@@ -141,15 +154,7 @@ proptest! {
         history in histories(8, 4 * CPU),
     ) {
         let names: Vec<String> = (0..spec.len()).map(|i| format!("vm{i}")).collect();
-        let vms: Vec<(&str, u64, u64, u64)> = spec
-            .iter()
-            .zip(&names)
-            .map(|(&(v, b, g), n)| {
-                let full = v * CPU;
-                let base = full * b / 100;
-                (n.as_str(), (full * g / 100).max(base), base, full)
-            })
-            .collect();
+        let vms = fleet(&spec, &names);
         let history: Vec<Vec<u64>> = history.iter().map(|h| h[..vms.len()].to_vec()).collect();
         let mut c = Contention::new(Rate(capacity * CPU), rule);
         let a = replay(&mut c, &vms, &history, SETTLE);
@@ -175,15 +180,7 @@ proptest! {
         second in histories(8, 4 * CPU),
     ) {
         let names: Vec<String> = (0..spec.len()).map(|i| format!("vm{i}")).collect();
-        let vms: Vec<(&str, u64, u64, u64)> = spec
-            .iter()
-            .zip(&names)
-            .map(|(&(v, b, g), n)| {
-                let full = v * CPU;
-                let base = full * b / 100;
-                (n.as_str(), (full * g / 100).max(base), base, full)
-            })
-            .collect();
+        let vms = fleet(&spec, &names);
         let cut = |h: &Vec<Vec<u64>>| -> Vec<Vec<u64>> {
             h.iter().map(|p| p[..vms.len()].to_vec()).collect()
         };
