@@ -70,7 +70,7 @@ fn agent_enforcer_scx_refuses_cpu_pinning_and_a_bad_cpu_list_by_name() {
     for (flags, says) in [
         (
             &["--balance", "cpu"][..],
-            "--balance cpu pins vCPU threads, which the sched_ext scheduler places itself",
+            "--balance cpu: with --enforcer scx, the sched_ext scheduler places the vCPU threads itself",
         ),
         (
             &["--scx-cpus", "3-1"][..],

@@ -83,18 +83,27 @@ fn balance_settings(a: &AgentArgs) -> Result<Option<(Vec<u32>, Duration)>, Failu
     Ok(Some((cpus, Duration::from_secs_f64(a.balance_interval))))
 }
 
-/// The enforcer `auto` picks: sched_ext where this build has it and the kernel offers it with
-/// no other BPF scheduler loaded (ours could not load beside it), else cgroup.
-fn resolve_enforcer(kind: EnforcerKind) -> EnforcerKind {
-    match kind {
-        EnforcerKind::Auto
-            if scx::BUILT
+/// The enforcer `auto` picks: the cgroup enforcer when a setting only it applies is given
+/// ([`cgroup_only`], said in the log), else sched_ext where this build has it and the kernel
+/// offers it with no other BPF scheduler loaded (ours could not load beside it), else cgroup.
+fn resolve_enforcer(a: &AgentArgs) -> EnforcerKind {
+    match a.enforcer {
+        EnforcerKind::Auto => {
+            if let Some(setting) = cgroup_only(a) {
+                tracing::info!(
+                    "--enforcer auto: {} is applied by the cgroup enforcer only: using it",
+                    setting.flag
+                );
+                EnforcerKind::Cgroup
+            } else if scx::BUILT
                 && scx::kernel_state()
-                    .is_some_and(|(_, ops)| ops.is_empty() || ops == scx::OPS_NAME) =>
-        {
-            EnforcerKind::Scx
+                    .is_some_and(|(_, ops)| ops.is_empty() || ops == scx::OPS_NAME)
+            {
+                EnforcerKind::Scx
+            } else {
+                EnforcerKind::Cgroup
+            }
         }
-        EnforcerKind::Auto => EnforcerKind::Cgroup,
         k => k,
     }
 }
@@ -108,47 +117,74 @@ fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failur
                 .into(),
         ));
     }
-    if let Some(why) = contention_refusal(kind, a.contention) {
-        return Err(usage(why));
+    let (enforcer, what, cpus) = match kind {
+        EnforcerKind::Scx => ("scx", "the sched_ext scheduler", "--scx-cpus"),
+        EnforcerKind::Ghost => ("ghost", "the ghOSt agent", "--ghost-cpus"),
+        EnforcerKind::Cgroup | EnforcerKind::Auto => return Ok(()),
+    };
+    match cgroup_only(a) {
+        Some(setting) => Err(usage(format!(
+            "{}: with --enforcer {enforcer}, {what} {}: use --enforcer cgroup for it{}",
+            setting.flag,
+            setting.why,
+            match setting.kind {
+                CgroupOnly::Rule => ", or --contention headroom".to_owned(),
+                CgroupOnly::Capacity => format!(", or give {what} its CPUs with {cpus}"),
+                CgroupOnly::Pinning => String::new(),
+            }
+        ))),
+        None => Ok(()),
     }
-    if a.balance == BalanceKind::Cpu {
-        match kind {
-            EnforcerKind::Ghost => return Err(usage(
-                "--balance cpu pins vCPU threads, which the ghOSt agent schedules itself: use it with --enforcer cgroup".into(),
-            )),
-            EnforcerKind::Scx => return Err(usage(
-                "--balance cpu pins vCPU threads, which the sched_ext scheduler places itself: use it with --enforcer cgroup".into(),
-            )),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
-/// Why `--contention rule` cannot run under the `kind` enforcer, if it cannot. The cgroup
-/// enforcer takes the contention stage's plan as quotas and weights, for every rule. The
-/// sched_ext program and the ghOSt scheduler decide every dispatch themselves: baselines
-/// first, then the spare in proportion to grant − baseline, which is the `headroom` rule;
-/// they take no per-period caps from the stage, so any other rule (or `off`, which would
-/// leave the split to the kernel's fair class) would be silently not what runs.
-fn contention_refusal(kind: EnforcerKind, rule: ContentionRule) -> Option<String> {
-    let (enforcer, what) = match kind {
-        EnforcerKind::Scx => ("scx", "the sched_ext scheduler"),
-        EnforcerKind::Ghost => ("ghost", "the ghOSt agent"),
-        EnforcerKind::Cgroup | EnforcerKind::Auto => return None,
-    };
-    if rule == ContentionRule::Headroom {
-        return None;
+/// A setting only the cgroup enforcer applies: its flag as given, and why the others cannot.
+struct CgroupOnlySetting {
+    flag: String,
+    why: &'static str,
+    kind: CgroupOnly,
+}
+
+enum CgroupOnly {
+    Rule,
+    Capacity,
+    Pinning,
+}
+
+/// The first setting of `a` that only the cgroup enforcer applies. The cgroup enforcer takes
+/// the contention stage's plan as quotas and weights, for every rule and capacity. The
+/// sched_ext program and the ghOSt scheduler decide every dispatch themselves, over the CPUs
+/// they are given: baselines first, then the spare in proportion to grant − baseline, which is
+/// the `headroom` rule. They take no per-period caps from the stage, so another rule (or
+/// `off`, which leaves the split to the kernel's fair class) or a capacity of its own would
+/// be silently not what runs; and they place the threads themselves, so pinning is not theirs.
+fn cgroup_only(a: &AgentArgs) -> Option<CgroupOnlySetting> {
+    if a.contention != ContentionRule::Headroom {
+        let name = a
+            .contention
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned());
+        return Some(CgroupOnlySetting {
+            flag: format!("--contention {name}"),
+            why: "guarantees every baseline and splits the spare in proportion to grant − \
+                  baseline in its own dispatch, which is --contention headroom",
+            kind: CgroupOnly::Rule,
+        });
     }
-    let name = rule
-        .to_possible_value()
-        .map_or_else(String::new, |v| v.get_name().to_owned());
-    Some(format!(
-        "--contention {name}: with --enforcer {enforcer} (given, or chosen by auto on this host), \
-         {what} guarantees every baseline and splits the spare in proportion to grant − \
-         baseline in its own dispatch, which is --contention headroom; it cannot apply \
-         `{name}`: use --contention headroom, or --enforcer cgroup for `{name}`"
-    ))
+    if let Some(capacity) = &a.capacity {
+        return Some(CgroupOnlySetting {
+            flag: format!("--capacity {capacity}"),
+            why: "shares out the CPUs it runs the VMs on, which are its capacity",
+            kind: CgroupOnly::Capacity,
+        });
+    }
+    if a.balance == BalanceKind::Cpu {
+        return Some(CgroupOnlySetting {
+            flag: "--balance cpu".into(),
+            why: "places the vCPU threads itself, and --balance cpu pins them",
+            kind: CgroupOnly::Pinning,
+        });
+    }
+    None
 }
 
 /// The cgroup hierarchy to use: `--cgroup-mount` (its version given or read from the mount),
@@ -303,7 +339,7 @@ fn spare_rule(rule: ContentionRule) -> Option<SpareRule> {
 /// The agent's settings from the flags, for whichever enforcer runs.
 fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, Failure> {
     // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare by
-    // headroom themselves (any other rule is refused: `contention_refusal`).
+    // headroom themselves (any other rule, and a capacity, is refused: `cgroup_only`).
     let contention = match (spare_rule(a.contention), kind) {
         (None, _) | (_, EnforcerKind::Scx | EnforcerKind::Ghost) => None,
         (Some(_), _) => Some(capacity(a.capacity.as_deref())?),
@@ -352,7 +388,7 @@ pub(super) fn run_agent(argv: Vec<std::ffi::OsString>) -> Result<(), Failure> {
         }
         Err(e) => return Err(Failure::host(e)),
     };
-    let kind = resolve_enforcer(a.enforcer);
+    let kind = resolve_enforcer(a);
     refuse_contradictions(kind, a).map_err(|f| resolved.blame(f))?;
     let in_force = settings(g, a, kind).map_err(|f| resolved.blame(f))?;
     let enforcer = enforcer(kind, a, &state_dir).map_err(|f| resolved.blame(f))?;
@@ -360,7 +396,11 @@ pub(super) fn run_agent(argv: Vec<std::ffi::OsString>) -> Result<(), Failure> {
     // Edits are watched where the file's directory exists (a file created later in a new
     // directory needs a restart).
     if layers.path().parent().is_some_and(Path::is_dir) {
-        let build = move |r: &Resolved| settings(&r.global, &r.args, kind);
+        // An edit that asks this enforcer for what it cannot apply is refused like the flag.
+        let build = move |r: &Resolved| {
+            refuse_contradictions(kind, &r.args)?;
+            settings(&r.global, &r.args, kind)
+        };
         agent = agent.with_reload(agent_config::reloader(layers, file, &resolved, build));
     }
     agent.run().map_err(Failure::host)

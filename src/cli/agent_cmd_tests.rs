@@ -40,19 +40,26 @@ fn the_cgroup_enforcer_runs_every_rule_in_the_contention_stage() {
     assert_eq!(r.args.contention, ContentionRule::Headroom, "the default");
 }
 
+/// The refusal a user sees when `flags` ask `kind` for what only the cgroup enforcer applies.
+fn refusal(kind: EnforcerKind, flags: &[&str]) -> Option<String> {
+    let (_dir, r) = resolved("", flags);
+    refuse_contradictions(kind, &r.args)
+        .err()
+        .map(|f| format!("{:#}", f.error))
+}
+
 #[test]
 fn scx_and_ghost_honour_headroom_and_refuse_every_other_rule_naming_option_and_enforcer() {
     for (kind, enforcer, what) in [
         (EnforcerKind::Scx, "scx", "the sched_ext scheduler"),
         (EnforcerKind::Ghost, "ghost", "the ghOSt agent"),
     ] {
-        assert!(contention_refusal(kind, ContentionRule::Headroom).is_none());
-        for (rule, name) in [
-            (ContentionRule::Rescoin, "rescoin"),
-            (ContentionRule::Baseline, "baseline"),
-            (ContentionRule::Off, "off"),
-        ] {
-            let e = contention_refusal(kind, rule).expect("refused");
+        if kind == EnforcerKind::Scx && !scx::BUILT {
+            continue;
+        }
+        assert_eq!(refusal(kind, &["--contention", "headroom"]), None);
+        for name in ["rescoin", "baseline", "off"] {
+            let e = refusal(kind, &["--contention", name]).expect("refused");
             assert!(e.starts_with(&format!("--contention {name}: ")), "{e}");
             assert!(e.contains(&format!("--enforcer {enforcer}")), "{e}");
             assert!(
@@ -69,5 +76,56 @@ fn scx_and_ghost_honour_headroom_and_refuse_every_other_rule_naming_option_and_e
         text.contains("agent.toml:2: contention: --contention rescoin: with --enforcer ghost"),
         "{text}"
     );
-    assert!(contention_refusal(EnforcerKind::Cgroup, ContentionRule::Off).is_none());
+    assert_eq!(
+        refusal(EnforcerKind::Cgroup, &["--contention", "off"]),
+        None
+    );
+}
+
+/// Issue 20: `--capacity` was taken and silently not applied under scx and ghOSt, whose
+/// dispatch shares out the CPUs they run the VMs on.
+#[test]
+fn a_capacity_is_refused_by_scx_and_ghost_which_share_out_their_own_cpus() {
+    for (kind, cpus) in [
+        (EnforcerKind::Scx, "--scx-cpus"),
+        (EnforcerKind::Ghost, "--ghost-cpus"),
+    ] {
+        if kind == EnforcerKind::Scx && !scx::BUILT {
+            continue;
+        }
+        let e = refusal(kind, &["--capacity", "1.5"]).expect("refused");
+        assert!(e.starts_with("--capacity 1.5: with --enforcer "), "{e}");
+        assert!(e.contains(cpus) && e.contains("--enforcer cgroup"), "{e}");
+    }
+    assert_eq!(refusal(EnforcerKind::Cgroup, &["--capacity", "1.5"]), None);
+    // From the file, named by its line.
+    let (_dir, r) = resolved("capacity = 1.5\n", &[]);
+    let f = r.blame(refuse_contradictions(EnforcerKind::Ghost, &r.args).unwrap_err());
+    let text = format!("{:#}", f.error);
+    assert!(
+        text.contains("agent.toml:1: capacity: --capacity 1.5: "),
+        "{text}"
+    );
+}
+
+/// Issue 20: a config whose `contention = "off"` (or a capacity, or pinning) served cgroup
+/// hosts failed to start wherever `auto` picked sched_ext. `auto` now picks the enforcer that
+/// applies what was asked, whatever the host offers.
+#[test]
+fn auto_picks_the_cgroup_enforcer_for_what_only_it_applies() {
+    for flags in [
+        &["--contention", "off"][..],
+        &["--contention", "rescoin"][..],
+        &["--capacity", "1"][..],
+        &["--balance", "cpu"][..],
+    ] {
+        let (_dir, r) = resolved("", flags);
+        assert_eq!(r.args.enforcer, EnforcerKind::Auto);
+        assert_eq!(resolve_enforcer(&r.args), EnforcerKind::Cgroup, "{flags:?}");
+    }
+    let (_dir, r) = resolved("", &[]);
+    assert!(
+        cgroup_only(&r.args).is_none(),
+        "the defaults suit every enforcer"
+    );
 }
