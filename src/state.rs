@@ -480,11 +480,13 @@ fn read_record(dir: &Path) -> Option<VmRecord> {
 /// domain is managed (by libvirt) while its QEMU lives; an adopted QEMU has no manager, so it
 /// is orphaned while it lives (listed, charged, enforced; stopped only when asked).
 pub fn liveness(dir: &Path, record: &VmRecord) -> Liveness {
-    match (&record.source, record.qemu_alive()) {
-        (Source::Launcher, _) => {}
-        (_, false) => return Liveness::Gone,
-        (Source::Libvirt { .. }, true) => return Liveness::Managed,
-        (Source::Adopted, true) => return Liveness::Orphaned,
+    // A launcher's lock answers first: QEMU's start time (a read of /proc/PID/stat) is looked
+    // at only when no launcher holds the dir.
+    match &record.source {
+        Source::Launcher => {}
+        _ if !record.qemu_alive() => return Liveness::Gone,
+        Source::Libvirt { .. } => return Liveness::Managed,
+        Source::Adopted => return Liveness::Orphaned,
     }
     if is_locked(dir) {
         Liveness::Managed
@@ -498,22 +500,33 @@ pub fn liveness(dir: &Path, record: &VmRecord) -> Liveness {
 /// The VMs running under `state_dir`, managed or orphaned, sorted by name. Unreadable entries
 /// and those that are gone are skipped.
 pub fn running(state_dir: &Path) -> Vec<(VmRecord, Liveness)> {
+    survey(state_dir).0
+}
+
+/// One pass over `state_dir`: the VMs running (as [`running`]) and the names of the runtime
+/// dirs whose VM is gone (to reap with [`reap_named`]). The agent's rescan each second reads
+/// every record once, where reading them for the running and again for the gone doubled its
+/// per-VM opens.
+pub fn survey(state_dir: &Path) -> (Vec<(VmRecord, Liveness)>, Vec<String>) {
     let Ok(entries) = fs::read_dir(state_dir) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    let mut vms: Vec<(VmRecord, Liveness)> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| {
-            let record = read_record(&e.path())?;
-            match liveness(&e.path(), &record) {
-                Liveness::Gone => None,
-                l => Some((record, l)),
-            }
-        })
-        .collect();
+    let mut vms: Vec<(VmRecord, Liveness)> = Vec::new();
+    let mut gone = Vec::new();
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Some(record) = read_record(&e.path()) else {
+            continue;
+        };
+        match liveness(&e.path(), &record) {
+            Liveness::Gone => gone.extend(e.file_name().into_string().ok()),
+            l => vms.push((record, l)),
+        }
+    }
     vms.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    vms
+    (vms, gone)
 }
 
 /// The record of the running (managed or orphaned) VM `name`, if any.
@@ -526,15 +539,11 @@ pub fn find(state_dir: &Path, name: &str) -> Option<(VmRecord, Liveness)> {
     }
 }
 
-/// Reaps every VM directory under `state_dir` that belongs to nothing alive; returns the names.
-pub fn reap_gone(state_dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(state_dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| e.file_name().into_string().ok())
+/// Reaps those of the VM directories `names` under `state_dir` that belong to nothing alive
+/// (each looked at again: a launcher may have claimed the name since); returns the reaped.
+pub fn reap_named(state_dir: &Path, names: Vec<String>) -> Vec<String> {
+    names
+        .into_iter()
         .filter(|name| RuntimeDir::reap(state_dir, name))
         .collect()
 }

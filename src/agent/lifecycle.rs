@@ -23,7 +23,7 @@ use crate::state::{self, Liveness, VmRecord};
 impl Agent {
     /// Adopts VMs that appeared and lets go of those that ended.
     pub(super) fn scan(&mut self, events: &mut Events) {
-        let records = state::running(&self.settings.state_dir);
+        let (records, gone) = state::survey(&self.settings.state_dir);
         let ended: Vec<String> = self
             .vms
             .iter()
@@ -40,7 +40,7 @@ impl Agent {
             self.end(&name);
         }
         // Orphans whose QEMU has exited have no launcher to remove their directory.
-        for name in state::reap_gone(&self.settings.state_dir) {
+        for name in state::reap_named(&self.settings.state_dir, gone) {
             tracing::info!("{name}: QEMU has exited without its launcher; runtime dir removed");
         }
         for (record, liveness) in records {

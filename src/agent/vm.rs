@@ -220,10 +220,9 @@ impl Vm {
     /// its text changed), and its `config_error` file while an edit is bad.
     pub(super) fn publish(&mut self, state_dir: &Path) {
         self.last_publish = Instant::now();
+        // A runtime dir that is gone (its VM ending) fails the writes below, which are then
+        // tried again at the next publish: no stat of it each second.
         let dir = state_dir.join(&self.record.name);
-        if !dir.is_dir() {
-            return;
-        }
         let v = self.view();
         let num = |x: Option<f64>, d: usize| x.map_or("null".to_owned(), |x| format!("{x:.d$}"));
         let values: [(&'static str, String); 8] = [

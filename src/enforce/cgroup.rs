@@ -523,22 +523,26 @@ impl Enforcer for CgroupEnforcer {
             return Ok(None);
         };
         let (dir, written) = (a.vcpus.clone(), a.written);
-        let repaired = if !dir.is_dir() {
-            Some(format!("cgroup {} was removed", dir.display()))
-        } else {
-            let list = match self.version {
-                Version::V1 => "tasks",
-                Version::V2 => "cgroup.threads",
-            };
-            let inside = fs::read_to_string(dir.join(list)).unwrap_or_default();
-            let inside: Vec<u32> = inside
-                .split_whitespace()
-                .filter_map(|t| t.parse().ok())
-                .collect();
-            vm.vcpu_tids
-                .iter()
-                .find(|t| !inside.contains(t))
-                .map(|t| format!("vCPU thread {t} was moved out of {}", dir.display()))
+        let list = match self.version {
+            Version::V1 => "tasks",
+            Version::V2 => "cgroup.threads",
+        };
+        // The thread list read, not a stat first: a cgroup that is gone has none.
+        let repaired = match fs::read_to_string(dir.join(list)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("cgroup {} was removed", dir.display()))
+            }
+            inside => {
+                let inside = inside.unwrap_or_default();
+                let inside: Vec<u32> = inside
+                    .split_whitespace()
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                vm.vcpu_tids
+                    .iter()
+                    .find(|t| !inside.contains(t))
+                    .map(|t| format!("vCPU thread {t} was moved out of {}", dir.display()))
+            }
         };
         if let Some(why) = repaired {
             let weight = self.vms.get(&vm.name).and_then(|a| a.weight);
