@@ -126,10 +126,18 @@ struct {
 	__type(value, struct usage);
 } usage SEC(".maps");
 
-/* Thread id -> VM index. */
+/* Slots 0 .. nr_vms - 1 may be in use (intf.h): the bound of every loop over the VMs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, u32);
+} nr_vms SEC(".maps");
+
+/* Thread id -> VM index: 16 vCPU threads per VM on average at MAX_VMS. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, MAX_VMS * 16);
 	__type(key, u32);
 	__type(value, u32);
 } tasks SEC(".maps");
@@ -162,11 +170,23 @@ static __always_inline u64 slice_ns(void)
 	return c && c->slice_ns ? c->slice_ns : 5000000ULL;
 }
 
+/* The slots the loops over the VMs visit: 0 .. slots_in_use() - 1. */
+static __always_inline u32 slots_in_use(void)
+{
+	u32 zero = 0;
+	u32 *n = bpf_map_lookup_elem(&nr_vms, &zero);
+	if (!n)
+		return 0;
+	return *n < MAX_VMS ? *n : MAX_VMS;
+}
+
+/* The VM of `p`; NO_VM for a thread of no VM, and for one of a slot the loops do not visit
+ * (none is, see intf.h: a thread queued there would never be dispatched). */
 static __always_inline u32 vm_of(struct task_struct *p)
 {
 	u32 pid = p->pid;
 	u32 *vm = bpf_map_lookup_elem(&tasks, &pid);
-	return vm && *vm < MAX_VMS ? *vm : NO_VM;
+	return vm && *vm < slots_in_use() ? *vm : NO_VM;
 }
 
 /* Whether VM `vm` may still run this period. */
@@ -178,7 +198,9 @@ static __always_inline bool has_budget(u32 vm)
 }
 
 /* Loops over the VMs run as bpf_loop callbacks: the verifier checks a body once, where an
- * open loop of 64 with branches explodes into too many states. */
+ * open loop over the VMs with branches explodes into too many states. Each runs over the slots
+ * in use (slots_in_use(), the highest slot in use + 1: slots are taken lowest-free), so a
+ * dispatch costs what the VMs there cost, not MAX_VMS. */
 struct below_ctx {
 	u32 except;
 	bool found;
@@ -203,7 +225,7 @@ static long below_cb(u64 index, struct below_ctx *c)
 static __always_inline bool someone_below_baseline(u32 except)
 {
 	struct below_ctx c = { .except = except, .found = false };
-	bpf_loop(MAX_VMS, below_cb, &c, 0);
+	bpf_loop(slots_in_use(), below_cb, &c, 0);
 	return c.found;
 }
 
@@ -269,7 +291,10 @@ void bq_enqueue(unsigned long long *ctx)
 }
 
 struct pick_ctx {
-	u64 tried; /* VMs whose DSQ was found empty when consumed */
+	/* The VMs whose DSQ was found empty when consumed (NO_VM: none): two, as the third and
+	 * last try records none. */
+	u32 tried0;
+	u32 tried1;
 	u32 best;
 	u32 best_tier;
 	u64 best_key;
@@ -283,9 +308,9 @@ static long pick_cb(u64 index, struct pick_ctx *c)
 	u32 i = index;
 	struct budget *b = bpf_map_lookup_elem(&budgets, &i);
 	struct usage *u = bpf_map_lookup_elem(&usage, &i);
-	if (!b || !u || !b->grant_ns || u->used_ns >= b->grant_ns || i >= 64)
+	if (!b || !u || !b->grant_ns || u->used_ns >= b->grant_ns)
 		return 0;
-	if (c->tried & (1ULL << i))
+	if (i == c->tried0 || i == c->tried1)
 		return 0;
 	if (scx_bpf_dsq_nr_queued(i + 1) <= 0)
 		return 0;
@@ -311,18 +336,22 @@ static long pick_cb(u64 index, struct pick_ctx *c)
 SEC("struct_ops/bq_dispatch")
 void bq_dispatch(unsigned long long *ctx)
 {
-	struct pick_ctx c = { .tried = 0 };
+	struct pick_ctx c = { .tried0 = NO_VM, .tried1 = NO_VM };
+	u32 n = slots_in_use();
 	/* Up to three tries: a DSQ seen non-empty may be emptied by another CPU meanwhile. */
 	for (int attempt = 0; attempt < 3; attempt++) {
 		c.best = NO_VM;
 		c.best_tier = 2;
 		c.best_key = ~0ULL;
-		bpf_loop(MAX_VMS, pick_cb, &c, 0);
+		bpf_loop(n, pick_cb, &c, 0);
 		if (c.best >= MAX_VMS)
 			return;
 		if (scx_bpf_consume(c.best + 1))
 			return;
-		c.tried |= 1ULL << c.best;
+		if (attempt == 0)
+			c.tried0 = c.best;
+		else
+			c.tried1 = c.best;
 	}
 }
 
@@ -392,7 +421,7 @@ static int refill_cb(void *map, int *key, struct timer_slot *slot)
 	struct conf *c = config();
 	if (!c)
 		return 0;
-	bpf_loop(MAX_VMS, refill_vm_cb, NULL, 0);
+	bpf_loop(slots_in_use(), refill_vm_cb, NULL, 0);
 	u32 n = c->nr_cpus;
 	if (n > MAX_CPUS)
 		n = MAX_CPUS;

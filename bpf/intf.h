@@ -15,8 +15,9 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-/* The most VMs one scheduler holds (DSQ ids 1 .. MAX_VMS, the budgets and usage maps). */
-#define MAX_VMS 64
+/* The most VMs one scheduler holds (DSQ ids 1 .. MAX_VMS, the budgets and usage maps). The
+ * program's loops over the VMs run to `nr_vms` (below), not to MAX_VMS. */
+#define MAX_VMS 1024
 /* The most CPUs the per-CPU state covers. */
 #define MAX_CPUS 256
 /* The `tasks` map's answer for a thread of no VM. */
@@ -44,5 +45,10 @@ struct usage {
 };
 
 /* `tasks` maps a thread id (u32) to its VM index (u32, < MAX_VMS). */
+
+/* `nr_vms` (one u32): every slot in use is below it; written by the scheduler process as the
+ * highest slot in use + 1, raised before the new VM's threads enter `tasks` and lowered after a
+ * freed slot's threads left it. The program loops over slots 0 .. nr_vms - 1 only, and treats a
+ * thread of a slot at or above it as of no VM. */
 
 #endif

@@ -379,3 +379,199 @@ fn a_scheduler_already_loaded_leaves_the_vm_to_cpu_max_until_ours_loads() {
     assert!((ours - 20.0).abs() <= 1.5, "{ours:.2} %");
     assert!(held > before, "never held by our scheduler");
 }
+
+/// `kernel.bpf_stats_enabled` set to 1 for as long as this lives (then back to what it was):
+/// the kernel counts each BPF program's runs and run time only then.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    fn enable() -> Self {
+        let was = std::fs::read_to_string(Self::PATH).unwrap();
+        std::fs::write(Self::PATH, "1").unwrap();
+        BpfStats(was.trim().to_owned())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// ns per run of the scheduler's `bq_dispatch`, over `readings` windows of `secs` each, and
+/// their median: (median, all, runs per second).
+#[cfg(feature = "scx")]
+fn dispatch_cost(readings: usize, secs: f64) -> (f64, Vec<f64>, f64) {
+    use burst_qemu::enforce::scx::loader::program_runtime;
+    let mut each = Vec::new();
+    let mut runs = 0;
+    for _ in 0..readings {
+        let (ns0, n0) = program_runtime("bq_dispatch").expect("bq_dispatch loaded");
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let (ns1, n1) = program_runtime("bq_dispatch").expect("bq_dispatch loaded");
+        assert!(n1 > n0, "bq_dispatch never ran in {secs} s");
+        each.push((ns1 - ns0) as f64 / (n1 - n0) as f64);
+        runs += n1 - n0;
+    }
+    let mut sorted = each.clone();
+    sorted.sort_by(f64::total_cmp);
+    let per_sec = runs as f64 / (readings as f64 * secs);
+    (sorted[sorted.len() / 2], each, per_sec)
+}
+
+#[cfg(not(feature = "scx"))]
+fn dispatch_cost(_: usize, _: f64) -> (f64, Vec<f64>, f64) {
+    unreachable!("ready() is false without the scx feature")
+}
+
+/// VMs named `{prefix}{i}` for `i` in `range`, of one vCPU, started paused (`-S`: QEMU never
+/// runs their guest): attached and given a slot like any VM, at the cost of QEMU's start only.
+/// Launched [`BATCH`] at a time (more at once starve each other past the launcher's 30 s wait
+/// for QEMU's greeting in this guest); returns once every VM is registered.
+fn paused_vms(s: &Scratch, prefix: &str, range: std::ops::Range<usize>) -> Vec<Launched> {
+    const BATCH: usize = 6;
+    let mut all = Vec::new();
+    let ids: Vec<usize> = range.collect();
+    for batch in ids.chunks(BATCH) {
+        all.extend(paused_batch(s, prefix, batch));
+    }
+    all
+}
+
+fn paused_batch(s: &Scratch, prefix: &str, ids: &[usize]) -> Vec<Launched> {
+    let mut qemu = s.qemu_args(burst_qemu::testguest::Behaviour::Halt);
+    qemu.push("-S".into());
+    let children: Vec<(String, std::process::Child)> = ids
+        .iter()
+        .map(|i| {
+            let name = format!("{prefix}{i}");
+            let flags = [
+                "--name",
+                &name,
+                "--shutdown-timeout",
+                "1",
+                "--vcpus",
+                "1",
+                "--baseline",
+                "10",
+            ];
+            let child = s.launcher(&flags, &qemu).spawn().unwrap();
+            (name, child)
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|(name, mut child)| {
+            let record = s.wait_registered(&name, &mut child);
+            Launched { child, record }
+        })
+        .collect()
+}
+
+/// Waits until the scheduler publishes exactly the VMs `want` (by count) with `has` among
+/// them; returns its stats.
+fn scheduled(s: &Scratch, within: Duration, want: usize, has: &str) -> scx::Stats {
+    let mut last = None;
+    wait_until("the VMs in the scheduler's stats", within, || {
+        last = scx::read_stats(&s.state());
+        last.as_ref().is_some_and(|st| {
+            st.state == "enabled" && st.vms.len() == want && st.vms.contains_key(has)
+        })
+    });
+    last.unwrap()
+}
+
+/// More VMs than the 64 the scheduler once held: 68 paused fillers and a busy VM in slot 69.
+/// The BPF program schedules the busy VM there (its stats charge and hold it) and holds it to
+/// its baseline as in the tests above; and the cost of a dispatch, which loops over the slots in
+/// use, is measured with 3 slots in use and with 70 (printed; figures in docs/scale.md).
+///
+/// The slowest test of the scx guest: each paused QEMU takes 2.5-2.9 s of this single-threaded
+/// TCG guest to start and be attached (67 in 170 s and 197 s; the test 220 s and 242 s).
+#[test]
+fn a_vm_in_a_slot_above_64_is_held_and_dispatch_costs_what_the_slots_in_use_cost() {
+    if !ready() {
+        return;
+    }
+    // This thread, and what it starts (the launchers, QEMU's main threads, the agent), on CPU 0,
+    // off the vCPU threads' CPUs (1-2), as docs/sched-ext.md asks of a host's other busy
+    // threads: on 6.12 the fair class runs before sched_ext, and 66 QEMUs starting on every CPU
+    // kept a vCPU thread of `low` from running for 36 s, past the watchdog (30 s), which then
+    // disabled the scheduler.
+    let mut cpu0 = nix::sched::CpuSet::new();
+    cpu0.set(0).unwrap();
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &cpu0).unwrap();
+    let s = Scratch::new();
+    let _bpf_stats = BpfStats::enable();
+    let t0 = Instant::now();
+    // 3 slots in use: two fillers and a busy VM of 2 vCPUs held to 20 % of one CPU.
+    // Each VM is started once the agent has given the ones before it their slots.
+    let mut fillers = paused_vms(&s, "fill", 0..2);
+    scheduled(&s, Duration::from_secs(60), 2, "fill1");
+    let low = start_held_vm(&s, "low");
+    let st = scheduled(&s, Duration::from_secs(30), 3, "low");
+    assert_eq!(st.vms["low"].slot, 2, "{st:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (at3, each3, rate3) = dispatch_cost(3, 2.0);
+    eprintln!(
+        "3 slots in use: bq_dispatch {at3:.0} ns per run (median of {each3:.0?}), \
+         {rate3:.0} runs/s"
+    );
+    // 70: 66 more fillers, then the busy VM of the high slot; then the low one goes (its slot,
+    // 2, is free again, and the slots in use still reach 69).
+    let t1 = Instant::now();
+    fillers.extend(paused_vms(&s, "fill", 2..68));
+    scheduled(&s, Duration::from_secs(60), 69, "fill67");
+    let high = start_held_vm(&s, "high");
+    let st = scheduled(&s, Duration::from_secs(60), 70, "high");
+    eprintln!(
+        "67 more VMs attached in {:?} ({:?} since the start)",
+        t1.elapsed(),
+        t0.elapsed()
+    );
+    assert_eq!(st.vms["high"].slot, 69, "{st:?}");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let available = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .unwrap_or_default();
+    eprintln!("with 70 VMs: {available}");
+    assert!(
+        s.cli(&["stop", "low", "--shutdown-timeout", "1"])
+            .status
+            .success(),
+        "stop low"
+    );
+    drop(low);
+    scheduled(&s, Duration::from_secs(20), 69, "high");
+    std::thread::sleep(Duration::from_millis(300));
+    let (before, cpu0, t_a) = at_stats_publish(&s, &high);
+    let measured = share(&high, 4.0);
+    let (after, cpu1, t_b) = at_stats_publish(&s, &high);
+    let (before, after) = (before.vms["high"].clone(), after.vms["high"].clone());
+    let window = (t_b - t_a).as_nanos() as f64;
+    let charged = (after.cpu_ns - before.cpu_ns) as f64 * 100.0 / window;
+    let threads = (cpu1 - cpu0) as f64 * 100.0 / window;
+    eprintln!(
+        "slot 69 held to 20 %: {measured:.2} % of one CPU over 4 s; charged by the BPF \
+         scheduler {charged:.2} % against {threads:.2} % run, held back {} times",
+        after.held - before.held
+    );
+    // The bound of the held tests above; measured 19.98 % here twice (slot 69, 69 VMs).
+    assert!((measured - 20.0).abs() <= 1.5, "measured {measured:.2} %");
+    // As in the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads; measured 0.00 and 0.45
+    // points apart (19.81 % charged against 19.81 % run, 19.92 % against 19.47 %).
+    assert!(
+        (charged - threads).abs() <= 0.5,
+        "charged {charged:.2} % against {threads:.2} % run"
+    );
+    assert!(after.held > before.held, "never held: {after:?}");
+    let (at70, each70, rate70) = dispatch_cost(3, 2.0);
+    eprintln!(
+        "70 slots in use (69 VMs): bq_dispatch {at70:.0} ns per run (median of {each70:.0?}), \
+         {rate70:.0} runs/s; test {:?}",
+        t0.elapsed()
+    );
+    drop(fillers);
+}

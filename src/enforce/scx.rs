@@ -42,6 +42,9 @@ pub const OPS_NAME: &str = "burst_qemu";
 pub const SCHED_EXT: i32 = 7;
 /// The most VMs one scheduler holds (its DSQs and map sizes; `MAX_VMS` of bpf/intf.h).
 pub use abi::MAX_VMS;
+/// The error of an attach past [`MAX_VMS`] (the number is checked by a unit test).
+const TOO_MANY: &str =
+    "too many VMs for the sched_ext scheduler (1024, MAX_VMS of bpf/intf.h); not scheduling";
 /// The budget period.
 pub const PERIOD: Duration = Duration::from_millis(100);
 
@@ -158,6 +161,9 @@ pub struct Stats {
 /// One VM in [`Stats`].
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct VmStats {
+    /// Its slot in the BPF maps (its DSQ is `slot + 1`).
+    #[serde(default)]
+    pub slot: u32,
     pub cpu_ns: u64,
     pub held: u64,
     pub base_ns: u64,
@@ -517,13 +523,10 @@ impl Enforcer for ScxEnforcer {
         if self.vms.contains_key(&vm.name) {
             return Ok(());
         }
-        let used: Vec<u32> = self.vms.values().map(|m| m.idx).collect();
+        // The lowest free slot: the program loops over the slots up to the highest in use.
+        let used: std::collections::HashSet<u32> = self.vms.values().map(|m| m.idx).collect();
         let Some(idx) = (0..MAX_VMS).find(|i| !used.contains(i)) else {
-            return Err(failed(
-                "too many VMs for the sched_ext scheduler (64); not scheduling",
-                &vm.qmp_socket,
-                vm.name.clone(),
-            ));
+            return Err(failed(TOO_MANY, &vm.qmp_socket, vm.name.clone()));
         };
         let baseline = Rate::from_percent_of(vm.baseline, vm.vcpus);
         let m = Managed {
@@ -664,7 +667,7 @@ mod tests {
                 grant_ns: 200_000_000,
                 name: "web-1.a_b".into(),
             },
-            Command::Free { idx: 63 },
+            Command::Free { idx: 1023 },
             Command::Tid { tid: 4242, idx: 0 },
             Command::Untid { tid: 1 },
         ] {
@@ -672,7 +675,7 @@ mod tests {
         }
         for (bad, why) in [
             ("", "empty"),
-            ("vm 64 1 2 a", "out of range"),
+            ("vm 1024 1 2 a", "out of range"),
             ("vm 1 x 2 a", "not a number"),
             ("vm 1 2", "missing grant"),
             ("vm 1 2 3", "missing name"),
@@ -684,6 +687,14 @@ mod tests {
             let e = Command::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_too_many_vms_error_says_the_real_limit() {
+        assert!(
+            TOO_MANY.contains(&format!("({MAX_VMS}, MAX_VMS")),
+            "{TOO_MANY}"
+        );
     }
 
     #[test]

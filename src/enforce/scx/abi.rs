@@ -6,13 +6,14 @@
 //! change on one side only fails the build. Types and constants only: no I/O.
 //!
 //! Map values cross the boundary as bytes (libbpf's `update`/`lookup`); [`Conf::to_bytes`],
-//! [`Budget::to_bytes`] and [`Usage::from_bytes`] convert field by field at the asserted
+//! [`Budget::to_bytes`], [`Usage::to_bytes`] and [`Usage::from_bytes`] convert field by field at the asserted
 //! offsets, in the host's byte order (BPF maps are in the CPU's own), without `unsafe`.
 
 use std::mem::{offset_of, size_of};
 
-/// The most VMs one scheduler holds (its DSQs and map sizes).
-pub const MAX_VMS: u32 = 64;
+/// The most VMs one scheduler holds (its DSQs and map sizes; its loops run over the slots in
+/// use only, the map `nr_vms`).
+pub const MAX_VMS: u32 = 1024;
 /// The most CPUs the program's per-CPU state covers.
 pub const MAX_CPUS: u32 = 256;
 /// The `tasks` map's answer for a thread of no VM.
@@ -183,6 +184,23 @@ impl Budget {
 }
 
 impl Usage {
+    /// The map value.
+    pub fn to_bytes(&self) -> [u8; size_of::<Usage>()] {
+        let mut b = [0; size_of::<Usage>()];
+        put(
+            &mut b,
+            offset_of!(Usage, used_ns),
+            &self.used_ns.to_ne_bytes(),
+        );
+        put(
+            &mut b,
+            offset_of!(Usage, total_ns),
+            &self.total_ns.to_ne_bytes(),
+        );
+        put(&mut b, offset_of!(Usage, held), &self.held.to_ne_bytes());
+        b
+    }
+
     /// From a map value (fields beyond a short value read 0).
     pub fn from_bytes(bytes: &[u8]) -> Self {
         Usage {
@@ -219,14 +237,13 @@ mod tests {
         let mut u = [0u8; 24];
         u[8..16].copy_from_slice(&7u64.to_ne_bytes());
         u[16..].copy_from_slice(&2u64.to_ne_bytes());
-        assert_eq!(
-            Usage::from_bytes(&u),
-            Usage {
-                used_ns: 0,
-                total_ns: 7,
-                held: 2
-            }
-        );
+        let usage = Usage {
+            used_ns: 0,
+            total_ns: 7,
+            held: 2,
+        };
+        assert_eq!(Usage::from_bytes(&u), usage);
+        assert_eq!(usage.to_bytes(), u);
         // A value shorter than the struct (an empty lookup) reads as zeros.
         assert_eq!(Usage::from_bytes(&[]), Usage::default());
     }

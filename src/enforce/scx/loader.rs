@@ -28,11 +28,30 @@ fn find<'a>(obj: &'a libbpf_rs::Object, name: &str) -> anyhow::Result<libbpf_rs:
         .with_context(|| format!("BPF map {name} missing from the object"))
 }
 
+/// The program's `nr_vms` for the slots of `names`: the highest in use + 1 (0 when none).
+fn slots_in_use(names: &HashMap<u32, String>) -> u32 {
+    names.keys().max().map_or(0, |&top| top + 1)
+}
+
+/// Writes the program's `nr_vms` when the slots in use moved it from `was`.
+fn set_slots_in_use(
+    obj: &libbpf_rs::Object,
+    was: u32,
+    names: &HashMap<u32, String>,
+) -> anyhow::Result<()> {
+    let now = slots_in_use(names);
+    if now != was {
+        find(obj, "nr_vms")?.update(&0u32.to_ne_bytes(), &now.to_ne_bytes(), MapFlags::ANY)?;
+    }
+    Ok(())
+}
+
 fn apply(
     obj: &libbpf_rs::Object,
     names: &mut HashMap<u32, String>,
     cmd: Command,
 ) -> anyhow::Result<()> {
+    let was = slots_in_use(names);
     match cmd {
         Command::Vm {
             idx,
@@ -40,15 +59,26 @@ fn apply(
             grant_ns,
             name,
         } => {
-            names.insert(idx, name);
+            if names.insert(idx, name).is_none() {
+                // A slot newly taken starts from nothing: a freed slot above `nr_vms` was not
+                // refilled since, and its charges were another VM's. (No thread of it runs
+                // yet: its threads come after this, with `tid`.)
+                let zero = Usage::default().to_bytes();
+                find(obj, "usage")?.update(&idx.to_ne_bytes(), &zero, MapFlags::ANY)?;
+            }
             let budget = Budget { base_ns, grant_ns };
             find(obj, "budgets")?.update(&idx.to_ne_bytes(), &budget.to_bytes(), MapFlags::ANY)?;
+            // Raised after its budget is in place and before its threads are in `tasks`: the
+            // program sees no thread of a slot it does not loop over (intf.h).
+            set_slots_in_use(obj, was, names)?;
         }
         Command::Free { idx } => {
             names.remove(&idx);
             // Grant 0 marks the slot unused.
             let free = Budget::default().to_bytes();
             find(obj, "budgets")?.update(&idx.to_ne_bytes(), &free, MapFlags::ANY)?;
+            // Lowered after the agent's `untid` of its threads (sent before `free`).
+            set_slots_in_use(obj, was, names)?;
         }
         Command::Tid { tid, idx } => {
             find(obj, "tasks")?.update(&tid.to_ne_bytes(), &idx.to_ne_bytes(), MapFlags::ANY)?;
@@ -59,6 +89,18 @@ fn apply(
         }
     }
     Ok(())
+}
+
+/// What the kernel counted of the loaded BPF program `name` (a function of
+/// bpf/burst.bpf.c: `bq_dispatch`, `bq_tick`, …): (ns run, runs) since it was loaded, counted
+/// only while `kernel.bpf_stats_enabled` is 1. `None` when no program of that name is loaded;
+/// of several, the newest. For measurements (tests/scx_inside.rs): the scheduler itself does
+/// not read it.
+pub fn program_runtime(name: &str) -> Option<(u64, u64)> {
+    libbpf_rs::query::ProgInfoIter::default()
+        .filter(|p| p.name.as_os_str() == name)
+        .max_by_key(|p| p.id)
+        .map(|p| (p.run_time_ns, p.run_cnt))
 }
 
 /// Writes [`Stats`] to `path` (atomically, not synced: it is rewritten each second).
@@ -82,6 +124,7 @@ fn publish(
         stats.vms.insert(
             name.clone(),
             VmStats {
+                slot: *idx,
                 cpu_ns: u.total_ns,
                 held: u.held,
                 base_ns: b.base_ns,
