@@ -560,12 +560,11 @@ fn a_vm_in_a_slot_above_64_is_held_and_dispatch_costs_what_the_slots_in_use_cost
     );
     // The bound of the held tests above; measured 19.98 % here twice (slot 69, 69 VMs).
     assert!((measured - 20.0).abs() <= 1.5, "measured {measured:.2} %");
-    // As in the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads; measured 0.00 and 0.45
-    // points apart (19.81 % charged against 19.81 % run, 19.92 % against 19.47 %).
-    assert!(
-        (charged - threads).abs() <= 0.5,
-        "charged {charged:.2} % against {threads:.2} % run"
-    );
+    // The charge against the threads is printed, not bounded here: measured 0.00 and 0.45
+    // points apart (19.81 % charged against 19.81 % run, 19.92 % against 19.47 %), too near
+    // the 0.5 that the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads asserts with 3 slots
+    // (measured 0.28 there) to call a bound from two runs; the charge itself does not depend on
+    // the slot (the same `usage` entry, by index).
     assert!(after.held > before.held, "never held: {after:?}");
     let (at70, each70, rate70) = dispatch_cost(3, 2.0);
     eprintln!(
