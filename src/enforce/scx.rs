@@ -569,6 +569,18 @@ impl Enforcer for ScxEnforcer {
 
     fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {
         if let Some(m) = self.vms.remove(vm) {
+            // A VM let go while its QEMU lives (released, opted out) returns to the fair class
+            // first: a thread still queued in the VM's DSQ when its slot is freed would never be
+            // dispatched again (a freed slot is skipped), until sched_ext's watchdog disabled the
+            // scheduler for every VM. Threads that have exited are no matter.
+            for &tid in &m.tids {
+                match set_ext(tid, false) {
+                    Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                        tracing::warn!("{vm}: vCPU thread {tid}: back to the fair class: {e}")
+                    }
+                    _ => {}
+                }
+            }
             let mut cmds: Vec<Command> = m.tids.iter().map(|&tid| Command::Untid { tid }).collect();
             cmds.push(Command::Free { idx: m.idx });
             self.send(&cmds);

@@ -46,6 +46,16 @@ fn set_slots_in_use(
     Ok(())
 }
 
+/// Applies one command of the agent; a failure is said and the scheduler goes on. A thread
+/// the full `tasks` map cannot take stays no VM's (FIFO, held by its VM's cgroup quota): exiting
+/// instead made the agent restart the scheduler, which failed again on the same thread, while
+/// every VM went without it.
+fn applied(obj: &libbpf_rs::Object, names: &mut HashMap<u32, String>, cmd: Command, line: &str) {
+    if let Err(e) = apply(obj, names, cmd) {
+        eprintln!("burst-qemu scx-scheduler: applying {line:?}: {e:#}; going on without it");
+    }
+}
+
 fn apply(
     obj: &libbpf_rs::Object,
     names: &mut HashMap<u32, String>,
@@ -194,9 +204,7 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => match Command::parse(&line) {
-                Ok(cmd) => {
-                    apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
-                }
+                Ok(cmd) => applied(&obj, &mut names, cmd, &line),
                 Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
             },
             Err(mpsc::RecvTimeoutError::Timeout) => break,
@@ -235,9 +243,7 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
         }
         match rx.recv_timeout(Duration::from_secs(1).saturating_sub(checked.elapsed())) {
             Ok(line) => match Command::parse(&line) {
-                Ok(cmd) => {
-                    apply(&obj, &mut names, cmd).with_context(|| format!("applying {line:?}"))?
-                }
+                Ok(cmd) => applied(&obj, &mut names, cmd, &line),
                 Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
             },
             Err(mpsc::RecvTimeoutError::Disconnected) => {
