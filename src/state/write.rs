@@ -54,38 +54,31 @@ fn companion(path: &Path) -> io::Result<PathBuf> {
     Ok(path.with_file_name(format!(".{}.swap", name.to_string_lossy())))
 }
 
-/// Creates (or empties) `path` with `mode` and writes `bytes` into it.
+/// Writes `bytes` into `path` (created with `mode` when missing) from its start, and cuts it
+/// to their length only when it was longer. An existing file is overwritten in place, not
+/// emptied first: `O_TRUNC` freed the data block that the write then allocated again, every
+/// second per companion, which was the largest single cost in the agent's profile with 100 idle
+/// VMs (`notify_change` and ext4's block bookkeeping, 14 % of its samples).
 fn create_with(path: &Path, bytes: &[u8], mode: u32) -> io::Result<File> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)?;
-    f.write_all(bytes)?;
-    Ok(f)
-}
-
-/// Writes `bytes` into `path`'s companion (created when missing). An existing companion is
-/// overwritten in place and cut to length only when it was longer: opening it with `O_TRUNC`
-/// freed its data block and the write allocated one again, every second per file, which was
-/// the largest single cost in the agent's profile with 100 idle VMs (`notify_change` and
-/// ext4's block bookkeeping, 14 % of its samples). Nothing reads a companion while it is
-/// written (see [`write_swapping`]).
-fn fill_companion(path: &Path, bytes: &[u8], mode: u32) -> io::Result<(File, PathBuf)> {
-    let c = companion(path)?;
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(mode)
-        .open(&c)?;
+        .open(path)?;
     f.write_all(bytes)?;
     let len = bytes.len() as u64;
     if f.metadata()?.len() != len {
         f.set_len(len)?;
     }
-    Ok((f, c))
+    Ok(f)
+}
+
+/// Writes `bytes` into `path`'s companion (see [`create_with`]). Nothing reads a companion
+/// while it is written (see [`write_swapping`]).
+fn fill_companion(path: &Path, bytes: &[u8], mode: u32) -> io::Result<(File, PathBuf)> {
+    let c = companion(path)?;
+    Ok((create_with(&c, bytes, mode)?, c))
 }
 
 /// Puts the companion's content at `path`: the names exchanged, or the companion renamed over
