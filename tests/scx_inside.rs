@@ -576,9 +576,9 @@ fn a_vm_in_a_slot_above_64_is_held_and_idle_vms_do_not_slow_a_dispatch() {
     );
     // A dispatch walks the ready VMs only (bpf/burst.bpf.c, `ready`), not the 68 paused ones.
     // Walking every slot in use, the 67 more slots added 28-30 us to the 3-slot figure (0.44 us
-    // each; docs/scale.md). With the walk: 70 slots 8.2 and 7.0 us against 15.5 and 25.2 us at 3
-    // (two boots). The bound is on the difference, not the ratio: the 3-slot figure scatters
-    // between boots of one program (6.3, 15.5, 25.2 us; a cause outside the walk, not found),
+    // each; docs/scale.md). With the walk, four boots: 70 slots 6.8-8.2 us against 11.0-25.2 us
+    // at 3 (-4.3 to -18.2 us). The bound is on the difference, not the ratio: the 3-slot figure
+    // scatters between boots of one program (6.3-25.2 us; a cause outside the walk, not found),
     // so a low one under a ratio of 1.2 would fail as the program stands; 10 us is a third of
     // what the idle slots cost before.
     assert!(
