@@ -171,9 +171,11 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
     let charged = (after.cpu_ns - before.cpu_ns) as f64 * 100.0 / window;
     eprintln!(
         "held to 20 %: measured {measured:.2} %, charged by the BPF scheduler {charged:.2} % \
-         over {:.2} s, held back {} times",
+         over {:.2} s, held back {} times; grant {} then {} ns per period",
         window / 1e9,
-        after.held - before.held
+        after.held - before.held,
+        before.grant_ns,
+        after.grant_ns
     );
     assert!((measured - 20.0).abs() <= 1.5, "measured {measured:.2} %");
     // Every CPU ns the threads ran went through the BPF scheduler, and it held them back. It
