@@ -8,7 +8,10 @@
  * User space (src/enforce/scx.rs) writes each VM's budget per period (baseline and grant, ns of
  * CPU per period over all its vCPUs) into `budgets`, and which VM each thread belongs to into
  * `tasks`. Here:
- *  - every vCPU thread waits in its VM's DSQ (id = VM index + 1);
+ *  - every vCPU thread waits in its VM's DSQ (id = VM index + 1), and the VM's bit in the
+ *    `ready` bitmap says a thread may wait there: the VMs' loops on the dispatch path visit the
+ *    VMs of set bits only, so a dispatch costs what the VMs with waiting threads cost, not what
+ *    the idle ones do (the protocol, and what a lost bit costs: above `ready`);
  *  - ops.dispatch takes the next thread from the VM that most deserves a CPU: VMs below their
  *    baseline first (the least served in proportion to its baseline first), then VMs below
  *    their grant (split in proportion to grant - baseline); a VM that used its grant is not
@@ -16,8 +19,9 @@
  *  - ops.running/stopping/tick charge the CPU time run to the VM; ops.tick ends the slice of a
  *    thread whose VM ran out of grant, or that is above its baseline while a VM below its own
  *    waits;
- *  - a BPF timer refills every VM each period and kicks idle CPUs, so a held thread waits at
- *    most one period (100 ms), far below the watchdog (timeout_ms = 30 s).
+ *  - a BPF timer refills every VM each period, marks ready every VM with a thread waiting and
+ *    kicks idle CPUs, so a held thread waits at most one period (100 ms), far below the
+ *    watchdog (timeout_ms = 30 s).
  *
  * No vmlinux.h: the few kernel types used are declared below with CO-RE relocations
  * (preserve_access_index), so field offsets come from the running kernel's BTF at load time.
@@ -134,6 +138,53 @@ struct {
 	__type(value, u32);
 } nr_vms SEC(".maps");
 
+/*
+ * The ready bitmap: bit i (word i / 64, bit i % 64) set = VM i may have a thread queued in its
+ * DSQ. The loops of dispatch and tick visit the set bits only; an idle VM (its threads asleep,
+ * as a paused VM's) costs them nothing once its bit is clear.
+ *
+ * Protocol (every change an atomic or/and on the word, so bits of other VMs are never lost):
+ *  - set: ops.enqueue, before it dispatches a thread to the VM's DSQ (after counting it in
+ *    `enqueued`); and the refill timer, each period, for every slot in use whose DSQ is not
+ *    empty;
+ *  - cleared: by a loop that finds the DSQ empty while the VM may run, or in a free slot
+ *    (has_queued()): it reads the VM's `enqueued` count, then the DSQ's length; if empty it
+ *    clears the bit, then sets it again if the DSQ has a thread now or the count moved. A VM out
+ *    of budget keeps its bit (its threads are held there until the refill).
+ * Enqueue order: count, set, dispatch; clearer order: read count, length; clear; length, count.
+ * So an enqueue that counts after the clearer's first read sets the bit after the clear or is
+ * seen by the second read of the count; one whose thread lands before the second look at the
+ * length is seen there. The race that remains: a thread dispatched from ops.enqueue lands in
+ * the DSQ only after the callback returns, so an enqueue that counted and set the bit before
+ * the clearer's first read and clear, and whose thread lands only after the clearer's second
+ * look, leaves a thread queued with its bit clear (a window of a few instructions on each side,
+ * both CPUs inside scheduler callbacks; a CPU stopped by its host inside it stretches it). That
+ * thread is not lost: the VM's next enqueue sets the bit, and the next refill (at most one
+ * period, 100 ms, later) sets the bit of every VM whose DSQ is not empty and kicks the idle
+ * CPUs. A lost bit delays a thread by at most a period, as a VM held for want of budget is
+ * delayed: far below the watchdog (timeout_ms = 30 s). It never lets a VM run more: a bit only
+ * decides whether a VM is looked at, the budget checks are unchanged, so the caps hold; a VM
+ * below its baseline can lose at most that period's wait of one thread.
+ * Bits of slots at or above `nr_vms` (left when it is lowered) are not visited; one seen again
+ * when a slot is taken again is cleared at its first look.
+ */
+#define READY_WORDS (MAX_VMS / 64)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, READY_WORDS);
+	__type(key, u32);
+	__type(value, u64);
+} ready SEC(".maps");
+
+/* Per VM: threads ops.enqueue dispatched to its DSQ, ever (the clearer's check, above). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_VMS);
+	__type(key, u32);
+	__type(value, u64);
+} enqueued SEC(".maps");
+
 /* Thread id -> VM index: 16 vCPU threads per VM on average at MAX_VMS. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -197,35 +248,135 @@ static __always_inline bool has_budget(u32 vm)
 	return b && u && u->used_ns < b->grant_ns;
 }
 
+#define READ_ONCE_U64(x) (*(volatile u64 *)&(x))
+
+/* Marks VM `vm` ready (the protocol: above `ready`). */
+static __always_inline void set_ready(u32 vm)
+{
+	u32 w = vm / 64;
+	u64 *word = bpf_map_lookup_elem(&ready, &w);
+	if (word)
+		__sync_fetch_and_or(word, 1ULL << (vm % 64));
+}
+
+/* Whether VM `vm`'s DSQ has a thread; when it has none, clears the VM's ready bit by the
+ * protocol above `ready` (count, length; clear; length, count: set again if either moved). */
+static __always_inline bool has_queued(u32 vm)
+{
+	u64 *seq = bpf_map_lookup_elem(&enqueued, &vm);
+	u32 w = vm / 64;
+	u64 *word = bpf_map_lookup_elem(&ready, &w);
+	if (!seq || !word)
+		return scx_bpf_dsq_nr_queued(vm + 1) > 0;
+	u64 count = READ_ONCE_U64(*seq);
+	if (scx_bpf_dsq_nr_queued(vm + 1) > 0)
+		return true;
+	u64 bit = 1ULL << (vm % 64);
+	__sync_fetch_and_and(word, ~bit);
+	if (scx_bpf_dsq_nr_queued(vm + 1) > 0) {
+		__sync_fetch_and_or(word, bit);
+		return true;
+	}
+	if (READ_ONCE_U64(*seq) != count)
+		__sync_fetch_and_or(word, bit); /* its thread is on its way: seen at a later look */
+	return false;
+}
+
+/* One bit of a single-valued `b`: its index (0 .. 63). */
+static __always_inline u32 bit_index(u64 b)
+{
+	u32 k = 0;
+	if (b & 0xffffffff00000000ULL)
+		k += 32;
+	if (b & 0xffff0000ffff0000ULL)
+		k += 16;
+	if (b & 0xff00ff00ff00ff00ULL)
+		k += 8;
+	if (b & 0xf0f0f0f0f0f0f0f0ULL)
+		k += 4;
+	if (b & 0xccccccccccccccccULL)
+		k += 2;
+	if (b & 0xaaaaaaaaaaaaaaaaULL)
+		k += 1;
+	return k;
+}
+
+/* A walk over the set bits of `ready` below slot `n`, lowest first, one step per call of
+ * walk_next(): a step visits one set bit or loads the next word, so a walk takes at most
+ * n + READY_WORDS steps (the bpf_loop bound of its callers) and costs what the ready VMs and
+ * the words up to slot n cost, whatever the idle VMs. */
+struct walk {
+	u32 n;	  /* slots in use: bits from n up are not visited */
+	u32 word; /* the word `bits` was read from */
+	u64 bits; /* its set bits not visited yet */
+};
+
+#define WALK_NEXT_WORD (NO_VM - 1) /* walk_next(): a word loaded, no VM this step */
+
+static __always_inline void walk_start(struct walk *w, u32 n)
+{
+	u32 zero = 0;
+	u64 *word = bpf_map_lookup_elem(&ready, &zero);
+	w->n = n;
+	w->word = 0;
+	w->bits = word && n ? READ_ONCE_U64(*word) : 0;
+}
+
+/* The next VM of a set bit; WALK_NEXT_WORD after loading the next word; NO_VM at the end. */
+static __always_inline u32 walk_next(struct walk *w)
+{
+	if (!w->bits) {
+		u32 next = w->word + 1;
+		if (next >= READY_WORDS || next * 64 >= w->n)
+			return NO_VM;
+		u64 *word = bpf_map_lookup_elem(&ready, &next);
+		w->word = next;
+		w->bits = word ? READ_ONCE_U64(*word) : 0;
+		return WALK_NEXT_WORD;
+	}
+	u64 low = w->bits & -w->bits;
+	w->bits &= ~low;
+	u32 i = w->word * 64 + bit_index(low);
+	return i < w->n ? i : NO_VM;
+}
+
 /* Loops over the VMs run as bpf_loop callbacks: the verifier checks a body once, where an
- * open loop over the VMs with branches explodes into too many states. Each runs over the slots
- * in use (slots_in_use(), the highest slot in use + 1: slots are taken lowest-free), so a
- * dispatch costs what the VMs there cost, not MAX_VMS. */
+ * open loop over the VMs with branches explodes into too many states. The refill runs over the
+ * slots in use (slots_in_use(), the highest slot in use + 1: slots are taken lowest-free);
+ * dispatch and tick walk the ready bits of those slots only. */
 struct below_ctx {
+	struct walk walk;
 	u32 except;
 	bool found;
 };
 
 static long below_cb(u64 index, struct below_ctx *c)
 {
-	u32 i = index;
+	u32 i = walk_next(&c->walk);
+	if (i == NO_VM)
+		return 1;
+	if (i == WALK_NEXT_WORD || i == c->except)
+		return 0;
 	struct budget *b = bpf_map_lookup_elem(&budgets, &i);
 	struct usage *u = bpf_map_lookup_elem(&usage, &i);
-	if (!b || !u || i == c->except || !b->grant_ns)
+	if (!b || !u || !b->grant_ns)
 		return 0;
-	if (u->used_ns < b->base_ns && u->used_ns < b->grant_ns &&
-	    scx_bpf_dsq_nr_queued(i + 1) > 0) {
+	if (u->used_ns < b->base_ns && u->used_ns < b->grant_ns && has_queued(i)) {
 		c->found = true;
 		return 1;
 	}
 	return 0;
 }
 
-/* Whether some VM other than `except` is below its baseline with a thread waiting. */
+/* Whether some VM other than `except` is below its baseline with a thread waiting. A VM
+ * whose bit was lost (above `ready`) is not seen until the refill sets it again: its thread
+ * waits at most that period, and this thread runs on meanwhile, within its VM's grant. */
 static __always_inline bool someone_below_baseline(u32 except)
 {
 	struct below_ctx c = { .except = except, .found = false };
-	bpf_loop(slots_in_use(), below_cb, &c, 0);
+	u32 n = slots_in_use();
+	walk_start(&c.walk, n);
+	bpf_loop(n + READY_WORDS, below_cb, &c, 0);
 	return c.found;
 }
 
@@ -261,6 +412,17 @@ s32 bq_select_cpu(unsigned long long *ctx)
 	return scx_bpf_select_cpu_dfl(p, prev_cpu, wake_flags, &idle);
 }
 
+/* Queues `p` in VM `vm`'s DSQ from ops.enqueue: counted and marked ready first (the thread
+ * lands in the DSQ only after ops.enqueue returns; the protocol is above `ready`). */
+static __always_inline void queue_to_vm(struct task_struct *p, u32 vm, u64 enq_flags)
+{
+	u64 *seq = bpf_map_lookup_elem(&enqueued, &vm);
+	if (seq)
+		__sync_fetch_and_add(seq, 1);
+	set_ready(vm);
+	scx_bpf_dispatch(p, vm + 1, slice_ns(), enq_flags);
+}
+
 SEC("struct_ops/bq_enqueue")
 void bq_enqueue(unsigned long long *ctx)
 {
@@ -279,7 +441,7 @@ void bq_enqueue(unsigned long long *ctx)
 			scx_bpf_dispatch(p, SCX_DSQ_LOCAL, slice_ns(), enq_flags);
 			return;
 		}
-		scx_bpf_dispatch(p, vm + 1, slice_ns(), enq_flags);
+		queue_to_vm(p, vm, enq_flags);
 		scx_bpf_kick_cpu(scx_bpf_task_cpu(p), SCX_KICK_IDLE);
 		return;
 	}
@@ -287,10 +449,11 @@ void bq_enqueue(unsigned long long *ctx)
 	struct usage *u = bpf_map_lookup_elem(&usage, &vm);
 	if (u)
 		__sync_fetch_and_add(&u->held, 1);
-	scx_bpf_dispatch(p, vm + 1, slice_ns(), enq_flags);
+	queue_to_vm(p, vm, enq_flags);
 }
 
 struct pick_ctx {
+	struct walk walk;
 	/* The VMs whose DSQ was found empty when consumed (NO_VM: none): two, as the third and
 	 * last try records none. */
 	u32 tried0;
@@ -300,19 +463,27 @@ struct pick_ctx {
 	u64 best_key;
 };
 
-/* Rates VM `index` for dispatch: VMs below their baseline first (tier 0, the least served in
- * proportion to its baseline first), then VMs below their grant (tier 1, in proportion to
- * grant - baseline: the spare is split by what the grant adds to the baseline). */
+/* Rates the next ready VM for dispatch: VMs below their baseline first (tier 0, the least
+ * served in proportion to its baseline first), then VMs below their grant (tier 1, in
+ * proportion to grant - baseline: the spare is split by what the grant adds to the baseline).
+ * A VM out of budget keeps its bit and its DSQ is not looked at (its threads are held there);
+ * a free slot (grant 0) or a VM that may run loses its bit when its DSQ is found empty. */
 static long pick_cb(u64 index, struct pick_ctx *c)
 {
-	u32 i = index;
+	u32 i = walk_next(&c->walk);
+	if (i == NO_VM)
+		return 1;
+	if (i == WALK_NEXT_WORD || i == c->tried0 || i == c->tried1)
+		return 0;
 	struct budget *b = bpf_map_lookup_elem(&budgets, &i);
 	struct usage *u = bpf_map_lookup_elem(&usage, &i);
-	if (!b || !u || !b->grant_ns || u->used_ns >= b->grant_ns)
+	if (!b || !u)
 		return 0;
-	if (i == c->tried0 || i == c->tried1)
+	if (!b->grant_ns) {
+		has_queued(i);
 		return 0;
-	if (scx_bpf_dsq_nr_queued(i + 1) <= 0)
+	}
+	if (u->used_ns >= b->grant_ns || !has_queued(i))
 		return 0;
 	u32 tier;
 	u64 key;
@@ -343,7 +514,8 @@ void bq_dispatch(unsigned long long *ctx)
 		c.best = NO_VM;
 		c.best_tier = 2;
 		c.best_key = ~0ULL;
-		bpf_loop(n, pick_cb, &c, 0);
+		walk_start(&c.walk, n);
+		bpf_loop(n + READY_WORDS, pick_cb, &c, 0);
 		if (c.best >= MAX_VMS)
 			return;
 		if (scx_bpf_consume(c.best + 1))
@@ -407,6 +579,10 @@ static long refill_vm_cb(u64 index, void *unused)
 	u64 used = u->used_ns;
 	u64 over = used > b->grant_ns ? used - b->grant_ns : 0;
 	u->used_ns = over > 10 * b->grant_ns ? 10 * b->grant_ns : over;
+	/* The bound on a lost ready bit (above `ready`): a VM with a thread waiting is ready, and
+	 * the kicks below make the idle CPUs dispatch. */
+	if (scx_bpf_dsq_nr_queued(i + 1) > 0)
+		set_ready(i);
 	return 0;
 }
 

@@ -171,9 +171,11 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
     let charged = (after.cpu_ns - before.cpu_ns) as f64 * 100.0 / window;
     eprintln!(
         "held to 20 %: measured {measured:.2} %, charged by the BPF scheduler {charged:.2} % \
-         over {:.2} s, held back {} times",
+         over {:.2} s, held back {} times; grant {} then {} ns per period",
         window / 1e9,
-        after.held - before.held
+        after.held - before.held,
+        before.grant_ns,
+        after.grant_ns
     );
     assert!((measured - 20.0).abs() <= 1.5, "measured {measured:.2} %");
     // Every CPU ns the threads ran went through the BPF scheduler, and it held them back. It
@@ -484,13 +486,14 @@ fn scheduled(s: &Scratch, within: Duration, want: usize, has: &str) -> scx::Stat
 
 /// More VMs than the 64 the scheduler once held: 68 paused fillers and a busy VM in slot 69.
 /// The BPF program schedules the busy VM there (its stats charge and hold it) and holds it to
-/// its baseline as in the tests above; and the cost of a dispatch, which loops over the slots in
-/// use, is measured with 3 slots in use and with 70 (printed; figures in docs/scale.md).
+/// its baseline as in the tests above; and the cost of a dispatch, which walks the VMs with a
+/// thread waiting (the ready bitmap), not the idle ones, is measured with 3 slots in use and
+/// with 70 (68 of them paused VMs), and compared (figures in docs/scale.md).
 ///
 /// The slowest test of the scx guest: each paused QEMU takes 2.5-2.9 s of this single-threaded
 /// TCG guest to start and be attached (67 in 170 s and 197 s; the test 220 s and 242 s).
 #[test]
-fn a_vm_in_a_slot_above_64_is_held_and_dispatch_costs_what_the_slots_in_use_cost() {
+fn a_vm_in_a_slot_above_64_is_held_and_idle_vms_do_not_slow_a_dispatch() {
     if !ready() {
         return;
     }
@@ -569,8 +572,20 @@ fn a_vm_in_a_slot_above_64_is_held_and_dispatch_costs_what_the_slots_in_use_cost
     let (at70, each70, rate70) = dispatch_cost(3, 2.0);
     eprintln!(
         "70 slots in use (69 VMs): bq_dispatch {at70:.0} ns per run (median of {each70:.0?}), \
-         {rate70:.0} runs/s; test {:?}",
+         {rate70:.0} runs/s, {:+.0} ns on the 3-slot figure; test {:?}",
+        at70 - at3,
         t0.elapsed()
+    );
+    // A dispatch walks the ready VMs only (bpf/burst.bpf.c, `ready`), not the 68 paused ones.
+    // Walking every slot in use, the 67 more slots added 28-30 us to the 3-slot figure (0.44 us
+    // each; docs/scale.md). With the walk, four boots: 70 slots 6.8-8.2 us against 11.0-25.2 us
+    // at 3 (-4.3 to -18.2 us). The bound is on the difference, not the ratio: the 3-slot figure
+    // scatters between boots of one program (6.3-25.2 us; a cause outside the walk, not found),
+    // so a low one under a ratio of 1.2 would fail as the program stands; 10 us is a third of
+    // what the idle slots cost before.
+    assert!(
+        at70 <= at3 + 10_000.0,
+        "bq_dispatch {at70:.0} ns per run with 70 slots in use against {at3:.0} with 3"
     );
     drop(fillers);
 }
