@@ -28,7 +28,7 @@
 //! exactly for the time and CPU since that checkpoint, so nothing is lost beyond what happened
 //! after the last save (at most one second of accounting, and in practice nothing).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -91,8 +91,8 @@ pub enum AgentError {
     #[error(transparent)]
     Io(#[from] IoFailure),
     /// The file watcher could not start.
-    #[error("watching for config edits")]
-    Watch(#[source] notify::Error),
+    #[error("watching the state dir for new VMs and config edits")]
+    Watch(#[source] std::io::Error),
 }
 
 /// The agent's settings.
@@ -411,7 +411,7 @@ impl Agent {
         }
     }
 
-    fn handle_changes(&mut self, changed: &HashSet<PathBuf>, events: &mut Events) {
+    fn handle_changes(&mut self, changed: &events::Changed, events: &mut Events) {
         let configs: Vec<String> = self
             .vms
             .iter()
@@ -432,9 +432,11 @@ impl Agent {
             p.file_name()
                 .is_some_and(|n| n == "agent.log" || n == "agent.lock")
         };
-        if changed
-            .iter()
-            .any(|p| p.parent() == Some(self.settings.state_dir.as_path()) && !own(p))
+        if changed.everything
+            || changed
+                .paths
+                .iter()
+                .any(|p| p.parent() == Some(self.settings.state_dir.as_path()) && !own(p))
         {
             self.scan(events);
         }

@@ -621,15 +621,18 @@ impl Enforcer for CgroupEnforcer {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return;
         };
-        let entries: Vec<fs::DirEntry> = entries.flatten().collect();
-        if live.is_empty() && entries.iter().all(|e| !e.path().is_dir()) {
+        // The entries' types come with the listing (no stat of each: this runs every second).
+        let is_dir = |e: &fs::DirEntry| e.file_type().is_ok_and(|t| t.is_dir());
+        let entries: Vec<fs::DirEntry> = entries.flatten().filter(is_dir).collect();
+        if live.is_empty() && entries.is_empty() {
             // Nothing of ours is left: remove the instance directory too.
             let _ = Self::remove(&self.root);
             return;
         }
+        let live: std::collections::HashSet<&str> = live.iter().copied().collect();
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir() && !live.contains(&name.as_str()) {
+            if !live.contains(name.as_str()) {
                 tracing::info!("removing leftover cgroup {}", e.path().display());
                 if let Err(error) = self.detach(&name) {
                     tracing::warn!("{error}");
