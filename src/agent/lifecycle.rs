@@ -13,7 +13,7 @@ use std::fs;
 
 use super::vm::{fallback_config, load_history, read_cpu, Vm};
 use super::vm_config::{read_config, Unusable};
-use super::{Agent, Events, LedgerFile};
+use super::{Agent, Checkpoint, Events, LedgerFile};
 use crate::base::{boottime_ns, chain};
 use crate::config::VmConfig;
 use crate::credit::{Credits, Ledger};
@@ -163,27 +163,15 @@ impl Agent {
         vm.credits_applied = s.credits_applied;
         vm.used_total = s.used_total;
         // Same QEMU, same boot: charge exactly what happened since the last save.
-        let same = s.checkpoint.filter(|c| {
-            c.boot_id == Proc::host().boot_id()
-                && c.qemu_pid == vm.record.pid
-                // A start time of 0 (unknown) identifies no process.
-                && c.qemu_start != 0
-                && c.qemu_start == vm.record.qemu_start
-        });
-        if let Some(c) = same {
-            let used: u64 = vm
-                .cpu
-                .iter()
-                .map(|(tid, ns)| {
-                    let before = c
-                        .cpu_ns
-                        .iter()
-                        .find(|(t, _)| t == tid)
-                        .map_or(*ns, |(_, b)| *b);
-                    ns.saturating_sub(before)
-                })
-                .sum();
-            let elapsed = now_ns.saturating_sub(c.boottime_ns);
+        let now = Checkpoint {
+            boot_id: Proc::host().boot_id(),
+            boottime_ns: now_ns,
+            qemu_pid: vm.record.pid,
+            qemu_start: vm.record.qemu_start,
+            cpu_ns: vm.cpu.clone(),
+        };
+        let gap = s.checkpoint.and_then(|c| c.gap_to(&now));
+        if let Some((elapsed, used)) = gap {
             vm.ledger.tick(elapsed, used);
             vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
             tracing::info!(
