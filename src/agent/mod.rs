@@ -54,6 +54,7 @@ mod ledger_file;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 mod lifecycle;
+mod liveness;
 mod pinning;
 mod reload;
 mod vm;

@@ -50,6 +50,8 @@ pub(super) struct Vm {
     pub(super) stale: Option<String>,
     /// The launcher died; QEMU runs on (see [`crate::state`]'s "Orphans").
     pub(super) orphaned: bool,
+    /// Its QEMU and launcher, held open to ask whether they live.
+    pub(super) watch: super::liveness::Watch,
     /// Why the last save of the ledger failed, while it keeps failing.
     pub(super) ledger_error: Option<String>,
     /// The ledger file last saved, and when (`None`: none yet by this agent).
@@ -94,6 +96,7 @@ impl Vm {
             allocation: None,
             stale: None,
             orphaned: false,
+            watch: Default::default(),
             ledger_error: None,
             last_saved: None,
             last_publish: Instant::now(),
