@@ -21,6 +21,7 @@
 //! a reused pid is never mistaken for it. When QEMU finally exits, whoever sees it first (the
 //! agent, `stop`, a new launch of the name) reaps the directory.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -508,13 +509,28 @@ pub fn running(state_dir: &Path) -> Vec<(VmRecord, Liveness)> {
 /// every record once, where reading them for the running and again for the gone doubled its
 /// per-VM opens.
 pub fn survey(state_dir: &Path) -> (Vec<(VmRecord, Liveness)>, Vec<String>) {
-    let Ok(entries) = fs::read_dir(state_dir) else {
-        return (Vec::new(), Vec::new());
-    };
+    let (vms, gone, _) = survey_except(state_dir, |_| false);
+    (vms, gone)
+}
+
+/// As [`survey`], but the runtime dirs named `known(name)` are only listed, not read: the
+/// third part is which of them are there (the agent asks the VMs it manages itself).
+pub fn survey_except(
+    state_dir: &Path,
+    known: impl Fn(&str) -> bool,
+) -> (Vec<(VmRecord, Liveness)>, Vec<String>, HashSet<String>) {
     let mut vms: Vec<(VmRecord, Liveness)> = Vec::new();
     let mut gone = Vec::new();
+    let mut present = HashSet::new();
+    let Ok(entries) = fs::read_dir(state_dir) else {
+        return (vms, gone, present);
+    };
     for e in entries.flatten() {
         if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if let Some(name) = e.file_name().to_str().filter(|n| known(n)) {
+            present.insert(name.to_owned());
             continue;
         }
         let Some(record) = read_record(&e.path()) else {
@@ -526,7 +542,7 @@ pub fn survey(state_dir: &Path) -> (Vec<(VmRecord, Liveness)>, Vec<String>) {
         }
     }
     vms.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    (vms, gone)
+    (vms, gone, present)
 }
 
 /// The record of the running (managed or orphaned) VM `name`, if any.

@@ -506,7 +506,9 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     let (vm, _) = held_vm(&s, "disk");
     saved_once(&s, "disk");
     let repair = break_it(&small);
-    wait_until("the save failure is shown", Duration::from_secs(4), || {
+    // The agent saves a steady ledger (as this held VM's: a restart would replay it exactly)
+    // every 5 s, each other one every second: the failure shows at its next save.
+    wait_until("the save failure is shown", Duration::from_secs(7), || {
         ledger_error(&s, "disk").is_some()
     });
     let before = saved(&s, "disk");
@@ -529,10 +531,10 @@ fn unwritable_data_dir(break_it: impl FnOnce(&SmallFs) -> Box<dyn FnOnce()>) {
     wait_until("saved again", Duration::from_secs(4), || {
         ledger_error(&s, "disk").is_none()
     });
-    // The ledger moves on once saving works again (saved once a second).
+    // The ledger moves on once saving works again (a steady one saved every 5 s).
     wait_until(
         "the ledger saved with more use",
-        Duration::from_secs(4),
+        Duration::from_secs(7),
         || saved(&s, "disk")["used_total"].as_u64() > before["used_total"].as_u64(),
     );
     drop(vm);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::credit::{Balances, Credits, Policy};
+use crate::credit::{Balances, Credits, Ledger, Policy};
 use crate::state;
 
 /// Where a ledger was last saved, so a restarted agent can charge the gap exactly.
@@ -24,6 +24,35 @@ pub struct Checkpoint {
     pub qemu_start: u64,
     /// `(tid, cumulative CPU ns)` of each vCPU thread.
     pub cpu_ns: Vec<(u32, u64)>,
+}
+
+impl Checkpoint {
+    /// The gap from this checkpoint to `now` (a later one taken of the running VM): the time
+    /// (ns) and the vCPU threads' CPU (ns) since, or `None` when `now` is not the same QEMU
+    /// on the same boot (a pid alone, or a start time of 0, identifies no process). A thread
+    /// this checkpoint does not know is charged from `now` on.
+    pub fn gap_to(&self, now: &Checkpoint) -> Option<(u64, u64)> {
+        let same = self.boot_id == now.boot_id
+            && self.qemu_pid == now.qemu_pid
+            && self.qemu_start != 0
+            && self.qemu_start == now.qemu_start;
+        if !same {
+            return None;
+        }
+        let used = now
+            .cpu_ns
+            .iter()
+            .map(|(tid, ns)| {
+                let before = self
+                    .cpu_ns
+                    .iter()
+                    .find(|(t, _)| t == tid)
+                    .map_or(*ns, |(_, b)| *b);
+                ns.saturating_sub(before)
+            })
+            .sum();
+        Some((now.boottime_ns.saturating_sub(self.boottime_ns), used))
+    }
 }
 
 /// A VM's persisted ledger.
@@ -66,6 +95,32 @@ impl LedgerFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether an agent restarted now would make `later` (this VM's ledger as it stands now)
+    /// out of this file: the same VM, policy and overrides, and the gap charge from this
+    /// file's checkpoint to `later`'s (one lump of earnings and CPU, as at a restart) giving
+    /// `later`'s balances and CPU total exactly. The ledger's earnings carry their fraction of
+    /// a vCPU-ns, so a steady run (no balance reaching zero, no cap cut between the ticks)
+    /// replays to the nanosecond; then `later` need not be saved for a restart to lose nothing.
+    pub fn replays_to(&self, later: &LedgerFile) -> bool {
+        let same = self.name == later.name
+            && self.vcpus == later.vcpus
+            && self.policy == later.policy
+            && self.credits_applied == later.credits_applied
+            && self.uuid == later.uuid;
+        let (Some(policy), Some(from), Some(to)) =
+            (&later.policy, &self.checkpoint, &later.checkpoint)
+        else {
+            return false;
+        };
+        let Some((elapsed, used)) = from.gap_to(to).filter(|_| same) else {
+            return false;
+        };
+        let mut ledger = Ledger::restore(policy.clone(), self.balances);
+        ledger.tick(elapsed, used);
+        ledger.balances() == later.balances
+            && self.used_total.vcpu_ns().checked_add(used) == Some(later.used_total.vcpu_ns())
     }
 
     /// The file's content.
@@ -119,5 +174,85 @@ mod tests {
         assert_eq!(LedgerFile::load(&path).unwrap(), Some(f));
         fs::write(&path, "{\"name\": 3, garbage").unwrap();
         assert!(LedgerFile::load(&path).is_err());
+    }
+
+    /// The ledger file of `ledger` at `at_ns` with its one vCPU thread at `cpu_ns`.
+    fn file_of(ledger: &Ledger, at_ns: u64, cpu_ns: u64, used_total: u64) -> LedgerFile {
+        LedgerFile {
+            name: "a".into(),
+            vcpus: 2,
+            policy: Some(ledger.policy().clone()),
+            balances: ledger.balances(),
+            credits_applied: None,
+            used_total: Credits(used_total),
+            checkpoint: Some(Checkpoint {
+                boot_id: "boot".into(),
+                boottime_ns: at_ns,
+                qemu_pid: 40,
+                qemu_start: 7,
+                cpu_ns: vec![(41, cpu_ns)],
+            }),
+            uuid: None,
+            saved_unix_ns: at_ns,
+        }
+    }
+
+    /// Runs `ledger` through 200-ms ticks using `used_ms[i]` of CPU in tick i, from `saved`;
+    /// the file it stands at after.
+    fn run(ledger: &mut Ledger, saved: &LedgerFile, used_ms: &[u64]) -> LedgerFile {
+        let (mut at, mut cpu) = (1_000_000_000, 5_000_000);
+        let mut total = saved.used_total.vcpu_ns();
+        for &u in used_ms {
+            ledger.tick(200_000_000, u * 1_000_000);
+            at += 200_000_000;
+            cpu += u * 1_000_000;
+            total += u * 1_000_000;
+        }
+        file_of(ledger, at, cpu, total)
+    }
+
+    #[test]
+    fn a_steady_ledger_replays_exactly_and_one_that_hit_a_bound_or_changed_does_not() {
+        // 2 vCPUs at 10 %: 40 ms earned per 200-ms tick.
+        let start = |balance: f64| {
+            let l = ledger(balance);
+            let saved = file_of(&l, 1_000_000_000, 5_000_000, 3);
+            (l, saved)
+        };
+        // Idle, earning (25 ticks: 5 s); uneven use that never empties the balance.
+        for used in [vec![0; 25], vec![7, 0, 300, 12, 0, 399, 1, 0, 0, 55]] {
+            let (mut l, saved) = start(5.0);
+            let later = run(&mut l, &saved, &used);
+            assert!(saved.replays_to(&later), "{used:?}");
+        }
+        // Full at the cap and idle: both stay at the cap.
+        let (mut full, _) = start(0.0);
+        full.set_balance(full.policy().max_credits());
+        let saved = file_of(&full, 1_000_000_000, 5_000_000, 3);
+        assert!(saved.replays_to(&run(&mut full, &saved, &[0; 25])));
+
+        // Bursting from an empty balance until the debt's bound (one second of the full rate)
+        // forgave CPU, then idle: one lump of the same ticks forgives more.
+        let (mut l, saved) = start(0.0);
+        let mut used = vec![400; 10];
+        used.extend([0; 10]);
+        assert!(!saved.replays_to(&run(&mut l, &saved, &used)));
+
+        // An edit, another QEMU, or a start time of 0 (no identity): saved at once.
+        let (mut l, saved) = start(5.0);
+        let later = run(&mut l, &saved, &[0; 5]);
+        let mut edited = later.clone();
+        edited.credits_applied = Some(Credits(1));
+        let mut other = later.clone();
+        other.checkpoint.as_mut().unwrap().qemu_pid = 41;
+        let mut unknown = saved.clone();
+        unknown.checkpoint.as_mut().unwrap().qemu_start = 0;
+        assert!(!saved.replays_to(&edited));
+        assert!(!saved.replays_to(&other));
+        assert!(!unknown.replays_to(&later));
+        // A balance off by one vCPU-ns: not the same.
+        let mut off = later.clone();
+        off.balances.earned = Credits(off.balances.earned.vcpu_ns() + 1);
+        assert!(!saved.replays_to(&off));
     }
 }

@@ -11,9 +11,10 @@
 
 use std::fs;
 
+use super::liveness::Watch;
 use super::vm::{fallback_config, load_history, read_cpu, Vm};
 use super::vm_config::{read_config, Unusable};
-use super::{Agent, Events, LedgerFile};
+use super::{Agent, Checkpoint, Events, LedgerFile};
 use crate::base::{boottime_ns, chain};
 use crate::config::VmConfig;
 use crate::credit::{Credits, Ledger};
@@ -21,44 +22,47 @@ use crate::procfs::Proc;
 use crate::state::{self, Liveness, VmRecord};
 
 impl Agent {
-    /// Adopts VMs that appeared and lets go of those that ended.
+    /// Adopts VMs that appeared and lets go of those that ended. The records of the VMs the
+    /// agent manages are not read again: their runtime dirs' presence (the listing) and their
+    /// watches (a pidfd poll and a lock probe, no file opened) say whether they live.
     pub(super) fn scan(&mut self, events: &mut Events) {
-        let (records, gone) = state::survey(&self.settings.state_dir);
-        let ended: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(name, vm)| {
-                !records.iter().any(|(r, _)| {
-                    r.name == **name
-                        && r.pid == vm.record.pid
-                        && r.qemu_start == vm.record.qemu_start
-                })
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
+        let (records, mut gone, present) =
+            state::survey_except(&self.settings.state_dir, |n| self.vms.contains_key(n));
+        let mut ended = Vec::new();
+        for (name, vm) in &mut self.vms {
+            let liveness = if present.contains(name) {
+                vm.watch.liveness(&vm.record)
+            } else {
+                Liveness::Gone
+            };
+            if liveness == Liveness::Gone {
+                ended.push(name.clone());
+                continue;
+            }
+            let orphaned = liveness == Liveness::Orphaned;
+            if orphaned && !vm.orphaned {
+                tracing::warn!(
+                    "{}: its launcher (pid {}) is gone; QEMU (pid {}) runs on, and its credits are still charged and enforced",
+                    name,
+                    vm.record.wrapper_pid,
+                    vm.record.pid
+                );
+            }
+            vm.orphaned = orphaned;
+        }
         for name in ended {
             self.end(&name);
+            if present.contains(&name) {
+                gone.push(name);
+            }
         }
-        // Orphans whose QEMU has exited have no launcher to remove their directory.
+        // Orphans whose QEMU has exited have no launcher to remove their directory (each is
+        // looked at again before it is removed).
         for name in state::reap_named(&self.settings.state_dir, gone) {
             tracing::info!("{name}: QEMU has exited without its launcher; runtime dir removed");
         }
         for (record, liveness) in records {
-            let orphaned = liveness == Liveness::Orphaned;
-            match self.vms.get_mut(&record.name) {
-                Some(vm) => {
-                    if orphaned && !vm.orphaned {
-                        tracing::warn!(
-                            "{}: its launcher (pid {}) is gone; QEMU (pid {}) runs on, and its credits are still charged and enforced",
-                            record.name,
-                            record.wrapper_pid,
-                            record.pid
-                        );
-                    }
-                    vm.orphaned = orphaned;
-                }
-                None => self.adopt(record, orphaned, events),
-            }
+            self.adopt(record, liveness == Liveness::Orphaned, events);
         }
     }
 
@@ -107,6 +111,7 @@ impl Agent {
             own
         });
         let mut vm = self.restore(record, &cfg);
+        vm.watch = Watch::new(&self.settings.state_dir.join(&name), &vm.record);
         vm.stale = stale;
         vm.orphaned = orphaned;
         vm.history = load_history(&self.settings.data_dir, &name);
@@ -163,27 +168,15 @@ impl Agent {
         vm.credits_applied = s.credits_applied;
         vm.used_total = s.used_total;
         // Same QEMU, same boot: charge exactly what happened since the last save.
-        let same = s.checkpoint.filter(|c| {
-            c.boot_id == Proc::host().boot_id()
-                && c.qemu_pid == vm.record.pid
-                // A start time of 0 (unknown) identifies no process.
-                && c.qemu_start != 0
-                && c.qemu_start == vm.record.qemu_start
-        });
-        if let Some(c) = same {
-            let used: u64 = vm
-                .cpu
-                .iter()
-                .map(|(tid, ns)| {
-                    let before = c
-                        .cpu_ns
-                        .iter()
-                        .find(|(t, _)| t == tid)
-                        .map_or(*ns, |(_, b)| *b);
-                    ns.saturating_sub(before)
-                })
-                .sum();
-            let elapsed = now_ns.saturating_sub(c.boottime_ns);
+        let now = Checkpoint {
+            boot_id: Proc::host().boot_id(),
+            boottime_ns: now_ns,
+            qemu_pid: vm.record.pid,
+            qemu_start: vm.record.qemu_start,
+            cpu_ns: vm.cpu.clone(),
+        };
+        let gap = s.checkpoint.and_then(|c| c.gap_to(&now));
+        if let Some((elapsed, used)) = gap {
             vm.ledger.tick(elapsed, used);
             vm.used_total = Credits(vm.used_total.vcpu_ns() + used);
             tracing::info!(

@@ -20,6 +20,10 @@ use crate::view::{self, CreditsView, DiskView, Facts, Live};
 /// saved, in its runtime dir: `plot` of a running VM reads the file and this tail.
 pub const HISTORY_TAIL: &str = "history.tail";
 
+/// A ledger that a restart would replay exactly is saved this often all the same (see
+/// [`Vm::save_due`]): what a crash of the whole host can lose of it.
+pub(super) const STEADY_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One adopted VM.
 pub(super) struct Vm {
     pub(super) record: VmRecord,
@@ -46,8 +50,12 @@ pub(super) struct Vm {
     pub(super) stale: Option<String>,
     /// The launcher died; QEMU runs on (see [`crate::state`]'s "Orphans").
     pub(super) orphaned: bool,
+    /// Its QEMU and launcher, held open to ask whether they live.
+    pub(super) watch: super::liveness::Watch,
     /// Why the last save of the ledger failed, while it keeps failing.
     pub(super) ledger_error: Option<String>,
+    /// The ledger file last saved, and when (`None`: none yet by this agent).
+    last_saved: Option<(LedgerFile, Instant)>,
     pub(super) last_publish: Instant,
     /// Each vCPU thread's `schedstat`, kept open.
     sched: HashMap<u32, SchedFile>,
@@ -88,7 +96,9 @@ impl Vm {
             allocation: None,
             stale: None,
             orphaned: false,
+            watch: Default::default(),
             ledger_error: None,
+            last_saved: None,
             last_publish: Instant::now(),
             sched: HashMap::new(),
             published: HashMap::new(),
@@ -183,22 +193,42 @@ impl Vm {
         }
     }
 
+    /// Whether `file` (this VM's ledger file as it stands) must be saved at this interval. Not
+    /// when a restarted agent would make it, to the nanosecond, out of the file last saved (see
+    /// [`LedgerFile::replays_to`]): an idle VM's earnings or a steady burst, between two
+    /// ticks that neither emptied nor filled the balance. Such a VM is saved every
+    /// [`STEADY_SAVE_EVERY`] all the same: a crash of the agent alone loses nothing either way
+    /// (the restart charges the gap exactly), but one of the host, or of the agent and QEMU
+    /// together, keeps only what was saved.
+    pub(super) fn save_due(&self, file: &LedgerFile) -> bool {
+        match &self.last_saved {
+            Some((saved, at)) => {
+                self.ledger_error.is_some()
+                    || at.elapsed() >= STEADY_SAVE_EVERY
+                    || !saved.replays_to(file)
+            }
+            None => true,
+        }
+    }
+
     /// Saves the ledger and its checkpoint; `false` when the save failed (the VM goes on being
     /// charged and enforced from memory, and says why in its view until a save succeeds).
     pub(super) fn persist(&mut self, data_dir: &Path) -> bool {
         let path = state::ledger_path(data_dir, &self.record.name);
-        let saved = self.ledger_file().save(&path);
-        self.saved(&path, saved)
+        let file = self.ledger_file();
+        let saved = file.save(&path);
+        self.saved(&path, file, saved)
     }
 
-    /// Takes the outcome of a save of the ledger to `path` (alone, or in a batch); whether it
+    /// Takes the outcome of a save of `file` to `path` (alone, or in a batch); whether it
     /// succeeded.
-    pub(super) fn saved(&mut self, path: &Path, result: io::Result<()>) -> bool {
+    pub(super) fn saved(&mut self, path: &Path, file: LedgerFile, result: io::Result<()>) -> bool {
         match result {
             Ok(()) => {
                 if let Some(e) = self.ledger_error.take() {
                     tracing::info!("{}: ledger saved again (after: {e})", self.record.name);
                 }
+                self.last_saved = Some((file, Instant::now()));
                 true
             }
             Err(e) => {

@@ -187,6 +187,8 @@ struct Attached {
     written: Option<(Option<u64>, u64)>,
     /// The last CPU weight written (`cpu.shares` on v1, `cpu.weight` on v2).
     weight: Option<u64>,
+    /// The bandwidth files the verification reads each second, kept open (see [`read_kept`]).
+    kept: [Option<fs::File>; 2],
 }
 
 /// Cgroup CPU-bandwidth enforcement.
@@ -455,6 +457,7 @@ impl Enforcer for CgroupEnforcer {
                 in_domain: false,
                 written: None,
                 weight: None,
+                kept: Default::default(),
             },
         );
         Ok(())
@@ -561,15 +564,20 @@ impl Enforcer for CgroupEnforcer {
         let Some((quota, period)) = written else {
             return Ok(None);
         };
+        let Some(a) = self.vms.get_mut(&vm.name) else {
+            return Ok(None);
+        };
+        let [q, p] = &mut a.kept;
         let found = match self.version {
             Version::V1 => {
-                let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+                let quota = read_kept(q, &dir.join("cpu.cfs_quota_us"));
+                let period = read_kept(p, &dir.join("cpu.cfs_period_us"));
                 Some((
-                    read("cpu.cfs_quota_us").trim().parse::<i64>().ok(),
-                    read("cpu.cfs_period_us").trim().parse::<u64>().ok(),
+                    quota.and_then(|t| t.trim().parse::<i64>().ok()),
+                    period.and_then(|t| t.trim().parse::<u64>().ok()),
                 ))
             }
-            Version::V2 => fs::read_to_string(dir.join("cpu.max")).ok().and_then(|t| {
+            Version::V2 => read_kept(q, &dir.join("cpu.max")).and_then(|t| {
                 let mut f = t.split_whitespace();
                 let q = match f.next()? {
                     "max" => -1,
@@ -621,15 +629,18 @@ impl Enforcer for CgroupEnforcer {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return;
         };
-        let entries: Vec<fs::DirEntry> = entries.flatten().collect();
-        if live.is_empty() && entries.iter().all(|e| !e.path().is_dir()) {
+        // The entries' types come with the listing (no stat of each: this runs every second).
+        let is_dir = |e: &fs::DirEntry| e.file_type().is_ok_and(|t| t.is_dir());
+        let entries: Vec<fs::DirEntry> = entries.flatten().filter(is_dir).collect();
+        if live.is_empty() && entries.is_empty() {
             // Nothing of ours is left: remove the instance directory too.
             let _ = Self::remove(&self.root);
             return;
         }
+        let live: std::collections::HashSet<&str> = live.iter().copied().collect();
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir() && !live.contains(&name.as_str()) {
+            if !live.contains(name.as_str()) {
                 tracing::info!("removing leftover cgroup {}", e.path().display());
                 if let Err(error) = self.detach(&name) {
                     tracing::warn!("{error}");
@@ -637,6 +648,26 @@ impl Enforcer for CgroupEnforcer {
             }
         }
     }
+}
+
+/// Reads a small cgroup file through a descriptor kept open after the first read, from offset
+/// 0 (a cgroup file read again from the start shows its value now), or opens it again when
+/// there is none or reading fails (its cgroup removed, and perhaps made again). Not for the
+/// thread lists: cgroup v1 serves `tasks` again from a list it keeps while the file is read
+/// at least once a second.
+fn read_kept(kept: &mut Option<fs::File>, path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    for fresh in [false, true] {
+        if fresh || kept.is_none() {
+            *kept = Some(fs::File::open(path).ok()?);
+        }
+        let mut buf = [0u8; 128];
+        match kept.as_ref()?.read_at(&mut buf, 0) {
+            Ok(n) if n < buf.len() => return String::from_utf8(buf[..n].to_vec()).ok(),
+            _ => *kept = None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]

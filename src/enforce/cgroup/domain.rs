@@ -74,6 +74,7 @@ impl CgroupEnforcer {
                 in_domain: true,
                 written: None,
                 weight: None,
+                kept: Default::default(),
             },
         );
         Ok(())
