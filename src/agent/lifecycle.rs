@@ -17,13 +17,12 @@ use super::{Agent, Events, LedgerFile};
 use crate::base::{boottime_ns, chain};
 use crate::config::VmConfig;
 use crate::credit::{Credits, Ledger};
-use crate::procfs::Proc;
 use crate::state::{self, Liveness, VmRecord};
 
 impl Agent {
     /// Adopts VMs that appeared and lets go of those that ended.
     pub(super) fn scan(&mut self, events: &mut Events) {
-        let (records, gone) = state::survey(&self.settings.state_dir);
+        let (records, gone) = state::survey(&self.settings.state_dir, &self.settings.proc);
         let ended: Vec<String> = self
             .vms
             .iter()
@@ -40,7 +39,7 @@ impl Agent {
             self.end(&name);
         }
         // Orphans whose QEMU has exited have no launcher to remove their directory.
-        for name in state::reap_named(&self.settings.state_dir, gone) {
+        for name in state::reap_named(&self.settings.state_dir, gone, &self.settings.proc) {
             tracing::info!("{name}: QEMU has exited without its launcher; runtime dir removed");
         }
         for (record, liveness) in records {
@@ -97,7 +96,7 @@ impl Agent {
         // Only threads of this QEMU are ever moved: a recorded id that is no longer one of its
         // threads (reused by another process) is dropped, never enforced on.
         record.vcpu_tids.retain(|&tid| {
-            let own = Proc::host().is_thread_of(record.pid, tid);
+            let own = self.settings.proc.is_thread_of(record.pid, tid);
             if !own {
                 tracing::error!(
                     "{name}: vCPU thread {tid} is not a thread of QEMU (pid {}); not enforced",
@@ -150,21 +149,35 @@ impl Agent {
         };
         let domain = checkpoint.is_some() || record.source.libvirt_uuid().is_some();
         let now_ns = boottime_ns();
-        let cpu = read_cpu(&record);
+        let cpu = read_cpu(&self.settings.proc, &record);
         let Some(s) = saved.filter(|s| s.vcpus == record.vcpus || domain) else {
             let ledger = Ledger::new(cfg.policy.clone(), cfg.initial_credits);
-            let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+            let mut vm = Vm::new(
+                &self.settings.proc,
+                record,
+                ledger,
+                cfg.clone(),
+                cpu,
+                now_ns,
+            );
             super::domain::continue_from_checkpoint(&mut vm, checkpoint, 0);
             return vm;
         };
         let local_saved_ns = s.saved_unix_ns;
         let ledger = Ledger::restore(cfg.policy.clone(), s.balances);
-        let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+        let mut vm = Vm::new(
+            &self.settings.proc,
+            record,
+            ledger,
+            cfg.clone(),
+            cpu,
+            now_ns,
+        );
         vm.credits_applied = s.credits_applied;
         vm.used_total = s.used_total;
         // Same QEMU, same boot: charge exactly what happened since the last save.
         let same = s.checkpoint.filter(|c| {
-            c.boot_id == Proc::host().boot_id()
+            c.boot_id == self.settings.proc.boot_id()
                 && c.qemu_pid == vm.record.pid
                 // A start time of 0 (unknown) identifies no process.
                 && c.qemu_start != 0
