@@ -54,6 +54,8 @@ pub mod libvirt;
 mod lifecycle;
 mod pinning;
 mod reload;
+#[doc(hidden)]
+pub mod sim;
 mod vm;
 mod vm_config;
 
