@@ -32,6 +32,7 @@
 //! twice a second), libvirt, `credits --set` and config edits, metrics scrapes, the balancers.
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -180,12 +181,22 @@ impl Host {
         host
     }
 
+    /// Writes the threads' `schedstat` in place, at a fixed width: no truncation, whose
+    /// freeing and reallocating of blocks (and ext4's flush on close after it) would load the
+    /// disk under the agent's fsyncs.
     fn write_schedstat(&self, vm: &SimVm) {
         for k in 0..2 {
             let path = self
                 .proc_dir
                 .join(format!("{}/task/{}/schedstat", vm.pid, vm.tid(k)));
-            fs::write(path, format!("{} {} 100\n", vm.run[k], vm.wait[k])).unwrap();
+            let line = format!("{:020} {:020} 100\n", vm.run[k], vm.wait[k]);
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .unwrap();
+            f.write_all(line.as_bytes()).unwrap();
         }
     }
 
@@ -264,7 +275,8 @@ impl Costs {
 }
 
 /// One agent second: a rescan and the tick that finds publish, persist and contention due,
-/// then four plain ticks; the counters move on before each tick (not timed).
+/// then four plain ticks; the counters move on before each tick, and the driver is told what is
+/// due (neither timed).
 fn second(d: &mut Driver, host: &mut Host, costs: &mut Costs) -> Duration {
     let mut cpu = Duration::ZERO;
     let mut timed = |f: &mut dyn FnMut(), into: &mut Duration, wall: &mut Duration| {
@@ -276,7 +288,7 @@ fn second(d: &mut Driver, host: &mut Host, costs: &mut Costs) -> Duration {
         cpu += spent;
     };
     host.advance();
-    d.make_due();
+    d.due(true);
     let mut stop = false;
     timed(
         &mut || stop = !d.rescan(),
@@ -289,6 +301,7 @@ fn second(d: &mut Driver, host: &mut Host, costs: &mut Costs) -> Duration {
     timed(&mut || d.tick(), &mut costs.due_tick, &mut costs.wall);
     for _ in 0..4 {
         host.advance();
+        d.due(false);
         timed(&mut || d.tick(), &mut costs.plain_ticks, &mut costs.wall);
     }
     costs.seconds += 1;

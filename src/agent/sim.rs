@@ -4,8 +4,9 @@
 //!
 //! [`Agent::run`] does, each second: a rescan, and five ticks of which one finds the ledgers'
 //! save, each VM's publish and the contention period due. Its clock decides what is due; a
-//! bench runs seconds back to back, faster than the clock, so [`Driver::make_due`] says when a
-//! second has passed instead. The metrics are kept as with `--metrics-listen`, without the
+//! bench's seconds do not follow the clock (faster with few VMs, slower with many, where the
+//! agent would fall behind and save and publish at every tick), so [`Driver::due`] says before
+//! each tick whether the once-a-second work is due. The metrics are kept as with `--metrics-listen`, without the
 //! server (a scrape is the scraper's cost, not the loop's).
 
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use crate::enforce::Enforcer;
 pub struct Driver {
     agent: Agent,
     events: Events,
-    /// The history's clock: one second per [`Driver::make_due`].
+    /// The history's clock: one second per due tick.
     now_s: u64,
 }
 
@@ -48,18 +49,21 @@ impl Driver {
         self.agent.health.ledger_save_failures
     }
 
-    /// A second has passed: the next tick saves the ledgers, publishes every VM and ends a
-    /// contention period, and the history's clock moves one second on.
-    pub fn make_due(&mut self) {
-        let past = Instant::now()
-            .checked_sub(Duration::from_secs(1))
-            .unwrap_or_else(Instant::now);
-        self.agent.last_persist = past;
-        self.agent.last_period = past;
+    /// Whether the next tick is the one of its second that saves the ledgers, publishes every
+    /// VM and ends a contention period (`true`: the history's clock also moves one second on),
+    /// or one that does none of these.
+    pub fn due(&mut self, due: bool) {
+        let now = Instant::now();
+        let when = match due {
+            true => now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
+            false => now,
+        };
+        self.agent.last_persist = when;
+        self.agent.last_period = when;
         for vm in self.agent.vms.values_mut() {
-            vm.last_publish = past;
+            vm.last_publish = when;
         }
-        self.now_s += 1;
+        self.now_s += u64::from(due);
     }
 
     /// The loop's once-a-second work besides its ticks: the file-system events that arrived,
