@@ -9,6 +9,7 @@
 //! ([`Agent::apply_config`]): policy, balance override, CPU list, disk share and memory
 //! settings, each to the stage that uses it. Files are read only then: never once per tick.
 
+use std::collections::HashMap;
 use std::fs;
 
 use super::vm::{fallback_config, load_history, read_cpu, Vm};
@@ -23,15 +24,16 @@ impl Agent {
     /// Adopts VMs that appeared and lets go of those that ended.
     pub(super) fn scan(&mut self, events: &mut Events) {
         let (records, gone) = state::survey(&self.settings.state_dir, &self.settings.proc);
+        // Looked up by name: a search of the records per VM made the rescan quadratic.
+        let found: HashMap<&str, (u32, u64)> = records
+            .iter()
+            .map(|(r, _)| (r.name.as_str(), (r.pid, r.qemu_start)))
+            .collect();
         let ended: Vec<String> = self
             .vms
             .iter()
             .filter(|(name, vm)| {
-                !records.iter().any(|(r, _)| {
-                    r.name == **name
-                        && r.pid == vm.record.pid
-                        && r.qemu_start == vm.record.qemu_start
-                })
+                found.get(name.as_str()) != Some(&(vm.record.pid, vm.record.qemu_start))
             })
             .map(|(n, _)| n.clone())
             .collect();

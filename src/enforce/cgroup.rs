@@ -39,7 +39,7 @@
 //! fall below the kernel's 1 ms minimum gets a longer period instead (at most 1 s) so small
 //! baselines keep their exact rate. The full rate is written as no limit (`-1` / `max`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -622,6 +622,7 @@ impl Enforcer for CgroupEnforcer {
             return;
         };
         let entries: Vec<fs::DirEntry> = entries.flatten().collect();
+        let live: HashSet<&str> = live.iter().copied().collect();
         if live.is_empty() && entries.iter().all(|e| !e.path().is_dir()) {
             // Nothing of ours is left: remove the instance directory too.
             let _ = Self::remove(&self.root);
@@ -629,7 +630,7 @@ impl Enforcer for CgroupEnforcer {
         }
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir() && !live.contains(&name.as_str()) {
+            if e.path().is_dir() && !live.contains(name.as_str()) {
                 tracing::info!("removing leftover cgroup {}", e.path().display());
                 if let Err(error) = self.detach(&name) {
                     tracing::warn!("{error}");
