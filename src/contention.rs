@@ -251,8 +251,8 @@ impl<U: Amount> Contention<U> {
         observed: &[(&str, Observed<u64>)],
         alpha_tenths: u64,
     ) -> Vec<Allocation<u64>> {
-        self.vms
-            .retain(|name, _| observed.iter().any(|(n, _)| n == name));
+        let names: std::collections::HashSet<&str> = observed.iter().map(|(n, _)| *n).collect();
+        self.vms.retain(|name, _| names.contains(name.as_str()));
         let mut est = Vec::with_capacity(observed.len());
         let mut seen = Vec::with_capacity(observed.len());
         let mut credit = Vec::with_capacity(observed.len());

@@ -19,11 +19,24 @@ use std::sync::OnceLock;
 use nix::sched::{sched_getaffinity, CpuSet};
 use nix::unistd::Pid;
 
-/// A `/proc` to read from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A `/proc` to read from: the one place that says where the host's processes are. The agent
+/// reads every VM's threads and start time through the `Proc` of its
+/// [`Settings`](crate::agent::Settings) (the host's, or a synthetic tree in a simulation).
+#[derive(Clone, Debug)]
 pub struct Proc {
     root: PathBuf,
+    /// The boot id, read at the first ask (it names the boot: it does not change under a
+    /// running process).
+    boot_id: OnceLock<String>,
 }
+
+impl PartialEq for Proc {
+    fn eq(&self, other: &Proc) -> bool {
+        self.root == other.root
+    }
+}
+
+impl Eq for Proc {}
 
 /// A thread's cumulative scheduler statistics, in ns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,7 +57,10 @@ impl Proc {
 
     /// A `/proc` rooted at `root` (fixtures, simulations).
     pub fn at(root: impl Into<PathBuf>) -> Proc {
-        Proc { root: root.into() }
+        Proc {
+            root: root.into(),
+            boot_id: OnceLock::new(),
+        }
     }
 
     /// The root.
@@ -113,20 +129,16 @@ impl Proc {
         meminfo_available_mb(&fs::read_to_string(self.root.join("meminfo")).ok()?)
     }
 
-    /// This boot's id (`sys/kernel/random/boot_id`), empty when unreadable. The host's is read
-    /// once.
+    /// This boot's id (`sys/kernel/random/boot_id`), empty when unreadable; read once per
+    /// `Proc` (the agent stamps every ledger save with it).
     pub fn boot_id(&self) -> String {
-        static HOST: OnceLock<String> = OnceLock::new();
-        let read = || {
-            fs::read_to_string(self.root.join("sys/kernel/random/boot_id"))
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default()
-        };
-        if self.root == Path::new("/proc") {
-            HOST.get_or_init(read).clone()
-        } else {
-            read()
-        }
+        self.boot_id
+            .get_or_init(|| {
+                fs::read_to_string(self.root.join("sys/kernel/random/boot_id"))
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_default()
+            })
+            .clone()
     }
 }
 
@@ -147,8 +159,8 @@ pub fn parse_schedstat(text: &str) -> Option<SchedStat> {
 /// open (see [`kept_limit`]); beyond that a read opens the file by its path, as before.
 #[derive(Debug)]
 pub struct SchedFile {
-    pid: u32,
-    tid: u32,
+    /// The file's path, read by path when it is not kept open.
+    path: PathBuf,
     file: Option<fs::File>,
 }
 
@@ -194,15 +206,14 @@ pub fn raise_nofile() -> Option<u64> {
 }
 
 impl SchedFile {
-    /// Thread `tid` of `pid`, its file opened now when the bound allows.
-    pub fn open(pid: u32, tid: u32) -> SchedFile {
+    /// Thread `tid` of `pid` in `proc`, its file opened now when the bound allows.
+    pub fn open(proc: &Proc, pid: u32, tid: u32) -> SchedFile {
         let mut f = SchedFile {
-            pid,
-            tid,
+            path: proc.task(pid, tid).join("schedstat"),
             file: None,
         };
         if KEPT.fetch_add(1, Ordering::Relaxed) < kept_limit() {
-            f.file = fs::File::open(Proc::host().task(pid, tid).join("schedstat")).ok();
+            f.file = fs::File::open(&f.path).ok();
         }
         if f.file.is_none() {
             KEPT.fetch_sub(1, Ordering::Relaxed);
@@ -213,7 +224,7 @@ impl SchedFile {
     /// The thread's statistics now; `None` once it is gone.
     pub fn read(&self) -> Option<SchedStat> {
         let Some(file) = &self.file else {
-            return Proc::host().thread_sched(self.pid, self.tid);
+            return parse_schedstat(&fs::read_to_string(&self.path).ok()?);
         };
         let mut buf = [0u8; 128];
         let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, 0).ok()?;
@@ -356,7 +367,7 @@ mod tests {
             done_rx.recv().unwrap();
         });
         let tid = rx.recv().unwrap();
-        let f = SchedFile::open(pid, tid);
+        let f = SchedFile::open(Proc::host(), pid, tid);
         assert!(f.file.is_some(), "kept open");
         let first = f.read().unwrap();
         assert_eq!(Some(first), Proc::host().thread_sched(pid, tid));
@@ -364,7 +375,7 @@ mod tests {
         // more CPU; the kept file must show at least as much.
         // SAFETY: gettid has no preconditions.
         let me_tid = unsafe { libc::gettid() } as u32;
-        let me = SchedFile::open(pid, me_tid);
+        let me = SchedFile::open(Proc::host(), pid, me_tid);
         let before = me.read().unwrap().run_ns;
         let fresh = loop {
             let now = Proc::host().thread_sched(pid, me_tid).unwrap().run_ns;

@@ -302,11 +302,16 @@ impl RuntimeDir {
     /// Removes `<state_dir>/<name>/` if it belongs to nothing alive: no launcher holds it and
     /// the QEMU it records has exited. Returns whether it was removed.
     pub fn reap(state_dir: &Path, name: &str) -> bool {
+        Self::reap_in(Proc::host(), state_dir, name)
+    }
+
+    /// [`RuntimeDir::reap`], the QEMU looked for in `proc`.
+    fn reap_in(proc: &Proc, state_dir: &Path, name: &str) -> bool {
         let path = state_dir.join(name);
         let Some(record) = read_record(&path) else {
             return false;
         };
-        if record.qemu_alive() {
+        if record.qemu_alive_in(proc) {
             return false;
         }
         matches!(Self::remove_unheld(path), Ok(true))
@@ -466,10 +471,15 @@ impl VmRecord {
     /// Whether the QEMU this record describes still runs: same boot, same pid, same start time.
     /// A record without a start time (0) identifies nothing: the pid alone may be anyone's.
     pub fn qemu_alive(&self) -> bool {
-        if !self.boot_id.is_empty() && self.boot_id != Proc::host().boot_id() {
+        self.qemu_alive_in(Proc::host())
+    }
+
+    /// [`VmRecord::qemu_alive`] among the processes of `proc`.
+    pub fn qemu_alive_in(&self, proc: &Proc) -> bool {
+        if !self.boot_id.is_empty() && self.boot_id != proc.boot_id() {
             return false;
         }
-        self.qemu_start != 0 && Proc::host().process_start_time(self.pid) == Some(self.qemu_start)
+        self.qemu_start != 0 && proc.process_start_time(self.pid) == Some(self.qemu_start)
     }
 }
 
@@ -479,19 +489,20 @@ fn read_record(dir: &Path) -> Option<VmRecord> {
 
 /// Whether the VM in `dir` (whose record is `record`) is managed, orphaned or gone. A libvirt
 /// domain is managed (by libvirt) while its QEMU lives; an adopted QEMU has no manager, so it
-/// is orphaned while it lives (listed, charged, enforced; stopped only when asked).
-pub fn liveness(dir: &Path, record: &VmRecord) -> Liveness {
+/// is orphaned while it lives (listed, charged, enforced; stopped only when asked). QEMU is
+/// looked for in `proc`.
+pub fn liveness(proc: &Proc, dir: &Path, record: &VmRecord) -> Liveness {
     // A launcher's lock answers first: QEMU's start time (a read of /proc/PID/stat) is looked
     // at only when no launcher holds the dir.
     match &record.source {
         Source::Launcher => {}
-        _ if !record.qemu_alive() => return Liveness::Gone,
+        _ if !record.qemu_alive_in(proc) => return Liveness::Gone,
         Source::Libvirt { .. } => return Liveness::Managed,
         Source::Adopted => return Liveness::Orphaned,
     }
     if is_locked(dir) {
         Liveness::Managed
-    } else if record.qemu_alive() {
+    } else if record.qemu_alive_in(proc) {
         Liveness::Orphaned
     } else {
         Liveness::Gone
@@ -501,15 +512,15 @@ pub fn liveness(dir: &Path, record: &VmRecord) -> Liveness {
 /// The VMs running under `state_dir`, managed or orphaned, sorted by name. Unreadable entries
 /// and those that are gone are skipped.
 pub fn running(state_dir: &Path) -> Vec<(VmRecord, Liveness)> {
-    survey(state_dir).0
+    survey(state_dir, Proc::host()).0
 }
 
 /// One pass over `state_dir`: the VMs running (as [`running`]) and the names of the runtime
 /// dirs whose VM is gone (to reap with [`reap_named`]). The agent's rescan each second reads
 /// every record once, where reading them for the running and again for the gone doubled its
-/// per-VM opens.
-pub fn survey(state_dir: &Path) -> (Vec<(VmRecord, Liveness)>, Vec<String>) {
-    let (vms, gone, _) = survey_except(state_dir, |_| false);
+/// per-VM opens. QEMUs are looked for in `proc`.
+pub fn survey(state_dir: &Path, proc: &Proc) -> (Vec<(VmRecord, Liveness)>, Vec<String>) {
+    let (vms, gone, _) = survey_except(state_dir, proc, |_| false);
     (vms, gone)
 }
 
@@ -517,6 +528,7 @@ pub fn survey(state_dir: &Path) -> (Vec<(VmRecord, Liveness)>, Vec<String>) {
 /// third part is which of them are there (the agent asks the VMs it manages itself).
 pub fn survey_except(
     state_dir: &Path,
+    proc: &Proc,
     known: impl Fn(&str) -> bool,
 ) -> (Vec<(VmRecord, Liveness)>, Vec<String>, HashSet<String>) {
     let mut vms: Vec<(VmRecord, Liveness)> = Vec::new();
@@ -536,7 +548,7 @@ pub fn survey_except(
         let Some(record) = read_record(&e.path()) else {
             continue;
         };
-        match liveness(&e.path(), &record) {
+        match liveness(proc, &e.path(), &record) {
             Liveness::Gone => gone.extend(e.file_name().into_string().ok()),
             l => vms.push((record, l)),
         }
@@ -549,18 +561,19 @@ pub fn survey_except(
 pub fn find(state_dir: &Path, name: &str) -> Option<(VmRecord, Liveness)> {
     let dir = state_dir.join(name);
     let record = read_record(&dir)?;
-    match liveness(&dir, &record) {
+    match liveness(Proc::host(), &dir, &record) {
         Liveness::Gone => None,
         l => Some((record, l)),
     }
 }
 
 /// Reaps those of the VM directories `names` under `state_dir` that belong to nothing alive
-/// (each looked at again: a launcher may have claimed the name since); returns the reaped.
-pub fn reap_named(state_dir: &Path, names: Vec<String>) -> Vec<String> {
+/// (each looked at again: a launcher may have claimed the name since; QEMU looked for in
+/// `proc`); returns the reaped.
+pub fn reap_named(state_dir: &Path, names: Vec<String>, proc: &Proc) -> Vec<String> {
     names
         .into_iter()
-        .filter(|name| RuntimeDir::reap(state_dir, name))
+        .filter(|name| RuntimeDir::reap_in(proc, state_dir, name))
         .collect()
 }
 

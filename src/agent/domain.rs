@@ -183,7 +183,7 @@ impl Agent {
         let Source::Libvirt { uri, .. } = &record.source else {
             return;
         };
-        if record.qemu_alive() {
+        if record.qemu_alive_in(&self.settings.proc) {
             // Attached again (idempotent) so that the enforcer knows where the threads go home.
             let _ = self.enforcer.attach(record);
             if let Err(e) = self.enforcer.detach(&record.name) {
@@ -321,7 +321,14 @@ mod tests {
         let policy = Policy::new(2, Baseline::from_percent(10.0).unwrap()).unwrap();
         let ledger = Ledger::new(policy.clone(), Credits::ZERO);
         let cfg = super::super::vm::fallback_config(&record(dir.path()));
-        let mut vm = Vm::new(record(dir.path()), ledger, cfg, vec![], 0);
+        let mut vm = Vm::new(
+            crate::procfs::Proc::host(),
+            record(dir.path()),
+            ledger,
+            cfg,
+            vec![],
+            0,
+        );
         let mut cp = Checkpoint {
             uuid: "U-1".into(),
             balances: Ledger::new(policy.clone(), Credits::from_credits(10.0).unwrap()).balances(),

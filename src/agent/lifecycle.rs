@@ -18,7 +18,6 @@ use super::{Agent, Checkpoint, Events, LedgerFile};
 use crate::base::{boottime_ns, chain};
 use crate::config::VmConfig;
 use crate::credit::{Credits, Ledger};
-use crate::procfs::Proc;
 use crate::state::{self, Liveness, VmRecord};
 
 impl Agent {
@@ -27,11 +26,13 @@ impl Agent {
     /// watches (a pidfd poll and a lock probe, no file opened) say whether they live.
     pub(super) fn scan(&mut self, events: &mut Events) {
         let (records, mut gone, present) =
-            state::survey_except(&self.settings.state_dir, |n| self.vms.contains_key(n));
+            state::survey_except(&self.settings.state_dir, &self.settings.proc, |n| {
+                self.vms.contains_key(n)
+            });
         let mut ended = Vec::new();
         for (name, vm) in &mut self.vms {
             let liveness = if present.contains(name) {
-                vm.watch.liveness(&vm.record)
+                vm.watch.liveness(&vm.record, &self.settings.proc)
             } else {
                 Liveness::Gone
             };
@@ -58,7 +59,7 @@ impl Agent {
         }
         // Orphans whose QEMU has exited have no launcher to remove their directory (each is
         // looked at again before it is removed).
-        for name in state::reap_named(&self.settings.state_dir, gone) {
+        for name in state::reap_named(&self.settings.state_dir, gone, &self.settings.proc) {
             tracing::info!("{name}: QEMU has exited without its launcher; runtime dir removed");
         }
         for (record, liveness) in records {
@@ -101,7 +102,7 @@ impl Agent {
         // Only threads of this QEMU are ever moved: a recorded id that is no longer one of its
         // threads (reused by another process) is dropped, never enforced on.
         record.vcpu_tids.retain(|&tid| {
-            let own = Proc::host().is_thread_of(record.pid, tid);
+            let own = self.settings.proc.is_thread_of(record.pid, tid);
             if !own {
                 tracing::error!(
                     "{name}: vCPU thread {tid} is not a thread of QEMU (pid {}); not enforced",
@@ -111,7 +112,11 @@ impl Agent {
             own
         });
         let mut vm = self.restore(record, &cfg);
-        vm.watch = Watch::new(&self.settings.state_dir.join(&name), &vm.record);
+        vm.watch = Watch::new(
+            &self.settings.state_dir.join(&name),
+            &vm.record,
+            &self.settings.proc,
+        );
         vm.stale = stale;
         vm.orphaned = orphaned;
         vm.history = load_history(&self.settings.data_dir, &name);
@@ -155,21 +160,35 @@ impl Agent {
         };
         let domain = checkpoint.is_some() || record.source.libvirt_uuid().is_some();
         let now_ns = boottime_ns();
-        let cpu = read_cpu(&record);
+        let cpu = read_cpu(&self.settings.proc, &record);
         let Some(s) = saved.filter(|s| s.vcpus == record.vcpus || domain) else {
             let ledger = Ledger::new(cfg.policy.clone(), cfg.initial_credits);
-            let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+            let mut vm = Vm::new(
+                &self.settings.proc,
+                record,
+                ledger,
+                cfg.clone(),
+                cpu,
+                now_ns,
+            );
             super::domain::continue_from_checkpoint(&mut vm, checkpoint, 0);
             return vm;
         };
         let local_saved_ns = s.saved_unix_ns;
         let ledger = Ledger::restore(cfg.policy.clone(), s.balances);
-        let mut vm = Vm::new(record, ledger, cfg.clone(), cpu, now_ns);
+        let mut vm = Vm::new(
+            &self.settings.proc,
+            record,
+            ledger,
+            cfg.clone(),
+            cpu,
+            now_ns,
+        );
         vm.credits_applied = s.credits_applied;
         vm.used_total = s.used_total;
         // Same QEMU, same boot: charge exactly what happened since the last save.
         let now = Checkpoint {
-            boot_id: Proc::host().boot_id(),
+            boot_id: self.settings.proc.boot_id(),
             boottime_ns: now_ns,
             qemu_pid: vm.record.pid,
             qemu_start: vm.record.qemu_start,

@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+use crate::procfs::Proc;
 use crate::state::{self, Liveness, Source, VmRecord};
 
 /// A known VM's processes, held open.
@@ -20,10 +21,15 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    /// Watches `record`'s QEMU and, for a launcher's VM, the lock in `dir`. The pidfd is taken
-    /// before QEMU's start time is checked, so it cannot name a process that reused the pid.
-    pub(super) fn new(dir: &Path, record: &VmRecord) -> Watch {
-        let qemu = pidfd_open(record.pid).filter(|_| record.qemu_alive());
+    /// Watches `record`'s QEMU (found in `proc`) and, for a launcher's VM, the lock in `dir`.
+    /// The pidfd is taken before QEMU's start time is checked, so it cannot name a process
+    /// that reused the pid; there is none for a `proc` other than the host's (a simulation's),
+    /// whose processes are asked by start time each time.
+    pub(super) fn new(dir: &Path, record: &VmRecord, proc: &Proc) -> Watch {
+        let qemu = (proc == Proc::host())
+            .then(|| pidfd_open(record.pid))
+            .flatten()
+            .filter(|_| record.qemu_alive_in(proc));
         let lock = match record.source {
             Source::Launcher => File::open(dir.join(state::LOCK)).ok(),
             _ => None,
@@ -32,10 +38,10 @@ impl Watch {
     }
 
     /// The VM's liveness, as [`state::liveness`] would answer it.
-    pub(super) fn liveness(&self, record: &VmRecord) -> Liveness {
+    pub(super) fn liveness(&self, record: &VmRecord, proc: &Proc) -> Liveness {
         let qemu_alive = match &self.qemu {
             Some(fd) => !exited(fd),
-            None => record.qemu_alive(),
+            None => record.qemu_alive_in(proc),
         };
         if !qemu_alive {
             return Liveness::Gone;

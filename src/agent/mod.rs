@@ -44,6 +44,7 @@ use crate::base::{chain, IoContext, IoFailure};
 use crate::contention::{Contention, Observed, SpareRule};
 use crate::credit::{Credits, Rate, PPM_PER_CPU};
 use crate::enforce::Enforcer;
+use crate::procfs::Proc;
 use crate::state;
 use crate::view::{Health, Snapshot};
 
@@ -57,6 +58,8 @@ mod lifecycle;
 mod liveness;
 mod pinning;
 mod reload;
+#[doc(hidden)]
+pub mod sim;
 mod vm;
 mod vm_config;
 
@@ -127,6 +130,10 @@ pub struct Settings {
     /// The libvirt connection whose opted-in domains join the fleet (`--libvirt`, feature
     /// `libvirt`); `None`: libvirt is not watched.
     pub libvirt: Option<LibvirtSettings>,
+    /// Where the VMs' processes are read: the host's `/proc` ([`Proc::host`]); a synthetic
+    /// tree in a simulation (`benches/agent_scale.rs`). (Where their cgroups are is the
+    /// enforcer's: [`crate::enforce::cgroup::CgroupEnforcer::new`] takes the mount.)
+    pub proc: Proc,
 }
 
 /// What `agent --libvirt` watches.
@@ -272,7 +279,7 @@ impl Agent {
                 last_scan = Instant::now();
             }
             let started = Instant::now();
-            self.tick();
+            self.tick(crate::base::unix_now());
             self.health.observe_tick(started.elapsed().as_secs_f64());
             self.update_metrics();
             next_tick += TICK;
@@ -374,7 +381,10 @@ impl Agent {
         self.checkpoint_domains(true);
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
-            let alive = self.vms.get(&name).is_some_and(|vm| vm.record.qemu_alive());
+            let alive = self
+                .vms
+                .get(&name)
+                .is_some_and(|vm| vm.record.qemu_alive_in(&self.settings.proc));
             if !alive {
                 self.end(&name);
                 continue;
@@ -538,7 +548,8 @@ impl Agent {
         }
     }
 
-    fn tick(&mut self) {
+    /// One tick; `now_s` is the wall clock's second, for the history.
+    fn tick(&mut self, now_s: u64) {
         // Measure and charge every VM first: the contention stage plans them together.
         for vm in self.vms.values_mut() {
             vm.measure_and_tick();
@@ -554,7 +565,6 @@ impl Agent {
             }
         }
         self.balance_cpus();
-        let now_s = crate::base::unix_now();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {

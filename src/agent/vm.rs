@@ -67,11 +67,15 @@ pub(super) struct Vm {
     pub(super) disk: Option<DiskView>,
     /// Its vCPUs' pins and pin changes, when the pinning balancer runs.
     pub(super) pins: Option<(Vec<Option<u32>>, u64)>,
+    /// Where its QEMU's threads are read (the agent's [`super::Settings::proc`]).
+    proc: Proc,
 }
 
 impl Vm {
-    /// A VM adopted with `ledger` and `config`; `cpu` is each vCPU thread's CPU time at `at_ns`.
+    /// A VM adopted with `ledger` and `config`; `cpu` is each vCPU thread's CPU time at `at_ns`;
+    /// its threads are read in `proc`.
     pub(super) fn new(
+        proc: &Proc,
         record: VmRecord,
         mut ledger: Ledger,
         config: VmConfig,
@@ -106,6 +110,7 @@ impl Vm {
             history_saved_t: 0,
             disk: None,
             pins: None,
+            proc: proc.clone(),
         }
     }
 
@@ -143,7 +148,7 @@ impl Vm {
             let file = self
                 .sched
                 .entry(*tid)
-                .or_insert_with(|| SchedFile::open(self.record.pid, *tid));
+                .or_insert_with(|| SchedFile::open(&self.proc, self.record.pid, *tid));
             if let Some(s) = file.read() {
                 used += s.run_ns.saturating_sub(*last);
                 *last = s.run_ns;
@@ -182,7 +187,7 @@ impl Vm {
             credits_applied: self.credits_applied,
             used_total: self.used_total,
             checkpoint: Some(Checkpoint {
-                boot_id: Proc::host().boot_id(),
+                boot_id: self.proc.boot_id(),
                 qemu_start: self.record.qemu_start,
                 boottime_ns: self.at_ns,
                 qemu_pid: self.record.pid,
@@ -375,10 +380,10 @@ pub(super) fn fallback_config(r: &VmRecord) -> VmConfig {
     }
 }
 
-/// Each vCPU thread's CPU time now (0 for a thread that is gone).
-pub(super) fn read_cpu(r: &VmRecord) -> Vec<(u32, u64)> {
+/// Each vCPU thread's CPU time now in `proc` (0 for a thread that is gone).
+pub(super) fn read_cpu(proc: &Proc, r: &VmRecord) -> Vec<(u32, u64)> {
     r.vcpu_tids
         .iter()
-        .map(|&t| (t, Proc::host().thread_cpu_ns(r.pid, t).unwrap_or(0)))
+        .map(|&t| (t, proc.thread_cpu_ns(r.pid, t).unwrap_or(0)))
         .collect()
 }

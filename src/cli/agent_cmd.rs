@@ -356,6 +356,7 @@ fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, F
         libvirt: libvirt_settings(g, a)?,
         contention,
         spare_rule: spare_rule(a.contention).unwrap_or_default(),
+        proc: burst_qemu::procfs::Proc::host().clone(),
         balance: if kind == EnforcerKind::Cgroup {
             balance_settings(a)?
         } else {

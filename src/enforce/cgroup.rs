@@ -39,7 +39,7 @@
 //! fall below the kernel's 1 ms minimum gets a longer period instead (at most 1 s) so small
 //! baselines keep their exact rate. The full rate is written as no limit (`-1` / `max`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -637,7 +637,8 @@ impl Enforcer for CgroupEnforcer {
             let _ = Self::remove(&self.root);
             return;
         }
-        let live: std::collections::HashSet<&str> = live.iter().copied().collect();
+        // Looked up by name: a search of the live VMs per cgroup made the cleanup quadratic.
+        let live: HashSet<&str> = live.iter().copied().collect();
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
             if !live.contains(name.as_str()) {

@@ -278,10 +278,11 @@ impl Enforcer for GhostEnforcer {
     }
 
     fn cleanup(&mut self, live: &[&str]) {
+        let live: std::collections::HashSet<&str> = live.iter().copied().collect();
         let gone: Vec<String> = self
             .ids
             .keys()
-            .filter(|n| !live.contains(&n.as_str()))
+            .filter(|n| !live.contains(n.as_str()))
             .cloned()
             .collect();
         for name in gone {
