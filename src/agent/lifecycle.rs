@@ -161,21 +161,11 @@ impl Agent {
         let domain = checkpoint.is_some() || record.source.libvirt_uuid().is_some();
         let now_ns = boottime_ns();
         let cpu = read_cpu(&self.settings.proc, &record);
-        let Some(s) = saved.filter(|s| s.vcpus == record.vcpus || domain) else {
-            let ledger = Ledger::new(cfg.policy.clone(), cfg.initial_credits);
-            let mut vm = Vm::new(
-                &self.settings.proc,
-                record,
-                ledger,
-                cfg.clone(),
-                cpu,
-                now_ns,
-            );
-            super::domain::continue_from_checkpoint(&mut vm, checkpoint, 0);
-            return vm;
+        let saved = saved.filter(|s| s.vcpus == record.vcpus || domain);
+        let ledger = match &saved {
+            Some(s) => Ledger::restore(cfg.policy.clone(), s.balances),
+            None => Ledger::new(cfg.policy.clone(), cfg.initial_credits),
         };
-        let local_saved_ns = s.saved_unix_ns;
-        let ledger = Ledger::restore(cfg.policy.clone(), s.balances);
         let mut vm = Vm::new(
             &self.settings.proc,
             record,
@@ -184,6 +174,11 @@ impl Agent {
             cpu,
             now_ns,
         );
+        let Some(s) = saved else {
+            super::domain::continue_from_checkpoint(&mut vm, checkpoint, 0);
+            return vm;
+        };
+        let local_saved_ns = s.saved_unix_ns;
         vm.credits_applied = s.credits_applied;
         vm.used_total = s.used_total;
         // Same QEMU, same boot: charge exactly what happened since the last save.
