@@ -492,17 +492,31 @@ fn read_record(dir: &Path) -> Option<VmRecord> {
 /// is orphaned while it lives (listed, charged, enforced; stopped only when asked). QEMU is
 /// looked for in `proc`.
 pub fn liveness(proc: &Proc, dir: &Path, record: &VmRecord) -> Liveness {
-    // A launcher's lock answers first: QEMU's start time (a read of /proc/PID/stat) is looked
-    // at only when no launcher holds the dir.
-    match &record.source {
+    liveness_by(
+        &record.source,
+        || is_locked(dir),
+        || record.qemu_alive_in(proc),
+    )
+}
+
+/// The rule of [`liveness`], told how to ask its two questions: whether a launcher holds the
+/// runtime dir (asked of a launcher's VM only, and first: QEMU's start time, a read of
+/// `/proc/PID/stat`, is looked at only when no launcher holds the dir), and whether QEMU runs.
+/// The agent asks them of the VMs it manages through descriptors it keeps open.
+pub fn liveness_by(
+    source: &Source,
+    launcher_holds: impl FnOnce() -> bool,
+    qemu_alive: impl Fn() -> bool,
+) -> Liveness {
+    match source {
         Source::Launcher => {}
-        _ if !record.qemu_alive_in(proc) => return Liveness::Gone,
+        _ if !qemu_alive() => return Liveness::Gone,
         Source::Libvirt { .. } => return Liveness::Managed,
         Source::Adopted => return Liveness::Orphaned,
     }
-    if is_locked(dir) {
+    if launcher_holds() {
         Liveness::Managed
-    } else if record.qemu_alive_in(proc) {
+    } else if qemu_alive() {
         Liveness::Orphaned
     } else {
         Liveness::Gone

@@ -6,7 +6,7 @@
 
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::procfs::Proc;
 use crate::state::{self, Liveness, Source, VmRecord};
@@ -18,6 +18,8 @@ pub(super) struct Watch {
     qemu: Option<OwnedFd>,
     /// The runtime dir's lock, for a launcher's VM.
     lock: Option<File>,
+    /// The runtime dir: its lock is probed by path when it could not be kept open.
+    dir: Option<PathBuf>,
 }
 
 impl Watch {
@@ -34,24 +36,25 @@ impl Watch {
             Source::Launcher => File::open(dir.join(state::LOCK)).ok(),
             _ => None,
         };
-        Watch { qemu, lock }
+        Watch {
+            qemu,
+            lock,
+            dir: Some(dir.to_owned()),
+        }
     }
 
-    /// The VM's liveness, as [`state::liveness`] would answer it.
+    /// The VM's liveness: [`state::liveness`]'s rule, asked through the kept descriptors.
     pub(super) fn liveness(&self, record: &VmRecord, proc: &Proc) -> Liveness {
-        let qemu_alive = match &self.qemu {
+        let launcher_holds = || match (&self.lock, &self.dir) {
+            (Some(lock), _) => held(lock),
+            (None, Some(dir)) => state::is_locked(dir),
+            (None, None) => false,
+        };
+        let qemu_alive = || match &self.qemu {
             Some(fd) => !exited(fd),
             None => record.qemu_alive_in(proc),
         };
-        if !qemu_alive {
-            return Liveness::Gone;
-        }
-        match (&record.source, &self.lock) {
-            (Source::Libvirt { .. }, _) => Liveness::Managed,
-            (Source::Adopted, _) => Liveness::Orphaned,
-            (Source::Launcher, Some(lock)) if held(lock) => Liveness::Managed,
-            (Source::Launcher, _) => Liveness::Orphaned,
-        }
+        state::liveness_by(&record.source, launcher_holds, qemu_alive)
     }
 }
 
