@@ -20,7 +20,8 @@
 //!
 //! The binary defaults to the `burst-qemu` beside this example's directory; `--bin` measures
 //! another build in the same conditions (before/after). With `BQ_SCALE_PERF=FILE` the idle
-//! agent is also profiled for 10 s (`perf record -g`, after its CPU is measured). Exits non-zero
+//! agent is also profiled for 10 s (`perf record -g`, after its CPU is measured), and with
+//! `BQ_SCALE_STRACE=FILE` its system calls are traced for 5 s (`strace -f`). Exits non-zero
 //! when something is left.
 
 use std::collections::HashMap;
@@ -334,6 +335,17 @@ fn measure(run: &Run, n: usize) -> Vec<String> {
             .stderr(Stdio::null())
             .status();
         eprintln!("perf record of the agent into {out}: {perf:?}");
+    }
+    if let Ok(out) = std::env::var("BQ_SCALE_STRACE") {
+        // Which system calls the idle agent makes, on which files, for 5 s (after its CPU is
+        // measured: strace slows it down many times).
+        let pid = agent.id().to_string();
+        let strace = Command::new("timeout")
+            .args(["5", "strace", "-f", "-qq", "-o", &out, "-p", &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        eprintln!("strace of the agent into {out}: {strace:?}");
     }
     let ls = run.time(&["ls"]);
     let ls_json = run.time(&["ls", "--json"]);

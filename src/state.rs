@@ -40,6 +40,21 @@ pub const RECORD: &str = "vm.json";
 pub const LOCK: &str = "lock";
 /// File name of a balance-override request (`burst-qemu credits NAME --set C`).
 pub const SET_CREDITS: &str = "set-credits";
+/// A file in the state dir that `credits --set` touches after writing a request: the agent
+/// watches the state dir, not each runtime dir, and looks for requests only when told (probing
+/// every VM's dir for one each tick was a fifth of the idle agent's system calls).
+pub const REQUESTS: &str = "agent.requests";
+
+/// Tells the agent of `state_dir` that a request waits in a runtime dir ([`REQUESTS`]).
+pub fn poke_agent(state_dir: &Path) -> std::io::Result<()> {
+    // Closing a file opened for writing is the event the agent is told of (`IN_CLOSE_WRITE`).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(state_dir.join(REQUESTS))
+        .map(drop)
+}
 /// File name of the agent's summary of a VM's credits (JSON), refreshed every tick.
 pub const CREDITS_JSON: &str = "credits.json";
 /// File name of the reason a VM's config is stale (present only while it is).

@@ -134,6 +134,8 @@ impl Agent {
         vm.publish(&self.settings.state_dir);
         self.persist(&mut vm);
         self.vms.insert(name, vm);
+        // A `credits --set` may have come before the VM was adopted.
+        self.requests_due = true;
         self.share_memory_members();
     }
 

@@ -190,6 +190,9 @@ pub struct Agent {
     memory: Option<memory::Coordinator>,
     /// Where new settings come from while the agent runs (its config file).
     reload: Option<Reload>,
+    /// Whether a `credits --set` request may wait in a runtime dir ([`state::REQUESTS`] was
+    /// touched, events were lost, or the agent just started): the next tick looks.
+    requests_due: bool,
 }
 
 impl Agent {
@@ -219,6 +222,7 @@ impl Agent {
             libvirt: None,
             memory: None,
             reload: None,
+            requests_due: true,
         }
     }
 
@@ -442,9 +446,14 @@ impl Agent {
         {
             self.reload_settings();
         }
+        let requests = self.settings.state_dir.join(state::REQUESTS);
+        if changed.contains(&requests) {
+            self.requests_due = true;
+        }
         let own = |p: &Path| {
-            p.file_name()
-                .is_some_and(|n| n == "agent.log" || n == "agent.lock")
+            p == requests
+                || p.file_name()
+                    .is_some_and(|n| n == "agent.log" || n == "agent.lock")
         };
         if changed.everything
             || changed
@@ -565,12 +574,13 @@ impl Agent {
             }
         }
         self.balance_cpus();
+        let requests = std::mem::take(&mut self.requests_due);
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {
                 continue;
             };
-            self.tend(&mut vm, now_s);
+            self.tend(&mut vm, now_s, requests);
             self.vms.insert(name, vm);
         }
         if self.last_persist.elapsed() >= PERSIST_EVERY {
@@ -621,10 +631,10 @@ impl Agent {
         }
     }
 
-    /// A VM's share of a tick after measuring: a balance request, enforcement, publishing,
-    /// persistence and history, each when due.
-    fn tend(&mut self, vm: &mut Vm, now_s: u64) {
-        let requested = self.take_balance_request(vm);
+    /// A VM's share of a tick after measuring: a balance request (looked for when `requests`
+    /// may wait), enforcement, publishing, persistence and history, each when due.
+    fn tend(&mut self, vm: &mut Vm, now_s: u64, requests: bool) {
+        let requested = requests && self.take_balance_request(vm);
         self.enforce(vm);
         if requested || vm.last_publish.elapsed() >= PUBLISH_EVERY {
             vm.publish(&self.settings.state_dir);

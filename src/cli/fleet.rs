@@ -277,6 +277,9 @@ fn ask_agent_to_set(state_dir: &std::path::Path, name: &str, c: Credits) -> Resu
     state::write_atomic(&request, format!("{}\n", c.as_credits()).as_bytes(), 0o600)
         .with_context(|| format!("writing {}", request.display()))
         .map_err(Failure::host)?;
+    state::poke_agent(state_dir)
+        .with_context(|| format!("writing {}", state_dir.join(state::REQUESTS).display()))
+        .map_err(Failure::host)?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while request.exists() {
         if Instant::now() >= deadline {
