@@ -1,5 +1,6 @@
 //! A VM's history on disk: `<data dir>/history/NAME.bqh`, beside the ledgers, written atomically
-//! when a minute closes, when the VM ends and when the agent stops (see [`crate::history`]); and
+//! when a minute closes (every VM's together, as the ledgers), when the VM ends and when the
+//! agent stops (see [`crate::history`]); and
 //! a running VM's tail, the 10-second samples closed since that save, in its runtime dir.
 
 use std::io;
@@ -9,9 +10,14 @@ use crate::credit::{Ledger, Rate, NS_PER_CREDIT};
 use crate::history::{History, Point, Sample};
 use crate::state;
 
+/// The directory of the VMs' history files.
+pub fn history_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("history")
+}
+
 /// Where VM `name`'s history is kept.
 pub fn history_path(data_dir: &Path, name: &str) -> PathBuf {
-    data_dir.join("history").join(format!("{name}.bqh"))
+    history_dir(data_dir).join(format!("{name}.bqh"))
 }
 
 /// Reads a history file; `Ok(None)` when there is none.

@@ -178,6 +178,8 @@ pub struct Agent {
     vms: HashMap<String, Vm>,
     /// What the metrics server shows, when one runs.
     metrics: Option<Arc<Mutex<Snapshot>>>,
+    /// When it was last refreshed (as the published files, once a second).
+    last_metrics: Option<Instant>,
     health: Health,
     balancer: Option<crate::balance::pin::PinBalancer>,
     /// The memory-balanced VMs and their settings, shared with the memory coordinator's thread
@@ -216,6 +218,7 @@ impl Agent {
             enforcer,
             vms: HashMap::new(),
             metrics: None,
+            last_metrics: None,
             health: Health::default(),
             memory_members: None,
             #[cfg(feature = "libvirt")]
@@ -416,9 +419,18 @@ impl Agent {
         }
     }
 
-    /// Refreshes what the metrics server shows (nothing when it is off).
+    /// Refreshes what the metrics server shows (nothing when it is off), once a second like the
+    /// published files: every tick rebuilt every VM's view five times a second for scrapes
+    /// that come every 15 s or so.
     fn update_metrics(&mut self) {
         let Some(snap) = &self.metrics else { return };
+        if self
+            .last_metrics
+            .is_some_and(|t| t.elapsed() < PUBLISH_EVERY)
+        {
+            return;
+        }
+        self.last_metrics = Some(Instant::now());
         let mut vms: Vec<CreditsView> = self.vms.values().map(Vm::view).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         if let Ok(mut s) = snap.lock() {
@@ -576,15 +588,54 @@ impl Agent {
         self.balance_cpus();
         let requests = std::mem::take(&mut self.requests_due);
         let names: Vec<String> = self.vms.keys().cloned().collect();
+        let mut histories = Vec::new();
         for name in names {
             let Some(mut vm) = self.vms.remove(&name) else {
                 continue;
             };
-            self.tend(&mut vm, now_s, requests);
+            if self.tend(&mut vm, now_s, requests) {
+                histories.push(name.clone());
+            }
             self.vms.insert(name, vm);
         }
         if self.last_persist.elapsed() >= PERSIST_EVERY {
             self.persist_all();
+        }
+        if !histories.is_empty() {
+            self.save_histories(&histories);
+        }
+    }
+
+    /// Saves the histories of the VMs `names` whose minute closed, together (see
+    /// [`state::write_atomic_all`]): every VM's minute closes in the same tick, and a save per
+    /// VM made a new file and fsynced it and the directory, 500 VMs at once every minute.
+    fn save_histories(&mut self, names: &[String]) {
+        let data_dir = &self.settings.data_dir;
+        let (saved, files): (Vec<&String>, Vec<(PathBuf, Vec<u8>)>) = names
+            .iter()
+            .filter_map(|n| {
+                let vm = self.vms.get(n)?;
+                Some((
+                    n,
+                    (history_file::history_path(data_dir, n), vm.history.encode()),
+                ))
+            })
+            .unzip();
+        let dir = history_file::history_dir(data_dir);
+        if let Err(e) = fs::create_dir_all(&dir) {
+            tracing::debug!("creating {}: {e}", dir.display());
+        }
+        let (results, dir_synced) = state::write_atomic_all(&dir, &files, 0o644);
+        if let Err(e) = dir_synced {
+            tracing::error!("cannot fsync {}: {e}", dir.display());
+            return;
+        }
+        for ((name, (path, _)), result) in saved.into_iter().zip(&files).zip(results) {
+            match (result, self.vms.get_mut(name)) {
+                (Ok(()), Some(vm)) => vm.history_saved(),
+                (Err(e), _) => tracing::error!("saving {}: {e}", path.display()),
+                (Ok(()), None) => {}
+            }
         }
     }
 
@@ -633,7 +684,8 @@ impl Agent {
 
     /// A VM's share of a tick after measuring: a balance request (looked for when `requests`
     /// may wait), enforcement, publishing, persistence and history, each when due.
-    fn tend(&mut self, vm: &mut Vm, now_s: u64, requests: bool) {
+    /// Whether its history file is due.
+    fn tend(&mut self, vm: &mut Vm, now_s: u64, requests: bool) -> bool {
         let requested = requests && self.take_balance_request(vm);
         self.enforce(vm);
         if requested || vm.last_publish.elapsed() >= PUBLISH_EVERY {
@@ -649,7 +701,7 @@ impl Agent {
                 .join(state::SET_CREDITS);
             let _ = fs::remove_file(&request);
         }
-        vm.record_history(&self.settings.state_dir, &self.settings.data_dir, now_s);
+        vm.record_history(&self.settings.state_dir, now_s)
     }
 
     /// Applies a `burst-qemu credits --set` request waiting in the VM's runtime dir; whether

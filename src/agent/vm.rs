@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Instant;
 
@@ -60,6 +61,9 @@ pub(super) struct Vm {
     /// Each vCPU thread's `schedstat`, kept open.
     sched: HashMap<u32, SchedFile>,
     pub(super) published: HashMap<&'static str, String>,
+    /// Its runtime dir, kept open for publishing (opened at a publish when it is not; let go
+    /// when a write finds the dir removed).
+    runtime: Option<fs::File>,
     pub(super) history: crate::history::History,
     /// The start of the newest fine sample in the saved history file.
     pub(super) history_saved_t: u64,
@@ -106,6 +110,7 @@ impl Vm {
             last_publish: Instant::now(),
             sched: HashMap::new(),
             published: HashMap::new(),
+            runtime: None,
             history: crate::history::History::new(),
             history_saved_t: 0,
             disk: None,
@@ -273,6 +278,9 @@ impl Vm {
                 serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
             ),
         ];
+        if self.runtime.is_none() {
+            self.runtime = fs::File::open(&dir).ok();
+        }
         for (file, value) in values {
             if self.published.get(file) != Some(&value) {
                 let text = if file == state::CREDITS_JSON {
@@ -280,8 +288,16 @@ impl Vm {
                 } else {
                     format!("{value}\n")
                 };
-                if state::write_swapping(&dir.join(file), text.as_bytes()).is_ok() {
-                    self.published.insert(file, value);
+                let written = match &self.runtime {
+                    Some(d) => state::write_swapping_at(d.as_fd(), file, text.as_bytes()),
+                    None => state::write_swapping(&dir.join(file), text.as_bytes()),
+                };
+                match written {
+                    Ok(()) => {
+                        self.published.insert(file, value);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => self.runtime = None,
+                    Err(_) => {}
                 }
             }
         }
@@ -309,12 +325,11 @@ impl Vm {
     /// Records this tick in the history: a closed minute saves the history file, a closed
     /// 10-second sample rewrites the runtime dir's tail, so `plot` of a running VM is current to
     /// its last 10-second sample without a file-system sync every 10 s.
-    pub(super) fn record_history(&mut self, state_dir: &Path, data_dir: &Path, now_s: u64) {
+    /// Whether its history file is due (a minute closed): the agent saves the due ones together
+    /// and then says so ([`Vm::history_saved`]).
+    pub(super) fn record_history(&mut self, state_dir: &Path, now_s: u64) -> bool {
         let point = history_file::point(&self.ledger, self.usage, self.last_grant);
         let closed = self.history.record(now_s, point);
-        if closed.minute {
-            self.save_history(data_dir, false);
-        }
         if closed.fine {
             let tail: Vec<_> = self
                 .history
@@ -328,6 +343,12 @@ impl Vm {
                 tracing::debug!("{}: writing {}: {e}", self.record.name, path.display());
             }
         }
+        closed.minute
+    }
+
+    /// The history file holds every sample closed so far: the tail starts after them.
+    pub(super) fn history_saved(&mut self) {
+        self.history_saved_t = self.history.fine().samples().last().map_or(0, |s| s.t);
     }
 
     /// Saves the VM's history: at each closed minute, and (`close`) when it ends or the agent
@@ -338,9 +359,7 @@ impl Vm {
         }
         let path = history_file::history_path(data_dir, &self.record.name);
         match history_file::save(&path, &self.history) {
-            Ok(()) => {
-                self.history_saved_t = self.history.fine().samples().last().map_or(0, |s| s.t)
-            }
+            Ok(()) => self.history_saved(),
             Err(e) => tracing::error!("saving {}: {e}", path.display()),
         }
     }
