@@ -130,6 +130,8 @@ struct Other {
 /// The watcher of one libvirt connection.
 pub(super) struct Watch {
     settings: LibvirtSettings,
+    /// Where the domains' processes are read (the agent's [`super::Settings::proc`]).
+    proc: Proc,
     pool: Arc<Pool>,
     version: Option<Version>,
     last: Option<Vec<Seen>>,
@@ -168,10 +170,12 @@ pub fn glob(pattern: &str, name: &str) -> bool {
 }
 
 impl Watch {
-    /// A watcher for `settings`, knowing the libvirt VMs already in `state_dir` (an agent that
-    /// restarts picks them up where the last one left them).
-    pub(super) fn new(settings: LibvirtSettings, state_dir: &Path) -> Watch {
+    /// A watcher for `settings`, reading processes under `proc`, knowing the libvirt VMs
+    /// already in `state_dir` (an agent that restarts picks them up where the last one left
+    /// them).
+    pub(super) fn new(settings: LibvirtSettings, proc: Proc, state_dir: &Path) -> Watch {
         let mut w = Watch {
+            proc,
             pool: Pool::new(&settings.uri),
             version: cgroup::detect_host().map(|(v, _)| v),
             last: None,
@@ -246,7 +250,7 @@ impl Watch {
         let id = s.id.ok_or("not running")?;
         discover(
             &self.settings.run_dir,
-            Proc::host().root(),
+            self.proc.root(),
             &Expected {
                 uuid: &s.uuid,
                 name: &s.name,
@@ -275,7 +279,7 @@ impl Watch {
             config: self.settings.vms_dir.join(format!("{}.toml", s.name)),
             qmp_socket: PathBuf::new(),
             qemu_start: f.qemu_start,
-            boot_id: Proc::host().boot_id(),
+            boot_id: self.proc.boot_id(),
             source: Source::Libvirt {
                 uri: self.settings.uri.clone(),
                 uuid: s.uuid.clone(),
@@ -593,7 +597,8 @@ impl Agent {
                     .as_deref()
                     .map_or(String::new(), |p| format!(", domains {p}"))
             );
-            self.libvirt = Some(Watch::new(s, &self.settings.state_dir));
+            let proc = self.settings.proc.clone();
+            self.libvirt = Some(Watch::new(s, proc, &self.settings.state_dir));
         }
     }
 
