@@ -8,18 +8,25 @@ use anyhow::Context;
 use burst_qemu::state::{self, VmRecord};
 
 use super::agent_start::find_vm;
+use super::foreign::LibvirtStates;
 use super::*;
 
 /// A running VM's state: `running`, `paused`, another run state, or `unknown` when its monitor
 /// does not answer. A launched VM's launcher keeps it in the runtime dir (no QMP session per VM
-/// per `ls`); an orphan, an adopted QEMU and a libvirt domain are asked over QMP or libvirt.
-pub(super) fn vm_state(state_dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> String {
+/// per `ls`); an orphan and an adopted QEMU are asked over QMP; a libvirt domain's comes from
+/// `libvirt`, asked once for the whole fleet.
+pub(super) fn vm_state(
+    state_dir: &Path,
+    vm: &VmRecord,
+    liveness: state::Liveness,
+    libvirt: &LibvirtStates,
+) -> String {
     if vm.source == state::Source::Launcher && liveness == state::Liveness::Managed {
         if let Some(s) = state::published_run_state(state_dir, &vm.name) {
             return s;
         }
     }
-    super::foreign::run_state(vm)
+    super::foreign::run_state(vm, libvirt)
 }
 
 /// Why a VM is orphaned (or, adopted, has no launcher), for `ls`.
@@ -55,10 +62,11 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
     let dir = g.state_dir();
     let vms = state::running(&dir);
     revive_agent(g, vms.len());
+    let libvirt = LibvirtStates::of(vms.iter().map(|(vm, _)| vm));
     let out = if a.json {
         let rows: Vec<serde_json::Value> = vms
             .iter()
-            .map(|(vm, liveness)| ls_row(&dir, vm, *liveness))
+            .map(|(vm, liveness)| ls_row(&dir, vm, *liveness, &libvirt))
             .collect();
         serde_json::to_string_pretty(&rows).expect("plain data") + "\n"
     } else {
@@ -106,7 +114,7 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
                 if orphaned {
                     "orphaned".into()
                 } else {
-                    vm_state(&dir, vm, *liveness)
+                    vm_state(&dir, vm, *liveness, &libvirt)
                 },
                 vm.source.label(),
                 live.as_ref()
@@ -127,9 +135,14 @@ pub(super) fn ls(g: &Global, a: LsArgs) -> Result<(), Failure> {
 }
 
 /// One VM's row of `ls --json`.
-fn ls_row(dir: &Path, vm: &VmRecord, liveness: state::Liveness) -> serde_json::Value {
+fn ls_row(
+    dir: &Path,
+    vm: &VmRecord,
+    liveness: state::Liveness,
+    libvirt: &LibvirtStates,
+) -> serde_json::Value {
     let mut v = serde_json::to_value(vm).expect("records are plain data");
-    let run_state = vm_state(dir, vm, liveness);
+    let run_state = vm_state(dir, vm, liveness, libvirt);
     let orphaned = liveness == state::Liveness::Orphaned && vm.source == state::Source::Launcher;
     v["state"] = if orphaned {
         "orphaned".into()

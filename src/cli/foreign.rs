@@ -2,6 +2,7 @@
 //! the control of libvirt domains and adopted QEMUs by `ls`, `pause`, `resume` and `stop`
 //! (through libvirt, or QMP when the adopted QEMU's socket is known).
 
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,11 +177,73 @@ fn libvirt_control(record: &VmRecord, uri: &str, _uuid: &str) -> Arc<dyn Control
     })
 }
 
-/// A running VM's state for `ls`: `running`, `paused`, … or `unknown` when it cannot be asked.
-pub(super) fn run_state(record: &VmRecord) -> String {
+/// The run states of the listed libvirt domains, read with one libvirt call per connection
+/// (`virConnectGetAllDomainStats`, state group) for the whole fleet, rather than a connection,
+/// a lookup and a `virDomainGetState` per domain.
+#[derive(Debug, Default)]
+pub(super) struct LibvirtStates {
+    /// `(URI, lowercase UUID)` → libvirt's state name; a connection that failed has none.
+    states: HashMap<(String, String), String>,
+}
+
+impl LibvirtStates {
+    /// Asks each connection the libvirt VMs among `vms` belong to (none without them).
+    pub(super) fn of<'a>(vms: impl IntoIterator<Item = &'a VmRecord>) -> LibvirtStates {
+        let uris: BTreeSet<&str> = vms
+            .into_iter()
+            .filter_map(|vm| match &vm.source {
+                Source::Libvirt { uri, .. } => Some(uri.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut states = HashMap::new();
+        for uri in uris {
+            match libvirt_states(uri) {
+                Ok(found) => states.extend(
+                    found
+                        .into_iter()
+                        .map(|(uuid, s)| ((uri.to_owned(), uuid.to_ascii_lowercase()), s)),
+                ),
+                Err(e) => tracing::debug!("{uri}: {e}"),
+            }
+        }
+        LibvirtStates { states }
+    }
+
+    fn get(&self, uri: &str, uuid: &str) -> Option<&str> {
+        self.states
+            .get(&(uri.to_owned(), uuid.to_ascii_lowercase()))
+            .map(String::as_str)
+    }
+}
+
+/// Every domain of `uri` as `(UUID, state name)`: one connection, one call.
+#[cfg(feature = "libvirt")]
+fn libvirt_states(uri: &str) -> anyhow::Result<Vec<(String, String)>> {
+    use burst_qemu::source::libvirt::conn::Connection;
+    use burst_qemu::source::libvirt::control::state_name;
+    let conn = Connection::open(uri)?;
+    Ok(conn
+        .states()?
+        .into_iter()
+        .map(|s| (s.uuid, state_name(s.state)))
+        .collect())
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn libvirt_states(uri: &str) -> anyhow::Result<Vec<(String, String)>> {
+    anyhow::bail!("a libvirt domain of {uri}: this burst-qemu was built without the `libvirt` feature (virsh reaches it)")
+}
+
+/// A running VM's state for `ls`: `running`, `paused`, … or `unknown` when it cannot be asked
+/// (a libvirt domain's from `libvirt`, asked beforehand for the whole fleet).
+pub(super) fn run_state(record: &VmRecord, libvirt: &LibvirtStates) -> String {
     if record.source == Source::Adopted && record.qmp_socket.as_os_str().is_empty() {
         // No monitor to ask: it runs as long as its process does.
         return "running".into();
+    }
+    if let Source::Libvirt { uri, uuid, .. } = &record.source {
+        return libvirt.get(uri, uuid).unwrap_or("unknown").to_owned();
     }
     match control_of(record).run_state() {
         Ok(s) => s,

@@ -235,16 +235,23 @@ impl Connection {
     /// Every domain's identity, state and vCPU count, for [`super::lifecycle::diff`]: one round
     /// trip for the whole connection (`virConnectGetAllDomainStats`, state and vCPU groups).
     pub fn poll(&self) -> Result<Vec<Seen>, LibvirtError> {
+        self.all_stats(ffi::VIR_DOMAIN_STATS_STATE | ffi::VIR_DOMAIN_STATS_VCPU)
+    }
+
+    /// Every domain's identity and state, `vcpus` left 0 (not asked): one round trip for the
+    /// whole connection (`virConnectGetAllDomainStats`, state group only: libvirtd answers from
+    /// its own records, without asking any domain's QEMU). What `ls` shows.
+    pub fn states(&self) -> Result<Vec<Seen>, LibvirtError> {
+        self.all_stats(ffi::VIR_DOMAIN_STATS_STATE)
+    }
+
+    /// Every domain's identity with the stats `groups` (`VIR_DOMAIN_STATS_*`) read into
+    /// [`Seen`]: one `virConnectGetAllDomainStats`.
+    fn all_stats(&self, groups: c_uint) -> Result<Vec<Seen>, LibvirtError> {
         let mut records: *mut *mut ffi::virDomainStatsRecord = ptr::null_mut();
         // SAFETY: a valid connection; libvirt allocates a NULL-terminated record list.
-        let n = unsafe {
-            ffi::virConnectGetAllDomainStats(
-                self.ptr.as_ptr(),
-                ffi::VIR_DOMAIN_STATS_STATE | ffi::VIR_DOMAIN_STATS_VCPU,
-                &mut records,
-                0,
-            )
-        };
+        let n =
+            unsafe { ffi::virConnectGetAllDomainStats(self.ptr.as_ptr(), groups, &mut records, 0) };
         if n < 0 {
             return Err(LibvirtError::last("virConnectGetAllDomainStats"));
         }

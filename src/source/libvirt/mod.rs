@@ -8,7 +8,7 @@
 //! | [`lifecycle`] | two polls of a connection → started, stopped (how), paused, resumed, undefined, renamed | nothing |
 //! | `ffi` | declarations of libvirt's C API | feature `libvirt` (links `libvirt.so`) |
 //! | `control` | a domain's control handle (run state, pause, pin, balloon) and the shared connection pool | feature `libvirt` |
-//! | `conn` | the safe connection and domain handles: list, poll, survey (state, UUID, name, pid, vCPU TIDs of every domain), metadata, pause, balloon, pin, save | feature `libvirt` |
+//! | `conn` | the safe connection and domain handles: list, poll, states (every domain's state in one call, for `ls`), survey (state, UUID, name, pid, vCPU TIDs of every domain), metadata, pause, balloon, pin, save | feature `libvirt` |
 //!
 //! The pure parts build without libvirt, so the agent can read status files and metadata on any
 //! build; only talking to libvirtd needs the feature (and `libvirt-dev` to link).

@@ -1,87 +1,29 @@
-//! The agent's libvirt watcher (`agent --libvirt [URI]`, feature `libvirt`): which domains of
-//! the connection are in the fleet, and what happens to them as they start, stop, move and
-//! change.
-//!
-//! Once a second (with the agent's rescan) one `virConnectGetAllDomainStats` call lists every
-//! domain's state, id and vCPU count. A running domain is in the fleet when it opts in — a
-//! `vms/NAME.toml`, or burst-qemu's `<config>` element in its `<metadata>` (read from libvirt's
-//! status file, so no call per domain) — with a valid config, and the two agreeing when both
-//! exist. The watcher then writes the domain's record into a runtime dir of the state dir
-//! (`state::place_foreign`), and from there it is a VM like any other: the agent's scan adopts
-//! it, charges it, enforces it, publishes it. What only a domain needs is decided here and
-//! carried out by the agent ([`Action`]):
-//!
-//! - a departure (shut down, destroyed, crashed, saved, migrated away, undefined, restarted):
-//!   the VM ends at once (nothing more is charged here), its checkpoint goes into the persistent
-//!   definition, its runtime dir is removed (libvirt removes its cgroups);
-//! - an edit of the `<config>` element (the status file changes): the config is applied, as a
-//!   file edit is; the element and the file both gone: the domain is let go while it runs
-//!   (threads back to libvirt's groups);
-//! - a vCPU count change (hotplug): the VM is taken again with its new threads, balance kept;
-//! - every [`CHECKPOINT_EVERY`] (when the balance moved) and when the agent stops: the
-//!   checkpoint into the running domain's metadata (live, and persistent when it has a
-//!   definition), so that a saved image or a migrated domain carries its credits.
-//!
-//! A VM stays alive while its QEMU does (pid and start time), not while libvirtd answers:
-//! with libvirtd down the agent goes on charging and enforcing from `/proc` and cgroups and
-//! reconnects every couple of seconds; the first poll after it is back reconciles whatever
-//! happened meanwhile. The same reconciliation runs when the agent starts.
+//! The watcher of one libvirt connection: which running domains are in the fleet, and at each
+//! poll what became of them, as [`Action`]s for the agent (`apply.rs` carries them out).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use super::domain::{checkpoint_now, checkpoint_of, combined_config, host_name, CHECKPOINT_EVERY};
-use super::vm_config::Unusable;
-use super::{Agent, Events, LedgerFile, LibvirtSettings};
+use super::publish::{self, Published};
+use crate::agent::domain::{combined_config, host_name};
+use crate::agent::vm_config::Unusable;
+use crate::agent::LibvirtSettings;
 use crate::base::{chain, validate_name};
-use crate::control::{Control, Unavailable};
+use crate::control::Control;
 use crate::credit::Balances;
 use crate::enforce::cgroup::{self, Version};
 use crate::procfs::Proc;
 use crate::source::libvirt::control::{state_name, LibvirtControl, Pool};
 use crate::source::libvirt::discover::{discover, Expected, Found};
 use crate::source::libvirt::lifecycle::{self, Departure, Event, Seen};
-use crate::source::libvirt::metadata::{self, Checkpoint, CHECKPOINT_NS, CONFIG_NS, KEY};
-use crate::source::libvirt::{conn::Scope, status};
+use crate::source::libvirt::metadata::{self, Checkpoint, CHECKPOINT_NS, CONFIG_NS};
+use crate::source::libvirt::status;
 use crate::state::{self, Source, VmRecord};
 
-/// The file in the state dir where the watcher says what it sees (for `burst-qemu check`).
-pub const LIBVIRT_JSON: &str = "libvirt.json";
-
-/// What the watcher publishes in [`LIBVIRT_JSON`].
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Published {
-    /// The connection.
-    pub uri: String,
-    /// Whether libvirtd answered the last poll.
-    pub connected: bool,
-    /// Why it did not, when it did not.
-    pub error: Option<String>,
-    /// Every running domain the agent may consider (after `--libvirt-domains`).
-    pub domains: Vec<PublishedDomain>,
-    /// The agent's pid.
-    pub pid: u32,
-}
-
-/// One running domain in [`Published`].
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PublishedDomain {
-    /// Its name.
-    pub name: String,
-    /// Its UUID.
-    pub uuid: String,
-    /// libvirt's state.
-    pub state: String,
-    /// Whether it is in the fleet.
-    pub in_fleet: bool,
-    /// Why not, when it is not (not opted in, or refused and why).
-    pub why_not: Option<String>,
-}
-
 /// What the agent does for the watcher.
-enum Action {
+pub(super) enum Action {
     /// A domain arrives: its record goes into the state dir (the scan adopts it).
     Place(Box<VmRecord>),
     /// A domain stopped running here.
@@ -99,8 +41,8 @@ enum Action {
 }
 
 /// A domain in the fleet.
-struct Member {
-    name: String,
+pub(super) struct Member {
+    pub(super) name: String,
     id: Option<u32>,
     pid: u32,
     qemu_start: u64,
@@ -113,34 +55,36 @@ struct Member {
     /// The metadata checkpoint it arrived with, until the agent's restore takes it.
     arrival: Option<Checkpoint>,
     /// When and with which balances the last checkpoint was written.
-    checkpointed: Option<(Instant, Balances)>,
+    pub(super) checkpointed: Option<(Instant, Balances)>,
     /// Whether it has a persistent definition (asked once).
-    persistent: Option<bool>,
+    pub(super) persistent: Option<bool>,
 }
 
 /// A running domain not in the fleet: why, and the status file's time when that was decided.
-struct Other {
-    mtime: Option<SystemTime>,
+pub(super) struct Other {
+    pub(super) mtime: Option<SystemTime>,
     /// Its `vms/NAME.toml`'s modification time (`None`: no file): an edit that makes a refused
     /// file agree with the element is seen at the next poll.
-    file: Option<SystemTime>,
-    why: String,
+    pub(super) file: Option<SystemTime>,
+    pub(super) why: String,
 }
 
 /// The watcher of one libvirt connection.
-pub(super) struct Watch {
+pub(in crate::agent) struct Watch {
     settings: LibvirtSettings,
-    pool: Arc<Pool>,
+    /// Where the domains' processes are read (the agent's [`super::Settings::proc`]).
+    proc: Proc,
+    pub(super) pool: Arc<Pool>,
     version: Option<Version>,
     last: Option<Vec<Seen>>,
-    members: HashMap<String, Member>,
-    others: HashMap<String, Other>,
+    pub(super) members: HashMap<String, Member>,
+    pub(super) others: HashMap<String, Other>,
     down: Option<String>,
-    host: String,
-    published: Published,
+    pub(super) host: String,
+    pub(super) published: Published,
     /// Domains whose checkpoint is written at the next chance, not at its interval (their
     /// balance was set, their config applied).
-    urgent: std::collections::HashSet<String>,
+    pub(super) urgent: std::collections::HashSet<String>,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -168,10 +112,12 @@ pub fn glob(pattern: &str, name: &str) -> bool {
 }
 
 impl Watch {
-    /// A watcher for `settings`, knowing the libvirt VMs already in `state_dir` (an agent that
-    /// restarts picks them up where the last one left them).
-    pub(super) fn new(settings: LibvirtSettings, state_dir: &Path) -> Watch {
+    /// A watcher for `settings`, reading processes under `proc`, knowing the libvirt VMs
+    /// already in `state_dir` (an agent that restarts picks them up where the last one left
+    /// them).
+    pub(super) fn new(settings: LibvirtSettings, proc: Proc, state_dir: &Path) -> Watch {
         let mut w = Watch {
+            proc,
             pool: Pool::new(&settings.uri),
             version: cgroup::detect_host().map(|(v, _)| v),
             last: None,
@@ -246,7 +192,7 @@ impl Watch {
         let id = s.id.ok_or("not running")?;
         discover(
             &self.settings.run_dir,
-            Proc::host().root(),
+            self.proc.root(),
             &Expected {
                 uuid: &s.uuid,
                 name: &s.name,
@@ -275,7 +221,7 @@ impl Watch {
             config: self.settings.vms_dir.join(format!("{}.toml", s.name)),
             qmp_socket: PathBuf::new(),
             qemu_start: f.qemu_start,
-            boot_id: Proc::host().boot_id(),
+            boot_id: self.proc.boot_id(),
             source: Source::Libvirt {
                 uri: self.settings.uri.clone(),
                 uuid: s.uuid.clone(),
@@ -285,7 +231,7 @@ impl Watch {
     }
 
     /// One poll: what happened since the last, as actions for the agent.
-    fn poll(&mut self) -> Vec<Action> {
+    pub(super) fn poll(&mut self) -> Vec<Action> {
         let seen = match self.pool.get().and_then(|c| c.poll()) {
             Ok(seen) => seen,
             Err(e) => {
@@ -533,286 +479,17 @@ impl Watch {
     }
 
     fn publish_view(&mut self, seen: &[Seen]) {
-        let mut domains: Vec<PublishedDomain> = seen
-            .iter()
-            .filter(|s| s.id.is_some())
-            .filter(|s| {
-                self.settings
-                    .domains
-                    .as_deref()
-                    .is_none_or(|p| glob(p, &s.name))
-            })
-            .map(|s| PublishedDomain {
-                name: s.name.clone(),
-                uuid: s.uuid.clone(),
-                state: state_name(s.state),
-                in_fleet: self.members.contains_key(&s.uuid),
-                why_not: self.others.get(&s.uuid).map(|o| o.why.clone()),
-            })
-            .collect();
-        domains.sort_by(|a, b| a.name.cmp(&b.name));
+        let pattern = self.settings.domains.as_deref();
+        let domains = publish::running(
+            seen.iter()
+                .filter(|s| pattern.is_none_or(|p| glob(p, &s.name))),
+            |uuid| self.members.contains_key(uuid),
+            |uuid| self.others.get(uuid).map(|o| o.why.clone()),
+        );
         self.published.connected = true;
         self.published.error = None;
         self.published.domains = domains;
     }
-
-    /// Writes domain `uuid`'s checkpoint `cp` into its metadata: `live` into the running
-    /// domain, and into its persistent definition when it has one.
-    fn write_checkpoint(&mut self, uuid: &str, cp: &Checkpoint, live: bool) -> Result<(), String> {
-        let conn = self.pool.get().map_err(|e| e.to_string())?;
-        let d = conn.domain_by_uuid(uuid).map_err(|e| e.to_string())?;
-        let persistent = match self.members.get(uuid).and_then(|m| m.persistent) {
-            Some(p) => p,
-            None => d.is_persistent().map_err(|e| e.to_string())?,
-        };
-        if let Some(m) = self.members.get_mut(uuid) {
-            m.persistent = Some(persistent);
-        }
-        let scope = match (live, persistent) {
-            (true, true) => Scope::Both,
-            (true, false) => Scope::Live,
-            (false, true) => Scope::Config,
-            (false, false) => return Ok(()),
-        };
-        let xml = metadata::render_checkpoint(cp);
-        d.set_metadata(CHECKPOINT_NS, KEY, Some(&xml), scope)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl Agent {
-    /// Starts the watcher when the settings ask for one.
-    pub(super) fn start_libvirt(&mut self) {
-        if let Some(s) = self.settings.libvirt.clone() {
-            tracing::info!(
-                "watching libvirt at {} (status files in {}, configs in {}{})",
-                s.uri,
-                s.run_dir.display(),
-                s.vms_dir.display(),
-                s.domains
-                    .as_deref()
-                    .map_or(String::new(), |p| format!(", domains {p}"))
-            );
-            self.libvirt = Some(Watch::new(s, &self.settings.state_dir));
-        }
-    }
-
-    /// Whether this agent watches libvirt connection `uri`.
-    pub(super) fn serves_libvirt(&self, uri: &str) -> bool {
-        self.libvirt.as_ref().is_some_and(|w| w.uri() == uri)
-    }
-
-    /// The `<config>` element in force for domain `uuid`.
-    pub(super) fn metadata_element(&self, uuid: &str) -> Option<String> {
-        self.libvirt.as_ref().and_then(|w| w.element(uuid))
-    }
-
-    /// The checkpoint domain `uuid` arrived with (once).
-    pub(super) fn take_arrival_checkpoint(&mut self, uuid: &str) -> Option<Checkpoint> {
-        self.libvirt.as_mut().and_then(|w| w.take_arrival(uuid))
-    }
-
-    /// A libvirt VM's control handle.
-    pub(super) fn libvirt_control(&self, record: &VmRecord) -> Arc<dyn Control> {
-        match (&self.libvirt, record.source.libvirt_uuid()) {
-            (Some(w), Some(uuid)) => w.control(&record.name, uuid),
-            _ => Arc::new(Unavailable {
-                name: record.name.clone(),
-                why: "no libvirt connection is watched for this domain".into(),
-            }),
-        }
-    }
-
-    /// Polls libvirt and carries out what the poll found.
-    pub(super) fn poll_libvirt(&mut self, events: &mut Events) {
-        let Some(w) = self.libvirt.as_mut() else {
-            return;
-        };
-        let actions = w.poll();
-        let published = w.published.clone();
-        for a in actions {
-            self.carry_out(a, events);
-        }
-        let path = self.settings.state_dir.join(LIBVIRT_JSON);
-        if let Ok(text) = serde_json::to_string_pretty(&published) {
-            let _ = state::write_published(&path, (text + "\n").as_bytes());
-        }
-    }
-
-    fn carry_out(&mut self, a: Action, events: &mut Events) {
-        match a {
-            Action::Place(record) => self.place(&record),
-            Action::Depart { uuid, name, how } => self.depart(&uuid, &name, &how),
-            Action::Release { uuid, name } => {
-                tracing::info!("{name}: opted out (no config file, no <metadata> element): let go");
-                self.checkpoint_one(&uuid, true);
-                if self.owns(&name, &uuid) {
-                    self.end(&name);
-                }
-                self.remove_dir(&name, &uuid);
-                if let Some(w) = self.libvirt.as_mut() {
-                    w.members.remove(&uuid);
-                }
-            }
-            Action::Reload(name) => {
-                tracing::info!("{name}: its <metadata> element changed");
-                self.reload(&name);
-            }
-            Action::Readopt(mut record) => {
-                if let Some(uuid) = record.source.libvirt_uuid() {
-                    if self.owns(&record.name, uuid) {
-                        if let Some(vm) = self.vms.get(&record.name) {
-                            record.baseline = vm.record.baseline;
-                            record.mode = vm.record.mode;
-                        }
-                        self.end(&record.name);
-                    }
-                }
-                self.place(&record);
-                self.scan(events);
-            }
-        }
-    }
-
-    /// Whether the agent's VM `name` is domain `uuid`.
-    fn owns(&self, name: &str, uuid: &str) -> bool {
-        self.vms
-            .get(name)
-            .is_some_and(|vm| vm.record.source.libvirt_uuid() == Some(uuid))
-    }
-
-    fn place(&mut self, record: &VmRecord) {
-        match state::place_foreign(&self.settings.state_dir, record) {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!("{}: libvirt domain not taken: {e}", record.name);
-                if let (Some(w), Some(uuid)) = (self.libvirt.as_mut(), record.source.libvirt_uuid())
-                {
-                    w.members.remove(uuid);
-                    w.others.insert(
-                        uuid.to_owned(),
-                        Other {
-                            mtime: None,
-                            file: None,
-                            why: e.to_string(),
-                        },
-                    );
-                }
-            }
-        }
-    }
-
-    /// A domain that stopped running here: the VM ends now (nothing after this is charged
-    /// here), its final balance goes into its persistent definition, its dir goes.
-    fn depart(&mut self, uuid: &str, name: &str, how: &str) {
-        if self.owns(name, uuid) {
-            self.end(name);
-        }
-        let path = state::ledger_path(&self.settings.data_dir, name);
-        let host = self
-            .libvirt
-            .as_ref()
-            .map(|w| w.host.clone())
-            .unwrap_or_default();
-        let cp = LedgerFile::load(&path)
-            .ok()
-            .flatten()
-            .filter(|f| {
-                f.uuid
-                    .as_deref()
-                    .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
-            })
-            .and_then(|f| checkpoint_of(&f, uuid, &host));
-        if let (Some(cp), Some(w)) = (cp, self.libvirt.as_mut()) {
-            match w.write_checkpoint(uuid, &cp, false) {
-                Ok(()) => {}
-                // Undefined, or migrated away with its definition: the checkpoint went with it.
-                Err(e) => tracing::debug!("{name}: departure checkpoint not written: {e}"),
-            }
-        }
-        self.remove_dir(name, uuid);
-        if let Some(w) = self.libvirt.as_mut() {
-            w.members.remove(uuid);
-        }
-        tracing::info!("{name}: libvirt domain left ({how})");
-    }
-
-    /// Removes domain `uuid`'s runtime dir `name` (never a dir another VM holds).
-    fn remove_dir(&mut self, name: &str, uuid: &str) {
-        let ours = state::find(&self.settings.state_dir, name)
-            .is_none_or(|(r, _)| r.source.libvirt_uuid() == Some(uuid));
-        if ours {
-            state::remove_foreign(&self.settings.state_dir, name);
-        }
-    }
-
-    /// Writes domain `uuid`'s checkpoint from its running VM (`force`: even when its balance
-    /// has not moved since the last).
-    fn checkpoint_one(&mut self, uuid: &str, force: bool) {
-        let Some(w) = self.libvirt.as_mut() else {
-            return;
-        };
-        let Some(m) = w.members.get(uuid) else {
-            return;
-        };
-        let Some(vm) = self
-            .vms
-            .get(&m.name)
-            .filter(|vm| vm.record.source.libvirt_uuid() == Some(uuid))
-        else {
-            return;
-        };
-        let cp = checkpoint_now(vm, uuid, &w.host);
-        let due = force
-            || w.urgent.contains(uuid)
-            || m.checkpointed
-                .as_ref()
-                .is_none_or(|(at, b)| at.elapsed() >= CHECKPOINT_EVERY && *b != cp.balances);
-        if !due {
-            return;
-        }
-        let name = m.name.clone();
-        match w.write_checkpoint(uuid, &cp, true) {
-            Ok(()) => {
-                w.urgent.remove(uuid);
-                if let Some(m) = w.members.get_mut(uuid) {
-                    m.checkpointed = Some((Instant::now(), cp.balances));
-                }
-            }
-            Err(e) => tracing::warn!("{name}: checkpoint not written into its metadata: {e}"),
-        }
-    }
-
-    /// Asks for `record`'s checkpoint at the next rescan (its balance was set, its config
-    /// applied): a domain saved or migrated right after carries it.
-    pub(super) fn checkpoint_soon(&mut self, record: &VmRecord) {
-        if let (Some(w), Some(uuid)) = (self.libvirt.as_mut(), record.source.libvirt_uuid()) {
-            w.urgent.insert(uuid.to_owned());
-        }
-    }
-
-    /// Writes the checkpoints that are due (`force`: all, as the agent stops).
-    pub(super) fn checkpoint_domains(&mut self, force: bool) {
-        let uuids: Vec<String> = self
-            .libvirt
-            .as_ref()
-            .map(|w| w.members.keys().cloned().collect())
-            .unwrap_or_default();
-        for uuid in uuids {
-            self.checkpoint_one(&uuid, force);
-        }
-    }
-}
-
-/// A summary of [`Published`] for `check`: the domains in the fleet and the others with why.
-pub fn read_published(state_dir: &Path) -> Option<Published> {
-    let bytes = std::fs::read(state_dir.join(LIBVIRT_JSON)).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// The domains [`read_published`] lists, by name.
-pub fn by_name(p: &Published) -> BTreeMap<String, &PublishedDomain> {
-    p.domains.iter().map(|d| (d.name.clone(), d)).collect()
 }
 
 #[cfg(test)]
@@ -827,5 +504,64 @@ mod tests {
         assert!(!glob("*-test-*-b", "bq-test-12-c"));
         assert!(glob("exact", "exact") && !glob("exact", "exactly"));
         assert!(glob("*", "anything") && glob("a*a", "aa") && !glob("a*a", "a"));
+    }
+
+    #[test]
+    fn a_domain_is_found_in_the_agents_proc_not_the_hosts() {
+        use crate::source::libvirt::lifecycle::State;
+        use std::fs;
+        let dir = tempfile::tempdir().unwrap();
+        let (run, proc) = (dir.path().join("run"), dir.path().join("proc"));
+        let uuid = "4613142e-8033-458a-8bae-df609cea8603";
+        fs::create_dir_all(&run).unwrap();
+        fs::write(
+            run.join("dom.xml"),
+            format!(
+                "<domstatus state='running' reason='booted' pid='100'>\
+                 <vcpus><vcpu id='0' pid='101'/></vcpus><domain type='qemu' id='7'>\
+                 <name>dom</name><uuid>{uuid}</uuid></domain></domstatus>"
+            ),
+        )
+        .unwrap();
+        // pid 100 and its threads exist only in this tree (the host's pid 100, if any, is not
+        // a QEMU with thread 101 named `CPU 0/TCG`).
+        let p = proc.join("100");
+        for (tid, comm) in [(100, "qemu-system-x86"), (101, "CPU 0/TCG")] {
+            let t = p.join(format!("task/{tid}"));
+            fs::create_dir_all(&t).unwrap();
+            fs::write(t.join("comm"), format!("{comm}\n")).unwrap();
+        }
+        fs::write(
+            p.join("stat"),
+            "100 (qemu-system-x86) S 1 100 100 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 5 0 4242 0 0\n",
+        )
+        .unwrap();
+        fs::write(
+            p.join("cgroup"),
+            "1:cpu:/machine/qemu-7-dom.libvirt-qemu/emulator\n",
+        )
+        .unwrap();
+        fs::create_dir_all(proc.join("sys/kernel/random")).unwrap();
+        fs::write(proc.join("sys/kernel/random/boot_id"), "sim-boot\n").unwrap();
+        let settings = LibvirtSettings {
+            uri: "test:///default".into(),
+            run_dir: run,
+            vms_dir: dir.path().join("vms"),
+            domains: None,
+        };
+        let w = Watch::new(settings, Proc::at(&proc), &dir.path().join("state"));
+        let seen = Seen {
+            uuid: uuid.into(),
+            name: "dom".into(),
+            id: Some(7),
+            state: State::Running,
+            reason: 1,
+            vcpus: 1,
+        };
+        let found = w.discover(&seen).unwrap();
+        assert_eq!((found.pid, found.qemu_start), (100, 4242));
+        assert_eq!(found.vcpu_tids, [101]);
+        let record = w.record(&seen, &found, 20.0, crate::credit::Mode::Standard);
+        assert_eq!(record.boot_id, "sim-boot");
     }
 }
