@@ -161,14 +161,48 @@ pub fn parse_schedstat(text: &str) -> Option<SchedStat> {
 pub struct SchedFile {
     /// The file's path, read by path when it is not kept open.
     path: PathBuf,
-    file: Option<fs::File>,
+    file: Option<Kept>,
 }
 
-/// Descriptors held open by [`SchedFile`]s in this process.
+/// Descriptors held open as [`Kept`] in this process.
 static KEPT: AtomicUsize = AtomicUsize::new(0);
 
-/// How many [`SchedFile`] descriptors may stay open: half the soft `RLIMIT_NOFILE` as it is at
-/// the first call (an agent raises its soft limit to the hard one before it adopts a VM).
+/// A descriptor kept open between uses (a vCPU thread's `schedstat`, a cgroup's bandwidth file,
+/// a VM's runtime dir), counted against one budget for the process, [`kept_limit`], so that
+/// kept files never take the descriptors the agent must still open (ledger saves, new VMs).
+/// Without room, callers open by path each time.
+#[derive(Debug)]
+pub struct Kept(fs::File);
+
+impl Kept {
+    /// The file `open` opens, kept, when the budget has room; `None` without room or when the
+    /// open fails.
+    pub fn open(open: impl FnOnce() -> std::io::Result<fs::File>) -> Option<Kept> {
+        if KEPT.fetch_add(1, Ordering::Relaxed) < kept_limit() {
+            if let Ok(f) = open() {
+                return Some(Kept(f));
+            }
+        }
+        KEPT.fetch_sub(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl std::ops::Deref for Kept {
+    type Target = fs::File;
+    fn deref(&self) -> &fs::File {
+        &self.0
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        KEPT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many descriptors may be [`Kept`] open: half the soft `RLIMIT_NOFILE` as it is at the
+/// first call (an agent raises its soft limit to the hard one before it adopts a VM).
 pub fn kept_limit() -> usize {
     static LIMIT: OnceLock<usize> = OnceLock::new();
     *LIMIT.get_or_init(|| match nofile() {
@@ -208,17 +242,11 @@ pub fn raise_nofile() -> Option<u64> {
 impl SchedFile {
     /// Thread `tid` of `pid` in `proc`, its file opened now when the bound allows.
     pub fn open(proc: &Proc, pid: u32, tid: u32) -> SchedFile {
-        let mut f = SchedFile {
-            path: proc.task(pid, tid).join("schedstat"),
-            file: None,
-        };
-        if KEPT.fetch_add(1, Ordering::Relaxed) < kept_limit() {
-            f.file = fs::File::open(&f.path).ok();
+        let path = proc.task(pid, tid).join("schedstat");
+        SchedFile {
+            file: Kept::open(|| fs::File::open(&path)),
+            path,
         }
-        if f.file.is_none() {
-            KEPT.fetch_sub(1, Ordering::Relaxed);
-        }
-        f
     }
 
     /// The thread's statistics now; `None` once it is gone.
@@ -227,16 +255,8 @@ impl SchedFile {
             return parse_schedstat(&fs::read_to_string(&self.path).ok()?);
         };
         let mut buf = [0u8; 128];
-        let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, 0).ok()?;
+        let n = std::os::unix::fs::FileExt::read_at(&**file, &mut buf, 0).ok()?;
         parse_schedstat(std::str::from_utf8(&buf[..n]).ok()?)
-    }
-}
-
-impl Drop for SchedFile {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            KEPT.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -354,6 +374,22 @@ mod tests {
         assert!(own_cpus().contains(&c), "{c} not in {:?}", own_cpus());
         assert!(Proc::host().thread_sched(pid, tid).is_some());
         assert!(Proc::host().process_start_time(pid).is_some());
+    }
+
+    #[test]
+    fn kept_descriptors_stop_at_the_budget_and_free_it_when_dropped() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let open = || fs::File::open(file.path());
+        let mut kept = Vec::new();
+        while let Some(k) = Kept::open(open) {
+            kept.push(k);
+            assert!(kept.len() <= kept_limit(), "more kept than the budget");
+        }
+        assert!(!kept.is_empty());
+        assert!(Kept::open(open).is_none(), "the budget is spent");
+        kept.pop();
+        assert!(Kept::open(open).is_some(), "a dropped one's place is free again");
+        assert!(Kept::open(|| fs::File::open("/nonexistent/burst-qemu")).is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::base::boottime_ns;
 use crate::config::VmConfig;
 use crate::contention::Allocation;
 use crate::credit::{Baseline, Credits, Ledger, Policy, Rate, PPM_PER_CPU};
-use crate::procfs::{Proc, SchedFile};
+use crate::procfs::{Kept, Proc, SchedFile};
 use crate::state::{self, VmRecord};
 use crate::view::{self, CreditsView, DiskView, Facts, Live};
 
@@ -63,7 +63,7 @@ pub(super) struct Vm {
     pub(super) published: HashMap<&'static str, String>,
     /// Its runtime dir, kept open for publishing (opened at a publish when it is not; let go
     /// when a write finds the dir removed).
-    runtime: Option<fs::File>,
+    runtime: Option<Kept>,
     pub(super) history: crate::history::History,
     /// The start of the newest fine sample in the saved history file.
     pub(super) history_saved_t: u64,
@@ -279,7 +279,7 @@ impl Vm {
             ),
         ];
         if self.runtime.is_none() {
-            self.runtime = fs::File::open(&dir).ok();
+            self.runtime = Kept::open(|| fs::File::open(&dir));
         }
         for (file, value) in values {
             if self.published.get(file) != Some(&value) {

@@ -48,6 +48,7 @@ mod domain;
 
 use super::{EnforceError, Enforcer};
 use crate::credit::{Rate, PPM_PER_CPU};
+use crate::procfs::Kept;
 use crate::state::VmRecord;
 use domain::libvirt_cgroup;
 
@@ -188,7 +189,7 @@ struct Attached {
     /// The last CPU weight written (`cpu.shares` on v1, `cpu.weight` on v2).
     weight: Option<u64>,
     /// The bandwidth files the verification reads each second, kept open (see [`read_kept`]).
-    kept: [Option<fs::File>; 2],
+    kept: [Option<Kept>; 2],
 }
 
 /// Cgroup CPU-bandwidth enforcement.
@@ -656,14 +657,18 @@ impl Enforcer for CgroupEnforcer {
 /// there is none or reading fails (its cgroup removed, and perhaps made again). Not for the
 /// thread lists: cgroup v1 serves `tasks` again from a list it keeps while the file is read
 /// at least once a second.
-fn read_kept(kept: &mut Option<fs::File>, path: &Path) -> Option<String> {
+/// Without room in the process's budget of kept descriptors ([`Kept`]), it is read by path.
+fn read_kept(kept: &mut Option<Kept>, path: &Path) -> Option<String> {
     use std::os::unix::fs::FileExt;
     for fresh in [false, true] {
         if fresh || kept.is_none() {
-            *kept = Some(fs::File::open(path).ok()?);
+            *kept = Kept::open(|| fs::File::open(path));
         }
+        let Some(file) = kept.as_ref() else {
+            return fs::read_to_string(path).ok();
+        };
         let mut buf = [0u8; 128];
-        match kept.as_ref()?.read_at(&mut buf, 0) {
+        match file.read_at(&mut buf, 0) {
             Ok(n) if n < buf.len() => return String::from_utf8(buf[..n].to_vec()).ok(),
             _ => *kept = None,
         }
