@@ -281,6 +281,7 @@ impl Watch {
                 uuid: s.uuid.clone(),
                 cgroup,
             },
+            agent_socket: None,
         }
     }
 
