@@ -311,3 +311,67 @@ fn write_replacing(path: &Path, bytes: &[u8]) {
 fn stop_agent(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
 }
+
+/// Not a check: what a conversation costs per use on the main socket and over the kept
+/// session (`cargo test --release --test agent_monitor -- --ignored --nocapture`). Five
+/// launcher VMs; each round asks every VM `query-status` (one command, like the disk worker's
+/// `query-blockstats`) through the handle; prints the median round's wall time and QEMU's CPU
+/// time per conversation.
+#[test]
+#[ignore]
+fn measure_session_cost() {
+    if !(require_qemu() && require_cgroups()) {
+        return;
+    }
+    let s = Scratch::new();
+    let vms: Vec<Launched> = (0..5).map(|i| launch(&s, &format!("m{i}"), "")).collect();
+    let qemu_cpu = || -> u64 {
+        vms.iter()
+            .map(|v| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", v.record.pid)).unwrap();
+                let f: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .collect();
+                f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+            })
+            .sum()
+    };
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for kept in [false, true, false, true] {
+        let handles: Vec<Qmp> = vms
+            .iter()
+            .map(|v| {
+                let mut r = v.record.clone();
+                if !kept {
+                    r.agent_socket = None;
+                }
+                Qmp::for_agent(&r)
+            })
+            .collect();
+        let rounds = 400;
+        let cpu0 = qemu_cpu();
+        let mut times: Vec<f64> = (0..rounds)
+            .map(|_| {
+                let t = Instant::now();
+                for h in &handles {
+                    h.run_state().unwrap();
+                }
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        let cpu = (qemu_cpu() - cpu0) as f64 / tick;
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{}: round of 5 VMs median {:.3} ms (p90 {:.3}); QEMU CPU {:.1} µs per conversation",
+            if kept { "kept session" } else { "per use     " },
+            times[rounds / 2],
+            times[rounds * 9 / 10],
+            cpu * 1e6 / (rounds * handles.len()) as f64
+        );
+    }
+    stop_agent(live_agent(&s, None));
+}
