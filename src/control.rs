@@ -4,8 +4,14 @@
 //!
 //! | VM | implementation | how |
 //! |---|---|---|
-//! | launched, adopted with `--qmp` | [`Qmp`] | a short QMP session per call on the VM's socket; pins with `sched_setaffinity` (QEMU has no pin command) |
+//! | launched, adopted with `--qmp` | [`Qmp`] | for the agent, one session kept on a launcher VM's agent monitor ([`Qmp::for_agent`]); otherwise a short QMP session per call on the VM's main socket; pins with `sched_setaffinity` (QEMU has no pin command) |
 //! | libvirt domain | `source::libvirt::control` (feature `libvirt`) | the libvirt API: libvirt holds the domain's monitor, and a pin must go through it so that `virsh vcpupin` agrees |
+//!
+//! The agent keeps no session on a VM's main socket: QEMU serves one client per monitor, so a
+//! kept session there would lock out `pause`, `resume`, the launcher and the operator's tools.
+//! The launcher gives QEMU a monitor of the agent's own instead (`ag.sock`, see
+//! `launch`); docs/agent.md ("QMP: how the agent reaches QEMU") has the failure cases and the
+//! measured saving.
 //!
 //! The balancers and the CLI hold a `dyn Control` and never ask where a VM comes from. The
 //! trait sits below the balancers (they call it) and above the sources (libvirt implements it).
