@@ -152,6 +152,8 @@ pub fn qmp_why(e: &qmp::Error) -> String {
 #[derive(Debug)]
 pub struct Qmp {
     name: String,
+    /// The QEMU: its pid and start time (0, 0 when not known).
+    qemu: (u32, u64),
     socket: PathBuf,
     kept: Option<Kept>,
 }
@@ -167,13 +169,17 @@ struct Kept {
 impl Qmp {
     /// A per-use handle on `record`'s main socket (the CLI's).
     pub fn new(record: &VmRecord) -> Qmp {
-        Qmp::per_use(&record.name, &record.qmp_socket)
+        Qmp {
+            qemu: (record.pid, record.qemu_start),
+            ..Qmp::per_use(&record.name, &record.qmp_socket)
+        }
     }
 
     /// A per-use handle on `socket`, for VM `name`.
     pub fn per_use(name: &str, socket: &Path) -> Qmp {
         Qmp {
             name: name.to_owned(),
+            qemu: (0, 0),
             socket: socket.to_owned(),
             kept: None,
         }
@@ -190,6 +196,14 @@ impl Qmp {
             }),
             ..Qmp::new(record)
         }
+    }
+
+    /// Whether this is [`Qmp::for_agent`]'s handle of `record`'s QEMU (a VM adopted again, as
+    /// the same QEMU, keeps its handle and session).
+    pub fn serves(&self, record: &VmRecord) -> bool {
+        self.qemu == (record.pid, record.qemu_start)
+            && self.socket == record.qmp_socket
+            && self.kept.as_ref().map(|k| &k.socket) == record.agent_socket.as_ref()
     }
 
     /// Whether calls go through a kept session on the agent monitor.
@@ -659,7 +673,11 @@ mod tests {
         }
         assert_eq!((h.connections(), sessions.load(Ordering::SeqCst)), (0, 3));
         record.agent_socket = Some(dir.path().join("ag.sock"));
-        assert!(Qmp::for_agent(&record).keeps_session());
+        let h = Qmp::for_agent(&record);
+        assert!(h.keeps_session() && h.serves(&record));
+        // Another QEMU under the same name is not this handle's.
+        record.qemu_start += 1;
+        assert!(!h.serves(&record));
     }
 
     #[test]

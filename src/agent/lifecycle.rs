@@ -112,11 +112,14 @@ impl Agent {
             }
             own
         });
-        // A new handle (a VM of this name that ran before had its own QEMU).
-        self.qmp.insert(
-            name.clone(),
-            Arc::new(crate::control::Qmp::for_agent(&record)),
-        );
+        // A new handle, unless this QEMU has one already (a VM of this name that ran before
+        // had its own QEMU).
+        if !self.qmp.get(&name).is_some_and(|h| h.serves(&record)) {
+            self.qmp.insert(
+                name.clone(),
+                Arc::new(crate::control::Qmp::for_agent(&record)),
+            );
+        }
         let mut vm = self.restore(record, &cfg);
         vm.watch = Watch::new(
             &self.settings.state_dir.join(&name),
