@@ -174,6 +174,7 @@ impl Host {
                 qemu_start: start,
                 boot_id: boot_id.clone(),
                 source: Source::Adopted,
+                agent_socket: None,
             };
             state::place_foreign(&host.state_dir, &record).unwrap();
             host.vms.push(vm);

@@ -4,13 +4,21 @@
 //!
 //! | VM | implementation | how |
 //! |---|---|---|
-//! | launched, adopted with `--qmp` | [`Qmp`] | a short QMP session per call on the VM's socket; pins with `sched_setaffinity` (QEMU has no pin command) |
+//! | launched, adopted with `--qmp` | [`Qmp`] | for the agent, one session kept on a launcher VM's agent monitor ([`Qmp::for_agent`]); otherwise a short QMP session per call on the VM's main socket; pins with `sched_setaffinity` (QEMU has no pin command) |
 //! | libvirt domain | `source::libvirt::control` (feature `libvirt`) | the libvirt API: libvirt holds the domain's monitor, and a pin must go through it so that `virsh vcpupin` agrees |
+//!
+//! The agent keeps no session on a VM's main socket: QEMU serves one client per monitor, so a
+//! kept session there would lock out `pause`, `resume`, the launcher and the operator's tools.
+//! The launcher gives QEMU a monitor of the agent's own instead (`ag.sock`, see
+//! `launch`); docs/agent.md ("QMP: how the agent reaches QEMU") has the failure cases and the
+//! measured saving.
 //!
 //! The balancers and the CLI hold a `dyn Control` and never ask where a VM comes from. The
 //! trait sits below the balancers (they call it) and above the sources (libvirt implements it).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -113,38 +121,180 @@ pub fn pin_thread(tid: u32, cpu: u32) -> nix::Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set)
 }
 
-/// A VM controlled through its QMP socket (burst-qemu's own VMs, adopted QEMUs).
-#[derive(Clone, Debug)]
+/// A step of a QMP conversation that failed: the command, and why.
+pub type Step<T> = Result<T, (&'static str, qmp::Error)>;
+
+/// Runs `command` on `c`, naming it in the failure.
+pub fn step<C: qmp::qapi::Command>(c: &mut qmp::Client, command: C) -> Step<C::Ok> {
+    c.execute(command).map_err(|e| (C::NAME, e))
+}
+
+/// A QMP error with its cause (`Connection refused`, …), which its own message leaves out.
+pub fn qmp_why(e: &qmp::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// A VM controlled through QMP (burst-qemu's own VMs, adopted QEMUs), in one of two ways:
+///
+/// * **Per use** ([`Qmp::new`], and [`Qmp::for_agent`] of a VM without an agent monitor): each
+///   call opens a session on the VM's main socket (greeting, `qmp_capabilities`, commands) and
+///   closes it, so the monitor is free between calls for `pause`, `resume`, the launcher and the
+///   operator's tools (QEMU serves one client per monitor).
+/// * **Kept** ([`Qmp::for_agent`] of a VM with `agent_socket`): one session on the agent's own
+///   monitor, opened at first use and kept for the VM's life, shared by the threads that hold
+///   the handle (the disk and memory workers) one conversation at a time. A kept session that
+///   QEMU closed, or that broke, is dropped; a call that finds it closed opens a new one and
+///   runs once more on it (every conversation is idempotent: reads, and absolute settings).
+///   QEMU's events, which every monitor gets, are read with the answers and dropped.
+#[derive(Debug)]
 pub struct Qmp {
     name: String,
+    /// The QEMU: its pid and start time (0, 0 when not known).
+    qemu: (u32, u64),
     socket: PathBuf,
+    kept: Option<Kept>,
+}
+
+/// A kept session and the agent monitor it is on.
+#[derive(Debug)]
+struct Kept {
+    socket: PathBuf,
+    session: Mutex<Option<qmp::Client>>,
+    connects: AtomicU64,
 }
 
 impl Qmp {
-    /// The handle of `record`'s VM.
+    /// A per-use handle on `record`'s main socket (the CLI's).
     pub fn new(record: &VmRecord) -> Qmp {
         Qmp {
-            name: record.name.clone(),
-            socket: record.qmp_socket.clone(),
+            qemu: (record.pid, record.qemu_start),
+            ..Qmp::per_use(&record.name, &record.qmp_socket)
         }
     }
 
-    fn client(&self, what: &str) -> Result<qmp::Client, ControlError> {
-        if self.socket.as_os_str().is_empty() {
+    /// A per-use handle on `socket`, for VM `name`.
+    pub fn per_use(name: &str, socket: &Path) -> Qmp {
+        Qmp {
+            name: name.to_owned(),
+            qemu: (0, 0),
+            socket: socket.to_owned(),
+            kept: None,
+        }
+    }
+
+    /// The agent's handle of `record`'s VM: a kept session on its agent monitor when it has
+    /// one, else per use on the main socket.
+    pub fn for_agent(record: &VmRecord) -> Qmp {
+        Qmp {
+            kept: record.agent_socket.as_ref().map(|socket| Kept {
+                socket: socket.clone(),
+                session: Mutex::new(None),
+                connects: AtomicU64::new(0),
+            }),
+            ..Qmp::new(record)
+        }
+    }
+
+    /// Whether this is [`Qmp::for_agent`]'s handle of `record`'s QEMU (a VM adopted again, as
+    /// the same QEMU, keeps its handle and session).
+    pub fn serves(&self, record: &VmRecord) -> bool {
+        self.qemu == (record.pid, record.qemu_start)
+            && self.socket == record.qmp_socket
+            && self.kept.as_ref().map(|k| &k.socket) == record.agent_socket.as_ref()
+    }
+
+    /// Whether calls go through a kept session on the agent monitor.
+    pub fn keeps_session(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    /// How many sessions this handle opened on the agent monitor.
+    pub fn connections(&self) -> u64 {
+        self.kept
+            .as_ref()
+            .map_or(0, |k| k.connects.load(Ordering::Relaxed))
+    }
+
+    fn connect(&self, socket: &Path) -> Result<qmp::Client, ControlError> {
+        if socket.as_os_str().is_empty() {
             return Err(ControlError::new(
                 &self.name,
-                what,
+                "QMP",
                 "no QMP socket is known for this VM (adopt --qmp names one)",
             ));
         }
-        qmp::Client::connect(&self.socket, QMP_TIMEOUT)
-            .map_err(|e| ControlError::new(&self.name, what, e))
+        qmp::Client::connect(socket, QMP_TIMEOUT).map_err(|e| {
+            ControlError::new(
+                &self.name,
+                format!("connecting to {}", socket.display()),
+                qmp_why(&e),
+            )
+        })
     }
 
-    fn execute<C: qmp::qapi::Command>(&self, command: C) -> Result<C::Ok, ControlError> {
-        self.client(C::NAME)?
-            .execute(command)
-            .map_err(|e| ControlError::new(&self.name, C::NAME, e))
+    /// Runs the conversation `f` on a session: the kept one (opened when there is none, and
+    /// opened again once when QEMU had closed it), or a new one for this call. Each command
+    /// waits at most [`QMP_TIMEOUT`]; a thread waits for another's conversation to end.
+    pub fn converse<T>(
+        &self,
+        mut f: impl FnMut(&mut qmp::Client) -> Step<T>,
+    ) -> Result<T, ControlError> {
+        let fail = |(what, e): (&str, qmp::Error)| ControlError::new(&self.name, what, qmp_why(&e));
+        let Some(kept) = &self.kept else {
+            return f(&mut self.connect(&self.socket)?).map_err(fail);
+        };
+        let mut session = kept.session.lock().unwrap_or_else(|poisoned| {
+            // A conversation panicked midway: its session is in an unknown state.
+            kept.session.clear_poison();
+            let mut s = poisoned.into_inner();
+            *s = None;
+            s
+        });
+        let mut retried = false;
+        loop {
+            let fresh = session.is_none();
+            let client = match session.as_mut() {
+                Some(c) => c,
+                None => {
+                    let c = self.connect(&kept.socket)?;
+                    let n = kept.connects.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::info!(
+                        "{}: connected to its agent monitor {} (connection {n})",
+                        self.name,
+                        kept.socket.display()
+                    );
+                    session.insert(c)
+                }
+            };
+            let result = f(client);
+            client.take_events();
+            let Err((what, e)) = result else {
+                return result.map_err(fail);
+            };
+            // A refusal leaves the session as it was; a timeout too (a late answer is known by
+            // its id and dropped). Anything else leaves it unusable.
+            if matches!(e, qmp::Error::Qmp { .. } | qmp::Error::Timeout { .. }) {
+                return Err(fail((what, e)));
+            }
+            *session = None;
+            let closed = matches!(e, qmp::Error::Closed(_) | qmp::Error::Io { .. });
+            if fresh || retried || !closed {
+                return Err(fail((what, e)));
+            }
+            tracing::info!(
+                "{}: its agent monitor session ended ({}); connecting again",
+                self.name,
+                qmp_why(&e)
+            );
+            retried = true;
+        }
+    }
+
+    fn execute<C: qmp::qapi::Command + Clone>(&self, command: C) -> Result<C::Ok, ControlError> {
+        self.converse(|c| step(c, command.clone()))
     }
 }
 
@@ -174,45 +324,39 @@ impl Control for Qmp {
     }
 
     fn balloon_probe(&self) -> Result<BalloonProbe, ControlError> {
-        let mut c = self.client("query-memory-size-summary")?;
-        let err = |what: &str, e: qmp::Error| ControlError::new(&self.name, what, e);
-        let boot = c
-            .execute(qmp::qapi::qmp::query_memory_size_summary {})
-            .map_err(|e| err("query-memory-size-summary", e))?;
-        let device = find_balloon(&mut c);
-        let actual_mb = c
-            .execute(qmp::qapi::qmp::query_balloon {})
-            .map(|b| b.actual.max(0) as u64 / MIB)
-            .ok();
-        Ok(BalloonProbe {
-            boot_mb: boot.base_memory / MIB,
-            device,
-            actual_mb,
+        self.converse(|c| {
+            let boot = step(c, qmp::qapi::qmp::query_memory_size_summary {})?;
+            let device = find_balloon(c)?;
+            let actual_mb = refused_as_none(step(c, qmp::qapi::qmp::query_balloon {}))?
+                .map(|b| b.actual.max(0) as u64 / MIB);
+            Ok(BalloonProbe {
+                boot_mb: boot.base_memory / MIB,
+                device,
+                actual_mb,
+            })
         })
     }
 
     fn balloon_read(&self, device: &str) -> Result<BalloonReading, ControlError> {
-        let mut c = self.client("qom-get guest-stats")?;
-        let err = |what: &str, e: qmp::Error| ControlError::new(&self.name, what, e);
-        c.execute(qmp::qapi::qmp::qom_set {
-            path: device.to_owned(),
-            property: "guest-stats-polling-interval".into(),
-            value: Value::from(STATS_POLL_S),
-        })
-        .map_err(|e| err("qom-set guest-stats-polling-interval", e))?;
-        let stats = c
-            .execute(qmp::qapi::qmp::qom_get {
+        self.converse(|c| {
+            c.execute(qmp::qapi::qmp::qom_set {
                 path: device.to_owned(),
-                property: "guest-stats".into(),
+                property: "guest-stats-polling-interval".into(),
+                value: Value::from(STATS_POLL_S),
             })
-            .map_err(|e| err("qom-get guest-stats", e))?;
-        let actual = c
-            .execute(qmp::qapi::qmp::query_balloon {})
-            .map_err(|e| err("query-balloon", e))?;
-        Ok(BalloonReading {
-            actual_mb: actual.actual.max(0) as u64 / MIB,
-            guest: parse_guest_stats(&stats, crate::base::unix_now_f64()),
-            stamp: stats.get("last-update").and_then(Value::as_i64),
+            .map_err(|e| ("qom-set guest-stats-polling-interval", e))?;
+            let stats = c
+                .execute(qmp::qapi::qmp::qom_get {
+                    path: device.to_owned(),
+                    property: "guest-stats".into(),
+                })
+                .map_err(|e| ("qom-get guest-stats", e))?;
+            let actual = step(c, qmp::qapi::qmp::query_balloon {})?;
+            Ok(BalloonReading {
+                actual_mb: actual.actual.max(0) as u64 / MIB,
+                guest: parse_guest_stats(&stats, crate::base::unix_now_f64()),
+                stamp: stats.get("last-update").and_then(Value::as_i64),
+            })
         })
     }
 
@@ -221,6 +365,15 @@ impl Control for Qmp {
             value: (mb * MIB) as i64,
         })
         .map(drop)
+    }
+}
+
+/// QEMU's refusal as `None` (a device it does not have); a failed conversation stays an error.
+fn refused_as_none<T>(r: Step<T>) -> Step<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err((_, qmp::Error::Qmp { .. })) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -237,20 +390,24 @@ pub fn run_state_name(s: &qmp::qapi::qmp::StatusInfo) -> String {
 }
 
 /// The QOM path of the VM's virtio-balloon device, if it has one.
-fn find_balloon(c: &mut qmp::Client) -> Option<String> {
+fn find_balloon(c: &mut qmp::Client) -> Step<Option<String>> {
     for parent in ["/machine/peripheral", "/machine/peripheral-anon"] {
-        let Ok(children) = c.execute(qmp::qapi::qmp::qom_list {
-            path: parent.into(),
-        }) else {
+        let listed = step(
+            c,
+            qmp::qapi::qmp::qom_list {
+                path: parent.into(),
+            },
+        );
+        let Some(children) = refused_as_none(listed)? else {
             continue;
         };
         for child in children {
             if child.type_.starts_with("child<virtio-balloon") {
-                return Some(format!("{parent}/{}", child.name));
+                return Ok(Some(format!("{parent}/{}", child.name)));
             }
         }
     }
-    None
+    Ok(None)
 }
 
 /// Whether figures the guest stamped at `updated` (Unix seconds) are fresh at `now`: the guest
@@ -355,12 +512,177 @@ mod tests {
         assert!(!fresh(996, 1000.0) && fresh(997, 1000.0));
     }
 
+    /// A fake QEMU monitor on `path`: greets each client, answers `qmp_capabilities` and
+    /// `query-status` (with a `STOP` event before each answer), and closes a session after
+    /// `per_session` answers to `query-status` (0: never); it answers nothing at all while
+    /// `mute` is set. Returns the number of sessions it accepted.
+    fn fake_monitor(
+        path: &Path,
+        per_session: usize,
+        mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::sync::Arc<AtomicU64> {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let sessions = std::sync::Arc::new(AtomicU64::new(0));
+        let counted = std::sync::Arc::clone(&sessions);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut out) = stream else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut lines = BufReader::new(out.try_clone().unwrap()).lines();
+                let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
+                let _ = writeln!(out, "{greeting}");
+                let mut answered = 0;
+                while let Some(Ok(line)) = lines.next() {
+                    if mute.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let cmd: Value = serde_json::from_str(&line).unwrap();
+                    let id = &cmd["id"];
+                    if cmd["execute"] == "query-status" {
+                        let _ = writeln!(
+                            out,
+                            r#"{{"event": "STOP", "data": {{}}, "timestamp": {{"seconds": 1, "microseconds": 0}}}}"#
+                        );
+                        let _ = writeln!(
+                            out,
+                            r#"{{"return": {{"status": "running", "singlestep": false, "running": true}}, "id": {id}}}"#
+                        );
+                        answered += 1;
+                        if answered == per_session {
+                            break;
+                        }
+                    } else {
+                        let _ = writeln!(out, r#"{{"return": {{}}, "id": {id}}}"#);
+                    }
+                }
+            }
+        });
+        sessions
+    }
+
+    fn kept(dir: &Path) -> Qmp {
+        Qmp::for_agent(&VmRecord {
+            name: "vm".into(),
+            pid: 1,
+            wrapper_pid: 1,
+            vcpus: 1,
+            baseline: 100.0,
+            mode: Default::default(),
+            vcpu_tids: vec![],
+            config: dir.join("vm.toml"),
+            qmp_socket: dir.join("qmp.sock"),
+            qemu_start: 0,
+            boot_id: String::new(),
+            source: Default::default(),
+            agent_socket: Some(dir.join("ag.sock")),
+        })
+    }
+
+    #[test]
+    fn a_kept_session_is_reused_across_threads_and_opened_again_once_when_qemu_closed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mute = std::sync::Arc::default();
+        // QEMU closes each session after 50 answers.
+        let sessions = fake_monitor(&dir.path().join("ag.sock"), 50, mute);
+        let h = std::sync::Arc::new(kept(dir.path()));
+        assert!(h.keeps_session());
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let h = std::sync::Arc::clone(&h);
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        assert_eq!(h.run_state().unwrap(), "running");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!((h.connections(), sessions.load(Ordering::SeqCst)), (1, 1));
+        // The 50th answer ends the session; the 51st call finds it closed, opens a new one
+        // and succeeds on it.
+        for _ in 0..11 {
+            assert_eq!(h.run_state().unwrap(), "running");
+        }
+        assert_eq!((h.connections(), sessions.load(Ordering::SeqCst)), (2, 2));
+        // The events QEMU sent with each answer were not kept.
+        let events = h
+            .kept
+            .as_ref()
+            .unwrap()
+            .session
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .take_events();
+        assert!(events.is_empty(), "{events:?}");
+    }
+
+    #[test]
+    fn a_silent_or_gone_monitor_is_an_error_within_the_timeout_and_no_one_is_reconnected_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let mute = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sessions = fake_monitor(&dir.path().join("ag.sock"), 0, std::sync::Arc::clone(&mute));
+        let h = kept(dir.path());
+        h.run_state().unwrap();
+        // Silent (a stopped QEMU): the call waits QMP_TIMEOUT, then fails; the session is kept
+        // (a late answer is dropped by its id) and serves again once QEMU answers.
+        mute.store(true, Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        let e = h.run_state().unwrap_err();
+        let waited = t.elapsed();
+        assert!(e.why.contains("no answer"), "{e}");
+        assert!(
+            waited >= QMP_TIMEOUT && waited < QMP_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        mute.store(false, Ordering::SeqCst);
+        assert_eq!(h.run_state().unwrap(), "running");
+        assert_eq!(h.connections(), 1);
+        // Gone (its socket removed, as when QEMU and its launcher ended): an error at once,
+        // every time, naming the socket.
+        std::fs::remove_file(dir.path().join("ag.sock")).unwrap();
+        *h.kept.as_ref().unwrap().session.lock().unwrap() = None;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let e = h.run_state().unwrap_err();
+            assert!(e.what.contains("ag.sock"), "{e}");
+            assert!(t.elapsed() < Duration::from_millis(100));
+        }
+        assert_eq!((h.connections(), sessions.load(Ordering::SeqCst)), (1, 1));
+    }
+
+    #[test]
+    fn without_an_agent_socket_each_call_is_a_session_of_its_own_on_the_main_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = fake_monitor(&dir.path().join("qmp.sock"), 0, Default::default());
+        // A record as a launcher from before the agent monitor wrote it.
+        let mut record: VmRecord = serde_json::from_value(serde_json::json!({
+            "name": "old", "pid": 1, "wrapper_pid": 1, "vcpus": 1, "baseline": 100.0,
+            "mode": crate::credit::Mode::default(), "vcpu_tids": [], "config": "/c",
+            "qmp_socket": dir.path().join("qmp.sock"),
+        }))
+        .unwrap();
+        let h = Qmp::for_agent(&record);
+        assert!(!h.keeps_session());
+        for _ in 0..3 {
+            assert_eq!(h.run_state().unwrap(), "running");
+        }
+        assert_eq!((h.connections(), sessions.load(Ordering::SeqCst)), (0, 3));
+        record.agent_socket = Some(dir.path().join("ag.sock"));
+        let h = Qmp::for_agent(&record);
+        assert!(h.keeps_session() && h.serves(&record));
+        // Another QEMU under the same name is not this handle's.
+        record.qemu_start += 1;
+        assert!(!h.serves(&record));
+    }
+
     #[test]
     fn a_vm_without_a_socket_says_so_instead_of_connecting() {
-        let h = Qmp {
-            name: "a".into(),
-            socket: PathBuf::new(),
-        };
+        let h = Qmp::per_use("a", Path::new(""));
         let e = h.pause().unwrap_err();
         assert!(e.to_string().contains("no QMP socket"), "{e}");
     }

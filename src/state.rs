@@ -61,6 +61,10 @@ pub const CREDITS_JSON: &str = "credits.json";
 pub const CONFIG_ERROR: &str = "config_error";
 /// File name of the QMP socket burst-qemu adds.
 pub const QMP_SOCKET: &str = "qmp.sock";
+/// File name of the agent's own QMP monitor, which the launcher adds (see
+/// `control::Qmp::for_agent`): as short as the events monitor's `ev.sock`, so a state dir that
+/// holds [`QMP_SOCKET`]'s path holds this one. Only the agent connects to it.
+pub const AGENT_SOCKET: &str = "ag.sock";
 /// QEMU's run state (`running`, `paused`, …), kept current by the launcher (see
 /// `launch::run_state`).
 pub const RUN_STATE: &str = "run_state";
@@ -481,6 +485,11 @@ pub struct VmRecord {
     /// Where the VM comes from (records of older launchers: the launcher).
     #[serde(default)]
     pub source: Source,
+    /// The agent's own QMP monitor ([`AGENT_SOCKET`] in the runtime dir), which the agent keeps
+    /// one connection on; `None` (adopted QEMUs, libvirt domains, records of older launchers):
+    /// the agent opens a short session on [`VmRecord::qmp_socket`] per use instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_socket: Option<PathBuf>,
 }
 
 impl VmRecord {
@@ -651,6 +660,44 @@ pub fn is_locked(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records written by launchers from before the agent monitor (no `agent_socket`) still
+    /// load, as VMs without one; a record without one is written as before.
+    #[test]
+    fn the_agent_socket_is_optional_in_records() {
+        let mut r = VmRecord {
+            name: "web".into(),
+            pid: 10,
+            wrapper_pid: 9,
+            vcpus: 1,
+            baseline: 50.0,
+            mode: Mode::default(),
+            vcpu_tids: vec![11],
+            config: "/vms/web.toml".into(),
+            qmp_socket: "/run/bq/web/qmp.sock".into(),
+            qemu_start: 5,
+            boot_id: "b".into(),
+            source: Source::Launcher,
+            agent_socket: Some("/run/bq/web/ag.sock".into()),
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["agent_socket"], "/run/bq/web/ag.sock");
+        assert_eq!(serde_json::from_value::<VmRecord>(json).unwrap(), r);
+        r.agent_socket = None;
+        let mut json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("agent_socket").is_none(), "{json}");
+        // An older launcher's record: no agent_socket (nor the later fields).
+        for key in ["qemu_start", "boot_id", "source"] {
+            json.as_object_mut().unwrap().remove(key);
+        }
+        let old: VmRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.agent_socket, None);
+        assert_eq!(old.source, Source::Launcher);
+        // A wrong type is an error, not a guess.
+        let mut bad = serde_json::to_value(&r).unwrap();
+        bad["agent_socket"] = 7.into();
+        assert!(serde_json::from_value::<VmRecord>(bad).is_err());
+    }
 
     /// The stop-25 CI: a launcher-started agent (`--if-absent`) found its lock busy because
     /// the test was polling `agent_running` (every 5 ms) at that instant, and exited as if

@@ -760,6 +760,7 @@ fn a_reused_pid_or_thread_id_is_never_taken_for_qemu_or_its_vcpus() {
             qemu_start: start,
             boot_id: burst_qemu::procfs::Proc::host().boot_id(),
             source: Default::default(),
+            agent_socket: None,
         };
         fs::write(dir.join("vm.json"), serde_json::to_vec(&r).unwrap()).unwrap();
     };

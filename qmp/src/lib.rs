@@ -7,6 +7,11 @@
 //!
 //! * Every read has a deadline ([`Client::set_timeout`]); a timeout is [`Error::Timeout`] and
 //!   leaves the connection usable (a late reply is recognised by its `id` and dropped).
+//! * Connecting and writing wait at most as long: a QEMU that is stopped or stuck accepts no
+//!   connection once its listen backlog is full (QEMU listens with a backlog of 1, and a client
+//!   that gave up still holds its place), and reads nothing once the socket's buffer is full;
+//!   either would otherwise block for as long as QEMU does. Such a failure is [`Error::Io`]
+//!   (a command cut short leaves the session unusable).
 //! * Events that arrive while a reply is awaited are queued; read them with
 //!   [`Client::take_events`] or wait for one with [`Client::wait_event`].
 //! * EOF is [`Error::Closed`], a line that is not a QMP message is [`Error::Garbage`], a QMP
@@ -148,7 +153,7 @@ impl Client {
     /// Connects to the QMP socket at `path` and negotiates capabilities, waiting at most
     /// `timeout` for each answer.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, Error> {
-        let stream = UnixStream::connect(path).map_err(|source| Error::Io {
+        let stream = connect_within(path.as_ref(), timeout).map_err(|source| Error::Io {
             phase: Phase::Greeting,
             source,
         })?;
@@ -158,6 +163,12 @@ impl Client {
     /// Negotiates capabilities on an already connected stream: reads the greeting, sends
     /// `qmp_capabilities` and waits for its reply.
     pub fn handshake(stream: UnixStream, timeout: Duration) -> Result<Self, Error> {
+        stream
+            .set_write_timeout(Some(at_least_1ms(timeout)))
+            .map_err(|source| Error::Io {
+                phase: Phase::Greeting,
+                source,
+            })?;
         let mut client = Client {
             stream,
             buf: Vec::with_capacity(4096),
@@ -203,6 +214,8 @@ impl Client {
     /// Sets how long a command waits for its reply.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+        // On failure the previous write timeout stays: still bounded.
+        let _ = self.stream.set_write_timeout(Some(at_least_1ms(timeout)));
     }
 
     /// Runs a command and returns its typed result. Events that arrive meanwhile are queued.
@@ -384,6 +397,39 @@ impl AsFd for Client {
     /// The session's socket, to wait for events with `poll` (see [`Client::pending`]).
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()
+    }
+}
+
+/// `d`, or 1 ms when shorter (a zero socket timeout would mean none).
+fn at_least_1ms(d: Duration) -> Duration {
+    d.max(Duration::from_millis(1))
+}
+
+/// Connects to the Unix socket at `path`, waiting at most `timeout` for a place in the
+/// listener's backlog (Linux bounds a blocking connect by the socket's send timeout).
+fn connect_within(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let t = at_least_1ms(timeout);
+    let tv = nix::sys::time::TimeVal::new(t.as_secs() as _, t.subsec_micros() as _);
+    socket::setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    let addr = UnixAddr::new(path)?;
+    match socket::connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => Ok(UnixStream::from(fd)),
+        Err(nix::errno::Errno::EAGAIN) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no place in the listen backlog within {timeout:?} (QEMU stopped, stuck, or \
+                 busy with other clients)"
+            ),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -11,6 +11,8 @@ const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, 
 enum Step {
     Send(&'static str),
     Expect(&'static str),
+    /// Reads nothing for this many milliseconds (a stopped QEMU).
+    Hold(u64),
     Close,
 }
 use Step::*;
@@ -40,6 +42,7 @@ fn fake_qemu(script: Vec<Step>) -> (UnixStream, thread::JoinHandle<()>) {
                     assert_eq!(cmd["execute"], name, "client sent {line}");
                     last_id = cmd["id"].clone();
                 }
+                Hold(ms) => thread::sleep(Duration::from_millis(ms)),
                 Close => return,
             }
         }
@@ -233,4 +236,53 @@ fn a_peer_that_hung_up_fails_the_next_command_cleanly() {
     h.join().unwrap();
     let err = c.execute(&qapi::qmp::query_status {}).unwrap_err();
     assert!(matches!(err, Error::Closed(_)), "{err:?}");
+}
+
+#[test]
+fn a_qemu_that_reads_nothing_fails_a_write_within_the_timeout() {
+    // A command larger than the socket's buffer, to a QEMU that reads nothing for 10 s.
+    let (mut c, _h) = connected(vec![Hold(10_000)]);
+    c.set_timeout(Duration::from_millis(200));
+    let t = Instant::now();
+    let err = c
+        .execute(&qapi::qmp::human_monitor_command {
+            command_line: "x".repeat(8 << 20),
+            cpu_index: None,
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_full_listen_backlog_fails_the_connect_within_the_timeout() {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    // A listener that never accepts, with QEMU's backlog of 1.
+    let listener = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    socket::bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    socket::listen(&listener, Backlog::new(1).unwrap()).unwrap();
+    let timeout = Duration::from_millis(200);
+    let mut held = Vec::new();
+    let err = loop {
+        assert!(held.len() < 100, "the backlog never filled");
+        match connect_within(&path, timeout) {
+            Ok(s) => held.push(s),
+            Err(e) => break e,
+        }
+    };
+    let t = Instant::now();
+    let again = Client::connect(&path, timeout).unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    assert!(matches!(again, Error::Io { .. }), "{again:?}");
+    assert!(waited >= timeout && waited < timeout * 5, "{waited:?}");
 }

@@ -256,6 +256,7 @@ mod tests {
                 uuid: "u-1".into(),
                 cgroup: None,
             },
+            agent_socket: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! settings, each to the stage that uses it. Files are read only then: never once per tick.
 
 use std::fs;
+use std::sync::Arc;
 
 use super::liveness::Watch;
 use super::vm::{fallback_config, load_history, read_cpu, Vm};
@@ -111,6 +112,14 @@ impl Agent {
             }
             own
         });
+        // A new handle, unless this QEMU has one already (a VM of this name that ran before
+        // had its own QEMU).
+        if !self.qmp.get(&name).is_some_and(|h| h.serves(&record)) {
+            self.qmp.insert(
+                name.clone(),
+                Arc::new(crate::control::Qmp::for_agent(&record)),
+            );
+        }
         let mut vm = self.restore(record, &cfg);
         vm.watch = Watch::new(
             &self.settings.state_dir.join(&name),
@@ -227,12 +236,9 @@ impl Agent {
             }
             vm.credits_applied = cfg.credits;
         }
+        let qmp = self.qmp_of(&vm.record);
         if let Some(disks) = self.disks.as_mut() {
-            disks.set_share(
-                &vm.record.name,
-                cfg.disk_share,
-                vm.record.qmp_socket.clone(),
-            );
+            disks.set_share(&vm.record.name, cfg.disk_share, &qmp);
             vm.disk = disks.view(&vm.record.name);
         }
         let memory_changed = vm.config.memory != cfg.memory;
@@ -246,6 +252,9 @@ impl Agent {
         if let Some(d) = self.disks.as_mut() {
             d.forget(name);
         }
+        // The kept session closes with the handle's last holder (the workers drop theirs on
+        // their next round).
+        self.qmp.remove(name);
         if let Some(mut vm) = self.vms.remove(name) {
             vm.measure_and_tick();
             self.persist(&mut vm);

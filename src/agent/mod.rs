@@ -176,6 +176,9 @@ pub struct Agent {
     /// When the ledgers were last saved together.
     last_persist: Instant,
     vms: HashMap<String, Vm>,
+    /// Each VM's QMP handle, shared by the disk and memory workers (a launcher VM's keeps one
+    /// session on its agent monitor): made at adoption, dropped when the VM ends.
+    qmp: HashMap<String, Arc<crate::control::Qmp>>,
     /// What the metrics server shows, when one runs.
     metrics: Option<Arc<Mutex<Snapshot>>>,
     /// When it was last refreshed (as the published files, once a second).
@@ -217,6 +220,7 @@ impl Agent {
             settings,
             enforcer,
             vms: HashMap::new(),
+            qmp: HashMap::new(),
             metrics: None,
             last_metrics: None,
             health: Health::default(),
@@ -361,13 +365,21 @@ impl Agent {
         }
     }
 
-    /// A VM's control handle: QMP for burst-qemu's own and adopted VMs, the libvirt API for a
-    /// libvirt domain.
+    /// A VM's control handle: QMP for burst-qemu's own and adopted VMs (the handle made at
+    /// adoption, see [`Agent::qmp_of`]), the libvirt API for a libvirt domain.
     fn control_of(&self, record: &crate::state::VmRecord) -> Arc<dyn crate::control::Control> {
         match record.source {
             crate::state::Source::Libvirt { .. } => self.libvirt_control(record),
-            _ => Arc::new(crate::control::Qmp::new(record)),
+            _ => self.qmp_of(record),
         }
+    }
+
+    /// The VM's QMP handle (one made now if it has none: a VM not adopted).
+    fn qmp_of(&self, record: &crate::state::VmRecord) -> Arc<crate::control::Qmp> {
+        self.qmp
+            .get(&record.name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(crate::control::Qmp::for_agent(record)))
     }
 
     /// The safety-net scan, repairs of enforcement, and cleanup of what ended VMs left.

@@ -12,14 +12,18 @@
 //! * **Without contention nothing is throttled** (the limits are cleared, `bps = 0`): the
 //!   stage only divides a contended host, it does not cap a quiet one.
 //! * **QMP off the loop.** The agent's tick must not wait on a QEMU that is slow to answer, so a
-//!   worker thread does the QMP conversations: each period it is sent every managed VM's socket
-//!   and wanted limits, and answers with counters; the stage uses the counters of the period
-//!   before (one period of lag, 1 s). A VM whose QMP fails is shown with the error and left out
-//!   of the plan until it answers again.
+//!   worker thread does the QMP conversations: each period it is sent every managed VM's QMP
+//!   handle and wanted limits, and answers with counters; the stage uses the counters of the
+//!   period before (one period of lag, 1 s). A VM whose QMP fails is shown with the error and
+//!   left out of the plan until it answers again.
+//! * **One session per VM.** The handle is the agent's ([`Qmp::for_agent`]), shared with the
+//!   memory coordinator: a launcher VM is reached over the session the agent keeps on its agent
+//!   monitor, reused every period; other VMs get a short session on their main socket per
+//!   period.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::view::DiskView;
 
 use crate::contention::{Bps, Contention, Observed, SpareRule};
+use crate::control::{step, Qmp};
 
 /// The host's disk bandwidth shared by the VMs that set `disk_share`, bytes per second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +51,7 @@ struct Limits {
 
 struct Job {
     name: String,
-    socket: PathBuf,
+    qmp: Arc<Qmp>,
     limits: Limits,
 }
 
@@ -56,10 +61,9 @@ struct Sample {
     counters: Result<(u64, u64), String>,
 }
 
-#[derive(Default)]
 struct Managed {
     share_pct: f64,
-    socket: PathBuf,
+    qmp: Arc<Qmp>,
     last: Option<(Instant, u64, u64)>,
     rates: Option<(u64, u64)>,
     limits: Limits,
@@ -96,21 +100,28 @@ impl Disks {
         }
     }
 
-    /// Sets (or, with `None`, drops) a VM's share; its disks are then managed from the next
-    /// period on. A VM that leaves the stage has its limits cleared.
-    pub fn set_share(&mut self, name: &str, share_pct: Option<f64>, socket: PathBuf) {
+    /// Sets (or, with `None`, drops) a VM's share, with the VM's QMP handle; its disks are then
+    /// managed from the next period on. A VM that leaves the stage has its limits cleared.
+    pub fn set_share(&mut self, name: &str, share_pct: Option<f64>, qmp: &Arc<Qmp>) {
         match share_pct {
             Some(s) => {
-                let m = self.vms.entry(name.to_owned()).or_default();
+                let m = self.vms.entry(name.to_owned()).or_insert_with(|| Managed {
+                    share_pct: s,
+                    qmp: Arc::clone(qmp),
+                    last: None,
+                    rates: None,
+                    limits: Limits::default(),
+                    error: None,
+                });
                 m.share_pct = s;
-                m.socket = socket;
+                m.qmp = Arc::clone(qmp);
             }
             None => {
                 if let Some(m) = self.vms.remove(name) {
                     if m.limits != Limits::default() {
                         let _ = self.jobs.send(vec![Job {
                             name: name.to_owned(),
-                            socket: m.socket,
+                            qmp: m.qmp,
                             limits: Limits::default(),
                         }]);
                     }
@@ -161,7 +172,7 @@ impl Disks {
             .iter()
             .map(|(n, m)| Job {
                 name: n.clone(),
-                socket: m.socket.clone(),
+                qmp: Arc::clone(&m.qmp),
                 limits: m.limits,
             })
             .collect();
@@ -280,9 +291,6 @@ impl Disks {
 /// Rates are measured over at least this long (a sample can come early after a slow one).
 const MIN_SPAN: Duration = Duration::from_millis(500);
 
-/// How long the worker waits for one QEMU.
-const QMP_TIMEOUT: Duration = Duration::from_secs(2);
-
 fn worker(jobs: Receiver<Vec<Job>>, samples: Sender<Sample>) {
     // The limits each VM's drives were last given (QEMU keeps them; sent again only on change).
     let mut applied: HashMap<String, Limits> = HashMap::new();
@@ -317,44 +325,44 @@ fn worker(jobs: Receiver<Vec<Job>>, samples: Sender<Sample>) {
 
 /// One VM: applies the limits if they changed, reads the counters (bytes read, written).
 fn converse(job: &Job, applied: Option<Limits>) -> Result<(u64, u64), String> {
-    let mut qmp = qmp::Client::connect(&job.socket, QMP_TIMEOUT).map_err(|e| e.to_string())?;
-    let stats = qmp
-        .execute(&QueryBlockstats {})
-        .map_err(|e| format!("query-blockstats: {e}"))?;
-    let drives: Vec<&DriveStats> = stats.iter().filter(|s| s.handle().is_some()).collect();
-    if applied != Some(job.limits) {
-        for d in &drives {
-            let (id, device) = d.handle().expect("filtered");
-            let throttle = SetThrottle {
-                id,
-                device,
-                bps: 0,
-                bps_rd: job.limits.read,
-                bps_wr: job.limits.write,
-                iops: 0,
-                iops_rd: 0,
-                iops_wr: 0,
-                group: format!("bq-{}", job.name),
+    job.qmp
+        .converse(|qmp| {
+            let stats = step(qmp, QueryBlockstats {})?;
+            let drives: Vec<&DriveStats> = stats.iter().filter(|s| s.handle().is_some()).collect();
+            if applied != Some(job.limits) {
+                for d in &drives {
+                    let (id, device) = d.handle().expect("filtered");
+                    let throttle = SetThrottle {
+                        id,
+                        device,
+                        bps: 0,
+                        bps_rd: job.limits.read,
+                        bps_wr: job.limits.write,
+                        iops: 0,
+                        iops_rd: 0,
+                        iops_wr: 0,
+                        group: format!("bq-{}", job.name),
+                    };
+                    step(qmp, throttle)?;
+                }
+            }
+            let sum = |f: fn(&Counters) -> i64| {
+                drives
+                    .iter()
+                    .map(|d| u64::try_from(f(&d.stats)).unwrap_or(0))
+                    .fold(0u64, u64::saturating_add)
             };
-            qmp.execute(&throttle)
-                .map_err(|e| format!("block_set_io_throttle: {e}"))?;
-        }
-    }
-    let sum = |f: fn(&Counters) -> i64| {
-        drives
-            .iter()
-            .map(|d| u64::try_from(f(&d.stats)).unwrap_or(0))
-            .fold(0u64, u64::saturating_add)
-    };
-    Ok((sum(|c| c.rd_bytes), sum(|c| c.wr_bytes)))
+            Ok((sum(|c| c.rd_bytes), sum(|c| c.wr_bytes)))
+        })
+        .map_err(|e| format!("{}: {}", e.what, e.why))
 }
 
 /// The bytes a VM's guest drives have read and written, from QEMU (`query-blockstats`, summed
-/// over the drives that belong to a guest device).
+/// over the drives that belong to a guest device), over a session of its own on `socket`.
 pub fn drive_bytes(socket: &std::path::Path) -> Result<(u64, u64), String> {
     let job = Job {
         name: String::new(),
-        socket: socket.to_owned(),
+        qmp: Arc::new(Qmp::per_use("", socket)),
         limits: Limits::default(),
     };
     // `applied` equal to the job's limits: nothing is changed, only read.

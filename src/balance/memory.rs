@@ -4,9 +4,10 @@
 //! QMP `balloon`, and publishes `<state dir>/<name>/memory.json` for `burst-qemu mem`.
 //!
 //! It runs apart from the credit loop because QMP can block (a busy or dying QEMU answers
-//! late, up to the timeout) and the credit tick must not wait for it. Each round opens one
-//! short QMP session per VM and closes it, so `ls`, `pause` and other clients (QEMU serves one
-//! at a time) get the monitor between rounds.
+//! late, up to the timeout) and the credit tick must not wait for it. A launcher VM is reached
+//! over the session the agent keeps on its agent monitor (shared with the disk worker); any
+//! other VM gets a short session on its main socket per round, closed at once, so `pause` and
+//! other clients (QEMU serves one at a time) get that monitor between rounds.
 //!
 //! Every VM is reached through its [`Control`] handle: QMP for burst-qemu's own VMs, the
 //! libvirt API for libvirt domains (libvirt holds their monitor). Per VM and round: the stats

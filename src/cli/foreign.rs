@@ -129,6 +129,7 @@ pub(super) fn adopt_cmd(g: &Global, a: AdoptArgs) -> Result<(), Failure> {
         qemu_start: found.qemu_start,
         boot_id: Proc::host().boot_id(),
         source: Source::Adopted,
+        agent_socket: None,
     };
     state::place_foreign(&state_dir, &record).map_err(|e| Failure {
         code: EXIT_RUNNING,

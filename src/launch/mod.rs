@@ -11,7 +11,14 @@
 //! was absent. The QMP connection is then closed so `pause`, `resume` and `ls` can use it.
 //!
 //! QEMU starts clean: default signal dispositions, an empty signal mask, and no descriptor of
-//! the launcher's but the QMP listener (and those its arguments name with `fd=`).
+//! the launcher's but the monitors' listeners (and those its arguments name with `fd=`).
+//!
+//! Besides the main monitor QEMU gets two private ones, each a listener bound in the runtime
+//! dir and handed over as `fd=`: the launcher's run-state watch (`run_state`), and the agent's
+//! (`ag.sock`, mode 0600, recorded as `agent_socket` in `vm.json`), on which the agent keeps one
+//! connection for its disk and memory workers (see `control::Qmp::for_agent`). QEMU serves one
+//! client per monitor, so neither takes the main one from `pause`, `resume` or the operator's
+//! tools.
 //!
 //! Life: SIGINT, SIGTERM and SIGCHLD are blocked and read from a signalfd. SIGCHLD means
 //! QEMU may have exited: it is reaped at once. SIGINT/SIGTERM become `system_powerdown`; if
@@ -65,6 +72,8 @@ pub const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How often a running launcher calls its watchdog (which restarts a dead agent).
 pub const WATCHDOG_EVERY: Duration = Duration::from_millis(500);
 const CHARDEV_ID: &str = "burst-qemu-qmp";
+/// The chardev id of the agent's monitor.
+const AGENT_CHARDEV_ID: &str = "burst-qemu-agent";
 
 /// What the operator asked for.
 #[derive(Clone, Debug)]
@@ -193,7 +202,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
     // The child inherits the mask: `clean_child` empties it before exec.
     let signals = block_signals()?;
     let runtime = RuntimeDir::claim(&req.state_dir, &plan.name)?;
-    let (mut cmd, monitor, events) = command(req, &plan, &runtime)?;
+    let (mut cmd, monitor, events, agent_monitor) = command(req, &plan, &runtime)?;
     let started = Instant::now();
     let binary = &req.qemu[0];
     let mut child = cmd.spawn().map_err(|source| match source.kind() {
@@ -205,6 +214,8 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
             source,
         },
     })?;
+    // QEMU has its own copy of the agent monitor's listener.
+    drop(agent_monitor);
     let pid = child.id();
     let registered = register(&mut child, &plan.qmp_socket, &monitor).and_then(|tids| {
         // QEMU answers, so it runs: its start time identifies it (with its pid) from here on;
@@ -235,6 +246,7 @@ pub fn start(req: &Request) -> Result<Running, LaunchError> {
                 qemu_start,
                 boot_id: Proc::host().boot_id(),
                 source: state::Source::Launcher,
+                agent_socket: Some(state::absolute(&runtime.path().join(state::AGENT_SOCKET))),
             },
             watch,
         ),
@@ -291,7 +303,8 @@ fn prepare(req: &Request) -> Result<Plan, LaunchError> {
         None => req.state_dir.join(&name).join(state::QMP_SOCKET),
     };
     let events_socket = req.state_dir.join(&name).join(run_state::SOCKET);
-    for socket in [&qmp_socket, &events_socket] {
+    let agent_socket = req.state_dir.join(&name).join(state::AGENT_SOCKET);
+    for socket in [&qmp_socket, &events_socket, &agent_socket] {
         let socket_len = socket.as_os_str().len();
         if socket_len > state::MAX_SOCKET_PATH {
             return Err(LaunchError::Usage(format!(
@@ -350,12 +363,14 @@ fn block_signals() -> Result<SignalFd, LaunchError> {
 }
 
 /// QEMU's command: the operator's, plus `-smp`, `-name`, the memory coordinator's arguments
-/// and our QMP monitor when they are missing.
+/// and our QMP monitor when they are missing, and always the two private monitors (the
+/// launcher's run-state events, the agent's); with the agent monitor's listener, which must
+/// stay open until QEMU is spawned.
 fn command(
     req: &Request,
     plan: &Plan,
     runtime: &RuntimeDir,
-) -> Result<(Command, Monitor, run_state::Listener), LaunchError> {
+) -> Result<(Command, Monitor, run_state::Listener, UnixListener), LaunchError> {
     let args = &req.qemu[1..];
     let mut cmd = Command::new(&req.qemu[0]);
     cmd.args(args);
@@ -385,6 +400,15 @@ fn command(
             _listener: listener,
         }
     };
+    let agent = agent_monitor(runtime.path())?;
+    let fd = agent.as_raw_fd();
+    cmd.arg("-chardev")
+        .arg(format!(
+            "socket,id={AGENT_CHARDEV_ID},fd={fd},server=on,wait=off"
+        ))
+        .arg("-mon")
+        .arg(format!("chardev={AGENT_CHARDEV_ID},mode=control"));
+    keep_fds.push(fd);
     let events_path = runtime.path().join(run_state::SOCKET);
     let events = run_state::Listener::bind(events_path.clone())
         .doing(|| format!("binding {}", events_path.display()))?;
@@ -406,7 +430,19 @@ fn command(
     if !console_on_terminal(args) {
         cmd.process_group(0);
     }
-    Ok((cmd, monitor, events))
+    Ok((cmd, monitor, events, agent))
+}
+
+/// Binds the agent's monitor (see `control::Qmp::for_agent`) in the runtime dir, owner only:
+/// unlike the events monitor it stays reachable for QEMU's life, since a restarted agent
+/// connects again.
+fn agent_monitor(runtime_dir: &Path) -> Result<UnixListener, LaunchError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = runtime_dir.join(state::AGENT_SOCKET);
+    let listener = UnixListener::bind(&path).doing(|| format!("binding {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .doing(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
 }
 
 /// Learns the vCPU thread ids over QMP (`query-cpus-fast`), each checked to be a thread of QEMU.

@@ -227,6 +227,7 @@ impl Watch {
                 uuid: s.uuid.clone(),
                 cgroup,
             },
+            agent_socket: None,
         }
     }
 

@@ -14,6 +14,7 @@ fn record() -> VmRecord {
         qemu_start: 0,
         boot_id: String::new(),
         source: Default::default(),
+        agent_socket: None,
     }
 }
 
