@@ -388,7 +388,10 @@ mod tests {
         assert!(!kept.is_empty());
         assert!(Kept::open(open).is_none(), "the budget is spent");
         kept.pop();
-        assert!(Kept::open(open).is_some(), "a dropped one's place is free again");
+        assert!(
+            Kept::open(open).is_some(),
+            "a dropped one's place is free again"
+        );
         assert!(Kept::open(|| fs::File::open("/nonexistent/burst-qemu")).is_none());
     }
 

@@ -56,6 +56,7 @@ mod ledger_file;
 pub mod libvirt;
 mod lifecycle;
 mod liveness;
+mod persist;
 mod pinning;
 mod reload;
 #[doc(hidden)]
@@ -424,13 +425,6 @@ impl Agent {
         tracing::info!("agent stopped; running VMs keep their last grant");
     }
 
-    /// Saves a VM's ledger, counting failures in the agent's health.
-    fn persist(&mut self, vm: &mut Vm) {
-        if !vm.persist(&self.settings.data_dir) {
-            self.health.ledger_save_failures += 1;
-        }
-    }
-
     /// Refreshes what the metrics server shows (nothing when it is off), once a second like the
     /// published files: every tick rebuilt every VM's view five times a second for scrapes
     /// that come every 15 s or so.
@@ -615,82 +609,6 @@ impl Agent {
         }
         if !histories.is_empty() {
             self.save_histories(&histories);
-        }
-    }
-
-    /// Saves the histories of the VMs `names` whose minute closed, together (see
-    /// [`state::write_atomic_all`]): every VM's minute closes in the same tick, and a save per
-    /// VM made a new file and fsynced it and the directory, 500 VMs at once every minute.
-    fn save_histories(&mut self, names: &[String]) {
-        let data_dir = &self.settings.data_dir;
-        let (saved, files): (Vec<&String>, Vec<(PathBuf, Vec<u8>)>) = names
-            .iter()
-            .filter_map(|n| {
-                let vm = self.vms.get(n)?;
-                Some((
-                    n,
-                    (history_file::history_path(data_dir, n), vm.history.encode()),
-                ))
-            })
-            .unzip();
-        let dir = history_file::history_dir(data_dir);
-        if let Err(e) = fs::create_dir_all(&dir) {
-            tracing::debug!("creating {}: {e}", dir.display());
-        }
-        let (results, dir_synced) = state::write_atomic_all(&dir, &files, 0o644);
-        if let Err(e) = dir_synced {
-            tracing::error!("cannot fsync {}: {e}", dir.display());
-            return;
-        }
-        for ((name, (path, _)), result) in saved.into_iter().zip(&files).zip(results) {
-            match (result, self.vms.get_mut(name)) {
-                (Ok(()), Some(vm)) => vm.history_saved(),
-                (Err(e), _) => tracing::error!("saving {}: {e}", path.display()),
-                (Ok(()), None) => {}
-            }
-        }
-    }
-
-    /// Saves the ledgers due at once (see [`state::write_atomic_all`]): one fsync of the
-    /// ledger directory per interval, where a save per VM fsynced it once per VM (half the
-    /// agent's CPU with 150 idle VMs, with the file fsyncs). A ledger that a restart would
-    /// replay exactly waits (see [`Vm::save_due`]). A crash of the agent alone loses nothing.
-    fn persist_all(&mut self) {
-        self.last_persist = Instant::now();
-        let data_dir = &self.settings.data_dir;
-        let mut due: Vec<(String, LedgerFile)> = Vec::new();
-        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-        for (name, vm) in &self.vms {
-            let file = vm.ledger_file();
-            if !vm.save_due(&file) {
-                continue;
-            }
-            // Plain data always serializes; were it ever not, the VM is retried next interval.
-            if let Ok(bytes) = file.to_bytes() {
-                files.push((state::ledger_path(data_dir, name), bytes));
-                due.push((name.clone(), file));
-            }
-        }
-        if files.is_empty() {
-            return;
-        }
-        let dir = state::ledger_dir(data_dir);
-        if let Err(e) = fs::create_dir_all(&dir) {
-            tracing::debug!("creating {}: {e}", dir.display());
-        }
-        let (results, dir_synced) = state::write_atomic_all(&dir, &files, 0o644);
-        if let Err(e) = dir_synced {
-            tracing::error!("cannot fsync {}: {e}", dir.display());
-            self.health.ledger_save_failures += 1;
-        }
-        for (((name, file), (path, _)), result) in due.into_iter().zip(&files).zip(results) {
-            let saved = self
-                .vms
-                .get_mut(&name)
-                .is_some_and(|vm| vm.saved(path, file, result));
-            if !saved {
-                self.health.ledger_save_failures += 1;
-            }
         }
     }
 
