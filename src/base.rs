@@ -8,7 +8,19 @@ use thiserror::Error;
 /// Longest VM name, in bytes.
 pub const MAX_NAME: usize = 64;
 
-/// Checks a VM name: letters, digits, `-`, `_`, `.`; not `.` or `..`; 1–64 bytes.
+/// The agent's own files in a state dir, where each VM has a dir named as the VM: a VM of one
+/// of these names would collide with the file.
+pub const STATE_DIR_FILES: [&str; 6] = [
+    "agent.lock",
+    "agent.log",
+    "agent.requests",
+    "metrics.addr",
+    "scx.json",
+    "libvirt.json",
+];
+
+/// Checks a VM name: letters, digits, `-`, `_`, `.`; not `.` or `..` nor one of the agent's
+/// files ([`STATE_DIR_FILES`]); 1–64 bytes.
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(format!(
@@ -17,6 +29,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
     if name == "." || name == ".." {
         return Err(format!("VM name {name:?} is not allowed"));
+    }
+    if STATE_DIR_FILES.contains(&name) {
+        return Err(format!(
+            "VM name {name:?} is the name of one of the agent's files in the state dir: \
+             choose another"
+        ));
     }
     if let Some(c) = name
         .chars()

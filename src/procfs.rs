@@ -170,7 +170,9 @@ static KEPT: AtomicUsize = AtomicUsize::new(0);
 /// A descriptor kept open between uses (a vCPU thread's `schedstat`, a cgroup's bandwidth file,
 /// a VM's runtime dir), counted against one budget for the process, [`kept_limit`], so that
 /// kept files never take the descriptors the agent must still open (ledger saves, new VMs).
-/// Without room, callers open by path each time.
+/// Without room, callers open by path each time. Files read every tick ([`Kept::open`]) may
+/// fill the budget; files used once a second ([`Kept::open_spare`]) only its first half, so
+/// that a fleet larger than the budget keeps the files it reads most often.
 #[derive(Debug)]
 pub struct Kept(fs::File);
 
@@ -178,7 +180,17 @@ impl Kept {
     /// The file `open` opens, kept, when the budget has room; `None` without room or when the
     /// open fails.
     pub fn open(open: impl FnOnce() -> std::io::Result<fs::File>) -> Option<Kept> {
-        if KEPT.fetch_add(1, Ordering::Relaxed) < kept_limit() {
+        Kept::open_within(kept_limit(), open)
+    }
+
+    /// As [`Kept::open`] for a file used once a second: kept while the budget is less than
+    /// half spent.
+    pub fn open_spare(open: impl FnOnce() -> std::io::Result<fs::File>) -> Option<Kept> {
+        Kept::open_within(kept_limit() / 2, open)
+    }
+
+    fn open_within(limit: usize, open: impl FnOnce() -> std::io::Result<fs::File>) -> Option<Kept> {
+        if KEPT.fetch_add(1, Ordering::Relaxed) < limit {
             if let Ok(f) = open() {
                 return Some(Kept(f));
             }
@@ -393,6 +405,13 @@ mod tests {
             "a dropped one's place is free again"
         );
         assert!(Kept::open(|| fs::File::open("/nonexistent/burst-qemu")).is_none());
+        // Once a tick's files hold more than half the budget, a once-a-second file is not kept.
+        kept.truncate(kept_limit() / 2 + 1);
+        assert!(Kept::open_spare(open).is_none(), "past half the budget");
+        assert!(Kept::open(open).is_some(), "a tick's file still is");
+        // (Well below: under `cargo test` other tests' threads may hold a few.)
+        kept.truncate(kept_limit() / 2 - 16);
+        assert!(Kept::open_spare(open).is_some(), "below half the budget");
     }
 
     #[test]

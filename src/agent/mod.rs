@@ -182,8 +182,6 @@ pub struct Agent {
     qmp: HashMap<String, Arc<crate::control::Qmp>>,
     /// What the metrics server shows, when one runs.
     metrics: Option<Arc<Mutex<Snapshot>>>,
-    /// When it was last refreshed (as the published files, once a second).
-    last_metrics: Option<Instant>,
     health: Health,
     balancer: Option<crate::balance::pin::PinBalancer>,
     /// The memory-balanced VMs and their settings, shared with the memory coordinator's thread
@@ -223,7 +221,6 @@ impl Agent {
             vms: HashMap::new(),
             qmp: HashMap::new(),
             metrics: None,
-            last_metrics: None,
             health: Health::default(),
             memory_members: None,
             #[cfg(feature = "libvirt")]
@@ -425,18 +422,12 @@ impl Agent {
         tracing::info!("agent stopped; running VMs keep their last grant");
     }
 
-    /// Refreshes what the metrics server shows (nothing when it is off), once a second like the
-    /// published files: every tick rebuilt every VM's view five times a second for scrapes
-    /// that come every 15 s or so.
+    /// Refreshes what the metrics server shows (nothing when it is off), every tick: the
+    /// utilisation gauge is the last tick's usage, which a scrape then sees. (Once a second was
+    /// tried: a scrape then sees one tick of the second before, and the gauge no longer
+    /// follows the VM's CPU over a few seconds of scrapes, `tests/observe.rs`.)
     fn update_metrics(&mut self) {
         let Some(snap) = &self.metrics else { return };
-        if self
-            .last_metrics
-            .is_some_and(|t| t.elapsed() < PUBLISH_EVERY)
-        {
-            return;
-        }
-        self.last_metrics = Some(Instant::now());
         let mut vms: Vec<CreditsView> = self.vms.values().map(Vm::view).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         if let Ok(mut s) = snap.lock() {
@@ -671,6 +662,25 @@ pub(crate) fn test_ledger(balance: f64) -> crate::credit::Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_file_of_the_agent_in_a_state_dir_is_a_refused_vm_name() {
+        let dir = Path::new("/s");
+        let files = [
+            state::agent_lock_path(dir),
+            dir.join("agent.log"),
+            dir.join(state::REQUESTS),
+            dir.join(crate::metrics::ADDR_FILE),
+            crate::enforce::scx::stats_path(dir),
+            #[cfg(feature = "libvirt")]
+            dir.join(libvirt::LIBVIRT_JSON),
+        ];
+        for f in files {
+            let name = f.file_name().unwrap().to_str().unwrap();
+            assert!(crate::base::validate_name(name).is_err(), "{name} accepted");
+        }
+        assert!(crate::base::validate_name("agent.logs").is_ok());
+    }
 
     #[test]
     fn a_second_agent_on_a_state_dir_is_refused() {

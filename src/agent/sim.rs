@@ -60,7 +60,6 @@ impl Driver {
         };
         self.agent.last_persist = when;
         self.agent.last_period = when;
-        self.agent.last_metrics = Some(when);
         for vm in self.agent.vms.values_mut() {
             vm.last_publish = when;
         }

@@ -279,7 +279,7 @@ impl Vm {
             ),
         ];
         if self.runtime.is_none() {
-            self.runtime = Kept::open(|| fs::File::open(&dir));
+            self.runtime = Kept::open_spare(|| fs::File::open(&dir));
         }
         for (file, value) in values {
             if self.published.get(file) != Some(&value) {

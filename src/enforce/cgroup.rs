@@ -662,7 +662,7 @@ fn read_kept(kept: &mut Option<Kept>, path: &Path) -> Option<String> {
     use std::os::unix::fs::FileExt;
     for fresh in [false, true] {
         if fresh || kept.is_none() {
-            *kept = Kept::open(|| fs::File::open(path));
+            *kept = Kept::open_spare(|| fs::File::open(path));
         }
         let Some(file) = kept.as_ref() else {
             return fs::read_to_string(path).ok();

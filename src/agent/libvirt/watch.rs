@@ -509,48 +509,25 @@ mod tests {
 
     #[test]
     fn a_domain_is_found_in_the_agents_proc_not_the_hosts() {
+        use crate::source::libvirt::discover::fixture::{fixture, status, UUID as uuid};
         use crate::source::libvirt::lifecycle::State;
         use std::fs;
-        let dir = tempfile::tempdir().unwrap();
-        let (run, proc) = (dir.path().join("run"), dir.path().join("proc"));
-        let uuid = "4613142e-8033-458a-8bae-df609cea8603";
-        fs::create_dir_all(&run).unwrap();
-        fs::write(
-            run.join("dom.xml"),
-            format!(
-                "<domstatus state='running' reason='booted' pid='100'>\
-                 <vcpus><vcpu id='0' pid='101'/></vcpus><domain type='qemu' id='7'>\
-                 <name>dom</name><uuid>{uuid}</uuid></domain></domstatus>"
-            ),
-        )
-        .unwrap();
         // pid 100 and its threads exist only in this tree (the host's pid 100, if any, is not
         // a QEMU with thread 101 named `CPU 0/TCG`).
-        let p = proc.join("100");
-        for (tid, comm) in [(100, "qemu-system-x86"), (101, "CPU 0/TCG")] {
-            let t = p.join(format!("task/{tid}"));
-            fs::create_dir_all(&t).unwrap();
-            fs::write(t.join("comm"), format!("{comm}\n")).unwrap();
-        }
-        fs::write(
-            p.join("stat"),
-            "100 (qemu-system-x86) S 1 100 100 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 5 0 4242 0 0\n",
-        )
-        .unwrap();
-        fs::write(
-            p.join("cgroup"),
-            "1:cpu:/machine/qemu-7-dom.libvirt-qemu/emulator\n",
-        )
-        .unwrap();
+        let f = fixture(
+            &status("<vcpu id='0' pid='101'/>"),
+            &[(100, "qemu-system-x86"), (101, "CPU 0/TCG")],
+        );
+        let (dir, run, proc) = (f.dir.path(), f.run.clone(), f.proc.clone());
         fs::create_dir_all(proc.join("sys/kernel/random")).unwrap();
         fs::write(proc.join("sys/kernel/random/boot_id"), "sim-boot\n").unwrap();
         let settings = LibvirtSettings {
             uri: "test:///default".into(),
             run_dir: run,
-            vms_dir: dir.path().join("vms"),
+            vms_dir: dir.join("vms"),
             domains: None,
         };
-        let w = Watch::new(settings, Proc::at(&proc), &dir.path().join("state"));
+        let w = Watch::new(settings, Proc::at(&proc), &dir.join("state"));
         let seen = Seen {
             uuid: uuid.into(),
             name: "dom".into(),

@@ -175,19 +175,23 @@ pub fn discover(
     })
 }
 
+/// A domain's status file and its QEMU in a `/proc` of plain files, for the tests here and
+/// the agent's libvirt watcher's.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixture {
+    use std::fs;
     use std::path::PathBuf;
 
-    struct Fixture {
-        _dir: tempfile::TempDir,
-        run: PathBuf,
-        proc: PathBuf,
+    pub(crate) struct Fixture {
+        /// The temporary dir holding both (read by the agent's libvirt tests).
+        #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+        pub(crate) dir: tempfile::TempDir,
+        pub(crate) run: PathBuf,
+        pub(crate) proc: PathBuf,
     }
 
     /// A run dir with `status` as dom.xml, and a /proc with pid 100 and the given threads.
-    fn fixture(status: &str, threads: &[(u32, &str)]) -> Fixture {
+    pub(crate) fn fixture(status: &str, threads: &[(u32, &str)]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let (run, proc) = (dir.path().join("run"), dir.path().join("proc"));
         fs::create_dir_all(&run).unwrap();
@@ -209,21 +213,23 @@ mod tests {
             fs::create_dir_all(&t).unwrap();
             fs::write(t.join("comm"), format!("{comm}\n")).unwrap();
         }
-        Fixture {
-            _dir: dir,
-            run,
-            proc,
-        }
+        Fixture { dir, run, proc }
     }
 
-    const UUID: &str = "4613142e-8033-458a-8bae-df609cea8603";
+    pub(crate) const UUID: &str = "4613142e-8033-458a-8bae-df609cea8603";
 
-    fn status(vcpus: &str) -> String {
+    pub(crate) fn status(vcpus: &str) -> String {
         format!(
             "<domstatus state='running' reason='booted' pid='100'><vcpus>{vcpus}</vcpus>\
              <domain type='qemu' id='7'><name>dom</name><uuid>{UUID}</uuid></domain></domstatus>"
         )
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{fixture, status, UUID};
+    use super::*;
 
     fn expected(vcpus: u32) -> Expected<'static> {
         Expected {
