@@ -3,7 +3,8 @@
 //! costs a few fsyncs a second, not a few per VM (see [`state::write_atomic_all`]).
 
 use std::fs;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{history_file, Agent, LedgerFile, Vm};
@@ -32,13 +33,8 @@ impl Agent {
                 ))
             })
             .unzip();
-        let dir = history_file::history_dir(data_dir);
-        if let Err(e) = fs::create_dir_all(&dir) {
-            tracing::debug!("creating {}: {e}", dir.display());
-        }
-        let (results, dir_synced) = state::write_atomic_all(&dir, &files, 0o644);
-        if let Err(e) = dir_synced {
-            tracing::error!("cannot fsync {}: {e}", dir.display());
+        let (results, dir_synced) = write_batch(&history_file::history_dir(data_dir), &files);
+        if !dir_synced {
             return;
         }
         for ((name, (path, _)), result) in saved.into_iter().zip(&files).zip(results) {
@@ -73,13 +69,8 @@ impl Agent {
         if files.is_empty() {
             return;
         }
-        let dir = state::ledger_dir(data_dir);
-        if let Err(e) = fs::create_dir_all(&dir) {
-            tracing::debug!("creating {}: {e}", dir.display());
-        }
-        let (results, dir_synced) = state::write_atomic_all(&dir, &files, 0o644);
-        if let Err(e) = dir_synced {
-            tracing::error!("cannot fsync {}: {e}", dir.display());
+        let (results, dir_synced) = write_batch(&state::ledger_dir(data_dir), &files);
+        if !dir_synced {
             self.health.ledger_save_failures += 1;
         }
         for (((name, file), (path, _)), result) in due.into_iter().zip(&files).zip(results) {
@@ -92,4 +83,17 @@ impl Agent {
             }
         }
     }
+}
+
+/// Writes `files`, all in `dir` (made when missing), as one [`state::write_atomic_all`] batch:
+/// each file's result, and whether the directory's fsync succeeded (a failure is logged).
+fn write_batch(dir: &Path, files: &[(PathBuf, Vec<u8>)]) -> (Vec<io::Result<()>>, bool) {
+    if let Err(e) = fs::create_dir_all(dir) {
+        tracing::debug!("creating {}: {e}", dir.display());
+    }
+    let (results, dir_synced) = state::write_atomic_all(dir, files, 0o644);
+    if let Err(e) = &dir_synced {
+        tracing::error!("cannot fsync {}: {e}", dir.display());
+    }
+    (results, dir_synced.is_ok())
 }
