@@ -170,7 +170,7 @@ pub fn lock_held(path: &Path) -> bool {
 mod write;
 pub use write::{
     remove_companion, write_atomic, write_atomic_all, write_published, write_swapping,
-    write_swapping_at, BATCH_FDS,
+    write_swapping_at, SwapPair, BATCH_FDS,
 };
 
 /// `path` made absolute against the current directory (unchanged if that fails).

@@ -48,13 +48,13 @@ pub fn save(path: &Path, h: &History) -> io::Result<()> {
     }
 }
 
-/// Writes a running VM's tail (its 10-second samples since the history file was saved) in the
-/// history encoding. Not synced: the history file is the durable copy, the tail only makes a
-/// running VM's curve current.
-pub fn save_tail(path: &Path, samples: &[Sample]) -> io::Result<()> {
+/// A running VM's tail (its 10-second samples since the history file was saved) in the
+/// history encoding, as the agent writes it into the runtime dir. Not synced: the history file
+/// is the durable copy, the tail only makes a running VM's curve current.
+pub fn encode_tail(samples: &[Sample]) -> Vec<u8> {
     let mut h = History::new();
     h.extend_fine(samples);
-    state::write_swapping(path, &h.encode())
+    h.encode()
 }
 
 /// A running VM's tail; empty when there is none (or it is unreadable: it is only a cache).

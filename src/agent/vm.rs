@@ -64,6 +64,9 @@ pub(super) struct Vm {
     /// Its runtime dir, kept open for publishing (opened at a publish when it is not; let go
     /// when a write finds the dir removed).
     runtime: Option<Kept>,
+    /// The published files rewritten more than once, each with its companion kept open (let
+    /// go with `runtime`, or when a write through them fails).
+    pairs: HashMap<&'static str, state::SwapPair>,
     pub(super) history: crate::history::History,
     /// The start of the newest fine sample in the saved history file.
     pub(super) history_saved_t: u64,
@@ -111,6 +114,7 @@ impl Vm {
             sched: HashMap::new(),
             published: HashMap::new(),
             runtime: None,
+            pairs: HashMap::new(),
             history: crate::history::History::new(),
             history_saved_t: 0,
             disk: None,
@@ -278,9 +282,6 @@ impl Vm {
                 serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
             ),
         ];
-        if self.runtime.is_none() {
-            self.runtime = Kept::open_spare(|| fs::File::open(&dir));
-        }
         for (file, value) in values {
             if self.published.get(file) != Some(&value) {
                 let text = if file == state::CREDITS_JSON {
@@ -288,20 +289,58 @@ impl Vm {
                 } else {
                     format!("{value}\n")
                 };
-                let written = match &self.runtime {
-                    Some(d) => state::write_swapping_at(d.as_fd(), file, text.as_bytes()),
-                    None => state::write_swapping(&dir.join(file), text.as_bytes()),
-                };
-                match written {
-                    Ok(()) => {
-                        self.published.insert(file, value);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => self.runtime = None,
-                    Err(_) => {}
+                // A file written again (not for the first time) is likely to change every
+                // second: it gets a kept pair; one that never changes keeps none.
+                let again = self.published.contains_key(file);
+                if self
+                    .write_runtime(&dir, file, text.as_bytes(), again)
+                    .is_ok()
+                {
+                    self.published.insert(file, value);
                 }
             }
         }
         self.publish_config_error(&dir);
+    }
+
+    /// Rewrites the file `name` of the VM's runtime dir `dir` (see [`state::write_swapping`]):
+    /// through its kept pair when it has one, else through the dir kept open, else by path; a
+    /// file written with `pair` then gets a pair when the descriptor budget has room. A dir found
+    /// gone lets go of its descriptors (it is opened again at the next write).
+    fn write_runtime(
+        &mut self,
+        dir: &Path,
+        name: &'static str,
+        bytes: &[u8],
+        pair: bool,
+    ) -> io::Result<()> {
+        if self.runtime.is_none() {
+            self.runtime = Kept::open_spare(|| fs::File::open(dir));
+        }
+        let Some(d) = &self.runtime else {
+            return state::write_swapping(&dir.join(name), bytes);
+        };
+        let d = d.as_fd();
+        if let Some(p) = self.pairs.get_mut(name) {
+            if p.write(d, name, bytes).is_ok() {
+                return Ok(());
+            }
+            self.pairs.remove(name);
+        }
+        match state::write_swapping_at(d, name, bytes) {
+            Ok(()) if pair => {
+                if let Some(p) = state::SwapPair::open(d, name) {
+                    self.pairs.insert(name, p);
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.runtime = None;
+                self.pairs.clear();
+                Err(e)
+            }
+            other => other,
+        }
     }
 
     fn publish_config_error(&mut self, dir: &Path) {
@@ -338,9 +377,10 @@ impl Vm {
                 .filter(|s| s.t > self.history_saved_t)
                 .copied()
                 .collect();
-            let path = state_dir.join(&self.record.name).join(HISTORY_TAIL);
-            if let Err(e) = history_file::save_tail(&path, &tail) {
-                tracing::debug!("{}: writing {}: {e}", self.record.name, path.display());
+            let dir = state_dir.join(&self.record.name);
+            let bytes = history_file::encode_tail(&tail);
+            if let Err(e) = self.write_runtime(&dir, HISTORY_TAIL, &bytes, false) {
+                tracing::debug!("{}: writing {HISTORY_TAIL}: {e}", self.record.name);
             }
         }
         closed.minute
