@@ -154,6 +154,23 @@ fn set_and_baseline_edits_change_the_measured_usage_within_a_tick_and_a_period()
     std::thread::sleep(Duration::from_millis(100));
     let burst = share(&vm, 1.0);
     assert!(burst > 120.0, "after --set 100: {burst:.1} %");
+
+    // A request as a burst-qemu older than `agent.requests` writes it (the file alone, nothing
+    // announced): the agent's sweep sees it within 5 s (REQUESTS_SWEEP), plus a tick.
+    let t = Instant::now();
+    let request = s.state().join("live").join(burst_qemu::state::SET_CREDITS);
+    std::fs::write(&request, "0\n").unwrap();
+    let seen = wait_until(
+        "an unannounced --set 0 applied",
+        Duration::from_secs(7),
+        || {
+            let q = quota(&s, "live");
+            q != "-1" && !q.starts_with("max")
+        },
+    );
+    eprintln!("unannounced credits --set 0 → limited in {:?}", t.elapsed());
+    assert!(seen <= Duration::from_millis(2_300), "seen after {seen:?}");
+    assert!(!request.exists(), "the request is taken");
 }
 
 #[test]

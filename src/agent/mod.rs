@@ -79,6 +79,10 @@ pub const TICK: Duration = Duration::from_millis(200);
 const USAGE_WINDOW_NS: u64 = 200_000_000;
 /// How often the agent rescans the state dir in case an event was missed.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often the runtime dirs are looked in for `credits --set` requests that no touch of
+/// [`state::REQUESTS`] announced (those of an older burst-qemu, which waits 5 s for its request
+/// to be taken): 100 VMs cost 50 failed opens a second, where looking every tick cost 500.
+const REQUESTS_SWEEP: Duration = Duration::from_secs(2);
 /// How often each ledger is saved.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// How often a VM's one-value files and `credits.json` are refreshed between events (an edit,
@@ -197,6 +201,8 @@ pub struct Agent {
     /// Whether a `credits --set` request may wait in a runtime dir ([`state::REQUESTS`] was
     /// touched, events were lost, or the agent just started): the next tick looks.
     requests_due: bool,
+    /// When the runtime dirs were last looked in for requests.
+    requests_seen: Instant,
 }
 
 impl Agent {
@@ -228,6 +234,7 @@ impl Agent {
             memory: None,
             reload: None,
             requests_due: true,
+            requests_seen: Instant::now(),
         }
     }
 
@@ -583,7 +590,13 @@ impl Agent {
             }
         }
         self.balance_cpus();
-        let requests = std::mem::take(&mut self.requests_due);
+        // Requests are looked for when announced, and every REQUESTS_SWEEP in any case: a
+        // `credits --set` of an older burst-qemu does not touch the file that announces it.
+        let requests = std::mem::take(&mut self.requests_due)
+            || self.requests_seen.elapsed() >= REQUESTS_SWEEP;
+        if requests {
+            self.requests_seen = Instant::now();
+        }
         let names: Vec<String> = self.vms.keys().cloned().collect();
         let mut histories = Vec::new();
         for name in names {
