@@ -217,7 +217,8 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::R
 
 /// Replaces each `(path, bytes)` durably, all at the cost of a few fsyncs, creating no file
 /// once each has its companion (see [`write_swapping`]): every companion is written and its
-/// write-back started first, then each is fsynced, then each is exchanged with its file, then
+/// write-back started first, then each is fsynced (`fdatasync`: its data and what reading it
+/// back needs, such as its length, not its times), then each is exchanged with its file, then
 /// the directory `dir` (which must hold every path) is fsynced once. A file is never torn: its
 /// new content is durable before the exchange, and a companion is only rewritten after the
 /// exchange that made it one is durable (the previous call's directory fsync). After a crash
@@ -239,7 +240,7 @@ pub fn write_atomic_all(
         // All fsyncs before any exchange: an exchange dirties the directory again.
         let synced: Vec<io::Result<PathBuf>> = written
             .into_iter()
-            .map(|w| w.and_then(|(f, c)| f.sync_all().map(|()| c)))
+            .map(|w| w.and_then(|(f, c)| f.sync_data().map(|()| c)))
             .collect();
         for ((path, _), c) in chunk.iter().zip(synced) {
             results.push(c.and_then(|c| swap_in(&c, path)));
