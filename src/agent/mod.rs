@@ -180,6 +180,8 @@ pub struct Agent {
     last_period: Instant,
     /// When the ledgers were last saved together.
     last_persist: Instant,
+    /// When the steady ledgers were last saved (see [`Vm::save_due`]).
+    last_steady_round: Instant,
     vms: HashMap<String, Vm>,
     /// Each VM's QMP handle, shared by the disk and memory workers (a launcher VM's keeps one
     /// session on its agent monitor): made at adoption, dropped when the VM ends.
@@ -222,6 +224,7 @@ impl Agent {
                 .map(crate::balance::disk::Disks::new),
             last_period: Instant::now(),
             last_persist: Instant::now(),
+            last_steady_round: Instant::now(),
             settings,
             enforcer,
             vms: HashMap::new(),

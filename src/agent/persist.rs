@@ -52,12 +52,20 @@ impl Agent {
     /// replay exactly waits (see [`Vm::save_due`]). A crash of the agent alone loses nothing.
     pub(super) fn persist_all(&mut self) {
         self.last_persist = Instant::now();
+        // Steady ledgers are saved together, in one batch every STEADY_SAVE_EVERY: each file's
+        // write-back is started before the first one is waited for, and one directory fsync
+        // serves them all (saved each on its own 5-s clock, 100 idle VMs made a batch of 20
+        // every second, each batch paying its waits and its directory fsync).
+        let steady_round = self.last_steady_round.elapsed() >= super::vm::STEADY_SAVE_EVERY;
+        if steady_round {
+            self.last_steady_round = Instant::now();
+        }
         let data_dir = &self.settings.data_dir;
         let mut due: Vec<(String, LedgerFile)> = Vec::new();
         let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
         for (name, vm) in &self.vms {
             let file = vm.ledger_file();
-            if !vm.save_due(&file) {
+            if !vm.save_due(&file, steady_round) {
                 continue;
             }
             // Plain data always serializes; were it ever not, the VM is retried next interval.

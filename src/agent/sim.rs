@@ -51,12 +51,15 @@ impl Driver {
 
     /// Whether the next tick is the one of its second that saves the ledgers, publishes every
     /// VM and ends a contention period (`true`: the history's clock also moves one second on),
-    /// or one that does none of these.
+    /// or one that does none of these. Every fifth such second also saves the steady ledgers
+    /// (the agent's [`super::vm::STEADY_SAVE_EVERY`]).
     pub fn due(&mut self, due: bool) {
         let now = Instant::now();
-        let when = match due {
-            true => now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
-            false => now,
+        let ago = |d: Duration| now.checked_sub(d).unwrap_or(now);
+        let when = if due {
+            ago(Duration::from_secs(1))
+        } else {
+            now
         };
         self.agent.last_persist = when;
         self.agent.last_period = when;
@@ -64,6 +67,11 @@ impl Driver {
             vm.last_publish = when;
         }
         self.now_s += u64::from(due);
+        let steady = super::vm::STEADY_SAVE_EVERY;
+        self.agent.last_steady_round = match due && self.now_s.is_multiple_of(steady.as_secs()) {
+            true => ago(steady),
+            false => now,
+        };
     }
 
     /// The loop's once-a-second work besides its ticks: the file-system events that arrived,

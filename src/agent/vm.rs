@@ -210,16 +210,15 @@ impl Vm {
     /// Whether `file` (this VM's ledger file as it stands) must be saved at this interval. Not
     /// when a restarted agent would make it, to the nanosecond, out of the file last saved (see
     /// [`LedgerFile::replays_to`]): an idle VM's earnings or a steady burst, between two
-    /// ticks that neither emptied nor filled the balance. Such a VM is saved every
-    /// [`STEADY_SAVE_EVERY`] all the same: a crash of the agent alone loses nothing either way
+    /// ticks that neither emptied nor filled the balance. Such a VM is saved at each
+    /// `steady_round` all the same (every [`STEADY_SAVE_EVERY`], the same interval for all VMs,
+    /// so their saves share one batch): a crash of the agent alone loses nothing either way
     /// (the restart charges the gap exactly), but one of the host, or of the agent and QEMU
     /// together, keeps only what was saved.
-    pub(super) fn save_due(&self, file: &LedgerFile) -> bool {
+    pub(super) fn save_due(&self, file: &LedgerFile, steady_round: bool) -> bool {
         match &self.last_saved {
-            Some((saved, at)) => {
-                self.ledger_error.is_some()
-                    || at.elapsed() >= STEADY_SAVE_EVERY
-                    || !saved.replays_to(file)
+            Some((saved, _)) => {
+                self.ledger_error.is_some() || steady_round || !saved.replays_to(file)
             }
             None => true,
         }
