@@ -79,12 +79,40 @@ impl Changed {
 /// The watched directories by watch descriptor, shared with the reading thread.
 type Dirs = Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>;
 
-/// The agent's event sources.
+/// The agent's event sources. Dropping them ends their two threads (and closes the inotify
+/// descriptor): an agent run inside a longer-lived process (the tests, the bench) leaves
+/// nothing behind.
 pub(super) struct Events {
     rx: Receiver<Wake>,
     watches: Watches,
     dirs: Dirs,
     watched: HashSet<PathBuf>,
+    /// The thread awaiting SIGINT and SIGTERM, and the one reading the file events.
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // Each removed watch queues an IN_IGNORED event, which wakes the reader; it ends once
+        // no watch is left in the map.
+        {
+            let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            for (wd, _) in dirs.drain() {
+                let _ = self.watches.remove(wd);
+            }
+        }
+        let mut threads = std::mem::take(&mut self.threads).into_iter();
+        if let Some(signals) = threads.next() {
+            use std::os::unix::thread::JoinHandleExt;
+            // SIGTERM is blocked in that thread, which awaits it: it takes this one and ends.
+            // SAFETY: the handle is not joined yet, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(signals.as_pthread_t(), libc::SIGTERM) };
+            let _ = signals.join();
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Events {
@@ -97,7 +125,7 @@ impl Events {
         mask.add(nix::sys::signal::Signal::SIGTERM);
         mask.thread_block().doing(|| "blocking signals".into())?;
         let signal_tx = tx.clone();
-        std::thread::spawn(move || {
+        let signals = std::thread::spawn(move || {
             if mask.wait().is_ok() {
                 let _ = signal_tx.send(Wake::Shutdown);
             }
@@ -109,12 +137,14 @@ impl Events {
             watches: inotify.watches(),
             dirs: Arc::clone(&dirs),
             watched: HashSet::new(),
+            threads: vec![signals],
         };
         events.add(state_dir).map_err(AgentError::Watch)?;
-        std::thread::Builder::new()
+        let reader = std::thread::Builder::new()
             .name("events".into())
             .spawn(move || read_events(inotify, &dirs, &tx))
             .doing(|| "starting the file-event thread".into())?;
+        events.threads.push(reader);
         Ok(events)
     }
 
@@ -186,6 +216,11 @@ fn read_events(mut inotify: Inotify, dirs: &Dirs, tx: &Sender<Wake>) {
             let wake = if event.mask.contains(EventMask::Q_OVERFLOW) {
                 Wake::Overflow
             } else if event.mask.contains(EventMask::IGNORED) {
+                // A watch removed: by the kernel (its directory gone; the map keeps it) or by
+                // the Events' drop, which empties the map first.
+                if dirs.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                    return;
+                }
                 continue;
             } else {
                 let dirs = dirs.lock().unwrap_or_else(|p| p.into_inner());
@@ -227,8 +262,10 @@ mod tests {
         std::fs::write(&lock, "1\n").unwrap();
         let config = vms.join("a.toml");
         std::fs::write(&config, "baseline = 5\n").unwrap();
+        let before = inotify_fds();
         let mut events = Events::start(&state).unwrap();
         events.watch_config(&config);
+        assert_eq!(inotify_fds().len(), before.len() + 1);
 
         // What a launcher's watchdog and `ls` do, and the agent's own reads: nothing.
         for _ in 0..50 {
@@ -254,5 +291,33 @@ mod tests {
         let c = next(&events, Duration::from_secs(5));
         assert!(c.contains(&state.join("vm1")), "{c:?}");
         assert!(!c.everything);
+
+        // Dropped, the events end both their threads, and so close the inotify descriptor
+        // (the reader owns it). The drop joins them: a thread left waiting would hang it.
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(events);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the event threads ended within 10 s of the drop");
+        assert_eq!(inotify_fds(), before, "the inotify descriptor is closed");
+    }
+
+    /// This process's inotify descriptors (no other test of this crate makes one).
+    fn inotify_fds() -> Vec<std::ffi::OsString> {
+        let mut fds: Vec<_> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let link = std::fs::read_link(e.path()).ok()?;
+                link.to_string_lossy()
+                    .contains("inotify")
+                    .then(|| e.file_name())
+            })
+            .collect();
+        fds.sort();
+        fds
     }
 }
