@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -89,18 +90,16 @@ pub(super) struct Events {
     watched: HashSet<PathBuf>,
     /// The thread awaiting SIGINT and SIGTERM, and the one reading the file events.
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The write end of a pipe the reader polls beside inotify: closed, it ends the reader.
+    stop: Option<OwnedFd>,
 }
 
 impl Drop for Events {
     fn drop(&mut self) {
-        // Each removed watch queues an IN_IGNORED event, which wakes the reader; it ends once
-        // no watch is left in the map.
-        {
-            let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-            for (wd, _) in dirs.drain() {
-                let _ = self.watches.remove(wd);
-            }
-        }
+        // The reader polls the pipe's read end: closing the write end wakes it (POLLHUP), and
+        // it returns, closing the inotify descriptor. (Removing the watches would not do: a
+        // watch the kernel has already dropped, its directory removed, queues no event.)
+        self.stop = None;
         let mut threads = std::mem::take(&mut self.threads).into_iter();
         if let Some(signals) = threads.next() {
             use std::os::unix::thread::JoinHandleExt;
@@ -131,6 +130,8 @@ impl Events {
             }
         });
         let inotify = Inotify::init().map_err(AgentError::Watch)?;
+        let (stopped, stop) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| AgentError::Watch(e.into()))?;
         let dirs = Dirs::default();
         let mut events = Events {
             rx,
@@ -138,11 +139,12 @@ impl Events {
             dirs: Arc::clone(&dirs),
             watched: HashSet::new(),
             threads: vec![signals],
+            stop: Some(stop),
         };
         events.add(state_dir).map_err(AgentError::Watch)?;
         let reader = std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || read_events(inotify, &dirs, &tx))
+            .spawn(move || read_events(inotify, &stopped, &dirs, &tx))
             .doing(|| "starting the file-event thread".into())?;
         events.threads.push(reader);
         Ok(events)
@@ -200,13 +202,41 @@ impl Events {
 }
 
 /// The watcher's thread: reads the kernel's events and sends each changed path (the watched
-/// directory joined with the entry's name) until the agent stops listening.
-fn read_events(mut inotify: Inotify, dirs: &Dirs, tx: &Sender<Wake>) {
+/// directory joined with the entry's name) until the agent stops listening or `stopped` (a
+/// pipe's read end) says the [`Events`] are gone.
+fn read_events(mut inotify: Inotify, stopped: &OwnedFd, dirs: &Dirs, tx: &Sender<Wake>) {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    use std::os::fd::AsRawFd;
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        let events = match inotify.read_events_blocking(&mut buffer) {
+        let mut fds = [
+            libc::pollfd {
+                fd: inotify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stopped.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll reads and writes the two pollfds of a live array, whose descriptors
+        // this thread holds open.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == Interrupted {
+                continue;
+            }
+            tracing::error!("waiting for file events: {e}: new VMs now wait for the rescan and config edits go unseen");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        let events = match inotify.read_events(&mut buffer) {
             Ok(events) => events,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), Interrupted | WouldBlock) => continue,
             Err(e) => {
                 tracing::error!("reading file events: {e}: new VMs now wait for the rescan and config edits go unseen");
                 return;
@@ -216,11 +246,6 @@ fn read_events(mut inotify: Inotify, dirs: &Dirs, tx: &Sender<Wake>) {
             let wake = if event.mask.contains(EventMask::Q_OVERFLOW) {
                 Wake::Overflow
             } else if event.mask.contains(EventMask::IGNORED) {
-                // A watch removed: by the kernel (its directory gone; the map keeps it) or by
-                // the Events' drop, which empties the map first.
-                if dirs.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                    return;
-                }
                 continue;
             } else {
                 let dirs = dirs.lock().unwrap_or_else(|p| p.into_inner());
@@ -294,15 +319,31 @@ mod tests {
 
         // Dropped, the events end both their threads, and so close the inotify descriptor
         // (the reader owns it). The drop joins them: a thread left waiting would hang it.
+        drop_within(events, Duration::from_secs(10));
+        assert_eq!(inotify_fds(), before, "the inotify descriptor is closed");
+
+        // The same when the watched dir went first (the kernel has dropped its watch: an
+        // agent whose state dir is removed exits this way).
+        let gone = dir.path().join("gone");
+        std::fs::create_dir(&gone).unwrap();
+        let events = Events::start(&gone).unwrap();
+        std::fs::remove_dir(&gone).unwrap();
+        // The kernel queues IN_IGNORED at the removal; let the reader take it and wait again.
+        std::thread::sleep(Duration::from_millis(100));
+        drop_within(events, Duration::from_secs(10));
+        assert_eq!(inotify_fds(), before, "the inotify descriptor is closed");
+    }
+
+    /// Drops `events` in a thread of its own, failing unless the drop returns within `within`.
+    fn drop_within(events: Events, within: Duration) {
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || {
             drop(events);
             let _ = done_tx.send(());
         });
         done_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the event threads ended within 10 s of the drop");
-        assert_eq!(inotify_fds(), before, "the inotify descriptor is closed");
+            .recv_timeout(within)
+            .expect("the event threads ended in time after the drop");
     }
 
     /// This process's inotify descriptors (no other test of this crate makes one).
