@@ -15,7 +15,8 @@
 //!   ever act on a real process) with its `stat` (start time), two vCPU threads with `comm` and
 //!   `schedstat`, and the boot id. Before every tick each thread's counters move on by its load
 //!   times the time that passed (most VMs near idle, some busy, one in twenty spending a low
-//!   balance, so quotas decline and get rewritten);
+//!   balance, so quotas decline and get rewritten; with `BQ_SCALE_FLEET=idle` every thread is
+//!   halted, as the real VMs of `examples/scale.rs`);
 //! - a cgroup v2 tree of plain files that the real [`CgroupEnforcer`] writes into; after the
 //!   adoption each VM's `cgroup.threads` lists both threads, as the kernel's would (a plain
 //!   file keeps only the last write).
@@ -122,11 +123,7 @@ impl Host {
                 pid: PID_BASE + 3 * i as u32,
                 run: [1_000_000_000; 2],
                 wait: [1_000_000; 2],
-                load_ppm: match i % 20 {
-                    0 => PPM_PER_CPU,
-                    5 | 10 | 15 => PPM_PER_CPU * 3 / 10,
-                    _ => PPM_PER_CPU / 50,
-                },
+                load_ppm: load_ppm(i),
             };
             let start = 1_000 + i as u64;
             let pid_dir = host.proc_dir.join(vm.pid.to_string());
@@ -297,6 +294,8 @@ fn second(d: &mut Driver, host: &mut Host, costs: &mut Costs) -> Duration {
         &mut costs.wall,
     );
     if stop {
+        // SIGINT or SIGTERM: exit skips the destructors, so the host goes first.
+        let _ = fs::remove_dir_all(&host.root);
         std::process::exit(130);
     }
     timed(&mut || d.tick(), &mut costs.due_tick, &mut costs.wall);
@@ -410,8 +409,27 @@ fn print_table(all: &[Costs]) {
     }
 }
 
+/// The load of VM `i`'s threads: the mixed fleet (most near idle, three in twenty at 30 %, one
+/// in twenty busy), or with `BQ_SCALE_FLEET=idle` none at all (halted guests, as the VMs of
+/// `examples/scale.rs`).
+fn load_ppm(i: usize) -> u64 {
+    if std::env::var("BQ_SCALE_FLEET").is_ok_and(|f| f == "idle") {
+        return 0;
+    }
+    match i % 20 {
+        0 => PPM_PER_CPU,
+        5 | 10 | 15 => PPM_PER_CPU * 3 / 10,
+        _ => PPM_PER_CPU / 50,
+    }
+}
+
 fn main() {
     raise_limit();
+    match std::env::var("BQ_SCALE_FLEET").as_deref() {
+        Err(_) | Ok("mixed") => println!("fleet: mixed (BQ_SCALE_FLEET=idle: all halted)"),
+        Ok("idle") => println!("fleet: idle, every vCPU thread halted"),
+        Ok(other) => panic!("BQ_SCALE_FLEET={other}: mixed or idle"),
+    }
     let sizes: Vec<usize> = match std::env::var("BQ_SCALE_VMS") {
         Ok(list) => list
             .split(',')
