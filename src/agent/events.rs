@@ -88,8 +88,10 @@ pub(super) struct Events {
     watches: Watches,
     dirs: Dirs,
     watched: HashSet<PathBuf>,
-    /// The thread awaiting SIGINT and SIGTERM, and the one reading the file events.
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// The thread awaiting SIGINT and SIGTERM.
+    signals: Option<std::thread::JoinHandle<()>>,
+    /// The thread reading the file events.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// The write end of a pipe the reader polls beside inotify: closed, it ends the reader.
     stop: Option<OwnedFd>,
 }
@@ -100,16 +102,15 @@ impl Drop for Events {
         // it returns, closing the inotify descriptor. (Removing the watches would not do: a
         // watch the kernel has already dropped, its directory removed, queues no event.)
         self.stop = None;
-        let mut threads = std::mem::take(&mut self.threads).into_iter();
-        if let Some(signals) = threads.next() {
+        if let Some(signals) = self.signals.take() {
             use std::os::unix::thread::JoinHandleExt;
             // SIGTERM is blocked in that thread, which awaits it: it takes this one and ends.
             // SAFETY: the handle is not joined yet, so its pthread_t is valid.
             unsafe { libc::pthread_kill(signals.as_pthread_t(), libc::SIGTERM) };
             let _ = signals.join();
         }
-        for t in threads {
-            let _ = t.join();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
     }
 }
@@ -138,7 +139,8 @@ impl Events {
             watches: inotify.watches(),
             dirs: Arc::clone(&dirs),
             watched: HashSet::new(),
-            threads: vec![signals],
+            signals: Some(signals),
+            reader: None,
             stop: Some(stop),
         };
         events.add(state_dir).map_err(AgentError::Watch)?;
@@ -146,7 +148,7 @@ impl Events {
             .name("events".into())
             .spawn(move || read_events(inotify, &stopped, &dirs, &tx))
             .doing(|| "starting the file-event thread".into())?;
-        events.threads.push(reader);
+        events.reader = Some(reader);
         Ok(events)
     }
 

@@ -55,8 +55,8 @@ pub(super) struct Vm {
     pub(super) watch: super::liveness::Watch,
     /// Why the last save of the ledger failed, while it keeps failing.
     pub(super) ledger_error: Option<String>,
-    /// The ledger file last saved, and when (`None`: none yet by this agent).
-    last_saved: Option<(LedgerFile, Instant)>,
+    /// The ledger file last saved (`None`: none yet by this agent).
+    last_saved: Option<LedgerFile>,
     pub(super) last_publish: Instant,
     /// Each vCPU thread's `schedstat`, kept open.
     sched: HashMap<u32, SchedFile>,
@@ -217,9 +217,7 @@ impl Vm {
     /// together, keeps only what was saved.
     pub(super) fn save_due(&self, file: &LedgerFile, steady_round: bool) -> bool {
         match &self.last_saved {
-            Some((saved, _)) => {
-                self.ledger_error.is_some() || steady_round || !saved.replays_to(file)
-            }
+            Some(saved) => self.ledger_error.is_some() || steady_round || !saved.replays_to(file),
             None => true,
         }
     }
@@ -241,7 +239,7 @@ impl Vm {
                 if let Some(e) = self.ledger_error.take() {
                     tracing::info!("{}: ledger saved again (after: {e})", self.record.name);
                 }
-                self.last_saved = Some((file, Instant::now()));
+                self.last_saved = Some(file);
                 true
             }
             Err(e) => {

@@ -47,7 +47,7 @@ pub fn write_swapping(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub fn write_swapping_at(dir: BorrowedFd<'_>, name: &str, bytes: &[u8]) -> io::Result<()> {
     use nix::fcntl::{openat, renameat, renameat2, OFlag, RenameFlags};
     use nix::sys::stat::Mode;
-    let companion = format!(".{name}.swap");
+    let companion = companion_name(name);
     let dir = dir.as_raw_fd();
     let fd = openat(
         Some(dir),
@@ -101,7 +101,7 @@ impl SwapPair {
             Ok(unsafe { File::from_raw_fd(fd) })
         };
         let shown = Kept::open_spare(|| open(name))?;
-        let spare = Kept::open_spare(|| open(&format!(".{name}.swap")))?;
+        let spare = Kept::open_spare(|| open(&companion_name(name)))?;
         Some(SwapPair { shown, spare })
     }
 
@@ -124,7 +124,7 @@ impl SwapPair {
         if meta.len() != len {
             self.spare.set_len(len)?;
         }
-        let companion = format!(".{name}.swap");
+        let companion = companion_name(name);
         let (d, exchange) = (dir.as_raw_fd(), RenameFlags::RENAME_EXCHANGE);
         renameat2(Some(d), companion.as_str(), Some(d), name, exchange)?;
         std::mem::swap(&mut self.shown, &mut self.spare);
@@ -145,7 +145,12 @@ fn companion(path: &Path) -> io::Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other("no file name"))?;
-    Ok(path.with_file_name(format!(".{}.swap", name.to_string_lossy())))
+    Ok(path.with_file_name(companion_name(&name.to_string_lossy())))
+}
+
+/// The name of the companion of the file named `name`: `.NAME.swap`.
+fn companion_name(name: &str) -> String {
+    format!(".{name}.swap")
 }
 
 /// Writes `bytes` into `path` (created with `mode` when missing) from its start, and cuts it
