@@ -321,12 +321,7 @@ fn plan_once(cpus: &[u32], vcpus: &[Vcpu], p: &Params) -> Decision {
         return Decision::Keep(before);
     }
 
-    let problem = Problem {
-        cpus,
-        demands: &demands,
-        allowed: &allowed,
-        now: &now,
-    };
+    let problem = Problem::new(cpus, &demands, &allowed, &now);
     let score = |at: &[u32]| {
         let s = Spread::of(&loads(cpus, &demands, at));
         let moves = vcpus
@@ -391,14 +386,41 @@ struct Problem<'a> {
     demands: &'a [f64],
     allowed: &'a [Vec<u32>],
     now: &'a [u32],
+    /// `slot[c]`: the index in `cpus` of CPU number `c` (`usize::MAX`: not managed).
+    slot: Vec<usize>,
+    /// `may[i × cpus + k]`: whether vCPU `i` may use the CPU at index `k`.
+    may: Vec<bool>,
 }
 
-impl Problem<'_> {
+impl<'a> Problem<'a> {
+    fn new(cpus: &'a [u32], demands: &'a [f64], allowed: &'a [Vec<u32>], now: &'a [u32]) -> Self {
+        let top = cpus.iter().copied().max().map_or(0, |c| c as usize + 1);
+        let mut slot = vec![usize::MAX; top];
+        for (i, &c) in cpus.iter().enumerate() {
+            slot[c as usize] = i;
+        }
+        let mut may = vec![false; allowed.len() * cpus.len()];
+        for (i, list) in allowed.iter().enumerate() {
+            for &c in list {
+                if let Some(&k) = slot.get(c as usize).filter(|&&k| k != usize::MAX) {
+                    may[i * cpus.len() + k] = true;
+                }
+            }
+        }
+        Problem {
+            cpus,
+            demands,
+            allowed,
+            now,
+            slot,
+            may,
+        }
+    }
+
     fn index(&self, cpu: u32) -> usize {
-        self.cpus
-            .iter()
-            .position(|&c| c == cpu)
-            .expect("only managed CPUs are placed")
+        let i = self.slot.get(cpu as usize).copied().unwrap_or(usize::MAX);
+        assert!(i != usize::MAX, "only managed CPUs are placed");
+        i
     }
 
     fn loads(&self, at: &[u32]) -> Vec<f64> {
@@ -465,57 +487,167 @@ impl Problem<'_> {
 
     /// Lowers the sum of squared loads by single moves and pair swaps, best step first, until
     /// no step lowers it by more than a rounding error (bounded, so it always ends).
+    ///
+    /// A step moves load from a CPU `a` to a less loaded `b`, and its gain depends only on
+    /// their two loads and the vCPUs on them, so the best step of every ordered pair of CPUs is
+    /// kept and, after a step, found again only for the pairs that involve its two CPUs:
+    /// O(CPUs × vCPUs per CPU) a step instead of O(vCPUs²) (a 1 000-VM fleet on 64 CPUs took
+    /// 64 ms a step by scanning every pair of vCPUs; `cargo bench --bench balancers`).
     fn improve(&self, at: &mut [u32]) {
-        const EPS: f64 = 1e-9;
-        let mut load = self.loads(at);
-        let n = at.len();
-        for _ in 0..(4 * n + 16) {
-            // (gain, vCPU, to, optional partner)
-            let mut best: Option<(f64, usize, u32, Option<usize>)> = None;
-            let mut consider = |gain: f64, step: (usize, u32, Option<usize>)| {
-                if gain > EPS && best.is_none_or(|b| gain > b.0 + EPS) {
-                    best = Some((gain, step.0, step.1, step.2));
-                }
-            };
-            for i in 0..n {
-                let from = self.index(at[i]);
-                let d = self.demands[i];
-                for &to_cpu in &self.allowed[i] {
-                    let to = self.index(to_cpu);
-                    if to == from {
-                        continue;
-                    }
-                    // Change of Σ load² when d moves from `from` to `to`.
-                    let gain = 2.0 * d * (load[from] - load[to]) - 2.0 * d * d;
-                    consider(gain, (i, to_cpu, None));
-                }
-                for j in (i + 1)..n {
-                    let other = self.index(at[j]);
-                    if other == from
-                        || !self.allowed[i].contains(&at[j])
-                        || !self.allowed[j].contains(&at[i])
-                    {
-                        continue;
-                    }
-                    let delta = d - self.demands[j]; // moves from `from` to `other`
-                    let gain = 2.0 * delta * (load[from] - load[other]) - 2.0 * delta * delta;
-                    consider(gain, (i, at[j], Some(j)));
-                }
-            }
-            let Some((_, i, to_cpu, partner)) = best else {
+        let m = self.cpus.len();
+        let mut on = Placed::new(self, at);
+        let mut best: Vec<Option<Step>> = (0..m * m)
+            .map(|k| on.best_step(self, k / m, k % m))
+            .collect();
+        for _ in 0..(4 * at.len() + 16) {
+            let Some(step) = best.iter().flatten().copied().reduce(Step::better) else {
                 return;
             };
-            let from_cpu = at[i];
-            let (from, to) = (self.index(from_cpu), self.index(to_cpu));
-            load[from] -= self.demands[i];
-            load[to] += self.demands[i];
-            at[i] = to_cpu;
-            if let Some(j) = partner {
-                load[to] -= self.demands[j];
-                load[from] += self.demands[j];
-                at[j] = from_cpu;
+            let (a, b) = (on.pos[step.i], self.index(step.to));
+            on.shift(self, step.i, b);
+            at[step.i] = self.cpus[b];
+            if let Some(j) = step.partner {
+                on.shift(self, j, a);
+                at[j] = self.cpus[a];
+            }
+            for x in 0..m {
+                for (p, q) in [(a, x), (x, a), (b, x), (x, b)] {
+                    best[p * m + q] = on.best_step(self, p, q);
+                }
             }
         }
+    }
+}
+
+/// A step of the local search: vCPU `i` moves to CPU `to`, and `partner` (if any) moves to
+/// where `i` was.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    gain: f64,
+    i: usize,
+    to: u32,
+    partner: Option<usize>,
+}
+
+impl Step {
+    /// The better of two steps: the larger gain, or within a rounding error of each other, the
+    /// one of the lower-numbered vCPU, a single move before a swap, then the lower partner (the
+    /// order in which a scan of every vCPU, then every partner after it, would meet them).
+    fn better(self, other: Step) -> Step {
+        const EPS: f64 = 1e-9;
+        if other.gain > self.gain + EPS {
+            return other;
+        }
+        if self.gain > other.gain + EPS {
+            return self;
+        }
+        let key = |s: &Step| (s.i, s.partner.map_or(0, |j| j + 1), s.to);
+        if key(&other) < key(&self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// The placement under search: each vCPU's CPU (an index into `cpus`), each CPU's load and
+/// its vCPUs in order of demand.
+struct Placed {
+    pos: Vec<usize>,
+    load: Vec<f64>,
+    members: Vec<Vec<usize>>,
+}
+
+impl Placed {
+    fn new(problem: &Problem<'_>, at: &[u32]) -> Self {
+        let m = problem.cpus.len();
+        let pos: Vec<usize> = at.iter().map(|&c| problem.index(c)).collect();
+        let mut load = vec![0.0; m];
+        let mut members = vec![Vec::new(); m];
+        for (i, &c) in pos.iter().enumerate() {
+            load[c] += problem.demands[i];
+            members[c].push(i);
+        }
+        for list in &mut members {
+            list.sort_by(|&x, &y| Self::order(problem, x, y));
+        }
+        Placed { pos, load, members }
+    }
+
+    fn order(problem: &Problem<'_>, x: usize, y: usize) -> std::cmp::Ordering {
+        problem.demands[x]
+            .total_cmp(&problem.demands[y])
+            .then(x.cmp(&y))
+    }
+
+    /// Moves vCPU `i` to CPU index `to`.
+    fn shift(&mut self, problem: &Problem<'_>, i: usize, to: usize) {
+        let from = self.pos[i];
+        let d = problem.demands[i];
+        self.load[from] -= d;
+        self.load[to] += d;
+        self.pos[i] = to;
+        self.members[from].retain(|&x| x != i);
+        let list = &mut self.members[to];
+        let at = list
+            .binary_search_by(|&x| Self::order(problem, x, i))
+            .unwrap_or_else(|e| e);
+        list.insert(at, i);
+    }
+
+    /// The best step that moves load from CPU index `a` to CPU index `b` and lowers the sum of
+    /// squared loads by more than a rounding error, if any.
+    fn best_step(&self, problem: &Problem<'_>, a: usize, b: usize) -> Option<Step> {
+        const EPS: f64 = 1e-9;
+        let gap = self.load[a] - self.load[b];
+        if a == b || gap <= EPS {
+            return None;
+        }
+        let (ca, cb) = (problem.cpus[a], problem.cpus[b]);
+        let may = |i: usize, c: usize| problem.may[i * problem.cpus.len() + c];
+        let d = problem.demands;
+        let mut best: Option<Step> = None;
+        let mut consider = |gain: f64, i: usize, to: u32, partner: Option<usize>| {
+            if gain > EPS {
+                let s = Step {
+                    gain,
+                    i,
+                    to,
+                    partner,
+                };
+                best = Some(best.map_or(s, |b| b.better(s)));
+            }
+        };
+        let theirs = &self.members[b];
+        // `k`: the first of `b`'s vCPUs whose demand is at least the ideal partner's, for each
+        // of `a`'s in rising demand (so it only moves forward).
+        let mut k = 0;
+        for &i in &self.members[a] {
+            if !may(i, b) {
+                continue;
+            }
+            // Change of Σ load² when demand `delta` moves from `a` to `b`.
+            let gain = |delta: f64| 2.0 * delta * gap - 2.0 * delta * delta;
+            consider(gain(d[i]), i, cb, None);
+            // A swap moves d[i] − d[j]: best near half the gap, worth something in (0, gap).
+            let ideal = d[i] - gap / 2.0;
+            while k < theirs.len() && d[theirs[k]] < ideal {
+                k += 1;
+            }
+            // The gain falls on both sides of the ideal partner: the nearest allowed on each
+            // side are the only candidates.
+            let below = theirs[..k].iter().rev().find(|&&j| may(j, a));
+            let above = theirs[k..].iter().find(|&&j| may(j, a));
+            for &j in below.into_iter().chain(above) {
+                let delta = d[i] - d[j];
+                if delta > 0.0 && delta < gap {
+                    // The swap is met from its lower vCPU: it moves to the other's CPU.
+                    let (lo, hi, to) = if i < j { (i, j, cb) } else { (j, i, ca) };
+                    consider(gain(delta), lo, to, Some(hi));
+                }
+            }
+        }
+        best
     }
 }
 
