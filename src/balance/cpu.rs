@@ -519,6 +519,9 @@ impl<'a> Problem<'a> {
     }
 }
 
+/// A change of the sum of squared loads (or a load gap) smaller than this is a rounding error.
+const GAIN_EPS: f64 = 1e-9;
+
 /// A step of the local search: vCPU `i` moves to CPU `to`, and `partner` (if any) moves to
 /// where `i` was.
 #[derive(Clone, Copy, Debug)]
@@ -534,11 +537,10 @@ impl Step {
     /// one of the lower-numbered vCPU, a single move before a swap, then the lower partner (the
     /// order in which a scan of every vCPU, then every partner after it, would meet them).
     fn better(self, other: Step) -> Step {
-        const EPS: f64 = 1e-9;
-        if other.gain > self.gain + EPS {
+        if other.gain > self.gain + GAIN_EPS {
             return other;
         }
-        if self.gain > other.gain + EPS {
+        if self.gain > other.gain + GAIN_EPS {
             return self;
         }
         let key = |s: &Step| (s.i, s.partner.map_or(0, |j| j + 1), s.to);
@@ -560,12 +562,10 @@ struct Placed {
 
 impl Placed {
     fn new(problem: &Problem<'_>, at: &[u32]) -> Self {
-        let m = problem.cpus.len();
         let pos: Vec<usize> = at.iter().map(|&c| problem.index(c)).collect();
-        let mut load = vec![0.0; m];
-        let mut members = vec![Vec::new(); m];
+        let load = problem.loads(at);
+        let mut members = vec![Vec::new(); problem.cpus.len()];
         for (i, &c) in pos.iter().enumerate() {
-            load[c] += problem.demands[i];
             members[c].push(i);
         }
         for list in &mut members {
@@ -598,9 +598,8 @@ impl Placed {
     /// The best step that moves load from CPU index `a` to CPU index `b` and lowers the sum of
     /// squared loads by more than a rounding error, if any.
     fn best_step(&self, problem: &Problem<'_>, a: usize, b: usize) -> Option<Step> {
-        const EPS: f64 = 1e-9;
         let gap = self.load[a] - self.load[b];
-        if a == b || gap <= EPS {
+        if a == b || gap <= GAIN_EPS {
             return None;
         }
         let (ca, cb) = (problem.cpus[a], problem.cpus[b]);
@@ -608,7 +607,7 @@ impl Placed {
         let d = problem.demands;
         let mut best: Option<Step> = None;
         let mut consider = |gain: f64, i: usize, to: u32, partner: Option<usize>| {
-            if gain > EPS {
+            if gain > GAIN_EPS {
                 let s = Step {
                     gain,
                     i,
