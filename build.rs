@@ -66,6 +66,7 @@ const FIELDS: &[(&str, &str)] = &[
     ("conf", "pad"),
     ("budget", "base_ns"),
     ("budget", "grant_ns"),
+    ("budget", "weight"),
     ("usage", "used_ns"),
     ("usage", "total_ns"),
     ("usage", "held"),

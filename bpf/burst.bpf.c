@@ -6,16 +6,17 @@
  * set by the agent) are scheduled here; everything else stays on the fair class.
  *
  * User space (src/enforce/scx.rs) writes each VM's budget per period (baseline and grant, ns of
- * CPU per period over all its vCPUs) into `budgets`, and which VM each thread belongs to into
- * `tasks`. Here:
+ * CPU per period over all its vCPUs, and the planner's weight for the spare) into `budgets`,
+ * and which VM each thread belongs to into `tasks`. Here:
  *  - every vCPU thread waits in its VM's DSQ (id = VM index + 1), and the VM's bit in the
  *    `ready` bitmap says a thread may wait there: the VMs' loops on the dispatch path visit the
  *    VMs of set bits only, so a dispatch costs what the VMs with waiting threads cost, not what
  *    the idle ones do (the protocol, and what a lost bit costs: above `ready`);
  *  - ops.dispatch takes the next thread from the VM that most deserves a CPU: VMs below their
  *    baseline first (the least served in proportion to its baseline first), then VMs below
- *    their grant (split in proportion to grant - baseline); a VM that used its grant is not
- *    dispatched until the next period;
+ *    their grant (the spare split in proportion to the weights user space gives: the
+ *    planner's, src/contention/rule.rs, so the rule is not this program's); a VM that used
+ *    its grant is not dispatched until the next period;
  *  - ops.running/stopping/tick charge the CPU time run to the VM; ops.tick ends the slice of a
  *    thread whose VM ran out of grant, or that is above its baseline while a VM below its own
  *    waits;
@@ -464,8 +465,9 @@ struct pick_ctx {
 };
 
 /* Rates the next ready VM for dispatch: VMs below their baseline first (tier 0, the least
- * served in proportion to its baseline first), then VMs below their grant (tier 1, in
- * proportion to grant - baseline: the spare is split by what the grant adds to the baseline).
+ * served in proportion to its baseline first), then VMs below their grant (tier 1, the least
+ * served above its baseline in proportion to its weight: the spare goes by the weights, and a
+ * VM of weight 0 comes last).
  * A VM out of budget keeps its bit and its DSQ is not looked at (its threads are held there);
  * a free slot (grant 0) or a VM that may run loses its bit when its DSQ is found empty. */
 static long pick_cb(u64 index, struct pick_ctx *c)
@@ -492,9 +494,8 @@ static long pick_cb(u64 index, struct pick_ctx *c)
 		tier = 0;
 		key = (u->used_ns << 20) / b->base_ns;
 	} else {
-		u64 spare = b->grant_ns - b->base_ns;
 		tier = 1;
-		key = spare ? ((u->used_ns - b->base_ns) << 20) / spare : ~0ULL - 1;
+		key = b->weight ? ((u->used_ns - b->base_ns) << 20) / b->weight : ~0ULL - 1;
 	}
 	if (tier < c->best_tier || (tier == c->best_tier && key < c->best_key)) {
 		c->best = i;

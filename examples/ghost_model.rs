@@ -6,6 +6,7 @@
 //!
 //! `cargo run --release --features ghost-model --example ghost_model [SECONDS]`
 
+use burst_qemu::contention::SpareRule;
 use burst_qemu::credit::Rate;
 use burst_qemu::ghost::agent::GhostAgent;
 use burst_qemu::ghost::model::time::{drive, Drive, Machine, Work};
@@ -47,7 +48,10 @@ fn main() -> anyhow::Result<()> {
             base
         };
         let tids: Vec<u32> = (0..2).map(|v| 10_000 + 10 * vm + v).collect();
-        agent.add_vm(vm, &tids, grant, base)?;
+        let entitled = SpareRule::Headroom
+            .entitlement(grant, base)
+            .expect("a history-free rule");
+        agent.add_vm(vm, &tids, entitled)?;
         for (v, &t) in tids.iter().enumerate() {
             let work = if (vm + v as u32).is_multiple_of(5) {
                 Work::BUSY

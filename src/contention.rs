@@ -89,7 +89,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::credit::{Rate, PPM_PER_CPU};
 
 pub mod rule;
-pub use rule::SpareRule;
+pub use rule::{Entitlement, SpareRule};
 
 /// A quantity one stage shares: a resource's unit per second.
 pub trait Amount: Copy + std::fmt::Debug + PartialEq + Eq {
@@ -206,6 +206,12 @@ impl<U: Amount> Contention<U> {
     /// The spare rule in force.
     pub fn rule(&self) -> SpareRule {
         self.rule
+    }
+
+    /// Shares the spare by `rule` from the next period on (every VM's window is kept whatever
+    /// the rule, so ResCoin's weights are ready at once).
+    pub fn set_rule(&mut self, rule: SpareRule) {
+        self.rule = rule;
     }
 
     /// The capacity shared.
@@ -338,35 +344,13 @@ fn plan(
     let counted: u64 = (0..n)
         .map(|i| if hungry[i] { g[i] } else { est[i].min(g[i]) })
         .sum();
-    let mut spare = capacity.saturating_sub(counted);
+    let spare = capacity.saturating_sub(counted);
     let mut alloc = g.clone();
-    // Water-filling by the rule's weights: each round shares what is left among the hungry
-    // VMs with room (equally when every weight is 0).
-    let mut open: Vec<usize> = (0..n).filter(|&i| hungry[i]).collect();
-    let weight = |i: usize| rule.weight(grant[i], baseline[i], g[i], credit[i]);
-    while spare > 0 && !open.is_empty() {
-        let sum: u128 = open.iter().map(|&i| weight(i)).sum();
-        let mut given = 0;
-        for &i in &open {
-            let share = (u128::from(spare) * weight(i))
-                .checked_div(sum)
-                .unwrap_or(u128::from(spare) / open.len() as u128) as u64;
-            let take = share.min(grant[i] - alloc[i]);
-            alloc[i] += take;
-            given += take;
-        }
-        if given == 0 {
-            // Less than one ppm each after rounding: hand it out in order and stop.
-            for &i in &open {
-                let take = spare.min(grant[i] - alloc[i]);
-                alloc[i] += take;
-                spare -= take;
-            }
-            break;
-        }
-        spare -= given;
-        open.retain(|&i| alloc[i] < grant[i]);
-    }
+    let open: Vec<usize> = (0..n).filter(|&i| hungry[i]).collect();
+    let weight: Vec<u128> = (0..n)
+        .map(|i| rule.weight(grant[i], baseline[i], g[i], credit[i]))
+        .collect();
+    water_fill(&mut alloc, &grant, &weight, open, spare);
     // VMs that want no more than their guarantee keep their baseline as their cap.
     for i in 0..n {
         if !hungry[i] {
@@ -374,6 +358,47 @@ fn plan(
         }
     }
     Some(alloc)
+}
+
+/// Water-fills `spare` over the VMs in `open`, adding to `alloc`: each round shares what is left
+/// among them in proportion to `weight` (equally when every weight is 0), never lifting a VM
+/// above its `limit`; a VM that reaches its limit leaves and what it could not take goes round
+/// again, so nothing is left while an open VM has room. Returns what is left (only when every
+/// open VM reached its limit). The one split of the spare: the stage's plan and the
+/// dispatchers' steady state ([`crate::sched::fair_shares`]) both are this.
+pub fn water_fill(
+    alloc: &mut [u64],
+    limit: &[u64],
+    weight: &[u128],
+    mut open: Vec<usize>,
+    mut spare: u64,
+) -> u64 {
+    open.retain(|&i| alloc[i] < limit[i]);
+    while spare > 0 && !open.is_empty() {
+        let sum: u128 = open.iter().map(|&i| weight[i]).sum();
+        let mut given = 0;
+        for &i in &open {
+            let share = (u128::from(spare) * weight[i])
+                .checked_div(sum)
+                .unwrap_or(u128::from(spare) / open.len() as u128) as u64;
+            let take = share.min(limit[i] - alloc[i]);
+            alloc[i] += take;
+            given += take;
+        }
+        if given == 0 {
+            // Less than one unit each after rounding: one unit each, in order, till none is
+            // left (at most one unit more than its share for any VM).
+            for &i in &open {
+                if spare > 0 && alloc[i] < limit[i] {
+                    alloc[i] += 1;
+                    spare -= 1;
+                }
+            }
+        }
+        spare -= given;
+        open.retain(|&i| alloc[i] < limit[i]);
+    }
+    spare
 }
 
 /// The plan for VMs that all want their whole grant, from a fresh stage: `vms` are each VM's

@@ -519,11 +519,13 @@ impl Agent {
         if let Err(e) = self.enforcer.weigh(name, cap) {
             tracing::error!("{name}: {}", chain(&e));
         }
-        if let Err(e) = self
-            .enforcer
-            .baseline(name, vm.ledger.policy().baseline_rate())
-        {
-            tracing::error!("{name}: {}", chain(&e));
+        // What a dispatching enforcer orders by: the same cap, the baseline, the rule's
+        // weight (none for ResCoin's, whose history only the stage keeps: refused for them).
+        let baseline = vm.ledger.policy().baseline_rate();
+        if let Some(entitled) = self.settings.spare_rule.entitlement(cap, baseline) {
+            if let Err(e) = self.enforcer.entitle(name, entitled) {
+                tracing::error!("{name}: {}", chain(&e));
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 //!
 //! | applied at once | needs a restart |
 //! |---|---|
-//! | the contention stage's capacity | turning the stage on or off; the enforcer and its cgroups |
+//! | the contention stage's capacity and spare rule | turning the stage on or off; the enforcer and its cgroups |
 //! | the disk bandwidth's value | turning disk management on or off |
 //! | the pinning balancer's interval | turning it on or off; its CPUs |
 //! | the memory coordinator's interval, idle tax, host reserve, pool and trace file | turning it on or off; its policy |
@@ -66,9 +66,16 @@ impl Agent {
             (None, None) => {}
             _ => restart("turning the contention stage on or off"),
         }
-        if self.contention.is_some() && new.contention.is_some() && new.spare_rule != old.spare_rule
-        {
-            restart("the contention stage's spare rule");
+        // The spare rule changes at once (the stage keeps every VM's window whatever the rule,
+        // and a dispatcher takes the new weights with the next `entitle`), unless the stage
+        // is being turned on or off, which waits for a restart with the rest of it.
+        let rule_changes = new.spare_rule != old.spare_rule
+            && self.contention.is_some() == new.contention.is_some();
+        if rule_changes {
+            if let Some(stage) = self.contention.as_mut() {
+                stage.set_rule(new.spare_rule);
+            }
+            tracing::info!("spare rule: {}", new.spare_rule);
         }
         match (self.disks.as_mut(), new.disk_bandwidth) {
             (Some(disks), Some(bandwidth)) if disks.bandwidth() != bandwidth => {
@@ -110,6 +117,9 @@ impl Agent {
         }
         let settings = &mut self.settings;
         settings.idle_exit = new.idle_exit;
+        if rule_changes {
+            settings.spare_rule = new.spare_rule;
+        }
         settings.contention = self.contention.as_ref().map(|c| c.capacity());
         settings.disk_bandwidth = self.disks.as_ref().map(|d| d.bandwidth());
         if let (Some(kept), Some((_, interval))) = (settings.balance.as_mut(), new.balance) {

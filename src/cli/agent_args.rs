@@ -137,8 +137,8 @@ pub(super) struct AgentArgs {
     /// baseline, the burst each VM's credits buy), `baseline` (in proportion to the baselines)
     /// or `rescoin` (ResCoin's rule: by the credit each VM accumulated over the last 9 s, so
     /// the split depends on history); `off`: each VM is capped by its credits alone, and the
-    /// kernel splits the rest evenly. The sched_ext and ghOSt enforcers split the spare by
-    /// headroom themselves and accept only `headroom` (docs/contention.md).
+    /// kernel splits the rest evenly. The sched_ext and ghOSt enforcers dispatch by the
+    /// planner's weights and accept `headroom` and `baseline` (docs/contention.md).
     #[arg(
         long,
         value_enum,
@@ -287,8 +287,8 @@ built-in default; `burst-qemu check` shows each setting in force and where it co
 A missing file at the default path means the defaults; a missing file named explicitly, an \
 unknown key or a bad value is an error naming the file, line and key.
 
-While the agent runs, an edit of the file applies at once to capacity, disk_bandwidth (its \
-value), balance_interval, memory_interval, idle_tax, host_reserve, memory_pool, memory_trace \
+While the agent runs, an edit of the file applies at once to capacity, contention (between \
+rules; to or from off needs a restart), disk_bandwidth (its value), balance_interval, memory_interval, idle_tax, host_reserve, memory_pool, memory_trace \
 and idle_exit; a change of any other key is logged as needing a restart and the value in \
 force stays.";
 

@@ -128,7 +128,7 @@ fn refuse_contradictions(kind: EnforcerKind, a: &AgentArgs) -> Result<(), Failur
             setting.flag,
             setting.why,
             match setting.kind {
-                CgroupOnly::Rule => ", or --contention headroom".to_owned(),
+                CgroupOnly::Rule => ", or --contention headroom or baseline".to_owned(),
                 CgroupOnly::Capacity => format!(", or give {what} its CPUs with {cpus}"),
                 CgroupOnly::Pinning => String::new(),
             }
@@ -153,20 +153,34 @@ enum CgroupOnly {
 /// The first setting of `a` that only the cgroup enforcer applies. The cgroup enforcer takes
 /// the contention stage's plan as quotas and weights, for every rule and capacity. The
 /// sched_ext program and the ghOSt scheduler decide every dispatch themselves, over the CPUs
-/// they are given: baselines first, then the spare in proportion to grant − baseline, which is
-/// the `headroom` rule. They take no per-period caps from the stage, so another rule (or
-/// `off`, which leaves the split to the kernel's fair class) or a capacity of its own would
-/// be silently not what runs; and they place the threads themselves, so pinning is not theirs.
+/// they are given, by the numbers the planner gives each VM (`contention::Entitlement`: cap,
+/// guarantee, weight for the spare), so they honour the history-free rules (`headroom`,
+/// `baseline`). ResCoin's weight is the stage's 9-period history and changes every period
+/// with what the VMs ran, and `off` leaves the split to the kernel's fair class: neither is
+/// what their dispatch could run. A capacity of its own would be silently not what runs; and
+/// they place the threads themselves, so pinning is not theirs.
 fn cgroup_only(a: &AgentArgs) -> Option<CgroupOnlySetting> {
-    if a.contention != ContentionRule::Headroom {
+    let why = match a.contention {
+        ContentionRule::Headroom | ContentionRule::Baseline => None,
+        ContentionRule::Rescoin => Some(
+            "guarantees every baseline and splits the spare by the weights the planner gives \
+             it at each change, and ResCoin's weights are a history of every period that only \
+             the cgroup enforcer's contention stage keeps",
+        ),
+        ContentionRule::Off => Some(
+            "always guarantees every baseline and splits the spare by a rule in its own \
+             dispatch; off leaves the split to the kernel's fair class, which only the cgroup \
+             enforcer runs",
+        ),
+    };
+    if let Some(why) = why {
         let name = a
             .contention
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned());
         return Some(CgroupOnlySetting {
             flag: format!("--contention {name}"),
-            why: "guarantees every baseline and splits the spare in proportion to grant − \
-                  baseline in its own dispatch, which is --contention headroom",
+            why,
             kind: CgroupOnly::Rule,
         });
     }
@@ -338,8 +352,9 @@ fn spare_rule(rule: ContentionRule) -> Option<SpareRule> {
 
 /// The agent's settings from the flags, for whichever enforcer runs.
 fn settings(g: &Global, a: &AgentArgs, kind: EnforcerKind) -> Result<Settings, Failure> {
-    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare by
-    // headroom themselves (any other rule, and a capacity, is refused: `cgroup_only`).
+    // The sched_ext scheduler and the ghOSt agent guarantee baselines and split the spare
+    // themselves, by each VM's entitlement under the rule (`settings.spare_rule`); ResCoin's
+    // rule, `off` and a capacity are refused (`cgroup_only`).
     let contention = match (spare_rule(a.contention), kind) {
         (None, _) | (_, EnforcerKind::Scx | EnforcerKind::Ghost) => None,
         (Some(_), _) => Some(capacity(a.capacity.as_deref())?),

@@ -49,7 +49,7 @@ fn refusal(kind: EnforcerKind, flags: &[&str]) -> Option<String> {
 }
 
 #[test]
-fn scx_and_ghost_honour_headroom_and_refuse_every_other_rule_naming_option_and_enforcer() {
+fn scx_and_ghost_honour_the_history_free_rules_and_refuse_the_others_naming_option_and_enforcer() {
     for (kind, enforcer, what) in [
         (EnforcerKind::Scx, "scx", "the sched_ext scheduler"),
         (EnforcerKind::Ghost, "ghost", "the ghOSt agent"),
@@ -57,8 +57,13 @@ fn scx_and_ghost_honour_headroom_and_refuse_every_other_rule_naming_option_and_e
         if kind == EnforcerKind::Scx && !scx::BUILT {
             continue;
         }
-        assert_eq!(refusal(kind, &["--contention", "headroom"]), None);
-        for name in ["rescoin", "baseline", "off"] {
+        for name in ["headroom", "baseline"] {
+            assert_eq!(refusal(kind, &["--contention", name]), None);
+            let (_dir, r) = resolved("", &["--contention", name]);
+            let s = settings(&r.global, &r.args, kind).unwrap();
+            assert_eq!((s.contention, s.spare_rule.name()), (None, name));
+        }
+        for name in ["rescoin", "off"] {
             let e = refusal(kind, &["--contention", name]).expect("refused");
             assert!(e.starts_with(&format!("--contention {name}: ")), "{e}");
             assert!(e.contains(&format!("--enforcer {enforcer}")), "{e}");

@@ -58,6 +58,7 @@ pub(super) fn default_path() -> PathBuf {
 /// (see `agent::reload` for the reasons).
 pub(super) const LIVE: &[&str] = &[
     "capacity",
+    "contention",
     "disk_bandwidth",
     "balance_interval",
     "memory_interval",
@@ -70,6 +71,14 @@ pub(super) const LIVE: &[&str] = &[
 
 /// Live keys whose presence turns a stage on or off (that part needs a restart).
 const LIVE_VALUE_ONLY: &[&str] = &["disk_bandwidth"];
+
+/// Live keys whose value `off` turns a stage off: a change to or from it needs a restart.
+const LIVE_UNLESS_OFF: &[&str] = &["contention"];
+
+/// Whether a file entry sets its key to `off`.
+fn is_off(e: Option<&Entry>) -> bool {
+    e.is_some_and(|e| e.shown.trim_matches('"') == "off")
+}
 
 /// Options that are not keys: the file's own path, and the directory of VM configs (the
 /// agent finds each VM's config from its record).
@@ -540,7 +549,8 @@ fn hold_restart_keys(
         let (was, now) = (old_entries.get(&s.key), new_entries.get(&s.key));
         let same = was.map(|e| &e.arg) == now.map(|e| &e.arg);
         let live = LIVE.contains(&s.key.as_str())
-            && !(LIVE_VALUE_ONLY.contains(&s.key.as_str()) && was.is_some() != now.is_some());
+            && !(LIVE_VALUE_ONLY.contains(&s.key.as_str()) && was.is_some() != now.is_some())
+            && !(LIVE_UNLESS_OFF.contains(&s.key.as_str()) && is_off(was) != is_off(now));
         if same || live {
             continue;
         }

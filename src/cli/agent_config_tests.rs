@@ -259,6 +259,35 @@ fn an_edit_keeps_the_keys_that_need_a_restart_and_takes_the_live_ones() {
     assert!(restart.is_empty(), "{restart:?}");
 }
 
+/// Issue 20: the spare rule changes live (under every enforcer that honours the new one), but
+/// turning the contention stage on or off (`off`) waits for a restart.
+#[test]
+fn the_spare_rule_changes_live_but_turning_contention_off_or_on_needs_a_restart() {
+    for (was, now, live) in [
+        ("headroom", "baseline", true),
+        ("baseline", "rescoin", true),
+        ("rescoin", "off", false),
+        ("off", "headroom", false),
+    ] {
+        let (_dir, layers) = with_file(&format!("contention = \"{was}\"\n"), &[]);
+        let old = layers.read().unwrap();
+        let in_force = layers.resolve(old.as_ref()).unwrap().settings;
+        let new = parse(&layers.path, &format!("contention = \"{now}\"\n")).unwrap();
+        let (held, restart) = hold_restart_keys(old.as_ref(), Some(&new), &in_force);
+        let applied = held.unwrap().entries["contention"].shown.clone();
+        let want = if live { now } else { was };
+        assert_eq!(applied, format!("\"{want}\""), "{was} -> {now}");
+        assert_eq!(restart.is_empty(), live, "{was} -> {now}: {restart:?}");
+    }
+    // From the default (no key) to a rule, and back: live.
+    let (_dir, layers) = with_file("", &[]);
+    let old = layers.read().unwrap();
+    let in_force = layers.resolve(old.as_ref()).unwrap().settings;
+    let new = parse(&layers.path, "contention = \"baseline\"\n").unwrap();
+    let (_, restart) = hold_restart_keys(old.as_ref(), Some(&new), &in_force);
+    assert!(restart.is_empty(), "{restart:?}");
+}
+
 #[test]
 fn the_reference_page_lists_every_key_with_its_reload_class() {
     let page =

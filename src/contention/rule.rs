@@ -26,6 +26,24 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::credit::Rate;
+
+/// What the planner gives an enforcer that dispatches by itself (sched_ext, ghOSt) for one VM:
+/// the numbers it orders by, not a rule of its own. Its dispatch serves, among VMs with a
+/// waiting thread, those below their guarantee first, then those below their cap in
+/// proportion to their weights, so busy VMs converge to the planner's split
+/// ([`crate::sched::fair_shares`], the stage's water-filling over the same numbers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Entitlement {
+    /// The most it may use in any period: the ledger's grant.
+    pub cap: Rate,
+    /// What it gets first whenever it wants it: its pooled baseline, never above the cap.
+    pub guarantee: Rate,
+    /// Its weight for the spare under the rule in force (0: none of it). Only the ratios
+    /// between VMs matter.
+    pub weight: Rate,
+}
+
 /// How the spare is shared under contention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum SpareRule {
@@ -55,6 +73,22 @@ impl SpareRule {
     /// Whether the split depends only on the present period's inputs.
     pub fn history_free(self) -> bool {
         self != SpareRule::Rescoin
+    }
+
+    /// `grant` and `baseline` as an enforcer that dispatches by itself is given them, or `None`
+    /// for a rule whose weight is a history the dispatcher does not keep (ResCoin's accumulated
+    /// credit: the stage's per-period plan, which only the cgroup enforcer applies).
+    pub fn entitlement(self, grant: Rate, baseline: Rate) -> Option<Entitlement> {
+        let guarantee = baseline.min(grant);
+        let weight = match self {
+            SpareRule::Rescoin => return None,
+            _ => self.weight(grant.0, baseline.0, guarantee.0, 0),
+        };
+        Some(Entitlement {
+            cap: grant,
+            guarantee,
+            weight: Rate(weight as u64),
+        })
     }
 
     /// The weight of a hungry VM for the spare: `grant`, `baseline`, its `guarantee` (what it

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::{EnforceError, Enforcer};
+use crate::contention::Entitlement;
 use crate::credit::Rate;
 use crate::ghost::agent::GhostAgent;
 use crate::ghost::{Enclave, GhostError, Ghostfs, RealKernel, RunOutcome, SwOwner};
@@ -32,12 +33,11 @@ enum Cmd {
     Attach {
         vm: VmId,
         tids: Vec<u32>,
-        baseline: Rate,
-        full: Rate,
+        entitled: Entitlement,
     },
-    Apply {
+    Entitle {
         vm: VmId,
-        rate: Rate,
+        entitled: Entitlement,
     },
     Detach {
         vm: VmId,
@@ -136,6 +136,13 @@ impl GhostEnforcer {
         })
     }
 
+    fn id(&self, vm: &str) -> Result<VmId, EnforceError> {
+        self.ids
+            .get(vm)
+            .copied()
+            .ok_or_else(|| EnforceError::NotAttached { vm: vm.to_owned() })
+    }
+
     fn send(&self, cmd: Cmd) -> Result<(), EnforceError> {
         if let Some(f) = self
             .failure
@@ -177,30 +184,12 @@ fn global_agent(
         }
         enclave.become_agent(cpus[0], fd)?;
         let _online = enclave.agent_online()?;
-        let mut full: HashMap<VmId, Rate> = HashMap::new();
-        let mut baseline: HashMap<VmId, Rate> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
             while let Ok(cmd) = rx.try_recv() {
                 match cmd {
-                    Cmd::Attach {
-                        vm,
-                        tids,
-                        baseline: b,
-                        full: f,
-                    } => {
-                        full.insert(vm, f);
-                        baseline.insert(vm, b);
-                        agent.add_vm(vm, &tids, f, b)?;
-                    }
-                    Cmd::Apply { vm, rate } => {
-                        let b = baseline.get(&vm).copied().unwrap_or_default();
-                        agent.set_grant(vm, rate, b);
-                    }
-                    Cmd::Detach { vm } => {
-                        agent.remove_vm(vm, |tid| enclave.remove_task(tid))?;
-                        full.remove(&vm);
-                        baseline.remove(&vm);
-                    }
+                    Cmd::Attach { vm, tids, entitled } => agent.add_vm(vm, &tids, entitled)?,
+                    Cmd::Entitle { vm, entitled } => agent.entitle(vm, entitled),
+                    Cmd::Detach { vm } => agent.remove_vm(vm, |tid| enclave.remove_task(tid))?,
                 }
             }
             agent.step(monotonic_ns())?;
@@ -250,24 +239,28 @@ impl Enforcer for GhostEnforcer {
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(vm.name.clone(), id);
-        let full = Rate(u64::from(vm.vcpus) * crate::credit::PPM_PER_CPU);
+        // Until the agent's first `entitle` (at once, with its first `apply`): its baseline,
+        // the whole of it guaranteed and no spare.
+        let baseline = Rate::from_percent_of(vm.baseline, vm.vcpus);
         self.send(Cmd::Attach {
             vm: id,
             tids: vm.vcpu_tids.clone(),
-            baseline: Rate::from_percent_of(vm.baseline, vm.vcpus),
-            full,
+            entitled: Entitlement {
+                cap: baseline,
+                guarantee: baseline,
+                weight: Rate(0),
+            },
         })
     }
 
-    fn apply(&mut self, vm: &str, rate: Rate, _full: Rate) -> Result<(), EnforceError> {
-        let Some(&id) = self.ids.get(vm) else {
-            return Err(failed(
-                "applying a rate to a VM not attached:",
-                Path::new(vm),
-                vm,
-            ));
-        };
-        self.send(Cmd::Apply { vm: id, rate })
+    fn apply(&mut self, vm: &str, _rate: Rate, _full: Rate) -> Result<(), EnforceError> {
+        // The cap comes with `entitle`, beside the guarantee and the weight it goes with.
+        self.id(vm).map(|_| ())
+    }
+
+    fn entitle(&mut self, vm: &str, entitled: Entitlement) -> Result<(), EnforceError> {
+        let vm = self.id(vm)?;
+        self.send(Cmd::Entitle { vm, entitled })
     }
 
     fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::contention::Entitlement;
 use crate::credit::Rate;
 use crate::state::VmRecord;
 
@@ -91,10 +92,12 @@ pub trait Enforcer: Send {
         Ok(())
     }
 
-    /// Tells the enforcer `vm`'s baseline (it changes with live config edits), for enforcers
-    /// that guarantee baselines themselves. Called with every `apply`.
-    fn baseline(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
-        let _ = (vm, rate);
+    /// Tells the enforcer what the planner entitles `vm` to: its cap, its guarantee (the
+    /// baseline, which changes with live config edits) and its weight for the spare under the
+    /// rule in force, for enforcers that dispatch by themselves (sched_ext, ghOSt) and order
+    /// the VMs by these numbers. Called with every `apply`, with the same cap.
+    fn entitle(&mut self, vm: &str, entitled: Entitlement) -> Result<(), EnforceError> {
+        let _ = (vm, entitled);
         Ok(())
     }
 

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use super::cgroup::CgroupEnforcer;
 use super::{EnforceError, Enforcer};
+use crate::contention::Entitlement;
 use crate::credit::{Rate, PPM_PER_CPU};
 use crate::state::VmRecord;
 
@@ -66,12 +67,14 @@ pub fn kernel_state() -> Option<(String, String)> {
 /// One command from the agent to the scheduler process, one line of text each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// `vm IDX BASE_NS GRANT_NS NAME`: VM `NAME` (slot `IDX`) may run `GRANT_NS` of CPU per
-    /// period, of which `BASE_NS` before any VM gets more than its own baseline.
+    /// `vm IDX BASE_NS GRANT_NS WEIGHT NAME`: VM `NAME` (slot `IDX`) may run `GRANT_NS` of CPU
+    /// per period, of which `BASE_NS` before any VM gets more than its own baseline; between
+    /// the two it is served by its spare `WEIGHT` (the planner's, as ns per period).
     Vm {
         idx: u32,
         base_ns: u64,
         grant_ns: u64,
+        weight: u64,
         name: String,
     },
     /// `free IDX`: the slot is unused.
@@ -90,8 +93,9 @@ impl Command {
                 idx,
                 base_ns,
                 grant_ns,
+                weight,
                 name,
-            } => format!("vm {idx} {base_ns} {grant_ns} {name}\n"),
+            } => format!("vm {idx} {base_ns} {grant_ns} {weight} {name}\n"),
             Command::Free { idx } => format!("free {idx}\n"),
             Command::Tid { tid, idx } => format!("tid {tid} {idx}\n"),
             Command::Untid { tid } => format!("untid {tid}\n"),
@@ -120,6 +124,7 @@ impl Command {
                 idx: idx_of(num("slot")?)?,
                 base_ns: num("baseline")?,
                 grant_ns: num("grant")?,
+                weight: num("weight")?,
                 name: match words.next() {
                     Some(n) if crate::base::validate_name(n).is_ok() => n.to_owned(),
                     Some(n) => return Err(format!("vm: bad name {n:?}")),
@@ -168,6 +173,9 @@ pub struct VmStats {
     pub held: u64,
     pub base_ns: u64,
     pub grant_ns: u64,
+    /// Its weight for the spare, as written to the program.
+    #[serde(default)]
+    pub weight: u64,
 }
 
 /// Where the scheduler process of the agent of `state_dir` publishes its [`Stats`].
@@ -190,6 +198,7 @@ struct Managed {
     tids: Vec<u32>,
     baseline: Rate,
     grant: Rate,
+    weight: Rate,
     qmp: PathBuf,
     paused: bool,
 }
@@ -203,6 +212,7 @@ impl Managed {
             idx: self.idx,
             base_ns: budget_ns(self.baseline).min(grant),
             grant_ns: grant,
+            weight: budget_ns(self.weight),
             name: name.to_owned(),
         }];
         cmds.extend(
@@ -534,6 +544,8 @@ impl Enforcer for ScxEnforcer {
             tids: vm.vcpu_tids.clone(),
             baseline,
             grant: baseline,
+            // No spare until the agent's first `entitle` (with its first `apply`).
+            weight: Rate(0),
             qmp: vm.qmp_socket.clone(),
             paused: false,
         };
@@ -599,10 +611,13 @@ impl Enforcer for ScxEnforcer {
         self.backstop.weigh(vm, rate)
     }
 
-    fn baseline(&mut self, vm: &str, rate: Rate) -> Result<(), EnforceError> {
+    fn entitle(&mut self, vm: &str, entitled: Entitlement) -> Result<(), EnforceError> {
+        // The cap came with `apply` (which also pauses a VM granted nothing and sets the
+        // backstop's quota); the guarantee and the weight come here.
         if let Some(m) = self.vms.get_mut(vm) {
-            if m.baseline != rate {
-                m.baseline = rate;
+            if (m.baseline, m.weight) != (entitled.guarantee, entitled.weight) {
+                m.baseline = entitled.guarantee;
+                m.weight = entitled.weight;
                 let cmds = m.commands(vm);
                 self.send(&cmds[..1]);
             }
@@ -677,6 +692,7 @@ mod tests {
                 idx: 3,
                 base_ns: 20_000_000,
                 grant_ns: 200_000_000,
+                weight: 180_000_000,
                 name: "web-1.a_b".into(),
             },
             Command::Free { idx: 1023 },
@@ -687,11 +703,12 @@ mod tests {
         }
         for (bad, why) in [
             ("", "empty"),
-            ("vm 1024 1 2 a", "out of range"),
-            ("vm 1 x 2 a", "not a number"),
+            ("vm 1024 1 2 3 a", "out of range"),
+            ("vm 1 x 2 3 a", "not a number"),
             ("vm 1 2", "missing grant"),
-            ("vm 1 2 3", "missing name"),
-            ("vm 1 2 3 a/b", "bad name"),
+            ("vm 1 2 3 a", "weight \"a\" is not a number"),
+            ("vm 1 2 3 4", "missing name"),
+            ("vm 1 2 3 4 a/b", "bad name"),
             ("tid 1 2 3", "too many"),
             ("tid 99999999999 1", "thread id"),
             ("go 1", "unknown"),
@@ -718,6 +735,7 @@ mod tests {
             tids: vec![10, 11],
             baseline: Rate(400_000),
             grant: Rate(0),
+            weight: Rate(300_000),
             qmp: PathBuf::new(),
             paused: false,
         };
@@ -728,6 +746,7 @@ mod tests {
                 idx: 1,
                 base_ns: 1_000_000,
                 grant_ns: 1_000_000,
+                weight: 30_000_000,
                 name: "v".into(),
             }
         );

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use ghost_sys as abi;
 
 use super::{CpuData, Enclave, GhostError, Message, Queue, StatusWords, TxnRequest};
-use crate::credit::Rate;
+use crate::contention::Entitlement;
 use crate::sched::{Action, Config, Scheduler, VmId};
 
 /// A task the agent knows: its VM, status word and the seqnum of its last message.
@@ -134,16 +134,15 @@ impl<'a> GhostAgent<'a> {
         &self.sched
     }
 
-    /// Registers `vm` with its grant and pooled baseline and moves its vCPU threads into the
-    /// enclave; they arrive as `TASK_NEW`.
+    /// Registers `vm` with what the planner entitles it to (cap, guarantee, weight) and moves
+    /// its vCPU threads into the enclave; they arrive as `TASK_NEW`.
     pub fn add_vm(
         &mut self,
         vm: VmId,
         tids: &[u32],
-        grant: Rate,
-        baseline: Rate,
+        entitled: Entitlement,
     ) -> Result<(), GhostError> {
-        self.sched.set_vm(vm, grant, baseline);
+        self.sched.set_vm(vm, entitled);
         for &tid in tids {
             self.vm_of_tid.insert(tid, vm);
             self.enclave.add_task(tid)?;
@@ -153,8 +152,8 @@ impl<'a> GhostAgent<'a> {
 
     /// Tells the agent which VM threads belong to, for threads already in the enclave (a
     /// restarted agent, before [`Enclave::discover_tasks`]).
-    pub fn adopt_vm(&mut self, vm: VmId, tids: &[u32], grant: Rate, baseline: Rate) {
-        self.sched.set_vm(vm, grant, baseline);
+    pub fn adopt_vm(&mut self, vm: VmId, tids: &[u32], entitled: Entitlement) {
+        self.sched.set_vm(vm, entitled);
         for &tid in tids {
             self.vm_of_tid.insert(tid, vm);
         }
@@ -206,9 +205,10 @@ impl<'a> GhostAgent<'a> {
         Ok(found)
     }
 
-    /// A new grant for `vm`.
-    pub fn set_grant(&mut self, vm: VmId, grant: Rate, baseline: Rate) {
-        self.sched.set_vm(vm, grant, baseline);
+    /// What the planner entitles `vm` to now (a new grant, a live edit of its baseline, the
+    /// rule's weight).
+    pub fn entitle(&mut self, vm: VmId, entitled: Entitlement) {
+        self.sched.set_vm(vm, entitled);
     }
 
     /// Moves `vm`'s threads back to CFS through `to_cfs` (the caller's `sched_setscheduler`;

@@ -25,8 +25,9 @@
 //!    ending after `now`, what it can hold is what was already counted plus the new slice.
 //! 2. **Order.** Among VMs with a waiting thread and budget, the next CPU goes to the best
 //!    key: first *tier 0*, VMs below their baseline budget, lowest `U / baseline` first; then
-//!    *tier 1*, VMs between baseline and cap, lowest `(U − baseline) / (grant − baseline)`
-//!    first. The key is recomputed after each dispatch, so one `decide` spreads the CPUs.
+//!    *tier 1*, VMs between baseline and cap, lowest `(U − baseline) / weight` first, the
+//!    weight being the planner's for the spare rule in force ([`Entitlement`]: by default
+//!    `grant − baseline`). The key is recomputed after each dispatch, so one `decide` spreads the CPUs.
 //! 3. **Preemption.** A waiting thread of a tier-0 VM takes the CPU of the running thread
 //!    with the worst tier-1 key when no CPU is free; a thread whose slice has ended is taken
 //!    off (and may be dispatched again at once if it is still the best choice).
@@ -37,6 +38,10 @@
 //!
 //! # Why this shape
 //!
+//! * *The numbers are the planner's*: the cap, the guarantee and the weight come from
+//!   [`crate::contention::SpareRule::entitlement`], so the rule (`--contention headroom` or
+//!   `baseline`) is chosen once for every enforcer, and [`fair_shares`] is the planner's own
+//!   water-filling. What follows is why `headroom`, the default, weighs as it does.
 //! * *Spare CPU in proportion to `grant − baseline`*: the headroom is what the VM's credits
 //!   buy; a VM held to its baseline (no credits, `grant = baseline`) gets no spare, a VM with
 //!   a full grant gets the most. An even split would hand spare to VMs whose credits are
@@ -70,6 +75,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 pub use shares::{fair_shares, Demand};
 
+use crate::contention::Entitlement;
 use crate::credit::Rate;
 
 /// A VM, as the mechanism names it.
@@ -153,6 +159,7 @@ struct Segment {
 struct Vm {
     grant: Rate,
     baseline: Rate,
+    weight: Rate,
     waiting: VecDeque<ThreadId>,
     segments: VecDeque<Segment>,
 }
@@ -212,11 +219,13 @@ impl Scheduler {
         &self.cpus
     }
 
-    /// Adds `vm` or changes its grant and pooled baseline.
-    pub fn set_vm(&mut self, vm: VmId, grant: Rate, baseline: Rate) {
+    /// Adds `vm` or changes what the planner entitles it to: its cap (the grant), its
+    /// guarantee (the pooled baseline) and its weight for the spare.
+    pub fn set_vm(&mut self, vm: VmId, entitled: Entitlement) {
         let v = self.vms.entry(vm).or_default();
-        v.grant = grant;
-        v.baseline = baseline.min(grant);
+        v.grant = entitled.cap;
+        v.baseline = entitled.guarantee.min(entitled.cap);
+        v.weight = entitled.weight;
     }
 
     /// Removes `vm` and its threads; returns the CPUs its running threads held, to be
@@ -388,6 +397,7 @@ impl Scheduler {
         let used = v.usage(self.window_start(now)) as f64;
         let base = v.baseline.over(self.config.period_ns) as f64;
         let cap = v.grant.over(self.config.period_ns) as f64;
+        let weight = v.weight.over(self.config.period_ns) as f64;
         let mid = used + slice as f64 / 2.0;
         if used < base {
             Key {
@@ -397,8 +407,8 @@ impl Scheduler {
         } else {
             Key {
                 tier: 1,
-                ratio: if cap > base {
-                    (mid - base) / (cap - base)
+                ratio: if cap > base && weight > 0.0 {
+                    (mid - base) / weight
                 } else {
                     f64::INFINITY
                 },

@@ -1,75 +1,55 @@
 //! The steady-state split of the CPUs among VMs: what the [`super::Scheduler`] converges to
 //! when every VM's demand is constant. Pure; used by the property tests as the expected
-//! answer and by mechanisms or reports that want the target rates without running time.
+//! answer and by mechanisms or reports that want the target rates without running time. The
+//! spare is split by the planner's own water-filling ([`crate::contention::water_fill`]) over
+//! the weights of the VMs' [`Entitlement`]s, so a dispatcher that converges here gives what the
+//! contention stage plans for the same rule.
 
+use crate::contention::{water_fill, Entitlement};
 use crate::credit::{Rate, PPM_PER_CPU};
 
 /// One VM's inputs to [`fair_shares`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Demand {
-    /// The VM's grant (its cap), millionths of a CPU.
-    pub grant: Rate,
-    /// The VM's pooled baseline (vCPUs × per-vCPU baseline), millionths of a CPU.
-    pub baseline: Rate,
+    /// What the planner entitles it to: cap, guarantee and weight for the spare.
+    pub entitled: Entitlement,
     /// How much it would use unconstrained: runnable threads × one CPU, millionths of a CPU.
     pub wants: Rate,
 }
 
-/// Splits `cpus` whole CPUs among `vms`: first each VM gets `min(wants, baseline, grant)`
-/// (scaled down in proportion to baselines if even those exceed the CPUs), then what is left
-/// is water-filled among the VMs still below `min(wants, grant)` in proportion to their
-/// headroom `grant − baseline` (VMs whose grant is their baseline get no spare). Returns one
-/// rate per VM, in order.
+/// Splits `cpus` whole CPUs among `vms`: first each VM gets `min(wants, guarantee, cap)`
+/// (scaled down in proportion to the guarantees if even those exceed the CPUs), then what is
+/// left is water-filled among the VMs still below `min(wants, cap)` in proportion to their
+/// weights (a VM of weight 0 only what those with weight cannot take). Returns one rate per VM,
+/// in order.
 pub fn fair_shares(vms: &[Demand], cpus: u32) -> Vec<Rate> {
     let capacity = u64::from(cpus) * PPM_PER_CPU;
-    let limit: Vec<u64> = vms.iter().map(|v| v.wants.0.min(v.grant.0)).collect();
+    let limit: Vec<u64> = vms
+        .iter()
+        .map(|v| v.wants.0.min(v.entitled.cap.0))
+        .collect();
     let base: Vec<u64> = vms
         .iter()
         .zip(&limit)
-        .map(|(v, &l)| v.baseline.0.min(l))
+        .map(|(v, &l)| v.entitled.guarantee.0.min(l))
         .collect();
     let base_total: u64 = base.iter().sum();
     if base_total >= capacity {
-        // Overcommitted baselines: in proportion to them (u128: no overflow).
+        // Overcommitted guarantees: in proportion to them (u128: no overflow).
         return base
             .iter()
             .map(|&b| Rate((u128::from(b) * u128::from(capacity) / u128::from(base_total)) as u64))
             .collect();
     }
-    let mut share = base.clone();
-    let mut spare = capacity - base_total;
-    // Water-filling: each round hands the spare out by weight to the VMs still below their
-    // limit; a VM that reaches its limit leaves and its unused part goes round again.
-    loop {
-        let open: Vec<usize> = (0..vms.len())
-            .filter(|&i| share[i] < limit[i] && vms[i].grant.0 > vms[i].baseline.0)
-            .collect();
-        let weight: u128 = open
-            .iter()
-            .map(|&i| u128::from(vms[i].grant.0 - vms[i].baseline.0))
-            .sum();
-        if open.is_empty() || spare == 0 || weight == 0 {
-            break;
-        }
-        let mut given = 0;
-        for &i in &open {
-            let w = u128::from(vms[i].grant.0 - vms[i].baseline.0);
-            let offer = (u128::from(spare) * w / weight) as u64;
-            let take = offer.min(limit[i] - share[i]);
-            share[i] += take;
-            given += take;
-        }
-        if given == 0 {
-            // Rounding left less than one unit per VM: hand it out one by one.
-            for &i in &open {
-                if spare > given && share[i] < limit[i] {
-                    share[i] += 1;
-                    given += 1;
-                }
-            }
-        }
-        spare -= given;
-    }
+    let mut share = base;
+    let weight: Vec<u128> = vms
+        .iter()
+        .map(|v| u128::from(v.entitled.weight.0))
+        .collect();
+    // The VMs of weight 0 take only what the others cannot (the dispatch serves them last).
+    let (weighted, unweighted) = (0..vms.len()).partition(|&i| weight[i] > 0);
+    let left = water_fill(&mut share, &limit, &weight, weighted, capacity - base_total);
+    water_fill(&mut share, &limit, &weight, unweighted, left);
     share.into_iter().map(Rate).collect()
 }
 
@@ -79,8 +59,9 @@ mod tests {
 
     fn d(grant: u64, baseline: u64, wants: u64) -> Demand {
         Demand {
-            grant: Rate(grant),
-            baseline: Rate(baseline),
+            entitled: crate::contention::SpareRule::Headroom
+                .entitlement(Rate(grant), Rate(baseline))
+                .unwrap(),
             wants: Rate(wants),
         }
     }
@@ -97,7 +78,7 @@ mod tests {
         assert_eq!(s.iter().map(|r| r.0).sum::<u64>(), 2_000_000);
         // Spare 0.6 CPU by headroom 1.2 : 1.6 : 1.8.
         assert!(s[0].0.abs_diff(800_000 + 600_000 * 12 / 46) <= 1, "{s:?}");
-        assert!(s.iter().zip(&vms).all(|(s, v)| *s >= v.baseline));
+        assert!(s.iter().zip(&vms).all(|(s, v)| *s >= v.entitled.guarantee));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::contention::SpareRule;
 use crate::credit::PPM_PER_CPU;
 
 const MS: u64 = 1_000_000;
@@ -22,6 +23,22 @@ struct VmSpec {
     grant: u64,
     baseline: u64,
     threads: Vec<Behaviour>,
+}
+
+impl VmSpec {
+    /// What the planner entitles it to under `rule`.
+    fn entitled(&self, rule: SpareRule) -> Entitlement {
+        rule.entitlement(Rate(self.grant), Rate(self.baseline))
+            .expect("a history-free rule")
+    }
+
+    /// Its demand for `fair_shares` with every thread busy.
+    fn busy_demand(&self, rule: SpareRule) -> Demand {
+        Demand {
+            entitled: self.entitled(rule),
+            wants: Rate(self.threads.len() as u64 * PPM_PER_CPU),
+        }
+    }
 }
 
 struct SimThread {
@@ -47,11 +64,16 @@ struct Sim {
 
 impl Sim {
     fn new(specs: &[VmSpec], cpus: u32, config: Config) -> Sim {
+        Sim::under(SpareRule::Headroom, specs, cpus, config)
+    }
+
+    /// The VMs entitled as the planner says under `rule`.
+    fn under(rule: SpareRule, specs: &[VmSpec], cpus: u32, config: Config) -> Sim {
         let ids: Vec<u32> = (0..cpus).collect();
         let mut s = Scheduler::new(config, &ids);
         let mut threads = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
-            s.set_vm(i as VmId, Rate(spec.grant), Rate(spec.baseline));
+            s.set_vm(i as VmId, spec.entitled(rule));
             for &beh in &spec.threads {
                 let tid = threads.len() as ThreadId;
                 s.add_thread(i as VmId, tid, true, 0);
@@ -255,41 +277,39 @@ fn three_vm_overcommit_meets_every_baseline_and_converges_to_fair_shares() {
             threads: busy(2),
         })
         .collect();
-    let mut sim = Sim::new(&specs, 2, cfg());
-    let end = 10_000 * MS;
-    sim.run_until(end);
-    let want = fair_shares(
-        &specs
-            .iter()
-            .map(|s| Demand {
-                grant: Rate(s.grant),
-                baseline: Rate(s.baseline),
-                wants: Rate(2 * PPM_PER_CPU),
-            })
-            .collect::<Vec<_>>(),
-        2,
-    );
-    let rates: Vec<f64> = (0..3)
-        .map(|i| sim.used(i, 0, end) as f64 / end as f64 * 1e6)
-        .collect();
-    eprintln!("rates {rates:?} fair {want:?}");
-    for (i, s) in specs.iter().enumerate() {
-        let rate = rates[i];
-        assert!(
-            rate >= s.baseline as f64 - 5_000.0,
-            "VM {i}: {rate} < {}",
-            s.baseline
+    for rule in [SpareRule::Headroom, SpareRule::Baseline] {
+        let mut sim = Sim::under(rule, &specs, 2, cfg());
+        let end = 10_000 * MS;
+        sim.run_until(end);
+        let want = fair_shares(
+            &specs
+                .iter()
+                .map(|s| s.busy_demand(rule))
+                .collect::<Vec<_>>(),
+            2,
         );
+        let rates: Vec<f64> = (0..3)
+            .map(|i| sim.used(i, 0, end) as f64 / end as f64 * 1e6)
+            .collect();
+        eprintln!("{rule}: rates {rates:?} fair {want:?}");
+        for (i, s) in specs.iter().enumerate() {
+            let rate = rates[i];
+            assert!(
+                rate >= s.baseline as f64 - 5_000.0,
+                "{rule}: VM {i}: {rate} < {}",
+                s.baseline
+            );
+            assert!(
+                (rate - want[i].0 as f64).abs() < 15_000.0,
+                "{rule}: VM {i}: {rate} vs {want:?}"
+            );
+        }
         assert!(
-            (rate - want[i].0 as f64).abs() < 15_000.0,
-            "VM {i}: {rate} vs {want:?}"
+            sim.violations.is_empty(),
+            "{rule}: {:?}",
+            &sim.violations[..3.min(sim.violations.len())]
         );
     }
-    assert!(
-        sim.violations.is_empty(),
-        "{:?}",
-        &sim.violations[..3.min(sim.violations.len())]
-    );
 }
 
 #[test]
@@ -371,24 +391,20 @@ proptest! {
     /// With every thread busy, each VM gets at least min(demand, baseline) in every period
     /// (less one minimum slice per vCPU), and the busy VMs' rates converge to fair_shares.
     #[test]
-    fn baselines_are_met_and_shares_converge_when_all_are_busy((cpus, specs) in load()) {
+    fn baselines_are_met_and_shares_converge_when_all_are_busy(
+        (cpus, specs) in load(),
+        rule in prop_oneof![Just(SpareRule::Headroom), Just(SpareRule::Baseline)],
+    ) {
         let specs: Vec<VmSpec> = specs
             .into_iter()
             .map(|s| VmSpec { threads: busy(s.threads.len()), ..s })
             .collect();
-        let mut sim = Sim::new(&specs, cpus, cfg());
+        let mut sim = Sim::under(rule, &specs, cpus, cfg());
         let p = cfg().period_ns;
         let end = 30 * p;
         sim.run_until(end);
         let want = fair_shares(
-            &specs
-                .iter()
-                .map(|s| Demand {
-                    grant: Rate(s.grant),
-                    baseline: Rate(s.baseline),
-                    wants: Rate(s.threads.len() as u64 * PPM_PER_CPU),
-                })
-                .collect::<Vec<_>>(),
+            &specs.iter().map(|s| s.busy_demand(rule)).collect::<Vec<_>>(),
             cpus,
         );
         for (i, s) in specs.iter().enumerate() {
@@ -396,7 +412,7 @@ proptest! {
             let slack = s.threads.len() as u64 * cfg().slice_ns;
             for w in 2..30 {
                 let got = sim.used(i, w * p, (w + 1) * p);
-                prop_assert!(got + slack >= base, "VM {} got {} in period {}, baseline {}", i, got, w, base);
+                prop_assert!(got + slack >= base, "{}: VM {} got {} in period {}, baseline {}", rule, i, got, w, base);
             }
             // Slices are indivisible: within one slice per period per vCPU (5 points of a CPU
             // each); the fixed scenarios above come far closer (three-VM overcommit: 1.1).
@@ -404,7 +420,7 @@ proptest! {
             let rate = sim.used(i, 10 * p, end) as f64 / (end - 10 * p) as f64 * 1e6;
             prop_assert!(
                 (rate - want[i].0 as f64).abs() <= one_slice,
-                "VM {}: {} vs fair share {}", i, rate, want[i].0
+                "{}: VM {}: {} vs fair share {}", rule, i, rate, want[i].0
             );
         }
     }

@@ -41,6 +41,9 @@ pub struct Budget {
     pub base_ns: u64,
     /// Its grant; 0 marks the slot unused.
     pub grant_ns: u64,
+    /// The planner's weight for the spare ([`crate::contention::Entitlement::weight`]): only
+    /// the ratios between VMs matter; 0 is served last.
+    pub weight: u64,
 }
 
 /// `struct usage`: a VM's entry in `usage`, written by the program.
@@ -61,9 +64,10 @@ const _: () = assert!(offset_of!(Conf, period_ns) == 0);
 const _: () = assert!(offset_of!(Conf, slice_ns) == 8);
 const _: () = assert!(offset_of!(Conf, nr_cpus) == 16);
 const _: () = assert!(offset_of!(Conf, pad) == 20);
-const _: () = assert!(size_of::<Budget>() == 16);
+const _: () = assert!(size_of::<Budget>() == 24);
 const _: () = assert!(offset_of!(Budget, base_ns) == 0);
 const _: () = assert!(offset_of!(Budget, grant_ns) == 8);
+const _: () = assert!(offset_of!(Budget, weight) == 16);
 const _: () = assert!(size_of::<Usage>() == 24);
 const _: () = assert!(offset_of!(Usage, used_ns) == 0);
 const _: () = assert!(offset_of!(Usage, total_ns) == 8);
@@ -115,6 +119,7 @@ const _: () = {
     same_field!(Conf.pad, CONF_PAD, CONF_PAD_SIZE);
     same_field!(Budget.base_ns, BUDGET_BASE_NS, BUDGET_BASE_NS_SIZE);
     same_field!(Budget.grant_ns, BUDGET_GRANT_NS, BUDGET_GRANT_NS_SIZE);
+    same_field!(Budget.weight, BUDGET_WEIGHT, BUDGET_WEIGHT_SIZE);
     same_field!(Usage.used_ns, USAGE_USED_NS, USAGE_USED_NS_SIZE);
     same_field!(Usage.total_ns, USAGE_TOTAL_NS, USAGE_TOTAL_NS_SIZE);
     same_field!(Usage.held, USAGE_HELD, USAGE_HELD_SIZE);
@@ -171,6 +176,11 @@ impl Budget {
             offset_of!(Budget, grant_ns),
             &self.grant_ns.to_ne_bytes(),
         );
+        put(
+            &mut b,
+            offset_of!(Budget, weight),
+            &self.weight.to_ne_bytes(),
+        );
         b
     }
 
@@ -179,6 +189,7 @@ impl Budget {
         Budget {
             base_ns: u64_at(bytes, offset_of!(Budget, base_ns)),
             grant_ns: u64_at(bytes, offset_of!(Budget, grant_ns)),
+            weight: u64_at(bytes, offset_of!(Budget, weight)),
         }
     }
 }
@@ -220,10 +231,12 @@ mod tests {
         let b = Budget {
             base_ns: 20_000_000,
             grant_ns: 100_000_000,
+            weight: 80_000_000,
         };
         let bytes = b.to_bytes();
         assert_eq!(&bytes[..8], &20_000_000u64.to_ne_bytes());
-        assert_eq!(&bytes[8..], &100_000_000u64.to_ne_bytes());
+        assert_eq!(&bytes[8..16], &100_000_000u64.to_ne_bytes());
+        assert_eq!(&bytes[16..], &80_000_000u64.to_ne_bytes());
         assert_eq!(Budget::from_bytes(&bytes), b);
         let c = Conf {
             period_ns: 100_000_000,

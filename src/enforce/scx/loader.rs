@@ -67,6 +67,7 @@ fn apply(
             idx,
             base_ns,
             grant_ns,
+            weight,
             name,
         } => {
             if names.insert(idx, name).is_none() {
@@ -76,7 +77,11 @@ fn apply(
                 let zero = Usage::default().to_bytes();
                 find(obj, "usage")?.update(&idx.to_ne_bytes(), &zero, MapFlags::ANY)?;
             }
-            let budget = Budget { base_ns, grant_ns };
+            let budget = Budget {
+                base_ns,
+                grant_ns,
+                weight,
+            };
             find(obj, "budgets")?.update(&idx.to_ne_bytes(), &budget.to_bytes(), MapFlags::ANY)?;
             // Raised after its budget is in place and before its threads are in `tasks`: the
             // program sees no thread of a slot it does not loop over (intf.h).
@@ -139,6 +144,7 @@ fn publish(
                 held: u.held,
                 base_ns: b.base_ns,
                 grant_ns: b.grant_ns,
+                weight: b.weight,
             },
         );
     }

@@ -1,6 +1,7 @@
 //! The centralized agent against the model running time (`model/time.rs`).
 
 use super::*;
+use crate::contention::{Entitlement, SpareRule};
 use crate::credit::{Baseline, Credits, Ledger, Policy, Rate};
 use crate::ghost::agent::GhostAgent;
 use crate::sched::Config;
@@ -26,6 +27,11 @@ fn managed(n: u32) -> Vec<u32> {
     (1..=n).collect()
 }
 
+/// What the planner entitles a VM to under the default rule.
+fn headroom(grant: Rate, baseline: Rate) -> Entitlement {
+    SpareRule::Headroom.entitlement(grant, baseline).unwrap()
+}
+
 /// Registers VMs of `vcpus` busy threads each (tids from 1000 × (vm + 1)); their gtids.
 fn add_vms(
     agent: &mut GhostAgent<'_>,
@@ -35,7 +41,9 @@ fn add_vms(
     let mut all = Vec::new();
     for (i, &(vcpus, grant, baseline)) in vms.iter().enumerate() {
         let tids: Vec<u32> = (0..vcpus).map(|v| 1000 * (i as u32 + 1) + v).collect();
-        agent.add_vm(i as u32, &tids, grant, baseline).unwrap();
+        agent
+            .add_vm(i as u32, &tids, headroom(grant, baseline))
+            .unwrap();
         let gtids: Vec<u64> = tids.iter().map(|&t| Model::gtid(t)).collect();
         for &g in &gtids {
             m.set_work(g, Work::BUSY);
@@ -128,7 +136,7 @@ fn burst_then_decline_to_the_baseline_with_the_ledger() {
         let grant = ledger.tick(tick, used - last_used);
         rates.push((used - last_used) as f64 / tick as f64);
         last_used = used;
-        agent.set_grant(0, grant.rate, base);
+        agent.entitle(0, headroom(grant.rate, base));
     }
     let first: f64 = rates[..25].iter().sum::<f64>() / 25.0;
     let last: f64 = rates[rates.len() - 50..].iter().sum::<f64>() / 50.0;
@@ -177,7 +185,7 @@ fn a_restarted_agent_finds_every_task_and_keeps_the_cap() {
     let _online = e.agent_online().unwrap();
     for (i, &(vcpus, grant, base)) in spec.iter().enumerate() {
         let tids: Vec<u32> = (0..vcpus).map(|v| 1000 * (i as u32 + 1) + v).collect();
-        agent.adopt_vm(i as u32, &tids, grant, base);
+        agent.adopt_vm(i as u32, &tids, headroom(grant, base));
     }
     assert_eq!(agent.discover(m.now()).unwrap(), 4);
     let mut d = Drive::default();
