@@ -33,8 +33,10 @@
 //!    off (and may be dispatched again at once if it is still the best choice).
 //! 4. **Work conservation.** A CPU is left idle only when no waiting thread has a VM with at
 //!    least the minimum slice of budget; [`Scheduler::next_deadline`] says when to call
-//!    [`Scheduler::decide`] again (a slice ends, or a budget-blocked VM's old segments leave
-//!    the window).
+//!    [`Scheduler::decide`] again (a slice ends, a budget-blocked VM's old segments leave
+//!    the window, or a waiting VM's window slides a fifth of a slice below its baseline, when
+//!    it may preempt: without that last one, a VM held at its baseline beside busy VMs waited
+//!    for some slice to end each time and got 19.07 % for 20 %; now 19.80 %).
 //!
 //! # Why this shape
 //!
@@ -574,12 +576,47 @@ impl Scheduler {
             .vms
             .values()
             .filter(|v| !v.waiting.is_empty() && self.budget(v, now) < self.config.min_slice_ns)
-            .filter_map(|v| self.refill_at(v, now))
-            .min();
-        match (slice_end, refill) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            .filter_map(|v| self.refill_at(v, now));
+        // A waiting VM at or above its baseline may claim a CPU again (tier 0, preempting)
+        // once its window slides below the baseline: without a decision then, it waited
+        // for the next slice to end somewhere, and a VM held to its baseline beside busy ones
+        // got 19.07 % for 20 % with 5-ms slices (16.67 % with 20-ms ones).
+        let below = self
+            .vms
+            .values()
+            .filter(|v| !v.waiting.is_empty())
+            .filter_map(|v| self.below_baseline_at(v, now));
+        refill.chain(below).chain(slice_end).min()
+    }
+
+    /// The first time after `now` at which `v` is a [`Scheduler::reclaim_ns`] below its
+    /// baseline in the window, if it is not now (usage only falls as the window slides);
+    /// `None` when it is already, or its baseline is less than that.
+    fn below_baseline_at(&self, v: &Vm, now: u64) -> Option<u64> {
+        let min = self.reclaim_ns();
+        let base = v.baseline.over(self.config.period_ns);
+        let left = |t: u64| base.saturating_sub(v.usage(self.window_start(t)));
+        if base < min || left(now) >= min {
+            return None;
         }
+        let (mut lo, mut hi) = (now, now + self.config.period_ns + min);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if left(mid) >= min {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
+    }
+
+    /// How far below its baseline a waiting VM must be for the policy to decide again on its
+    /// behalf: a fifth of a slice (1 ms by default), not the minimum slice, so that a VM held
+    /// at its baseline beside busy ones takes its time back in pieces of about that size (at
+    /// 100 µs, every piece a decision, the exact simulation of 30 s took minutes).
+    fn reclaim_ns(&self) -> u64 {
+        (self.config.slice_ns / 5).max(self.config.min_slice_ns)
     }
 
     /// The first time ≥ `now` at which `v` has a minimum slice of budget (usage only falls as
