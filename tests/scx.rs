@@ -6,8 +6,9 @@
 //! with the vCPU threads on CPUs 1-2 of 3 (on 6.12 the fair class runs before sched_ext, so the
 //! guest's own busy threads stay on CPU 0 as much as the kernel lets them).
 //!
-//! One boot runs both suites and `check`, one after the other (each test starts and ends its
-//! own agent, whose scheduler unloads when its VMs are gone).
+//! One boot runs both suites, the contention scenarios (tests/contention.rs) and `check`, one
+//! after the other (each test starts and ends its own agent, whose scheduler unloads when its
+//! VMs are gone).
 //!
 //! This guest runs on single-threaded TCG (`-accel tcg,thread=single`). Each scheduler load and
 //! unload flips sched_ext's static keys, which the kernel patches in place through an `int3`
@@ -35,6 +36,8 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
     }
     let mut parts = Part::each_test("enforcement", &[]);
     parts.extend(Part::each_test("scx_inside", &[]));
+    // The one-rule scenarios: the split by the planner's entitlements (issue 20).
+    parts.extend(Part::each_test("contention", &[]));
     parts.push(Part::new(
         "check",
         &[env!("CARGO_BIN_EXE_burst-qemu"), "check"],
