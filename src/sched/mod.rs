@@ -326,8 +326,11 @@ impl Scheduler {
         self.stop(tid, at, true);
     }
 
-    /// Takes `tid` off its CPU at `now` if it runs, truncating its segment; it becomes
-    /// waiting. Returns the CPU's index.
+    /// Takes `tid` off its CPU at `now` if it runs, ending its segment then: earlier than its
+    /// slice (it blocked, was preempted) or later (a mechanism that acts late, as a ghOSt
+    /// agent does when a decision takes longer than a slice's remainder: the kernel runs the
+    /// thread until it is told otherwise, and the cap must count that). It becomes waiting.
+    /// Returns the CPU's index.
     fn off_cpu(&mut self, tid: ThreadId, now: u64) -> Option<usize> {
         let t = self.threads.get_mut(&tid)?;
         let State::Running { cpu } = t.state else {
@@ -338,7 +341,7 @@ impl Scheduler {
         let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
         vm.waiting.push_back(tid);
         if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
-            s.end = s.end.min(now.max(s.start));
+            s.end = now.max(s.start);
         }
         Some(cpu)
     }
