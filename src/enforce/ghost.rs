@@ -25,7 +25,7 @@ use super::{EnforceError, Enforcer};
 use crate::contention::Entitlement;
 use crate::credit::Rate;
 use crate::ghost::agent::GhostAgent;
-use crate::ghost::{Enclave, GhostError, Ghostfs, RealKernel, RunOutcome, SwOwner};
+use crate::ghost::{Enclave, GhostError, GhostKernel, Ghostfs, RealKernel, RunOutcome, SwOwner};
 use crate::sched::{Config, VmId};
 use crate::state::VmRecord;
 
@@ -42,6 +42,31 @@ enum Cmd {
     Detach {
         vm: VmId,
     },
+}
+
+/// What the enforcer runs on: the kernel that interprets ghostfs writes and ioctls, how many
+/// CPUs it has `cpu_data` for, and whether the agents' threads are pinned to the CPUs they
+/// serve. [`GhostHost::real`] for a ghOSt kernel; the tests give the kernel model, whose CPUs
+/// are its own (pinning this process's threads to them means nothing).
+#[derive(Clone)]
+pub struct GhostHost {
+    /// Makes a handle on the kernel (one per [`Ghostfs`]).
+    pub kernel: Arc<dyn Fn() -> Box<dyn GhostKernel> + Send + Sync>,
+    /// CPUs the kernel keeps `cpu_data` for.
+    pub possible_cpus: usize,
+    /// Pin each agent thread to its CPU.
+    pub pin: bool,
+}
+
+impl GhostHost {
+    /// This machine's ghOSt kernel.
+    pub fn real() -> GhostHost {
+        GhostHost {
+            kernel: Arc::new(|| Box::new(RealKernel)),
+            possible_cpus: std::thread::available_parallelism().map_or(1024, |n| n.get().max(1024)),
+            pin: true,
+        }
+    }
 }
 
 /// The ghOSt enforcer.
@@ -94,6 +119,11 @@ impl GhostEnforcer {
     /// ghostfs at `root` and starts the agents. Fails at once, with the reason, when there is
     /// no ghOSt kernel with ABI 91.
     pub fn start(root: &Path, cpus: &[u32]) -> Result<Self, EnforceError> {
+        Self::start_on(root, cpus, GhostHost::real())
+    }
+
+    /// [`GhostEnforcer::start`] on `host`'s kernel.
+    pub fn start_on(root: &Path, cpus: &[u32], host: GhostHost) -> Result<Self, EnforceError> {
         if cpus.len() < 2 || cpus.iter().any(|&c| c >= 1024) {
             return Err(failed(
                 "needs at least two CPUs below 1024 (the first is the global agent's) for",
@@ -101,7 +131,7 @@ impl GhostEnforcer {
                 format!("{cpus:?}"),
             ));
         }
-        Ghostfs::new(root, Box::new(RealKernel))
+        Ghostfs::new(root, (host.kernel)())
             .check_version()
             .map_err(|e| failed("checking ghOSt at", root, e))?;
         let (tx, rx) = mpsc::channel();
@@ -117,7 +147,7 @@ impl GhostEnforcer {
             std::thread::Builder::new()
                 .name("ghost-agent".into())
                 .spawn(move || {
-                    if let Err(e) = global_agent(&root_dir, &cpus, &rx, &stop) {
+                    if let Err(e) = global_agent(&root_dir, &cpus, &host, &rx, &stop) {
                         tracing::error!("ghOSt agent: {e}");
                         *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     }
@@ -166,21 +196,24 @@ impl GhostEnforcer {
 fn global_agent(
     root: &Path,
     cpus: &[u32],
+    host: &GhostHost,
     rx: &Receiver<Cmd>,
     stop: &AtomicBool,
 ) -> Result<(), GhostError> {
-    let fs = Ghostfs::new(root, Box::new(RealKernel));
+    let fs = Ghostfs::new(root, (host.kernel)());
     let enclave = fs.create_enclave(1)?;
     enclave.set_cpus(cpus)?;
-    let possible = std::thread::available_parallelism().map_or(1024, |n| n.get().max(1024));
     let result = std::thread::scope(|scope| -> Result<(), GhostError> {
-        let mut agent = GhostAgent::new(&enclave, &cpus[1..], possible, Config::default())?;
-        pin_to(cpus[0])
-            .map_err(|e| GhostError::Misuse(format!("pinning to CPU {}: {e}", cpus[0])))?;
+        let mut agent =
+            GhostAgent::new(&enclave, &cpus[1..], host.possible_cpus, Config::default())?;
+        if host.pin {
+            pin_to(cpus[0])
+                .map_err(|e| GhostError::Misuse(format!("pinning to CPU {}: {e}", cpus[0])))?;
+        }
         let fd = agent.queue().fd();
         for &cpu in &cpus[1..] {
-            let enclave = &enclave;
-            scope.spawn(move || satellite(enclave, cpu, fd, stop));
+            let (enclave, pin) = (&enclave, host.pin);
+            scope.spawn(move || satellite(enclave, cpu, pin, fd, stop));
         }
         enclave.become_agent(cpus[0], fd)?;
         let _online = enclave.agent_online()?;
@@ -203,9 +236,11 @@ fn global_agent(
 }
 
 /// A satellite: become `cpu`'s agent, then idle-wait until the enclave dies or `stop`.
-fn satellite(enclave: &Enclave<'_>, cpu: u32, queue: RawFd, stop: &AtomicBool) {
+fn satellite(enclave: &Enclave<'_>, cpu: u32, pin: bool, queue: RawFd, stop: &AtomicBool) {
     let run = || -> Result<(), GhostError> {
-        pin_to(cpu).map_err(|e| GhostError::Misuse(format!("pinning to CPU {cpu}: {e}")))?;
+        if pin {
+            pin_to(cpu).map_err(|e| GhostError::Misuse(format!("pinning to CPU {cpu}: {e}")))?;
+        }
         enclave.become_agent(cpu, queue)?;
         let index = enclave.status_word_info(SwOwner::Agent(cpu))?.index;
         let words = enclave.map_sw_region(0)?;
@@ -294,21 +329,4 @@ impl Drop for GhostEnforcer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn without_a_ghost_kernel_start_fails_and_says_why() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = GhostEnforcer::start(&dir.path().join("ghost"), &[0, 1])
-            .err()
-            .expect("no ghostfs here");
-        let text = crate::base::chain(&err);
-        assert!(text.contains("ghOSt is not present"), "{text}");
-        let err = GhostEnforcer::start(dir.path(), &[0])
-            .err()
-            .expect("one CPU");
-        let text = crate::base::chain(&err);
-        assert!(text.contains("at least two CPUs"), "{text}");
-    }
-}
+mod tests;

@@ -94,6 +94,18 @@ pub trait GhostKernel: Send + Sync {
     /// `arg` must point to a valid, live value of the argument struct that `request` encodes.
     unsafe fn ioctl(&self, ctl: RawFd, request: u32, arg: *mut c_void) -> io::Result<i32>;
 
+    /// Moves thread `tid` out of ghOSt, back to CFS (`sched_setscheduler(SCHED_OTHER)`; the
+    /// kernel then sends the enclave's agent `TASK_DEPARTED`).
+    fn to_cfs(&self, tid: u32) -> io::Result<()> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param`, which lives across the call.
+        let r = unsafe { libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_OTHER, &param) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Opens a ghostfs file read-write where the open itself means something to the kernel
     /// (`agent_online`: holding it open is being the online agent).
     fn open_rw(&self, path: &Path) -> io::Result<File> {
@@ -300,16 +312,10 @@ impl<'a> Enclave<'a> {
 
     /// Moves thread `tid` back to CFS (`sched_setscheduler(SCHED_OTHER)`).
     pub fn remove_task(&self, tid: u32) -> Result<(), GhostError> {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param`, which lives across the call.
-        let r = unsafe { libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_OTHER, &param) };
-        if r != 0 {
-            return Err(io_at(
-                format!("sched_setscheduler(SCHED_OTHER) for thread {tid} in"),
-                &self.dir,
-            )(io::Error::last_os_error()));
-        }
-        Ok(())
+        self.fs.kernel.to_cfs(tid).map_err(io_at(
+            format!("sched_setscheduler(SCHED_OTHER) for thread {tid} in"),
+            &self.dir,
+        ))
     }
 
     /// Destroys the enclave (its tasks go back to CFS, its agents are killed).

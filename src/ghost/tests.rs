@@ -649,13 +649,27 @@ fn mappings_are_released_when_their_owners_drop() {
 
 #[test]
 fn threads_move_to_cfs() {
-    let s = setup(&[91]);
-    let (e, _, _) = enclave(&s, 16);
+    // On a real kernel: sched_setscheduler(SCHED_OTHER) on the thread.
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
-    e.remove_task(tid).unwrap();
+    RealKernel.to_cfs(tid).unwrap();
     // SAFETY: sched_getscheduler only reads.
     assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+    // On the model: the task departs (TASK_DEPARTED, its status word may be freed), and the
+    // model touches no real thread; a thread in no enclave is ESRCH.
+    let s = setup(&[91]);
+    let (e, mut q, sw) = enclave(&s, 16);
+    e.add_task(4242).unwrap();
+    e.remove_task(4242).unwrap();
+    let gtid = Model::gtid(4242);
+    let types: Vec<bool> = std::iter::from_fn(|| q.pop().unwrap())
+        .map(|m| matches!(m.message, Message::TaskDeparted(p) if p.gtid == gtid))
+        .collect();
+    assert_eq!(types, [false, true], "TASK_NEW, then TASK_DEPARTED");
+    let index = s.model.task(1, gtid).unwrap().sw_index;
+    assert_ne!(sw.get(index).unwrap().flags & abi::GHOST_SW_F_CANFREE, 0);
+    let err = e.remove_task(4343).unwrap_err();
+    assert!(err.to_string().contains("thread 4343"), "{err}");
 }
 
 mod ops;

@@ -153,6 +153,43 @@ impl Model {
         })
     }
 
+    /// `GHOST_IOC_RUN` as an agent uses it: a ping moves the agent's barrier; an idle wait
+    /// (`GHOST_NULL_GTID`) fails `ESTALE` on a barrier that moved before it, else blocks as the
+    /// kernel does, until the barrier moves (a ping, a message for that CPU) or the enclave
+    /// dies (`ENODEV`, also when it is already gone). The model has no scheduler to wake the
+    /// sleeper: it looks every 200 µs, and returns after 20 ms in any case (a spurious wakeup,
+    /// which an agent must take anyway).
+    fn run(&self, id: u64, a: &abi::ghost_ioc_run) -> io::Result<i32> {
+        let cpu = u32::try_from(a.run_cpu).map_err(|_| errno(libc::EINVAL))?;
+        let barrier = |e: &mut KEnclave| -> io::Result<u32> {
+            let index = *e.agent_sw.get(&cpu).ok_or_else(|| errno(libc::EINVAL))?;
+            Ok(e.sw(index).0.load(Ordering::Acquire))
+        };
+        match a.gtid {
+            abi::GHOST_AGENT_GTID => self.try_with(id, |e| {
+                // Ping: the agent's barrier moves and it wakes.
+                let index = *e.agent_sw.get(&cpu).ok_or_else(|| errno(libc::EINVAL))?;
+                let (_, flags, _) = e.sw(index);
+                bump_index(e, index, flags.load(Ordering::Acquire));
+                Ok(0)
+            })?,
+            abi::GHOST_NULL_GTID => {
+                if self.try_with(id, barrier)?? != a.agent_barrier {
+                    return Err(errno(libc::ESTALE));
+                }
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
+                while std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    if self.try_with(id, barrier)?? != a.agent_barrier {
+                        break;
+                    }
+                }
+                Ok(0)
+            }
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
     /// The ioctls of agents.
     ///
     /// # Safety
@@ -201,26 +238,7 @@ impl Model {
             abi::GHOST_IOC_RUN => {
                 // SAFETY: the caller passes a ghost_ioc_run for this request.
                 let a = unsafe { &*(arg as *const abi::ghost_ioc_run) };
-                self.with(id, |e| {
-                    let cpu = u32::try_from(a.run_cpu).map_err(|_| errno(libc::EINVAL))?;
-                    let index = *e.agent_sw.get(&cpu).ok_or_else(|| errno(libc::EINVAL))?;
-                    match a.gtid {
-                        abi::GHOST_AGENT_GTID => {
-                            // Ping: the agent's barrier moves and it wakes.
-                            let (_, flags, _) = e.sw(index);
-                            bump_index(e, index, flags.load(Ordering::Acquire));
-                            Ok(0)
-                        }
-                        abi::GHOST_NULL_GTID => {
-                            if e.sw(index).0.load(Ordering::Acquire) != a.agent_barrier {
-                                return Err(errno(libc::ESTALE));
-                            }
-                            // The model has no threads to block: the wait returns at once.
-                            Ok(0)
-                        }
-                        _ => Err(errno(libc::EINVAL)),
-                    }
-                })
+                self.run(id, a)
             }
             abi::GHOST_IOC_TIMERFD_SETTIME => {
                 // SAFETY: the caller passes a ghost_ioc_timerfd_settime for this request.

@@ -127,9 +127,25 @@ struct KEnclave {
     timers: Vec<(i32, u64, u64)>,
     /// Driven by a [`time::Machine`]: commits preempt what runs on the CPU.
     timed: bool,
+    /// Running in real time ([`Model::run_in_real_time`]): when the tasks on CPUs were last
+    /// charged their runtime.
+    real_time: Option<std::time::Instant>,
 }
 
 impl KEnclave {
+    /// In real time: charges the tasks on CPUs the time since they were last charged.
+    fn catch_up(&mut self) {
+        let Some(last) = self.real_time else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(last).as_nanos() as u64;
+        for t in self.tasks.values_mut().filter(|t| t.on_cpu.is_some()) {
+            t.runtime += dt;
+        }
+        self.real_time = Some(now);
+    }
+
     fn queue(&self, path: &Path) -> Option<&KQueue> {
         self.queues.iter().find(|q| q.path == path)
     }
@@ -182,7 +198,38 @@ impl Model {
 
     fn with<R>(&self, id: u64, f: impl FnOnce(&mut KEnclave) -> R) -> R {
         let mut st = self.state.lock().unwrap();
-        f(st.enclaves.get_mut(&id).expect("enclave exists"))
+        let e = st.enclaves.get_mut(&id).expect("enclave exists");
+        e.catch_up();
+        f(e)
+    }
+
+    /// Runs enclave `id`'s CPUs in real time from now: every task on a CPU is charged the real
+    /// time that passes, brought up to date at every entry into the model (a commit, an ioctl,
+    /// a read of a task), so a switch is charged to the nanosecond of the call that made it;
+    /// commits preempt what runs (as under a [`time::Machine`]). For running an agent that
+    /// reads the real clock, threads and all (the ghOSt enforcer's tests).
+    pub fn run_in_real_time(&self, id: u64) {
+        self.with(id, |e| {
+            e.timed = true;
+            e.real_time = Some(std::time::Instant::now());
+        });
+    }
+
+    /// [`Model::with`] for a call that may come after the enclave was destroyed: `ENODEV`
+    /// then, as the kernel answers for a dying enclave.
+    fn try_with<R>(&self, id: u64, f: impl FnOnce(&mut KEnclave) -> R) -> io::Result<R> {
+        let mut st = self.state.lock().unwrap();
+        let e = st
+            .enclaves
+            .get_mut(&id)
+            .ok_or_else(|| errno(libc::ENODEV))?;
+        e.catch_up();
+        Ok(f(e))
+    }
+
+    /// Whether enclave `id` exists (created and not destroyed).
+    pub fn has_enclave(&self, id: u64) -> bool {
+        self.state.lock().unwrap().enclaves.contains_key(&id)
     }
 
     /// The CPUs written to the enclave's `cpulist`.
@@ -323,6 +370,7 @@ impl Model {
                 online: false,
                 timers: Vec::new(),
                 timed: false,
+                real_time: None,
             },
         );
         Ok(())
@@ -697,5 +745,25 @@ impl GhostKernel for Model {
 
     fn open_rw(&self, path: &Path) -> io::Result<File> {
         self.open_agent_online(path)
+    }
+
+    /// The thread leaves the enclave that has it: `TASK_DEPARTED` (its status word may then
+    /// be freed); `ESRCH` when no enclave has it.
+    fn to_cfs(&self, tid: u32) -> io::Result<()> {
+        let gtid = Self::gtid(tid);
+        let id = {
+            let st = self.state.lock().unwrap();
+            st.enclaves
+                .iter()
+                .find(|(_, e)| e.tasks.contains_key(&gtid))
+                .map(|(&id, _)| id)
+        };
+        let id = id.ok_or_else(|| errno(libc::ESRCH))?;
+        let departed = abi::ghost_msg_payload_task_departed {
+            gtid,
+            ..Default::default()
+        };
+        self.task_event(id, gtid, abi::MSG_TASK_DEPARTED, as_bytes(&departed), false);
+        Ok(())
     }
 }
