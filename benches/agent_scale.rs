@@ -33,18 +33,14 @@
 //! twice a second), libvirt, `credits --set` and config edits, metrics scrapes, the balancers.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burst_qemu::agent::sim::Driver;
+use burst_qemu::agent::sim::{Driver, SyntheticHost};
 use burst_qemu::agent::Settings;
-use burst_qemu::config::{self, VmConfig};
-use burst_qemu::contention::SpareRule;
+use burst_qemu::config::VmConfig;
 use burst_qemu::credit::{Baseline, Credits, Policy, Rate, PPM_PER_CPU};
 use burst_qemu::enforce::cgroup::{self, CgroupEnforcer, Version};
-use burst_qemu::procfs::Proc;
-use burst_qemu::state::{self, Source, VmRecord};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 
 /// The fleet sizes, unless `BQ_SCALE_VMS` lists others.
@@ -72,10 +68,7 @@ impl SimVm {
 
 /// The synthetic host of one fleet.
 struct Host {
-    root: PathBuf,
-    proc_dir: PathBuf,
-    state_dir: PathBuf,
-    data_dir: PathBuf,
+    host: SyntheticHost,
     cgroup_dir: PathBuf,
     vms: Vec<SimVm>,
     /// When the counters last moved on.
@@ -89,35 +82,18 @@ fn name(i: usize) -> String {
 impl Host {
     /// Builds the host of `n` VMs (see the module's docs).
     fn build(n: usize) -> Host {
-        let root = PathBuf::from(format!(
+        let host = SyntheticHost::new(Path::new(&format!(
             "/var/tmp/bq-agent-scale-{}-{n}",
             std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&root);
-        let host = Host {
-            proc_dir: root.join("proc"),
-            state_dir: root.join("state"),
-            data_dir: root.join("data"),
-            cgroup_dir: root.join("cgroup"),
-            root,
+        )));
+        let cgroup_dir = host.root.join("cgroup");
+        fs::create_dir_all(&cgroup_dir).unwrap();
+        let mut host = Host {
+            host,
+            cgroup_dir,
             vms: Vec::with_capacity(n),
             advanced: Instant::now(),
         };
-        let vms_dir = host.root.join("vms");
-        for d in [
-            &host.proc_dir,
-            &host.state_dir,
-            &host.data_dir,
-            &host.cgroup_dir,
-            &vms_dir,
-        ] {
-            fs::create_dir_all(d).unwrap();
-        }
-        let boot_id = Proc::host().boot_id();
-        let random = host.proc_dir.join("sys/kernel/random");
-        fs::create_dir_all(&random).unwrap();
-        fs::write(random.join("boot_id"), format!("{boot_id}\n")).unwrap();
-        let mut host = host;
         for i in 0..n {
             let vm = SimVm {
                 pid: PID_BASE + 3 * i as u32,
@@ -125,23 +101,6 @@ impl Host {
                 wait: [1_000_000; 2],
                 load_ppm: load_ppm(i),
             };
-            let start = 1_000 + i as u64;
-            let pid_dir = host.proc_dir.join(vm.pid.to_string());
-            fs::create_dir_all(&pid_dir).unwrap();
-            fs::write(
-                pid_dir.join("stat"),
-                format!(
-                    "{} (qemu-system-x86) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 9 0 {start} 0 0\n",
-                    vm.pid
-                ),
-            )
-            .unwrap();
-            for k in 0..2 {
-                let task = pid_dir.join(format!("task/{}", vm.tid(k)));
-                fs::create_dir_all(&task).unwrap();
-                fs::write(task.join("comm"), format!("CPU {k}/KVM\n")).unwrap();
-            }
-            host.write_schedstat(&vm);
             let policy = Policy::new(
                 2,
                 Baseline::from_percent([10.0, 20.0, 40.0][i % 3]).unwrap(),
@@ -156,45 +115,19 @@ impl Host {
                 cpus: None,
                 memory: None,
             };
-            let config = vms_dir.join(format!("{}.toml", name(i)));
-            config::save(&config, &cfg).unwrap();
-            let record = VmRecord {
-                name: name(i),
-                pid: vm.pid,
-                wrapper_pid: 0,
-                vcpus: 2,
-                baseline: cfg.policy.baseline().percent(),
-                mode: cfg.policy.mode(),
-                vcpu_tids: vec![vm.tid(0), vm.tid(1)],
-                config,
-                qmp_socket: PathBuf::new(),
-                qemu_start: start,
-                boot_id: boot_id.clone(),
-                source: Source::Adopted,
-                agent_socket: None,
-            };
-            state::place_foreign(&host.state_dir, &record).unwrap();
+            let tids = [vm.tid(0), vm.tid(1)];
+            host.host
+                .add_vm(&name(i), vm.pid, 1_000 + i as u64, &tids, &cfg);
+            host.write_schedstat(&vm);
             host.vms.push(vm);
         }
         host
     }
 
-    /// Writes the threads' `schedstat` in place, at a fixed width: no truncation, whose
-    /// freeing and reallocating of blocks (and ext4's flush on close after it) would load the
-    /// disk under the agent's fsyncs.
     fn write_schedstat(&self, vm: &SimVm) {
         for k in 0..2 {
-            let path = self
-                .proc_dir
-                .join(format!("{}/task/{}/schedstat", vm.pid, vm.tid(k)));
-            let line = format!("{:020} {:020} 100\n", vm.run[k], vm.wait[k]);
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .unwrap();
-            f.write_all(line.as_bytes()).unwrap();
+            self.host
+                .write_schedstat(vm.pid, vm.tid(k), vm.run[k], vm.wait[k]);
         }
     }
 
@@ -225,24 +158,9 @@ impl Host {
 
     fn settings(&self) -> Settings {
         Settings {
-            state_dir: self.state_dir.clone(),
-            data_dir: self.data_dir.clone(),
-            idle_exit: None,
             contention: Some(Rate(2 * PPM_PER_CPU)),
-            spare_rule: SpareRule::default(),
-            metrics_listen: None,
-            disk_bandwidth: None,
-            balance: None,
-            memory: None,
-            libvirt: None,
-            proc: Proc::at(&self.proc_dir),
+            ..self.host.settings()
         }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
     }
 }
 
@@ -295,7 +213,7 @@ fn second(d: &mut Driver, host: &mut Host, costs: &mut Costs) -> Duration {
     );
     if stop {
         // SIGINT or SIGTERM: exit skips the destructors, so the host goes first.
-        let _ = fs::remove_dir_all(&host.root);
+        let _ = fs::remove_dir_all(&host.host.root);
         std::process::exit(130);
     }
     timed(&mut || d.tick(), &mut costs.due_tick, &mut costs.wall);
@@ -354,7 +272,7 @@ fn adopted(n: usize) -> (Host, Driver) {
     for _ in 0..11 {
         second(&mut d, &mut host, &mut Costs::default());
     }
-    let ledgers = fs::read_dir(state::ledger_dir(&host.data_dir))
+    let ledgers = fs::read_dir(burst_qemu::state::ledger_dir(&host.host.data_dir))
         .unwrap()
         .filter(|e| {
             e.as_ref()
