@@ -63,3 +63,6 @@ pub mod source;
 pub mod state;
 pub mod testguest;
 pub mod view;
+
+#[cfg(test)]
+mod conformance;

@@ -20,6 +20,8 @@
 //! past `timeout_ms` would make the kernel abort the scheduler), and resumed with `cont`.
 
 pub mod abi;
+#[cfg(test)]
+pub(crate) mod dispatch_model;
 #[cfg(feature = "scx")]
 pub mod loader;
 

@@ -71,7 +71,7 @@
 
 mod shares;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 

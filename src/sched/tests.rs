@@ -13,16 +13,16 @@ const MS: u64 = 1_000_000;
 /// A thread's behaviour: compute `run` ns of CPU, sleep `sleep` ns, forever (`sleep` 0 =
 /// always busy).
 #[derive(Clone, Copy, Debug)]
-struct Behaviour {
+pub(crate) struct Behaviour {
     run: u64,
     sleep: u64,
 }
 
 #[derive(Clone, Debug)]
-struct VmSpec {
-    grant: u64,
-    baseline: u64,
-    threads: Vec<Behaviour>,
+pub(crate) struct VmSpec {
+    pub(crate) grant: u64,
+    pub(crate) baseline: u64,
+    pub(crate) threads: Vec<Behaviour>,
 }
 
 impl VmSpec {
@@ -52,7 +52,7 @@ struct SimThread {
     on: Option<(u32, u64)>,
 }
 
-struct Sim {
+pub(crate) struct Sim {
     s: Scheduler,
     threads: Vec<SimThread>,
     /// (vm, start, end) of everything that ran.
@@ -68,7 +68,7 @@ impl Sim {
     }
 
     /// The VMs entitled as the planner says under `rule`.
-    fn under(rule: SpareRule, specs: &[VmSpec], cpus: u32, config: Config) -> Sim {
+    pub(crate) fn under(rule: SpareRule, specs: &[VmSpec], cpus: u32, config: Config) -> Sim {
         let ids: Vec<u32> = (0..cpus).collect();
         let mut s = Scheduler::new(config, &ids);
         let mut threads = Vec::new();
@@ -155,7 +155,12 @@ impl Sim {
         }
     }
 
-    fn run_until(&mut self, end: u64) {
+    /// A live change of what VM `vm` is entitled to, from now on.
+    pub(crate) fn entitle(&mut self, vm: usize, entitled: Entitlement) {
+        self.s.set_vm(vm as VmId, entitled);
+    }
+
+    pub(crate) fn run_until(&mut self, end: u64) {
         self.decide(&[]);
         while self.now < end {
             // Next event: a slice/refill deadline, a computing thread finishing its burst, a
@@ -197,15 +202,17 @@ impl Sim {
             }
             self.decide(&woken);
         }
+        // What ran up to `end` is recorded; the threads run on if the machine is run again.
         for tid in 0..self.threads.len() {
-            self.stop(tid);
-            let t = &mut self.threads[tid];
-            t.on = None;
+            if let Some((cpu, _)) = self.threads[tid].on {
+                self.stop(tid);
+                self.threads[tid].on = Some((cpu, self.now));
+            }
         }
     }
 
     /// CPU time of `vm` in [from, to).
-    fn used(&self, vm: usize, from: u64, to: u64) -> u64 {
+    pub(crate) fn used(&self, vm: usize, from: u64, to: u64) -> u64 {
         self.ran
             .iter()
             .filter(|r| r.0 == vm)
@@ -239,7 +246,7 @@ impl Sim {
     }
 }
 
-fn busy(n: usize) -> Vec<Behaviour> {
+pub(crate) fn busy(n: usize) -> Vec<Behaviour> {
     vec![Behaviour { run: 1, sleep: 0 }; n]
 }
 
