@@ -96,58 +96,14 @@ fn overcommit(spec: &[Spec; 3]) -> Split {
     // every VM by half) in 4 of 6 runs, while the example's windows after 12 s were within 1.1
     // points in 4 of 4 (ResCoin's plan took 18 s to settle, so its windows always started late).
     std::thread::sleep(Duration::from_secs(10).saturating_sub(resumed.elapsed()));
-    // One measurement window for all three, read in this process at both ends.
-    let threads: Vec<(u32, Vec<u32>)> = vms
-        .iter()
-        .map(|v| (v.record.pid, v.record.vcpu_tids.clone()))
-        .collect();
-    let before: Vec<u64> = threads
-        .iter()
-        .map(|(p, t)| t.iter().map(|&t| thread_cpu_ns(*p, t)).sum())
-        .collect();
-    // The plan moves a little from period to period: compare with its mean over the window.
-    let start = std::time::Instant::now();
-    let mut plans = Vec::new();
-    while start.elapsed() < Duration::from_secs(6) {
-        std::thread::sleep(Duration::from_millis(500));
-        plans.push(plan_now().expect("every VM has an allocation"));
-    }
-    let ns = start.elapsed().as_nanos() as f64;
-    let delivered: Vec<f64> = threads
-        .iter()
-        .zip(&before)
-        .map(|((p, t), b)| {
-            let a: u64 = t.iter().map(|&t| thread_cpu_ns(*p, t)).sum();
-            (a - b) as f64 * 100.0 / ns
-        })
-        .collect();
-    let planned: Vec<f64> = (0..spec.len())
-        .map(|i| plans.iter().map(|p| p[i]).sum::<f64>() / plans.len() as f64)
-        .collect();
-    // The rule's prediction for busy VMs: each grant is its 2 vCPUs with credits, its baseline
-    // without. Under sched_ext, for what the three received in all.
+    let (delivered, planned) = window(&vms, &plan_now);
+    // Under sched_ext, for what the three received in all.
     let shared = if under_scx() {
         delivered.iter().sum::<f64>() / 100.0
     } else {
         capacity
     };
-    let grants: Vec<(Rate, Rate)> = spec
-        .iter()
-        .map(|(name, b, _)| {
-            let baseline = Rate(b.parse::<u64>().unwrap() * 20_000);
-            let grant = view(&s, name)["grant_pct"].as_f64().unwrap();
-            let grant = Rate((grant * 20_000.0).round() as u64);
-            (grant, baseline)
-        })
-        .collect();
-    let predicted: Vec<f64> = busy_split(
-        Rate((shared * PPM_PER_CPU as f64).round() as u64),
-        SpareRule::default(),
-        &grants,
-    )
-    .iter()
-    .map(|r| r.0 as f64 / 10_000.0)
-    .collect();
+    let (grants, predicted) = predict(&s, spec, shared);
     eprintln!(
         "{}: delivered {delivered:.2?} % of one CPU; planned {planned:.2?}; predicted \
          {predicted:.2?} for {shared:.3} CPUs; grants {grants:?}",
@@ -165,6 +121,63 @@ fn overcommit(spec: &[Spec; 3]) -> Split {
         planned: (!under_scx()).then_some(planned),
         predicted,
     }
+}
+
+/// One measurement window of 6 s for all of `vms`, their threads read in this process at both
+/// ends: what each received, % of one CPU, and the stage's plan (its mean over the window: it
+/// moves a little from period to period).
+fn window(vms: &[Launched], plan_now: &dyn Fn() -> Option<Vec<f64>>) -> (Vec<f64>, Vec<f64>) {
+    let threads: Vec<(u32, Vec<u32>)> = vms
+        .iter()
+        .map(|v| (v.record.pid, v.record.vcpu_tids.clone()))
+        .collect();
+    let before: Vec<u64> = threads
+        .iter()
+        .map(|(p, t)| t.iter().map(|&t| thread_cpu_ns(*p, t)).sum())
+        .collect();
+    let start = std::time::Instant::now();
+    let mut plans = Vec::new();
+    while start.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(500));
+        plans.push(plan_now().expect("every VM has an allocation"));
+    }
+    let ns = start.elapsed().as_nanos() as f64;
+    let delivered: Vec<f64> = threads
+        .iter()
+        .zip(&before)
+        .map(|((p, t), b)| {
+            let a: u64 = t.iter().map(|&t| thread_cpu_ns(*p, t)).sum();
+            (a - b) as f64 * 100.0 / ns
+        })
+        .collect();
+    let planned: Vec<f64> = (0..vms.len())
+        .map(|i| plans.iter().map(|p| p[i]).sum::<f64>() / plans.len() as f64)
+        .collect();
+    (delivered, planned)
+}
+
+/// The rule's prediction for the busy VMs of `spec` sharing `shared` CPUs, % of one CPU, with
+/// each VM's (grant, baseline): the grant as the agent publishes it now (its 2 vCPUs with
+/// credits, about its baseline without).
+fn predict(s: &Scratch, spec: &[Spec; 3], shared: f64) -> (Vec<(Rate, Rate)>, Vec<f64>) {
+    let grants: Vec<(Rate, Rate)> = spec
+        .iter()
+        .map(|(name, b, _)| {
+            let baseline = Rate(b.parse::<u64>().unwrap() * 20_000);
+            let grant = view(s, name)["grant_pct"].as_f64().unwrap();
+            let grant = Rate((grant * 20_000.0).round() as u64);
+            (grant, baseline)
+        })
+        .collect();
+    let predicted = busy_split(
+        Rate((shared * PPM_PER_CPU as f64).round() as u64),
+        SpareRule::default(),
+        &grants,
+    )
+    .iter()
+    .map(|r| r.0 as f64 / 10_000.0)
+    .collect();
+    (grants, predicted)
 }
 
 /// Until the stage has engaged and settled: every VM has an allocation and the plan moved by

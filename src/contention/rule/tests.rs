@@ -123,6 +123,17 @@ fn fleet<'a>(spec: &[(u64, u64, u64)], names: &'a [String]) -> Vec<(&'a str, u64
         .collect()
 }
 
+/// Each VM's (grant, baseline) from `(vCPUs, baseline %, grant %)`, the grant never below the
+/// baseline.
+fn grants(spec: &[(u64, u64, u64)]) -> Vec<(Rate, Rate)> {
+    spec.iter()
+        .map(|&(v, b, g)| {
+            let base = v * CPU * b / 100;
+            (Rate((v * CPU * g / 100).max(base)), Rate(base))
+        })
+        .collect()
+}
+
 proptest! {
     #[test]
     fn identical_busy_vms_get_equal_shares_whatever_their_history(
@@ -237,13 +248,7 @@ proptest! {
         capacity in 1u64..6,
         spec in prop::collection::vec((1u64..5, 1u64..100, 0u64..101), 1..8),
     ) {
-        let fleet: Vec<(Rate, Rate)> = spec
-            .iter()
-            .map(|&(v, b, g)| {
-                let base = v * CPU * b / 100;
-                (Rate((v * CPU * g / 100).max(base)), Rate(base))
-            })
-            .collect();
+        let fleet = grants(&spec);
         let split = busy_split(Rate(capacity * CPU), rule, &fleet);
         let grants: u64 = fleet.iter().map(|f| f.0 .0).sum();
         let total: u64 = split.iter().map(|r| r.0).sum();
@@ -267,13 +272,7 @@ proptest! {
         cpu_count in 1u32..6,
         spec in prop::collection::vec((1u64..5, 0u64..100, 0u64..101), 1..9),
     ) {
-        let fleet: Vec<(Rate, Rate)> = spec
-            .iter()
-            .map(|&(v, b, g)| {
-                let base = v * CPU * b / 100;
-                (Rate((v * CPU * g / 100).max(base)), Rate(base))
-            })
-            .collect();
+        let fleet = grants(&spec);
         let planned = busy_split(cpus(cpu_count), rule, &fleet);
         let demands: Vec<Demand> = fleet
             .iter()
