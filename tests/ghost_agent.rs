@@ -78,11 +78,10 @@ impl Fleet {
         };
         let root = self.host.root.join("ghost");
         let enforcer = GhostEnforcer::start_on(&root, &[0, 1, 2], host).unwrap();
-        let t = Instant::now();
-        while !self.model.has_enclave(1) {
-            assert!(t.elapsed() < Duration::from_secs(5), "no enclave");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert!(
+            self.model.wait_for_enclave(1, Duration::from_secs(5)),
+            "no enclave"
+        );
         self.model.run_in_real_time(1);
         self.driver = Some(Driver::start(self.host.settings(), Box::new(enforcer)).unwrap());
     }

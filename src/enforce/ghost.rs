@@ -77,7 +77,9 @@ pub struct GhostEnforcer {
     stop: Arc<AtomicBool>,
     failure: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<()>>,
-    ids: HashMap<String, VmId>,
+    /// Each attached VM's id, and the entitlement last sent for it (the agent calls
+    /// `entitle` every tick; an unchanged one is not sent again).
+    ids: HashMap<String, (VmId, Entitlement)>,
     next_id: VmId,
 }
 
@@ -169,7 +171,7 @@ impl GhostEnforcer {
     fn id(&self, vm: &str) -> Result<VmId, EnforceError> {
         self.ids
             .get(vm)
-            .copied()
+            .map(|&(id, _)| id)
             .ok_or_else(|| EnforceError::NotAttached { vm: vm.to_owned() })
     }
 
@@ -273,18 +275,19 @@ impl Enforcer for GhostEnforcer {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.ids.insert(vm.name.clone(), id);
         // Until the agent's first `entitle` (at once, with its first `apply`): its baseline,
         // the whole of it guaranteed and no spare.
         let baseline = Rate::from_percent_of(vm.baseline, vm.vcpus);
+        let entitled = Entitlement {
+            cap: baseline,
+            guarantee: baseline,
+            weight: Rate(0),
+        };
+        self.ids.insert(vm.name.clone(), (id, entitled));
         self.send(Cmd::Attach {
             vm: id,
             tids: vm.vcpu_tids.clone(),
-            entitled: Entitlement {
-                cap: baseline,
-                guarantee: baseline,
-                weight: Rate(0),
-            },
+            entitled,
         })
     }
 
@@ -294,13 +297,18 @@ impl Enforcer for GhostEnforcer {
     }
 
     fn entitle(&mut self, vm: &str, entitled: Entitlement) -> Result<(), EnforceError> {
-        let vm = self.id(vm)?;
-        self.send(Cmd::Entitle { vm, entitled })
+        let id = self.id(vm)?;
+        if self.ids.get(vm).is_some_and(|&(_, sent)| sent == entitled) {
+            return Ok(());
+        }
+        self.send(Cmd::Entitle { vm: id, entitled })?;
+        self.ids.insert(vm.to_owned(), (id, entitled));
+        Ok(())
     }
 
     fn detach(&mut self, vm: &str) -> Result<(), EnforceError> {
         match self.ids.remove(vm) {
-            Some(id) => self.send(Cmd::Detach { vm: id }),
+            Some((id, _)) => self.send(Cmd::Detach { vm: id }),
             None => Ok(()),
         }
     }

@@ -602,16 +602,23 @@ impl Scheduler {
         if base < min || left(now) >= min {
             return None;
         }
-        let (mut lo, mut hi) = (now, now + self.config.period_ns + min);
+        Some(self.first_at(now, min, |t| left(t) >= min))
+    }
+
+    /// The first time after `now`, within a period and `margin`, at which `ok` holds, for a
+    /// condition that, once true, stays true as the window slides on (usage only falls): a
+    /// binary search; the end of that span when it never holds.
+    fn first_at(&self, now: u64, margin: u64, ok: impl Fn(u64) -> bool) -> u64 {
+        let (mut lo, mut hi) = (now, now + self.config.period_ns + margin);
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
-            if left(mid) >= min {
+            if ok(mid) {
                 hi = mid;
             } else {
                 lo = mid;
             }
         }
-        Some(hi)
+        hi
     }
 
     /// How far below its baseline a waiting VM must be for the policy to decide again on its
@@ -629,16 +636,7 @@ impl Scheduler {
         if v.grant.over(self.config.period_ns) < min {
             return None; // paused: never
         }
-        let (mut lo, mut hi) = (now, now + self.config.period_ns + min);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if self.budget(v, mid) >= min {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
-        }
-        Some(hi)
+        Some(self.first_at(now, min, |t| self.budget(v, t) >= min))
     }
 
     /// CPU time `vm` used (or was committed) in the window of one period ending at `now`

@@ -50,11 +50,10 @@ struct RealTime {
 
 impl RealTime {
     fn start(model: &Model) -> RealTime {
-        let t = Instant::now();
-        while !model.has_enclave(1) {
-            assert!(t.elapsed() < Duration::from_secs(5), "no enclave");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert!(
+            model.wait_for_enclave(1, Duration::from_secs(5)),
+            "no enclave"
+        );
         model.run_in_real_time(1);
         RealTime {
             model: model.clone(),

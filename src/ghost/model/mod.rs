@@ -227,6 +227,19 @@ impl Model {
         Ok(f(e))
     }
 
+    /// Waits (up to `within`) for enclave `id` to be created, as by an agent on another
+    /// thread; whether it exists.
+    pub fn wait_for_enclave(&self, id: u64, within: std::time::Duration) -> bool {
+        let t = std::time::Instant::now();
+        while !self.has_enclave(id) {
+            if t.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
     /// Whether enclave `id` exists (created and not destroyed).
     pub fn has_enclave(&self, id: u64) -> bool {
         self.state.lock().unwrap().enclaves.contains_key(&id)
