@@ -18,6 +18,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=bpf/burst.bpf.c");
     println!("cargo:rerun-if-changed=bpf/intf.h");
+    println!("cargo:rerun-if-changed=bpf/user_dispatch.h");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     intf_layout(&out_dir);
     let out = out_dir.join("burst.bpf.o");
@@ -26,6 +27,8 @@ fn main() {
         .args([
             "-target",
             "bpf",
+            // v3: the atomic exchange of the user-space mode's orders.
+            "-mcpu=v3",
             "-O2",
             "-g",
             "-Wall",
@@ -55,6 +58,21 @@ const LAYOUT: &[(&str, &str)] = &[
     ("CONF_SIZE", "sizeof(struct conf)"),
     ("BUDGET_SIZE", "sizeof(struct budget)"),
     ("USAGE_SIZE", "sizeof(struct usage)"),
+    ("EVENT_SIZE", "sizeof(struct event)"),
+    ("ORDER_SIZE", "sizeof(struct order)"),
+    ("LATENCY_SIZE", "sizeof(struct latency)"),
+    ("LAT_BUCKETS", "LAT_BUCKETS"),
+    ("EV_WAKE", "EV_WAKE"),
+    ("EV_RUNNING", "EV_RUNNING"),
+    ("EV_STOP", "EV_STOP"),
+    ("EV_BLOCK", "EV_BLOCK"),
+    ("EV_FAILED", "EV_FAILED"),
+    ("EV_PAUSE", "EV_PAUSE"),
+    ("ORDER_RUN", "ORDER_RUN"),
+    ("ORDER_EXTEND", "ORDER_EXTEND"),
+    ("ORDER_PREEMPT", "ORDER_PREEMPT"),
+    ("ORDER_HARD", "ORDER_HARD"),
+    ("ORDER_DEFER", "ORDER_DEFER"),
 ];
 
 /// The mirrored fields, as (struct, field): build.rs writes `STRUCT_FIELD` (its offset) and
@@ -63,7 +81,21 @@ const FIELDS: &[(&str, &str)] = &[
     ("conf", "period_ns"),
     ("conf", "slice_ns"),
     ("conf", "nr_cpus"),
-    ("conf", "pad"),
+    ("conf", "user_dispatch"),
+    ("event", "at"),
+    ("event", "tid"),
+    ("event", "cpu"),
+    ("event", "kind"),
+    ("order", "until"),
+    ("order", "op"),
+    ("order", "cpu"),
+    ("order", "tid"),
+    ("order", "replaced"),
+    ("latency", "waits"),
+    ("latency", "sum_ns"),
+    ("latency", "max_ns"),
+    ("latency", "runs"),
+    ("latency", "hist"),
     ("budget", "base_ns"),
     ("budget", "grant_ns"),
     ("budget", "weight"),

@@ -49,11 +49,17 @@ typedef _Bool bool;
 /* Map types and flags (uapi linux/bpf.h). */
 #define BPF_MAP_TYPE_HASH 1
 #define BPF_MAP_TYPE_ARRAY 2
+#define BPF_MAP_TYPE_RINGBUF 27
 #define BPF_ANY 0
 #define CLOCK_MONOTONIC 1
 
 /* Helpers (ids from uapi linux/bpf.h). */
 static void *(*const bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*const bpf_map_update_elem)(void *map, const void *key, const void *value,
+					 u64 flags) = (void *)2;
+static long (*const bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
+static u64 (*const bpf_ktime_get_ns)(void) = (void *)5;
+static long (*const bpf_ringbuf_output)(void *ringbuf, void *data, u64 size, u64 flags) = (void *)130;
 static u32 (*const bpf_get_smp_processor_id)(void) = (void *)8;
 struct bpf_timer {
 	u64 __opaque[2];
@@ -72,8 +78,14 @@ struct sched_entity {
 	u64 sum_exec_runtime;
 } __attribute__((preserve_access_index));
 
+/* A struct, not a declaration: libbpf matches a kfunc's argument types by kind. */
+struct cpumask {
+	unsigned long bits[1];
+} __attribute__((preserve_access_index));
+
 struct task_struct {
 	int pid;
+	const struct cpumask *cpus_ptr;
 	struct sched_entity se;
 	struct sched_ext_entity scx;
 } __attribute__((preserve_access_index));
@@ -85,6 +97,7 @@ struct scx_exit_info;
 #define SCX_DSQ_LOCAL 0x8000000000000002ULL
 #define SCX_ENQ_LAST (1ULL << 41)
 #define SCX_KICK_IDLE 1
+#define SCX_KICK_PREEMPT 2
 #define SCX_OPS_ENQ_LAST 2
 #define SCX_OPS_SWITCH_PARTIAL 8
 
@@ -97,6 +110,9 @@ extern s32 scx_bpf_create_dsq(u64 dsq_id, s32 node) __ksym;
 extern void scx_bpf_kick_cpu(s32 cpu, u64 flags) __ksym;
 extern s32 scx_bpf_dsq_nr_queued(u64 dsq_id) __ksym;
 extern s32 scx_bpf_task_cpu(const struct task_struct *p) __ksym;
+extern struct task_struct *bpf_task_from_pid(s32 pid) __ksym;
+extern void bpf_task_release(struct task_struct *p) __ksym;
+extern bool bpf_cpumask_test_cpu(u32 cpu, const struct cpumask *cpumask) __ksym;
 
 /* MAX_VMS, MAX_CPUS, NO_VM and struct conf, budget, usage: intf.h. */
 
@@ -208,6 +224,27 @@ struct {
 	__type(value, struct timer_slot);
 } refill SEC(".maps");
 
+/* Runnable-to-run waits and runs of the VMs' threads (intf.h), both modes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, struct latency);
+} latency SEC(".maps");
+
+/* A VM's thread enqueued and not yet running -> when (ns, bits 2 and up), whether its wait is
+ * counted in `latency` (bit 0: with budget; every one in the user-space mode) and, in the user-space mode, whether an
+ * order took it already (bit 1). In the user-space mode, present = held here for an order. */
+#define ENQ_COUNTED 1ULL
+#define ENQ_TAKEN 2ULL
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS * 16);
+	__type(key, u32);
+	__type(value, u64);
+} enq_at SEC(".maps");
+
+
 char _license[] SEC("license") = "GPL";
 
 static __always_inline struct conf *config(void)
@@ -216,11 +253,19 @@ static __always_inline struct conf *config(void)
 	return bpf_map_lookup_elem(&conf, &zero);
 }
 
+static __always_inline bool user_dispatch(void)
+{
+	struct conf *c = config();
+	return c && c->user_dispatch;
+}
+
 static __always_inline u64 slice_ns(void)
 {
 	struct conf *c = config();
 	return c && c->slice_ns ? c->slice_ns : 5000000ULL;
 }
+
+#include "user_dispatch.h"
 
 /* The slots the loops over the VMs visit: 0 .. slots_in_use() - 1. */
 static __always_inline u32 slots_in_use(void)
@@ -436,7 +481,14 @@ void bq_enqueue(unsigned long long *ctx)
 		scx_bpf_dispatch(p, SCX_DSQ_GLOBAL, slice_ns(), enq_flags);
 		return;
 	}
+	u32 tid = p->pid;
+	if (user_dispatch()) {
+		hold_for_order(p, tid);
+		return;
+	}
 	if (has_budget(vm)) {
+		u64 at = (bpf_ktime_get_ns() & ~3ULL) | ENQ_COUNTED;
+		bpf_map_update_elem(&enq_at, &tid, &at, BPF_ANY);
 		if (enq_flags & SCX_ENQ_LAST) {
 			/* Nothing else wants this CPU and the VM may run: keep running. */
 			scx_bpf_dispatch(p, SCX_DSQ_LOCAL, slice_ns(), enq_flags);
@@ -508,6 +560,10 @@ static long pick_cb(u64 index, struct pick_ctx *c)
 SEC("struct_ops/bq_dispatch")
 void bq_dispatch(unsigned long long *ctx)
 {
+	if (user_dispatch()) {
+		dispatch_ordered((u32)ctx[0]);
+		return;
+	}
 	struct pick_ctx c = { .tried0 = NO_VM, .tried1 = NO_VM };
 	u32 n = slots_in_use();
 	/* Up to three tries: a DSQ seen non-empty may be emptied by another CPU meanwhile. */
@@ -528,6 +584,21 @@ void bq_dispatch(unsigned long long *ctx)
 	}
 }
 
+/* Counts one wake-to-run wait of `ns` in `latency`. */
+static __always_inline void record_wait(struct latency *l, u64 ns)
+{
+	u64 us = ns / 1000;
+	u32 b = 0;
+	for (u32 i = 1; i < LAT_BUCKETS; i++)
+		if (us >> i)
+			b = i;
+	__sync_fetch_and_add(&l->waits, 1);
+	__sync_fetch_and_add(&l->sum_ns, ns);
+	if (ns > l->max_ns)
+		l->max_ns = ns; /* racy between CPUs: a maximum lost now and then */
+	__sync_fetch_and_add(&l->hist[b], 1);
+}
+
 SEC("struct_ops/bq_running")
 void bq_running(unsigned long long *ctx)
 {
@@ -539,26 +610,49 @@ void bq_running(unsigned long long *ctx)
 	r->since = p->se.sum_exec_runtime;
 	u32 vm = vm_of(p);
 	r->vm1 = vm == NO_VM ? 0 : vm + 1;
+	if (vm == NO_VM)
+		return;
+	u32 tid = p->pid;
+	u32 zero = 0;
+	struct latency *l = bpf_map_lookup_elem(&latency, &zero);
+	u64 *enq = bpf_map_lookup_elem(&enq_at, &tid);
+	if (l) {
+		__sync_fetch_and_add(&l->runs, 1);
+		if (enq && (*enq & ENQ_COUNTED))
+			record_wait(l, bpf_ktime_get_ns() - (*enq & ~3ULL));
+	}
+	if (enq)
+		bpf_map_delete_elem(&enq_at, &tid);
+	if (user_dispatch())
+		emit(EV_RUNNING, tid, cpu);
 }
 
 SEC("struct_ops/bq_stopping")
 void bq_stopping(unsigned long long *ctx)
 {
 	struct task_struct *p = (void *)ctx[0];
+	bool runnable = ctx[1];
 	u32 cpu = bpf_get_smp_processor_id();
-	charge(cpu, p);
+	u32 vm = charge(cpu, p);
 	struct running *r = bpf_map_lookup_elem(&cpus, &cpu);
 	if (r)
 		r->vm1 = 0;
+	if (vm != NO_VM && user_dispatch())
+		stopped_ordered(cpu, p, runnable);
 }
 
 SEC("struct_ops/bq_tick")
 void bq_tick(unsigned long long *ctx)
 {
 	struct task_struct *p = (void *)ctx[0];
-	u32 vm = charge(bpf_get_smp_processor_id(), p);
+	u32 cpu = bpf_get_smp_processor_id();
+	u32 vm = charge(cpu, p);
 	if (vm == NO_VM)
 		return;
+	if (user_dispatch()) {
+		tick_ordered(cpu, p);
+		return;
+	}
 	struct budget *b = bpf_map_lookup_elem(&budgets, &vm);
 	struct usage *u = bpf_map_lookup_elem(&usage, &vm);
 	if (!b || !u)

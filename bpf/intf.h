@@ -28,7 +28,7 @@ struct conf {
 	u64 period_ns; /* budget period */
 	u64 slice_ns;  /* the longest a thread runs before dispatch decides again */
 	u32 nr_cpus;   /* CPUs the timer kicks: 0 .. nr_cpus - 1 */
-	u32 pad;
+	u32 user_dispatch; /* 1: the scheduler process decides every dispatch (below) */
 };
 
 /* `budgets` (MAX_VMS entries, by VM index): written by the scheduler process. */
@@ -51,5 +51,63 @@ struct usage {
  * highest slot in use + 1, raised before the new VM's threads enter `tasks` and lowered after a
  * freed slot's threads left it. The program loops over slots 0 .. nr_vms - 1 only, and treats a
  * thread of a slot at or above it as of no VM. */
+
+/*
+ * The user-space dispatch mode (conf.user_dispatch = 1): a VM's runnable thread is not queued
+ * by the program but held for the scheduler process, which is told of every change on the
+ * `events` ring buffer and orders each dispatch with the `bq_order` syscall program.
+ */
+
+/* `events` (a BPF ring buffer), one record per change of a VM's thread. */
+#define EV_WAKE 1    /* ops.enqueue: runnable and waiting for an order */
+#define EV_RUNNING 2 /* ops.running: on `cpu` */
+#define EV_STOP 3    /* ops.stopping: off `cpu`, still runnable */
+#define EV_BLOCK 4   /* ops.stopping: off `cpu`, blocked */
+#define EV_FAILED 5  /* an order to run it found it not waiting (it ran, left or is gone) */
+#define EV_PAUSE 6   /* ops.stopping: a higher class took `cpu`; it goes on there after */
+
+struct event {
+	u64 at;	  /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	u32 tid;
+	u32 cpu;
+	u32 kind; /* EV_* */
+	u32 pad;
+};
+
+/* The context of `bq_order` (BPF_PROG_RUN): what the scheduler process orders for a CPU. */
+#define ORDER_RUN 1	/* run `tid` on `cpu` until `until` */
+#define ORDER_EXTEND 2	/* the thread on `cpu` runs on until `until` */
+#define ORDER_PREEMPT 3 /* take the thread off `cpu` and leave it idle */
+/* Or'ed into ORDER_RUN or ORDER_EXTEND: `until` is a hard end (the VM's budget ends there),
+ * which the CPU's tick keeps to the tick; without it the end is the policy's next look (a
+ * turn among threads), and the tick only ends the slice one slice_ns after it, should the
+ * process not have ordered anything by then. */
+#define ORDER_HARD 0x100
+/* Or'ed into ORDER_RUN or ORDER_PREEMPT, decided ahead of the end of the slice running on
+ * `cpu`: that slice ends at its own end, as a hard one (the tick), and then the CPU takes the
+ * thread ordered (or none), without a kick. On a CPU running nothing ordered, at once. */
+#define ORDER_DEFER 0x200
+
+struct order {
+	u64 until;    /* CLOCK_MONOTONIC ns */
+	u32 op;	      /* ORDER_* */
+	u32 cpu;
+	u32 tid;      /* ORDER_RUN; ORDER_EXTEND: only if it is the thread ordered there */
+	u32 replaced; /* out: the thread of an earlier ORDER_RUN the CPU had not taken yet, or 0 */
+};
+
+/* `latency` (one entry): how long a VM's runnable thread with budget waited to run, in both
+ * modes (ops.enqueue to ops.running: a wake-up, or the end of a slice), and how many times a
+ * VM's thread was put on a CPU. hist[i] counts waits of [2^i, 2^(i+1)) microseconds (hist[0]
+ * also those below 1). */
+#define LAT_BUCKETS 24
+
+struct latency {
+	u64 waits;
+	u64 sum_ns;
+	u64 max_ns;
+	u64 runs;
+	u64 hist[LAT_BUCKETS];
+};
 
 #endif

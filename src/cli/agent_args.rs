@@ -110,6 +110,18 @@ pub(super) struct AgentArgs {
     /// all].
     #[arg(long, value_name = "LIST", env = "BURST_QEMU_SCX_CPUS", value_parser = cpu_list_text)]
     pub(super) scx_cpus: Option<String>,
+    /// With --enforcer scx: who decides each dispatch of a vCPU thread. `bpf`: the BPF
+    /// program, from the budgets the agent gives it. `user`: the scheduler process, by the
+    /// same policy as the ghOSt agent's (src/sched), decision by decision, the program only
+    /// carrying them out (sched_ext's user-space scheduling, as ghOSt does it).
+    #[arg(
+        long,
+        value_name = "bpf|user",
+        default_value = "bpf",
+        value_parser = ["bpf", "user"],
+        env = "BURST_QEMU_SCX_DISPATCH"
+    )]
+    pub(super) scx_dispatch: String,
     /// CPUs of the ghOSt enclave, as a list (`0-3,6`); the first runs the global agent
     /// [default: all].
     #[arg(long, value_name = "LIST", env = "BURST_QEMU_GHOST_CPUS", value_parser = cpu_list_text)]
@@ -255,7 +267,7 @@ fn capacity_text(text: &str) -> Result<String, String> {
 }
 
 /// A CPU list's value parser (`0-3,6`): the text, once it parses.
-fn cpu_list_text(text: &str) -> Result<String, String> {
+pub(super) fn cpu_list_text(text: &str) -> Result<String, String> {
     parse_cpu_list(text).map(|_| text.to_owned())
 }
 

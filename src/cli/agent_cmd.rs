@@ -292,7 +292,12 @@ fn enforcer(
                 .map(|l| cpu_list("--scx-cpus", l))
                 .transpose()?;
             let exe = std::env::current_exe().map_err(Failure::host)?;
-            let e = scx::ScxEnforcer::start(cgroup_enforcer(a, state_dir)?, &exe, cpus, state_dir)
+            let dispatch = match a.scx_dispatch.as_str() {
+                "user" => scx::Dispatch::User,
+                _ => scx::Dispatch::Bpf,
+            };
+            let backstop = cgroup_enforcer(a, state_dir)?;
+            let e = scx::ScxEnforcer::start(backstop, &exe, cpus, dispatch, state_dir)
                 .context("starting the sched_ext scheduler (run burst-qemu check)")
                 .map_err(Failure::host)?;
             tracing::info!("enforcer: {}", e.describe());
@@ -423,14 +428,19 @@ pub(super) fn run_agent(argv: Vec<std::ffi::OsString>) -> Result<(), Failure> {
 }
 
 /// `burst-qemu scx-scheduler`: the sched_ext scheduler process the scx enforcer starts.
-pub(super) fn run_scx_scheduler(stats: Option<&Path>) -> Result<(), Failure> {
+pub(super) fn run_scx_scheduler(
+    stats: Option<&Path>,
+    dispatch: &str,
+    cpus: Option<&str>,
+) -> Result<(), Failure> {
     #[cfg(feature = "scx")]
     {
-        scx::loader::run(stats).map_err(Failure::host)
+        let cpus = cpus.map(|l| cpu_list("--cpus", l)).transpose()?;
+        scx::loader::run(stats, dispatch == "user", cpus).map_err(Failure::host)
     }
     #[cfg(not(feature = "scx"))]
     {
-        let _ = stats;
+        let _ = (stats, dispatch, cpus);
         Err(usage(
             "built without the `scx` feature (cargo build --features scx)".into(),
         ))

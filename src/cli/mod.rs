@@ -177,6 +177,13 @@ struct ScxSchedulerArgs {
     /// Publish the scheduler's state and per-VM figures to this JSON file each second.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    /// Who decides each dispatch of a vCPU thread: the BPF program, or this process
+    /// (`user`: the agent's scheduling policy, decision by decision).
+    #[arg(long, value_name = "bpf|user", default_value = "bpf", value_parser = ["bpf", "user"])]
+    dispatch: String,
+    /// With --dispatch user: the CPUs the policy manages (the vCPU threads') [default: all].
+    #[arg(long, value_name = "LIST", value_parser = agent_args::cpu_list_text)]
+    cpus: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -407,7 +414,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Some(Command::Metrics) => observe::metrics_cmd(&g.state_dir(), &g.data_dir()),
         Some(Command::Top) => top::run(&g.state_dir(), &g.data_dir()),
-        Some(Command::ScxScheduler(a)) => agent_cmd::run_scx_scheduler(a.stats.as_deref()),
+        Some(Command::ScxScheduler(a)) => {
+            agent_cmd::run_scx_scheduler(a.stats.as_deref(), &a.dispatch, a.cpus.as_deref())
+        }
         Some(Command::Generate(a)) => generate::generate(&a),
         Some(Command::TestGuest(a)) => {
             let kind = match (a.halt, a.duty) {

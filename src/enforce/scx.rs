@@ -24,6 +24,8 @@ pub mod abi;
 pub(crate) mod dispatch_model;
 #[cfg(feature = "scx")]
 pub mod loader;
+mod stats;
+pub mod user;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -45,6 +47,7 @@ pub const OPS_NAME: &str = "burst_qemu";
 pub const SCHED_EXT: i32 = 7;
 /// The most VMs one scheduler holds (its DSQs and map sizes; `MAX_VMS` of bpf/intf.h).
 pub use abi::MAX_VMS;
+pub use stats::{read_stats, stats_path, LatencyStats, Stats, VmStats};
 /// The error of an attach past [`MAX_VMS`] (the number is checked by a unit test).
 const TOO_MANY: &str =
     "too many VMs for the sched_ext scheduler (1024, MAX_VMS of bpf/intf.h); not scheduling";
@@ -152,44 +155,6 @@ impl Command {
     }
 }
 
-/// What the scheduler process publishes about itself each second (`<state dir>/scx.json`).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Stats {
-    /// The scheduler process.
-    pub pid: u32,
-    /// The kernel's sched_ext state and scheduler (`enabled`, `burst_qemu`).
-    pub state: String,
-    pub ops: String,
-    /// Per VM: CPU charged by the BPF scheduler since it loaded, and how often one of its
-    /// threads was held back for want of budget.
-    pub vms: std::collections::BTreeMap<String, VmStats>,
-}
-
-/// One VM in [`Stats`].
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct VmStats {
-    /// Its slot in the BPF maps (its DSQ is `slot + 1`).
-    #[serde(default)]
-    pub slot: u32,
-    pub cpu_ns: u64,
-    pub held: u64,
-    pub base_ns: u64,
-    pub grant_ns: u64,
-    /// Its weight for the spare, as written to the program.
-    #[serde(default)]
-    pub weight: u64,
-}
-
-/// Where the scheduler process of the agent of `state_dir` publishes its [`Stats`].
-pub fn stats_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("scx.json")
-}
-
-/// The published [`Stats`], if any.
-pub fn read_stats(state_dir: &Path) -> Option<Stats> {
-    serde_json::from_slice(&std::fs::read(stats_path(state_dir)).ok()?).ok()
-}
-
 /// ns of CPU per [`PERIOD`] at `rate`.
 pub fn budget_ns(rate: Rate) -> u64 {
     (u128::from(rate.0) * PERIOD.as_nanos() / u128::from(PPM_PER_CPU)) as u64
@@ -233,10 +198,22 @@ struct Scheduler {
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Who decides each dispatch of a vCPU thread (`agent --scx-dispatch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// The BPF program, from the budgets the agent gives it (the default: see the README's
+    /// enforcer section for the figures of both).
+    Bpf,
+    /// The scheduler process, by the one scheduling policy ([`crate::sched`], the ghOSt
+    /// agent's), decision by decision ([`user`]).
+    User,
+}
+
 /// The sched_ext enforcer (see the module docs).
 pub struct ScxEnforcer {
     backstop: CgroupEnforcer,
     cpus: Option<Vec<u32>>,
+    dispatch: Dispatch,
     exe: PathBuf,
     stats: PathBuf,
     sched: Option<Scheduler>,
@@ -306,6 +283,7 @@ impl ScxEnforcer {
         backstop: CgroupEnforcer,
         exe: &Path,
         cpus: Option<Vec<u32>>,
+        dispatch: Dispatch,
         state_dir: &Path,
     ) -> Result<Self, EnforceError> {
         if !kernel_supports() {
@@ -318,6 +296,7 @@ impl ScxEnforcer {
         Ok(ScxEnforcer {
             backstop,
             cpus,
+            dispatch,
             exe: exe.to_owned(),
             stats: stats_path(state_dir),
             sched: None,
@@ -422,7 +401,7 @@ impl ScxEnforcer {
             return Ok(false);
         }
         self.last_start = Instant::now();
-        let sched = spawn(&self.exe, &self.stats)?;
+        let sched = spawn(&self.exe, &self.stats, self.dispatch, self.cpus.as_deref())?;
         if self.restarts > 0 {
             tracing::warn!(
                 "sched_ext scheduler restarted (pid {}, start {})",
@@ -471,11 +450,22 @@ impl ScxEnforcer {
     }
 }
 
-fn spawn(exe: &Path, stats: &Path) -> Result<Scheduler, EnforceError> {
-    let mut child = std::process::Command::new(exe)
-        .arg("scx-scheduler")
-        .arg("--stats")
-        .arg(stats)
+fn spawn(
+    exe: &Path,
+    stats: &Path,
+    dispatch: Dispatch,
+    cpus: Option<&[u32]>,
+) -> Result<Scheduler, EnforceError> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("scx-scheduler").arg("--stats").arg(stats);
+    if dispatch == Dispatch::User {
+        cmd.args(["--dispatch", "user"]);
+        if let Some(cpus) = cpus {
+            let list: Vec<String> = cpus.iter().map(u32::to_string).collect();
+            cmd.args(["--cpus", &list.join(",")]);
+        }
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -512,7 +502,11 @@ fn spawn(exe: &Path, stats: &Path) -> Result<Scheduler, EnforceError> {
 impl Enforcer for ScxEnforcer {
     fn describe(&self) -> String {
         format!(
-            "sched_ext (scheduler pid {}, CPUs {}), backstop {}",
+            "sched_ext ({} dispatch, scheduler pid {}, CPUs {}), backstop {}",
+            match self.dispatch {
+                Dispatch::Bpf => "BPF",
+                Dispatch::User => "user-space",
+            },
             self.scheduler_pid()
                 .map_or("none".into(), |p| p.to_string()),
             self.cpus

@@ -289,6 +289,12 @@ impl Scheduler {
         self.current[i].map(|r| r.tid)
     }
 
+    /// When the slice of the thread running on `cpu` ends, as the policy has it.
+    pub fn slice_end(&self, cpu: u32) -> Option<u64> {
+        let i = self.cpus.iter().position(|&c| c == cpu)?;
+        self.current[i].map(|r| r.until)
+    }
+
     /// `tid` became runnable.
     pub fn wake(&mut self, tid: ThreadId, _now: u64) {
         let Some(t) = self.threads.get_mut(&tid) else {
@@ -318,6 +324,60 @@ impl Scheduler {
             (State::Blocked, true) => self.wake(tid, now),
             _ => {}
         }
+    }
+
+    /// `tid`, dispatched, really started at `at` (a mechanism that reports when the kernel
+    /// put it on its CPU): its segment is charged from then, not from the decision, so the
+    /// time between the two is not counted against its VM. Only ever later: a report of an
+    /// earlier start, or of a thread not running, changes nothing.
+    pub fn started(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get(&tid) else {
+            return;
+        };
+        if !matches!(t.state, State::Running { .. }) {
+            return;
+        }
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
+            s.start = at.clamp(s.start, s.end);
+        }
+    }
+
+    /// Whether `tid`'s VM could start another slice (of at least the minimum) at `at`, with
+    /// what is committed now: when it could not, a slice of it ending at `at` ends where its
+    /// VM's cap does, which a mechanism that enforces ends itself must keep to.
+    pub fn may_run_at(&self, tid: ThreadId, at: u64) -> bool {
+        self.threads
+            .get(&tid)
+            .and_then(|t| self.vms.get(&t.vm))
+            .is_some_and(|v| self.budget(v, at) >= self.config.min_slice_ns)
+    }
+
+    /// `tid` was reported off a CPU at `at`. A segment the policy had already ended earlier
+    /// (it took the thread off, and the mechanism carried that out late: a kick's latency) is
+    /// charged up to `at`, for the thread ran until then; never past the start of its next
+    /// segment. The segment running now is [`Scheduler::stop`]'s.
+    pub fn ran_until(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get(&tid) else {
+            return;
+        };
+        let running = matches!(t.state, State::Running { .. });
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        let mine: Vec<usize> = (0..vm.segments.len())
+            .filter(|&i| vm.segments[i].tid == tid)
+            .collect();
+        // The last segment that started before `at`, if it is not the one running now.
+        let Some(pos) = mine.iter().rposition(|&i| vm.segments[i].start <= at) else {
+            return;
+        };
+        if running && pos + 1 == mine.len() {
+            return;
+        }
+        let next = mine
+            .get(pos + 1)
+            .map_or(u64::MAX, |&i| vm.segments[i].start);
+        let s = &mut vm.segments[mine[pos]];
+        s.end = s.end.max(at.min(next));
     }
 
     /// A dispatch of `tid` did not happen (the mechanism's commit failed): it ran nothing and

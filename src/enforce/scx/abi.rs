@@ -29,8 +29,8 @@ pub struct Conf {
     pub slice_ns: u64,
     /// CPUs the refill timer kicks: 0 .. nr_cpus − 1.
     pub nr_cpus: u32,
-    /// Padding to 8 bytes (0).
-    pub pad: u32,
+    /// 1: the scheduler process decides every dispatch (the user-space mode, intf.h).
+    pub user_dispatch: u32,
 }
 
 /// `struct budget`: a VM's entry in `budgets`, ns of CPU per period over all its vCPUs.
@@ -63,7 +63,7 @@ const _: () = assert!(size_of::<Conf>() == 24);
 const _: () = assert!(offset_of!(Conf, period_ns) == 0);
 const _: () = assert!(offset_of!(Conf, slice_ns) == 8);
 const _: () = assert!(offset_of!(Conf, nr_cpus) == 16);
-const _: () = assert!(offset_of!(Conf, pad) == 20);
+const _: () = assert!(offset_of!(Conf, user_dispatch) == 20);
 const _: () = assert!(size_of::<Budget>() == 24);
 const _: () = assert!(offset_of!(Budget, base_ns) == 0);
 const _: () = assert!(offset_of!(Budget, grant_ns) == 8);
@@ -74,6 +74,149 @@ const _: () = assert!(offset_of!(Usage, total_ns) == 8);
 const _: () = assert!(offset_of!(Usage, held) == 16);
 
 /// What build.rs measured of bpf/intf.h (feature `scx`: the header is compiled only then).
+/// `EV_*` of intf.h: what an [`Event`] says of its thread.
+pub const EV_WAKE: u32 = 1;
+/// On `cpu`.
+pub const EV_RUNNING: u32 = 2;
+/// Off `cpu`, still runnable.
+pub const EV_STOP: u32 = 3;
+/// Off `cpu`, blocked.
+pub const EV_BLOCK: u32 = 4;
+/// An order to run it found it not waiting.
+pub const EV_FAILED: u32 = 5;
+/// Off `cpu` for a higher class; it goes on there after (no order needed).
+pub const EV_PAUSE: u32 = 6;
+/// `ORDER_*` of intf.h: run `tid` on `cpu` until `until`.
+pub const ORDER_RUN: u32 = 1;
+/// The thread on `cpu` runs on until `until`.
+pub const ORDER_EXTEND: u32 = 2;
+/// Take the thread off `cpu`.
+pub const ORDER_PREEMPT: u32 = 3;
+/// Or'ed into `ORDER_RUN`/`ORDER_EXTEND`: `until` is a hard end (the VM's budget ends there).
+pub const ORDER_HARD: u32 = 0x100;
+/// Or'ed into `ORDER_RUN`/`ORDER_PREEMPT`: decided ahead of the end of the slice running on
+/// the CPU, taking effect there (intf.h).
+pub const ORDER_DEFER: u32 = 0x200;
+/// Buckets of [`Latency::hist`].
+pub const LAT_BUCKETS: usize = 24;
+
+/// `struct event`: one record of the `events` ring buffer (user-space mode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC ns.
+    pub at: u64,
+    /// The thread.
+    pub tid: u32,
+    /// The CPU.
+    pub cpu: u32,
+    /// `EV_*`.
+    pub kind: u32,
+    /// Unused.
+    pub pad: u32,
+}
+
+/// `struct order`: the context of the `bq_order` program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Order {
+    /// CLOCK_MONOTONIC ns.
+    pub until: u64,
+    /// `ORDER_*`.
+    pub op: u32,
+    /// The CPU.
+    pub cpu: u32,
+    /// The thread (ORDER_RUN).
+    pub tid: u32,
+    /// Out: the thread of an earlier ORDER_RUN the CPU had not taken, or 0.
+    pub replaced: u32,
+}
+
+/// `struct latency`: the `latency` map's one value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Waits of a runnable thread with budget counted.
+    pub waits: u64,
+    /// Their waits, summed, ns.
+    pub sum_ns: u64,
+    /// The longest wait, ns.
+    pub max_ns: u64,
+    /// Times a VM's thread was put on a CPU.
+    pub runs: u64,
+    /// Waits of [2^i, 2^(i+1)) µs.
+    pub hist: [u64; LAT_BUCKETS],
+}
+
+const _: () = assert!(size_of::<Event>() == 24);
+const _: () = assert!(size_of::<Order>() == 24);
+const _: () = assert!(size_of::<Latency>() == 32 + 8 * LAT_BUCKETS);
+
+impl Event {
+    /// The record in `bytes` (a short one reads as zeros past its end).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Event {
+            at: u64_at(bytes, offset_of!(Event, at)),
+            tid: u32_at(bytes, offset_of!(Event, tid)),
+            cpu: u32_at(bytes, offset_of!(Event, cpu)),
+            kind: u32_at(bytes, offset_of!(Event, kind)),
+            pad: 0,
+        }
+    }
+}
+
+impl Order {
+    /// The context bytes.
+    pub fn to_bytes(&self) -> [u8; size_of::<Order>()] {
+        let mut b = [0; size_of::<Order>()];
+        put(&mut b, offset_of!(Order, until), &self.until.to_ne_bytes());
+        put(&mut b, offset_of!(Order, op), &self.op.to_ne_bytes());
+        put(&mut b, offset_of!(Order, cpu), &self.cpu.to_ne_bytes());
+        put(&mut b, offset_of!(Order, tid), &self.tid.to_ne_bytes());
+        put(
+            &mut b,
+            offset_of!(Order, replaced),
+            &self.replaced.to_ne_bytes(),
+        );
+        b
+    }
+
+    /// What the program left in the context.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Order {
+            until: u64_at(bytes, offset_of!(Order, until)),
+            op: u32_at(bytes, offset_of!(Order, op)),
+            cpu: u32_at(bytes, offset_of!(Order, cpu)),
+            tid: u32_at(bytes, offset_of!(Order, tid)),
+            replaced: u32_at(bytes, offset_of!(Order, replaced)),
+        }
+    }
+}
+
+impl Latency {
+    /// The map's value in `bytes`.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let mut hist = [0; LAT_BUCKETS];
+        for (i, h) in hist.iter_mut().enumerate() {
+            *h = u64_at(bytes, offset_of!(Latency, hist) + 8 * i);
+        }
+        Latency {
+            waits: u64_at(bytes, offset_of!(Latency, waits)),
+            sum_ns: u64_at(bytes, offset_of!(Latency, sum_ns)),
+            max_ns: u64_at(bytes, offset_of!(Latency, max_ns)),
+            runs: u64_at(bytes, offset_of!(Latency, runs)),
+            hist,
+        }
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_ne_bytes)
+}
+
 #[cfg(feature = "scx")]
 mod measured {
     include!(concat!(env!("OUT_DIR"), "/intf_layout.rs"));
@@ -116,7 +259,44 @@ const _: () = {
     same_field!(Conf.period_ns, CONF_PERIOD_NS, CONF_PERIOD_NS_SIZE);
     same_field!(Conf.slice_ns, CONF_SLICE_NS, CONF_SLICE_NS_SIZE);
     same_field!(Conf.nr_cpus, CONF_NR_CPUS, CONF_NR_CPUS_SIZE);
-    same_field!(Conf.pad, CONF_PAD, CONF_PAD_SIZE);
+    same_field!(
+        Conf.user_dispatch,
+        CONF_USER_DISPATCH,
+        CONF_USER_DISPATCH_SIZE
+    );
+    assert!(c::EVENT_SIZE == size_of::<Event>() as u64, "{}", disagree);
+    assert!(c::ORDER_SIZE == size_of::<Order>() as u64, "{}", disagree);
+    assert!(
+        c::LATENCY_SIZE == size_of::<Latency>() as u64,
+        "{}",
+        disagree
+    );
+    assert!(c::LAT_BUCKETS == LAT_BUCKETS as u64, "{}", disagree);
+    assert!(c::EV_WAKE == EV_WAKE as u64, "{}", disagree);
+    assert!(c::EV_RUNNING == EV_RUNNING as u64, "{}", disagree);
+    assert!(c::EV_STOP == EV_STOP as u64, "{}", disagree);
+    assert!(c::EV_BLOCK == EV_BLOCK as u64, "{}", disagree);
+    assert!(c::EV_FAILED == EV_FAILED as u64, "{}", disagree);
+    assert!(c::EV_PAUSE == EV_PAUSE as u64, "{}", disagree);
+    assert!(c::ORDER_RUN == ORDER_RUN as u64, "{}", disagree);
+    assert!(c::ORDER_EXTEND == ORDER_EXTEND as u64, "{}", disagree);
+    assert!(c::ORDER_PREEMPT == ORDER_PREEMPT as u64, "{}", disagree);
+    assert!(c::ORDER_HARD == ORDER_HARD as u64, "{}", disagree);
+    assert!(c::ORDER_DEFER == ORDER_DEFER as u64, "{}", disagree);
+    same_field!(Event.at, EVENT_AT, EVENT_AT_SIZE);
+    same_field!(Event.tid, EVENT_TID, EVENT_TID_SIZE);
+    same_field!(Event.cpu, EVENT_CPU, EVENT_CPU_SIZE);
+    same_field!(Event.kind, EVENT_KIND, EVENT_KIND_SIZE);
+    same_field!(Order.until, ORDER_UNTIL, ORDER_UNTIL_SIZE);
+    same_field!(Order.op, ORDER_OP, ORDER_OP_SIZE);
+    same_field!(Order.cpu, ORDER_CPU, ORDER_CPU_SIZE);
+    same_field!(Order.tid, ORDER_TID, ORDER_TID_SIZE);
+    same_field!(Order.replaced, ORDER_REPLACED, ORDER_REPLACED_SIZE);
+    same_field!(Latency.waits, LATENCY_WAITS, LATENCY_WAITS_SIZE);
+    same_field!(Latency.sum_ns, LATENCY_SUM_NS, LATENCY_SUM_NS_SIZE);
+    same_field!(Latency.max_ns, LATENCY_MAX_NS, LATENCY_MAX_NS_SIZE);
+    same_field!(Latency.runs, LATENCY_RUNS, LATENCY_RUNS_SIZE);
+    same_field!(Latency.hist, LATENCY_HIST, LATENCY_HIST_SIZE);
     same_field!(Budget.base_ns, BUDGET_BASE_NS, BUDGET_BASE_NS_SIZE);
     same_field!(Budget.grant_ns, BUDGET_GRANT_NS, BUDGET_GRANT_NS_SIZE);
     same_field!(Budget.weight, BUDGET_WEIGHT, BUDGET_WEIGHT_SIZE);
@@ -157,7 +337,11 @@ impl Conf {
             offset_of!(Conf, nr_cpus),
             &self.nr_cpus.to_ne_bytes(),
         );
-        put(&mut b, offset_of!(Conf, pad), &self.pad.to_ne_bytes());
+        put(
+            &mut b,
+            offset_of!(Conf, user_dispatch),
+            &self.user_dispatch.to_ne_bytes(),
+        );
         b
     }
 }
@@ -242,7 +426,7 @@ mod tests {
             period_ns: 100_000_000,
             slice_ns: 5_000_000,
             nr_cpus: 3,
-            pad: 0,
+            user_dispatch: 0,
         }
         .to_bytes();
         assert_eq!(&c[16..20], &3u32.to_ne_bytes());

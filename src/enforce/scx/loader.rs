@@ -3,6 +3,11 @@
 //! commands (one per line on stdin, [`super::Command`]) to the BPF maps until its input ends.
 //! Exits non-zero when the kernel disables the scheduler (an error, the watchdog, SysRq-S), so
 //! that the agent restarts it.
+//!
+//! With `--dispatch user` it also decides every dispatch of the vCPU threads itself
+//! ([`super::user`]): it reads the program's reports from the `events` ring buffer, runs the
+//! policy, and orders each run, extension and preemption through the `bq_order` program
+//! (BPF_PROG_RUN). It then keeps off the CPUs it manages, when there are others.
 
 use std::io::{BufRead, Write};
 use std::sync::mpsc;
@@ -14,8 +19,9 @@ use libbpf_rs::{MapCore, MapFlags, ObjectBuilder};
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::abi::{Budget, Conf, Usage, MAX_CPUS};
-use super::{kernel_state, Command, Stats, VmStats, OPS_NAME, PERIOD};
+use super::abi::{Budget, Conf, Event, Latency, Order, Usage, MAX_CPUS};
+use super::user::UserPolicy;
+use super::{kernel_state, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
 
@@ -122,14 +128,30 @@ pub fn program_runtime(name: &str) -> Option<(u64, u64)> {
 fn publish(
     obj: &libbpf_rs::Object,
     names: &HashMap<u32, String>,
+    user: Option<&UserPolicy>,
     path: &Path,
 ) -> anyhow::Result<()> {
     let (state, ops) = kernel_state().unwrap_or_default();
+    let l = Latency::from_bytes(
+        &find(obj, "latency")?
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .unwrap_or_default(),
+    );
     let mut stats = Stats {
         pid: std::process::id(),
         state,
         ops,
         vms: Default::default(),
+        dispatch: if user.is_some() { "user" } else { "bpf" }.into(),
+        latency: LatencyStats {
+            waits: l.waits,
+            sum_ns: l.sum_ns,
+            max_ns: l.max_ns,
+            runs: l.runs,
+            hist: l.hist.to_vec(),
+        },
+        process_cpu_ns: process_cpu_ns(),
+        user: user.map(|u| u.counts),
     };
     let (usage, budgets) = (find(obj, "usage")?, find(obj, "budgets")?);
     for (idx, name) in names {
@@ -152,8 +174,88 @@ fn publish(
     Ok(())
 }
 
+/// This process's CPU time, ns (user + system, all threads).
+fn process_cpu_ns() -> u64 {
+    // SAFETY: an all-zero rusage is valid; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF and a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(ru.ru_utime) + us(ru.ru_stime)) * 1000
+}
+
+/// CLOCK_MONOTONIC, ns: the program's clock (bpf_ktime_get_ns).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Keeps this process (the threads it starts after this) off the managed `cpus` when the
+/// machine has others: on 6.12 the fair class runs before sched_ext, so a decision taken on a
+/// managed CPU would push a vCPU thread off it.
+fn keep_off(cpus: &[u32]) {
+    let online = libbpf_rs::num_possible_cpus().unwrap_or(0) as u32;
+    let others: Vec<u32> = (0..online.min(1024))
+        .filter(|c| !cpus.contains(c))
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in &others {
+        // SAFETY: c < 1024 = CPU_SETSIZE, within the set.
+        unsafe { libc::CPU_SET(c as usize, &mut set) };
+    }
+    // SAFETY: sched_setaffinity reads `set` of the given size.
+    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        eprintln!(
+            "burst-qemu scx-scheduler: keeping off CPUs {cpus:?}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Puts the deciding thread in SCHED_FIFO (priority 1), as a ghOSt agent runs above the
+/// threads it schedules: a decision waits for nothing of the fair class on its CPU. Measured in
+/// the scx-6.12 guest before this: one round of decisions every 20 ms for slices of 5 ms, and
+/// the VMs got 1.5 of their 2 CPUs. The kernel's RT throttling (95 %) bounds a runaway loop.
+fn realtime() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler reads the sched_param it is given; 0 is this thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        eprintln!(
+            "burst-qemu scx-scheduler: SCHED_FIFO: {}; deciding in the fair class",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Runs one order through `bq_order`; returns what the program left in it.
+fn run_order(prog: &libbpf_rs::ProgramMut, o: &Order) -> anyhow::Result<Order> {
+    // A syscall program takes no separate output context: the kernel copies the context back
+    // into the input's buffer.
+    let mut ctx = o.to_bytes();
+    let input = libbpf_rs::ProgramInput {
+        context_in: Some(&mut ctx),
+        ..Default::default()
+    };
+    let ran = prog.test_run(input).context("running bq_order")?;
+    if ran.return_value != 0 {
+        bail!("bq_order refused {o:?} ({})", ran.return_value as i32);
+    }
+    Ok(Order::from_bytes(&ctx))
+}
+
 /// Writes the program's `conf` (before it is enabled); returns the CPUs its timer kicks.
-fn configure(obj: &libbpf_rs::Object) -> anyhow::Result<u32> {
+fn configure(obj: &libbpf_rs::Object, user: bool) -> anyhow::Result<u32> {
     let cpus = libbpf_rs::num_possible_cpus().context("counting CPUs")? as u32;
     if cpus > MAX_CPUS {
         eprintln!(
@@ -164,15 +266,56 @@ fn configure(obj: &libbpf_rs::Object) -> anyhow::Result<u32> {
         period_ns: PERIOD.as_nanos() as u64,
         slice_ns: SLICE.as_nanos() as u64,
         nr_cpus: cpus,
-        pad: 0,
+        user_dispatch: user.into(),
     };
     find(obj, "conf")?.update(&0u32.to_ne_bytes(), &conf.to_bytes(), MapFlags::ANY)?;
     Ok(cpus)
 }
 
+/// Parses and applies one line of the agent's (to the maps, and to the policy in the
+/// user-space mode); returns the orders the policy needs for it.
+fn handle(
+    obj: &libbpf_rs::Object,
+    names: &mut HashMap<u32, String>,
+    policy: Option<&mut UserPolicy>,
+    line: &str,
+) -> Vec<Order> {
+    match Command::parse(line) {
+        Ok(cmd) => {
+            let orders = policy.map_or_else(Vec::new, |p| p.command(&cmd, monotonic_ns()));
+            applied(obj, names, cmd, line);
+            orders
+        }
+        Err(e) => {
+            eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Once a second: fails when the kernel disabled the scheduler, and publishes the figures.
+fn every_second(
+    obj: &libbpf_rs::Object,
+    names: &HashMap<u32, String>,
+    policy: Option<&UserPolicy>,
+    stats: Option<&Path>,
+) -> anyhow::Result<()> {
+    match kernel_state() {
+        Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
+        other => bail!("the kernel disabled the BPF scheduler (see dmesg): {other:?}"),
+    }
+    if let Some(path) = stats {
+        if let Err(e) = publish(obj, names, policy, path) {
+            eprintln!("burst-qemu scx-scheduler: {}: {e:#}", path.display());
+        }
+    }
+    Ok(())
+}
+
 /// Runs the scheduler process (see the module docs); publishes [`Stats`] to `stats` each
-/// second.
-pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
+/// second. `user`: the user-space mode, deciding for `cpus` (those the vCPU threads are
+/// confined to; all when `None`).
+pub fn run(stats: Option<&Path>, user: bool, managed: Option<Vec<u32>>) -> anyhow::Result<()> {
     // Die with the agent that started us (its pipe closing is the other signal).
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -194,7 +337,12 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     let mut obj = open
         .load()
         .context("loading the BPF scheduler (verifier or kernel BTF mismatch)")?;
-    let cpus = configure(&obj)?;
+    let cpus = configure(&obj, user)?;
+    let user_cpus = user.then(|| managed.unwrap_or_else(|| (0..cpus.min(MAX_CPUS)).collect()));
+    if let Some(managed) = &user_cpus {
+        keep_off(managed);
+    }
+    let mut policy = user_cpus.as_deref().map(UserPolicy::new);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -209,10 +357,7 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
     let mut names = HashMap::new();
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => match Command::parse(&line) {
-                Ok(cmd) => applied(&obj, &mut names, cmd, &line),
-                Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
-            },
+            Ok(line) => drop(handle(&obj, &mut names, policy.as_mut(), &line)),
             Err(mpsc::RecvTimeoutError::Timeout) => break,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
@@ -228,35 +373,147 @@ pub fn run(stats: Option<&Path>) -> anyhow::Result<()> {
         Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
         other => bail!("the BPF scheduler did not become enabled: {other:?}"),
     }
-    eprintln!("burst-qemu scx-scheduler: BPF scheduler {OPS_NAME} enabled on {cpus} CPUs");
+    let mode = if policy.is_some() {
+        "user-space dispatch"
+    } else {
+        "BPF dispatch"
+    };
+    eprintln!("burst-qemu scx-scheduler: BPF scheduler {OPS_NAME} enabled on {cpus} CPUs ({mode})");
     println!("ready");
     std::io::stdout().flush()?;
+    match policy {
+        None => serve_bpf(&obj, &mut names, &rx, stats),
+        Some(p) => serve_user(&obj, &mut names, &rx, stats, p),
+    }
+}
 
+/// The BPF-dispatch mode's loop: the agent's commands, and the figures each second.
+fn serve_bpf(
+    obj: &libbpf_rs::Object,
+    names: &mut HashMap<u32, String>,
+    rx: &mpsc::Receiver<String>,
+    stats: Option<&Path>,
+) -> anyhow::Result<()> {
     let mut checked = std::time::Instant::now() - Duration::from_secs(2);
     loop {
-        // Once a second: is the scheduler still enabled, and the figures for the agent.
         if checked.elapsed() >= Duration::from_secs(1) {
             checked = std::time::Instant::now();
-            match kernel_state() {
-                Some((state, ops)) if state == "enabled" && ops == OPS_NAME => {}
-                other => bail!("the kernel disabled the BPF scheduler (see dmesg): {other:?}"),
-            }
-            if let Some(path) = stats {
-                if let Err(e) = publish(&obj, &names, path) {
-                    eprintln!("burst-qemu scx-scheduler: {}: {e:#}", path.display());
-                }
-            }
+            every_second(obj, names, None, stats)?;
         }
         match rx.recv_timeout(Duration::from_secs(1).saturating_sub(checked.elapsed())) {
-            Ok(line) => match Command::parse(&line) {
-                Ok(cmd) => applied(&obj, &mut names, cmd, &line),
-                Err(e) => eprintln!("burst-qemu scx-scheduler: ignored {line:?}: {e}"),
-            },
+            Ok(line) => drop(handle(obj, names, None, &line)),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 eprintln!("burst-qemu scx-scheduler: input closed; unloading");
                 return Ok(());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// The longest the user-space mode waits for a report before it looks at the agent's
+/// commands again.
+const MAX_WAIT: Duration = Duration::from_millis(5);
+
+/// How far ahead of a slice's end the user-space mode decides what follows it
+/// ([`UserPolicy::look_ahead`]): more than the process's lateness measured in the scx-6.12
+/// guest (2–5 ms; microseconds on a real machine).
+const LEAD: Duration = Duration::from_millis(6);
+
+/// Waits up to `wait` for the ring buffer's epoll descriptor to be readable (ns resolution:
+/// epoll's own timeout has ms).
+fn wait_readable(fd: i32, wait: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_nsec: wait.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+    unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+}
+
+/// The user-space mode's loop: reports in, the policy's orders out, the agent's commands, and
+/// the figures each second.
+fn serve_user(
+    obj: &libbpf_rs::Object,
+    names: &mut HashMap<u32, String>,
+    rx: &mpsc::Receiver<String>,
+    stats: Option<&Path>,
+    mut policy: UserPolicy,
+) -> anyhow::Result<()> {
+    let prog = obj
+        .progs_mut()
+        .find(|p| p.name() == "bq_order")
+        .context("BPF program bq_order missing from the object")?;
+    let events = find(obj, "events")?;
+    let inbox = std::rc::Rc::new(std::cell::RefCell::new(Vec::<Event>::new()));
+    let sink = inbox.clone();
+    let mut builder = libbpf_rs::RingBufferBuilder::new();
+    builder.add(&events, move |data: &[u8]| {
+        sink.borrow_mut().push(Event::from_bytes(data));
+        0
+    })?;
+    let ring = builder.build().context("reading the events ring buffer")?;
+    realtime();
+    // A trace of every report and order, for a measurement's analysis.
+    let mut trace = std::env::var_os("BURST_QEMU_SCX_TRACE")
+        .and_then(|p| std::fs::File::create(p).ok())
+        .map(std::io::BufWriter::new);
+    let mut checked = std::time::Instant::now() - Duration::from_secs(2);
+    loop {
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            every_second(obj, names, Some(&policy), stats)?;
+        }
+        let now = monotonic_ns();
+        // Woken a lead before the next deadline: a slice's end is decided ahead of it.
+        let wait = policy
+            .next_wake(now, LEAD.as_nanos() as u64)
+            .map_or(MAX_WAIT, |d| Duration::from_nanos(d.saturating_sub(now)))
+            .min(MAX_WAIT);
+        wait_readable(ring.epoll_fd(), wait);
+        // A failed read (EINTR) leaves the reports for the next round.
+        let _ = ring.consume();
+        for e in inbox.borrow_mut().drain(..) {
+            if let Some(t) = trace.as_mut() {
+                let _ = writeln!(t, "E {} {} {} {}", e.at, e.kind, e.tid, e.cpu);
+            }
+            policy.event(&e);
+        }
+        let mut orders = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(line) => orders.extend(handle(obj, names, Some(&mut policy), &line)),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    eprintln!("burst-qemu scx-scheduler: input closed; unloading");
+                    return Ok(());
+                }
+            }
+        }
+        let now = monotonic_ns();
+        orders.extend(policy.decide(now));
+        orders.extend(policy.look_ahead(now, LEAD.as_nanos() as u64));
+        for o in &orders {
+            match run_order(&prog, o) {
+                Ok(done) => {
+                    if let Some(t) = trace.as_mut() {
+                        let _ = writeln!(
+                            t,
+                            "O {now} {} {} {} {} {}",
+                            o.op, o.cpu, o.tid, o.until, done.replaced
+                        );
+                    }
+                }
+                Err(e) => eprintln!("burst-qemu scx-scheduler: {e:#}"),
+            }
+        }
+        if let Some(t) = trace.as_mut() {
+            let _ = t.flush();
         }
     }
 }

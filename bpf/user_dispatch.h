@@ -1,0 +1,168 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * The user-space dispatch mode of bpf/burst.bpf.c (conf.user_dispatch = 1; intf.h has the
+ * interface): a VM's runnable thread is held in BPF custody and reported on `events`; the
+ * scheduler process (src/enforce/scx/user.rs decides, src/enforce/scx/loader.rs carries out)
+ * orders each run, extension and preemption through `bq_order`; the CPU's ops.dispatch takes
+ * the thread ordered for it, and its ops.tick keeps the ordered slice's end. Included by
+ * burst.bpf.c after its maps and helpers, which this part uses (`enq_at`, `slice_ns()`).
+ */
+
+/* The user-space mode. `events`: to the scheduler process (intf.h). `plans`, per CPU: the
+ * thread ordered to run there next (`next`, taken by the CPU's ops.dispatch) and until when,
+ * and the thread ordered there last (`cur`) with the end of its slice, which ops.tick keeps. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct plan {
+	u64 next; /* tid, 0 = none */
+	u64 next_until;
+	u64 next_hard; /* ORDER_HARD given with `next` */
+	u64 next_at;   /* when `next` was ordered: its slice is next_until - next_at */
+	u64 cur; /* tid */
+	u64 cur_until;
+	u64 cur_hard;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_CPUS);
+	__type(key, u32);
+	__type(value, struct plan);
+} plans SEC(".maps");
+
+/* Tells the scheduler process of a change of thread `tid` (user-space mode). A full ring
+ * loses the record: the process sees the thread again at its next change, and a held thread
+ * no order reaches is the watchdog's (the cgroup quota holds it afterwards). */
+static __always_inline void emit(u32 kind, u32 tid, u32 cpu)
+{
+	struct event e = { .at = bpf_ktime_get_ns(), .tid = tid, .cpu = cpu, .kind = kind };
+	bpf_ringbuf_output(&events, &e, sizeof(e), 0);
+}
+
+/* Holds VM thread `p` (`tid`) from ops.enqueue: in BPF custody, in no DSQ, until the
+ * scheduler process orders it run; every such wait is counted in `latency`. */
+static __always_inline void hold_for_order(struct task_struct *p, u32 tid)
+{
+	u64 at = (bpf_ktime_get_ns() & ~3ULL) | ENQ_COUNTED;
+	bpf_map_update_elem(&enq_at, &tid, &at, BPF_ANY);
+	emit(EV_WAKE, tid, scx_bpf_task_cpu(p));
+}
+
+/* Reports VM thread `p` off `cpu` (ops.stopping), which no longer runs an ordered slice. */
+static __always_inline void stopped_ordered(u32 cpu, struct task_struct *p, bool runnable)
+{
+	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
+	if (pl && pl->cur == (u64)p->pid)
+		pl->cur = 0;
+	/* Runnable with slice left: a higher class took the CPU, and the thread waits at the
+	 * head of this CPU's queue to go on (the kernel's own doing, no order). */
+	u32 kind = !runnable ? EV_BLOCK : p->scx.slice ? EV_PAUSE : EV_STOP;
+	emit(kind, p->pid, cpu);
+}
+
+/* ops.tick of a VM thread `p` on `cpu`: keeps the end of the slice ordered there. */
+static __always_inline void tick_ordered(u32 cpu, struct task_struct *p)
+{
+	/* The end ordered (kept by ORDER_EXTEND): a hard one to the tick; a turn one slice_ns
+	 * later, as the process ends turns itself (deciding ahead, ORDER_DEFER), and the extra
+	 * slice only bounds a stalled process. A thread it did not order here runs its slice
+	 * out. */
+	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
+	if (pl && pl->cur == (u64)p->pid) {
+		u64 now = bpf_ktime_get_ns();
+		u64 end = pl->cur_until + (pl->cur_hard ? 0 : slice_ns());
+		p->scx.slice = end > now ? end - now : 0;
+	}
+}
+
+/* User-space mode: runs here the thread the scheduler process ordered for this CPU, if it is
+ * still held for an order (else tells the process it failed). */
+static __always_inline void dispatch_ordered(u32 cpu)
+{
+	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
+	if (!pl)
+		return;
+	u32 tid = __sync_lock_test_and_set(&pl->next, 0);
+	if (!tid)
+		return;
+	u64 until = pl->next_until;
+	u64 hard = pl->next_hard;
+	u64 at = pl->next_at;
+	u64 *enq = bpf_map_lookup_elem(&enq_at, &tid);
+	if (!enq || (*enq & ENQ_TAKEN)) {
+		emit(EV_FAILED, tid, cpu);
+		return;
+	}
+	struct task_struct *p = bpf_task_from_pid(tid);
+	if (!p) {
+		emit(EV_FAILED, tid, cpu);
+		return;
+	}
+	if (!bpf_cpumask_test_cpu(cpu, p->cpus_ptr)) {
+		/* Not allowed here (its affinity changed): dispatching it would abort the
+		 * scheduler. */
+		bpf_task_release(p);
+		emit(EV_FAILED, tid, cpu);
+		return;
+	}
+	__sync_fetch_and_or(enq, ENQ_TAKEN);
+	/* The slice as ordered, from now: the time the order took to reach this CPU is not
+	 * taken from it (the process charges from the reported start, and what ran past its
+	 * end from the reported stop). */
+	u64 now = bpf_ktime_get_ns();
+	until = now + (until > at ? until - at : 0);
+	u64 slice = until - now + (hard ? 0 : slice_ns());
+	if (slice < 100000)
+		slice = 100000;
+	pl->cur = tid;
+	pl->cur_until = until;
+	pl->cur_hard = hard;
+	scx_bpf_dispatch(p, SCX_DSQ_LOCAL, slice, 0);
+	bpf_task_release(p);
+}
+
+/* The scheduler process's orders (user-space mode), run with BPF_PROG_RUN: see intf.h. */
+SEC("syscall")
+int bq_order(struct order *o)
+{
+	u32 cpu = o->cpu;
+	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
+	if (!pl)
+		return -22;
+	u32 op = o->op & ~(ORDER_HARD | ORDER_DEFER);
+	u64 hard = o->op & ORDER_HARD ? 1 : 0;
+	bool defer = o->op & ORDER_DEFER;
+	o->replaced = 0;
+	if (op == ORDER_RUN) {
+		pl->next_until = o->until;
+		pl->next_hard = hard;
+		pl->next_at = bpf_ktime_get_ns();
+		o->replaced = __sync_lock_test_and_set(&pl->next, (u64)o->tid);
+		if (defer && pl->cur) {
+			pl->cur_hard = 1;
+			return 0;
+		}
+	} else if (op == ORDER_EXTEND) {
+		if (pl->cur == (u64)o->tid) {
+			pl->cur_until = o->until;
+			pl->cur_hard = hard;
+		}
+		return 0;
+	} else if (op == ORDER_PREEMPT) {
+		o->replaced = __sync_lock_test_and_set(&pl->next, 0);
+		if (defer) {
+			pl->cur_hard = 1;
+			return 0;
+		}
+		pl->cur = 0;
+	} else {
+		return -22;
+	}
+	/* Whatever of ours runs there gives way (its slice ends: it goes back through
+	 * ops.enqueue, held for an order); an idle CPU wakes up and dispatches. */
+	scx_bpf_kick_cpu((s32)cpu, SCX_KICK_PREEMPT);
+	return 0;
+}
