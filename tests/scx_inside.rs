@@ -162,10 +162,10 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
     std::thread::sleep(Duration::from_millis(300));
     // The scheduler's count and the threads' own, read at its publishes (once a second): the
     // same moments, within the 5 ms poll.
-    let (before, cpu0, t0) = at_stats_publish(&s, &vm);
+    let (whole0, cpu0, t0) = at_stats_publish(&s, &vm);
     std::thread::sleep(Duration::from_secs(4));
-    let (after, cpu1, t1) = at_stats_publish(&s, &vm);
-    let (before, after) = (before.vms["held"].clone(), after.vms["held"].clone());
+    let (whole1, cpu1, t1) = at_stats_publish(&s, &vm);
+    let (before, after) = (whole0.vms["held"].clone(), whole1.vms["held"].clone());
     let window = (t1 - t0).as_nanos() as f64;
     let measured = (cpu1 - cpu0) as f64 * 100.0 / window;
     let charged = (after.cpu_ns - before.cpu_ns) as f64 * 100.0 / window;
@@ -177,16 +177,59 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
         before.grant_ns,
         after.grant_ns
     );
-    assert!((measured - 20.0).abs() <= 1.5, "measured {measured:.2} %");
+    report_decisions(&whole0, &whole1);
+    // BPF dispatch: 19.3–20.7 % in CI runs, 19.99 and 20.03 % in the last two. User-space
+    // dispatch (BURST_QEMU_SCX_DISPATCH=user, tests/scx.rs): 18.30, 19.44, 19.67 and 22.21 %
+    // in the four runs of its final shape: its decisions and the reports they rest on cross
+    // CPUs milliseconds late in this emulated guest (a debug build, TCG).
+    let user = whole1.dispatch == "user";
+    let (under, over) = if user { (2.5, 3.0) } else { (1.5, 1.5) };
+    assert!(
+        (-under..=over).contains(&(measured - 20.0)),
+        "measured {measured:.2} %"
+    );
     // Every CPU ns the threads ran went through the BPF scheduler, and it held them back. It
     // charges a thread when it stops running, so a slice in progress at either end may be
-    // missing: measured 0.28 points apart over 5 s, twice.
+    // missing: measured 0.28 points apart over 5 s, twice (BPF dispatch; 5-ms slices), and
+    // 0.00 and 0.50 with user-space dispatch, whose turns are 20 ms.
+    let apart = if user { 1.0 } else { 0.5 };
     assert!(
-        (charged - measured).abs() <= 0.5,
+        (charged - measured).abs() <= apart,
         "charged {charged:.2} % against {measured:.2} % measured"
     );
-    assert!(after.held > before.held, "never held: {after:?}");
+    if whole1.dispatch == "user" {
+        // The process decided every run: it ordered at least as many as the kernel made.
+        let (u0, u1) = (whole0.user.unwrap(), whole1.user.unwrap());
+        let runs = whole1.latency.runs - whole0.latency.runs;
+        assert!(runs > 0, "no run in the window");
+        assert!(u1.runs - u0.runs >= runs * 9 / 10, "{u1:?} for {runs} runs");
+    } else {
+        // The program holds the threads back itself (the user-space mode has no such count:
+        // the process never orders a run the budget does not allow).
+        assert!(after.held > before.held, "never held: {after:?}");
+    }
     assert_eq!(after.grant_ns, 20_000_000, "{after:?}");
+}
+
+/// Prints what the scheduler's decisions cost between two of its publishes: the waits of a
+/// runnable vCPU thread with budget until it ran (the program's histogram, in both modes) and
+/// the CPU the scheduler process used per 1 000 runs of a vCPU thread (the README's
+/// comparison of the two modes).
+fn report_decisions(a: &scx::Stats, b: &scx::Stats) {
+    let (l0, l1) = (&a.latency, &b.latency);
+    let waits = l1.waits - l0.waits;
+    let runs = (l1.runs - l0.runs).max(1) as f64;
+    let process = (b.process_cpu_ns - a.process_cpu_ns) as f64;
+    eprintln!(
+        "dispatch by {}: {waits} waits, {:.0} µs on average, median below {:?} µs, 99th \
+         percentile below {:?} µs; {runs} runs; the process's CPU per 1 000 runs {:.2} ms; {:?}",
+        b.dispatch,
+        (l1.sum_ns - l0.sum_ns) as f64 / waits.max(1) as f64 / 1e3,
+        l1.quantile_us_since(l0, 0.5),
+        l1.quantile_us_since(l0, 0.99),
+        process / runs / 1e3,
+        b.user
+    );
 }
 
 #[test]
