@@ -37,6 +37,19 @@ impl Drop for Qemu {
     }
 }
 
+/// Whether a Unix socket bound at `path` listens (`/proc/net/unix`: its flags have
+/// `__SO_ACCEPTCON`, 0x10000).
+fn listening(path: &std::path::Path) -> bool {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
 /// A QEMU whose firmware is 64 KiB of `hlt`: the CPU halts at the reset vector.
 fn qemu(smp: u32) -> Qemu {
     let dir = tempfile::tempdir().unwrap();
@@ -63,9 +76,12 @@ fn qemu(smp: u32) -> Qemu {
         .arg(format!("unix:{},server=on,wait=off", socket.display()))
         .spawn()
         .unwrap();
+    // Until QEMU listens, not only until the socket exists: it binds the path before it
+    // listens, and a connection in between is refused (ECONNREFUSED at the greeting: CI run
+    // 17 of this project, once in 344 tests).
     let deadline = Instant::now() + T;
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "no QMP socket");
+    while !listening(&socket) {
+        assert!(Instant::now() < deadline, "no QMP socket listening");
         std::thread::sleep(Duration::from_millis(5));
     }
     Qemu {
