@@ -108,14 +108,6 @@ fn pin_to(cpu: u32) -> io::Result<()> {
     Ok(())
 }
 
-fn monotonic_ns() -> u64 {
-    // SAFETY: clock_gettime writes the timespec it is given.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 impl GhostEnforcer {
     /// Creates an enclave on `cpus` (at least two: the first runs the global agent) under the
     /// ghostfs at `root` and starts the agents. Fails at once, with the reason, when there is
@@ -227,7 +219,7 @@ fn global_agent(
                     Cmd::Detach { vm } => agent.remove_vm(vm, |tid| enclave.remove_task(tid))?,
                 }
             }
-            agent.step(monotonic_ns())?;
+            agent.step(super::monotonic_ns())?;
             std::hint::spin_loop();
         }
         Ok(())

@@ -22,6 +22,16 @@ use crate::contention::Entitlement;
 use crate::credit::Rate;
 use crate::state::VmRecord;
 
+/// CLOCK_MONOTONIC, ns: the clock of the ghOSt agent and of the sched_ext program
+/// (bpf_ktime_get_ns), which the dispatching enforcers give their policy.
+pub(crate) fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// An enforcement operation that failed. The message says what was being done and where; the
 /// cause is kept as the source (print the chain with [`crate::base::chain`]).
 #[derive(Debug, Error)]

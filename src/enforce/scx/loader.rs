@@ -21,7 +21,8 @@ use std::path::Path;
 
 use super::abi::{Budget, Conf, Event, Latency, Order, Usage, MAX_CPUS};
 use super::user::UserPolicy;
-use super::{kernel_state, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
+use super::{kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
+use crate::enforce::monotonic_ns;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
 
@@ -186,17 +187,6 @@ fn process_cpu_ns() -> u64 {
     (us(ru.ru_utime) + us(ru.ru_stime)) * 1000
 }
 
-/// CLOCK_MONOTONIC, ns: the program's clock (bpf_ktime_get_ns).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Keeps this process (the threads it starts after this) off the managed `cpus` when the
 /// machine has others: on 6.12 the fair class runs before sched_ext, so a decision taken on a
 /// managed CPU would push a vCPU thread off it.
@@ -208,18 +198,8 @@ fn keep_off(cpus: &[u32]) {
     if others.is_empty() {
         return;
     }
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in &others {
-        // SAFETY: c < 1024 = CPU_SETSIZE, within the set.
-        unsafe { libc::CPU_SET(c as usize, &mut set) };
-    }
-    // SAFETY: sched_setaffinity reads `set` of the given size.
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        eprintln!(
-            "burst-qemu scx-scheduler: keeping off CPUs {cpus:?}: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = set_affinity(0, &others) {
+        eprintln!("burst-qemu scx-scheduler: keeping off CPUs {cpus:?}: {e}");
     }
 }
 
