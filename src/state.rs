@@ -128,7 +128,7 @@ pub fn agent_running(state_dir: &Path) -> bool {
 }
 
 mod lock;
-pub use lock::{lock_held, try_lock};
+pub use lock::{lock_held, recorded_holder, try_lock};
 mod write;
 pub use write::{
     remove_companion, write_atomic, write_atomic_all, write_published, write_swapping,

@@ -60,17 +60,13 @@ enum Holder {
 }
 
 fn holder(state_dir: &Path) -> Holder {
-    let Some(pid) = std::fs::read_to_string(state::agent_lock_path(state_dir))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|&p| p > 0)
-    else {
+    let Some(pid) = state::recorded_holder(&state::agent_lock_path(state_dir)) else {
         return Holder::Unknown;
     };
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return Holder::Unknown;
     };
-    classify(pid, &cmdline)
+    classify(pid as i32, &cmdline)
 }
 
 fn classify(pid: i32, cmdline: &[u8]) -> Holder {

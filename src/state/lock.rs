@@ -46,7 +46,7 @@ pub fn try_lock(path: &Path, mode: u32) -> io::Result<Option<File>> {
             Err(fs::TryLockError::Error(e)) => return Err(e),
         }
     }
-    if !recorded_holder_gone(&f) {
+    if !recorded_holder_gone(path) {
         return Ok(None);
     }
     let until = std::time::Instant::now() + LOCK_SETTLE;
@@ -61,18 +61,21 @@ pub fn try_lock(path: &Path, mode: u32) -> io::Result<Option<File>> {
     Ok(None)
 }
 
-/// Whether the lock file `f` names its holder (a pid, as [`crate::agent::lock`] writes it)
-/// and that process no longer runs (gone, or a zombie). A file that names no one (a VM's
-/// lock) says nothing: `false`.
-fn recorded_holder_gone(f: &File) -> bool {
-    let mut buf = [0u8; 32];
-    let Ok(n) = std::os::unix::fs::FileExt::read_at(f, &mut buf, 0) else {
-        return false;
-    };
-    let pid = std::str::from_utf8(&buf[..n])
+/// The pid a lock file names as its holder ([`crate::agent::lock`] writes it after taking
+/// the lock); `None` for a file that names no one (a VM's lock), or a missing one.
+pub fn recorded_holder(path: &Path) -> Option<u32> {
+    fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse::<u32>()
         .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok());
-    pid.is_some_and(|pid| pid != 0 && Proc::host().process_start_time(pid).is_none())
+        .filter(|&p| p > 0)
+}
+
+/// Whether the lock file at `path` names its holder and that process no longer runs (gone,
+/// or a zombie). A file that names no one says nothing: `false`.
+fn recorded_holder_gone(path: &Path) -> bool {
+    recorded_holder(path).is_some_and(|pid| Proc::host().process_start_time(pid).is_none())
 }
 
 /// Whether another process holds the lock file at `path` (a missing file is not held). The

@@ -266,22 +266,19 @@ impl Drop for Launched {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let state = self.state();
-        if !burst_qemu::state::agent_running(&state) {
+        if !state::agent_running(&state) {
             return;
         }
-        let Some(pid) = std::fs::read_to_string(burst_qemu::state::agent_lock_path(&state))
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-        else {
+        let Some(pid) = state::recorded_holder(&state::agent_lock_path(&state)) else {
             return;
         };
-        let pid = nix::unistd::Pid::from_raw(pid);
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let t = Instant::now();
-        while burst_qemu::state::agent_running(&state) && t.elapsed() < Duration::from_secs(5) {
+        while state::agent_running(&state) && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if burst_qemu::state::agent_running(&state) {
+        if state::agent_running(&state) {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
