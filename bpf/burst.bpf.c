@@ -85,6 +85,7 @@ struct cpumask {
 
 struct task_struct {
 	int pid;
+	unsigned short migration_disabled; /* CONFIG_SMP */
 	const struct cpumask *cpus_ptr;
 	struct sched_entity se;
 	struct sched_ext_entity scx;
@@ -95,6 +96,7 @@ struct scx_exit_info;
 /* 6.12 constants (checked against the kernel's BTF, see the head of this file). */
 #define SCX_DSQ_GLOBAL 0x8000000000000001ULL
 #define SCX_DSQ_LOCAL 0x8000000000000002ULL
+#define SCX_DSQ_LOCAL_ON 0xc000000000000000ULL /* | cpu */
 #define SCX_ENQ_LAST (1ULL << 41)
 #define SCX_KICK_IDLE 1
 #define SCX_KICK_PREEMPT 2

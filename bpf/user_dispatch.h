@@ -108,6 +108,19 @@ static __always_inline void dispatch_ordered(u32 cpu)
 		emit(EV_FAILED, tid, cpu);
 		return;
 	}
+	s32 on = scx_bpf_task_cpu(p);
+	if (p->migration_disabled && on != (s32)cpu) {
+		/* Stopped where it may not leave (migrate_disable()): moving it here would abort
+		 * the scheduler ("cannot move migration disabled", seen in the scx-6.12 guest).
+		 * It runs where it is, briefly and unordered, and the process hears the order
+		 * failed; it is held again at its next enqueue. */
+		__sync_fetch_and_or(enq, ENQ_TAKEN);
+		scx_bpf_dispatch(p, SCX_DSQ_LOCAL_ON | (u64)on, 100000, 0);
+		scx_bpf_kick_cpu(on, SCX_KICK_IDLE);
+		bpf_task_release(p);
+		emit(EV_FAILED, tid, cpu);
+		return;
+	}
 	__sync_fetch_and_or(enq, ENQ_TAKEN);
 	/* The slice as ordered, from now: the time the order took to reach this CPU is not
 	 * taken from it (the process charges from the reported start, and what ran past its

@@ -160,6 +160,9 @@ struct Thread {
     vm: VmId,
     state: State,
     last_cpu: Option<usize>,
+    /// Running, but off its CPU since then: a higher class took it for a while
+    /// ([`Scheduler::paused`]).
+    paused_at: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -275,6 +278,7 @@ impl Scheduler {
                 vm,
                 state: State::Blocked,
                 last_cpu: None,
+                paused_at: None,
             },
         );
         if runnable {
@@ -358,6 +362,46 @@ impl Scheduler {
         }
     }
 
+    /// `tid`, running, lost its CPU at `at` to something the policy does not order (a higher
+    /// scheduling class), and keeps its slice: its segment ends at `at`, so what it does not
+    /// run is not charged to its VM (and is free for its other threads under the cap), until
+    /// [`Scheduler::resumed`]. A mechanism whose kernel hands the CPU back without a decision
+    /// reports both. Only ever earlier: a pause after the segment's end changes nothing.
+    pub fn paused(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        if !matches!(t.state, State::Running { .. }) || t.paused_at.is_some() {
+            return;
+        }
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
+            if at < s.end {
+                s.end = at.max(s.start);
+                t.paused_at = Some(s.end);
+            }
+        }
+    }
+
+    /// `tid`, paused, has its CPU back at `at`: the rest of its slice is charged again.
+    pub fn resumed(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        let (State::Running { cpu }, Some(_)) = (t.state, t.paused_at.take()) else {
+            return;
+        };
+        let until = self.current[cpu].map_or(at, |r| r.until);
+        if at < until {
+            let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+            vm.segments.push_back(Segment {
+                tid,
+                start: at,
+                end: until,
+            });
+        }
+    }
+
     /// Whether `tid`'s VM could start another slice (of at least the minimum) at `at`, with
     /// what is committed now: when it could not, a slice of it ending at `at` ends where its
     /// VM's cap does, which a mechanism that enforces ends itself must keep to.
@@ -413,10 +457,12 @@ impl Scheduler {
         };
         self.current[cpu] = None;
         t.state = State::Waiting;
+        // A paused thread ran until its pause.
+        let end = t.paused_at.take().unwrap_or(now);
         let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
         vm.waiting.push_back(tid);
         if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
-            s.end = now.max(s.start);
+            s.end = end.max(s.start);
         }
         Some(cpu)
     }

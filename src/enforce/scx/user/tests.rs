@@ -200,6 +200,39 @@ fn the_end_of_a_turn_is_decided_ahead_and_deferred_to_the_cpu() {
     assert!(later.iter().all(|o| o.until > end), "{later:?}");
 }
 
+/// A thread a higher class takes its CPU from for a while is charged only what it ran: from
+/// the order's start to the pause, and from its return to the slice's end.
+#[test]
+fn a_paused_thread_is_charged_only_what_it_ran() {
+    let mut p = busy_vm();
+    p.event(&ev(EV_WAKE, 100, 1, 0));
+    let run = p.decide(0);
+    assert_eq!(run.len(), 1, "{run:?}");
+    let cpu = run[0].cpu;
+    assert_eq!(run[0].until, 20 * MS);
+    p.event(&ev(EV_RUNNING, 100, cpu, 0));
+    assert_eq!(
+        p.policy().usage(0, MS),
+        20 * MS,
+        "the whole turn, committed"
+    );
+    // Paused from 5 to 9 ms: 4 ms not charged.
+    p.event(&ev(EV_PAUSE, 100, cpu, 5 * MS));
+    assert_eq!(p.policy().usage(0, 6 * MS), 5 * MS);
+    p.event(&ev(EV_RUNNING, 100, cpu, 9 * MS));
+    assert_eq!(p.counts.paused, 1);
+    assert_eq!(p.counts.unordered, 0);
+    assert_eq!(p.policy().usage(0, 10 * MS), 16 * MS);
+    // Still the policy's running thread there: the turn ends at 20 ms, as ordered.
+    assert_eq!(p.policy().running_on(cpu), Some(100));
+    assert_eq!(p.next_deadline(10 * MS), Some(20 * MS));
+    // Paused again and stopped while off its CPU: charged until the pause.
+    p.event(&ev(EV_PAUSE, 100, cpu, 12 * MS));
+    p.event(&ev(EV_BLOCK, 100, cpu, 15 * MS));
+    assert_eq!(p.policy().usage(0, 16 * MS), 8 * MS);
+    assert_eq!(p.policy().running_on(cpu), None);
+}
+
 /// What a decision costs the process, natively: three busy 2-vCPU VMs on two CPUs, 10 s of
 /// the kernel carrying out every order at once, and the wall time of the policy's calls per
 /// run ordered. A measurement, not a check (the README's figures):
