@@ -1,0 +1,160 @@
+//! What the mechanism reports of the kernel, applied to the policy's state: a thread woke,
+//! started, stopped, was paused by a higher class and resumed, ran past an end the policy had
+//! set, or a dispatch failed. The decisions themselves are in the parent module.
+
+use super::{Scheduler, Segment, State, ThreadId};
+
+impl Scheduler {
+    /// `tid` became runnable.
+    pub fn wake(&mut self, tid: ThreadId, _now: u64) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        if t.state == State::Blocked {
+            t.state = State::Waiting;
+            self.vms.entry(t.vm).or_default().waiting.push_back(tid);
+        }
+    }
+
+    /// `tid` got off its CPU at `now`: blocked (`runnable` false), or preempted or yielded.
+    /// Harmless for a thread the policy already took off.
+    pub fn stop(&mut self, tid: ThreadId, now: u64, runnable: bool) {
+        self.off_cpu(tid, now);
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        match (t.state, runnable) {
+            (State::Waiting, false) => {
+                t.state = State::Blocked;
+                let vm = t.vm;
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.waiting.retain(|&w| w != tid);
+                }
+            }
+            (State::Blocked, true) => self.wake(tid, now),
+            _ => {}
+        }
+    }
+
+    /// `tid`, dispatched, really started at `at` (a mechanism that reports when the kernel
+    /// put it on its CPU): its segment is charged from then, not from the decision, so the
+    /// time between the two is not counted against its VM. Only ever later: a report of an
+    /// earlier start, or of a thread not running, changes nothing.
+    pub fn started(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get(&tid) else {
+            return;
+        };
+        if !matches!(t.state, State::Running { .. }) {
+            return;
+        }
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
+            s.start = at.clamp(s.start, s.end);
+        }
+    }
+
+    /// `tid`, running, lost its CPU at `at` to something the policy does not order (a higher
+    /// scheduling class), and keeps its slice: its segment ends at `at`, so what it does not
+    /// run is not charged to its VM (and is free for its other threads under the cap), until
+    /// [`Scheduler::resumed`]. A mechanism whose kernel hands the CPU back without a decision
+    /// reports both. Only ever earlier: a pause after the segment's end changes nothing.
+    pub fn paused(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        if !matches!(t.state, State::Running { .. }) || t.paused_at.is_some() {
+            return;
+        }
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
+            if at < s.end {
+                s.end = at.max(s.start);
+                t.paused_at = Some(s.end);
+            }
+        }
+    }
+
+    /// `tid`, paused, has its CPU back at `at`: the rest of its slice is charged again.
+    pub fn resumed(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        let (State::Running { cpu }, Some(_)) = (t.state, t.paused_at.take()) else {
+            return;
+        };
+        let until = self.current[cpu].map_or(at, |r| r.until);
+        if at < until {
+            let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+            vm.segments.push_back(Segment {
+                tid,
+                start: at,
+                end: until,
+            });
+        }
+    }
+
+    /// Whether `tid`'s VM could start another slice (of at least the minimum) at `at`, with
+    /// what is committed now: when it could not, a slice of it ending at `at` ends where its
+    /// VM's cap does, which a mechanism that enforces ends itself must keep to.
+    pub fn may_run_at(&self, tid: ThreadId, at: u64) -> bool {
+        self.threads
+            .get(&tid)
+            .and_then(|t| self.vms.get(&t.vm))
+            .is_some_and(|v| self.budget(v, at) >= self.config.min_slice_ns)
+    }
+
+    /// `tid` was reported off a CPU at `at`. A segment the policy had already ended earlier
+    /// (it took the thread off, and the mechanism carried that out late: a kick's latency) is
+    /// charged up to `at`, for the thread ran until then; never past the start of its next
+    /// segment. The segment running now is [`Scheduler::stop`]'s.
+    pub fn ran_until(&mut self, tid: ThreadId, at: u64) {
+        let Some(t) = self.threads.get(&tid) else {
+            return;
+        };
+        let running = matches!(t.state, State::Running { .. });
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        let mine: Vec<usize> = (0..vm.segments.len())
+            .filter(|&i| vm.segments[i].tid == tid)
+            .collect();
+        // The last segment that started before `at`, if it is not the one running now.
+        let Some(pos) = mine.iter().rposition(|&i| vm.segments[i].start <= at) else {
+            return;
+        };
+        if running && pos + 1 == mine.len() {
+            return;
+        }
+        let next = mine
+            .get(pos + 1)
+            .map_or(u64::MAX, |&i| vm.segments[i].start);
+        let s = &mut vm.segments[mine[pos]];
+        s.end = s.end.max(at.min(next));
+    }
+
+    /// A dispatch of `tid` did not happen (the mechanism's commit failed): it ran nothing and
+    /// waits again.
+    pub fn failed(&mut self, tid: ThreadId, at: u64) {
+        self.stop(tid, at, true);
+    }
+
+    /// Takes `tid` off its CPU at `now` if it runs, ending its segment then: earlier than its
+    /// slice (it blocked, was preempted) or later (a mechanism that acts late, as a ghOSt
+    /// agent does when a decision takes longer than a slice's remainder: the kernel runs the
+    /// thread until it is told otherwise, and the cap must count that). It becomes waiting.
+    /// Returns the CPU's index.
+    pub(super) fn off_cpu(&mut self, tid: ThreadId, now: u64) -> Option<usize> {
+        let t = self.threads.get_mut(&tid)?;
+        let State::Running { cpu } = t.state else {
+            return None;
+        };
+        self.current[cpu] = None;
+        t.state = State::Waiting;
+        // A paused thread ran until its pause.
+        let end = t.paused_at.take().unwrap_or(now);
+        let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
+        vm.waiting.push_back(tid);
+        if let Some(s) = vm.segments.iter_mut().rev().find(|s| s.tid == tid) {
+            s.end = end.max(s.start);
+        }
+        Some(cpu)
+    }
+}
