@@ -62,14 +62,16 @@ pub fn try_lock(path: &Path, mode: u32) -> io::Result<Option<File>> {
 }
 
 /// The pid a lock file names as its holder ([`crate::agent::lock`] writes it after taking
-/// the lock); `None` for a file that names no one (a VM's lock), or a missing one.
+/// the lock); `None` for a file that names no one (a VM's lock), a missing one, or a number
+/// no pid can be (0, or above `i32::MAX`: callers signal it as an `i32`, where a negative
+/// value would name a process group).
 pub fn recorded_holder(path: &Path) -> Option<u32> {
     fs::read_to_string(path)
         .ok()?
         .trim()
         .parse::<u32>()
         .ok()
-        .filter(|&p| p > 0)
+        .filter(|&p| p > 0 && i32::try_from(p).is_ok())
 }
 
 /// Whether the lock file at `path` names its holder and that process no longer runs (gone,
