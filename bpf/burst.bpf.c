@@ -6,20 +6,22 @@
  * set by the agent) are scheduled here; everything else stays on the fair class.
  *
  * User space (src/enforce/scx.rs) writes each VM's budget per period (baseline and grant, ns of
- * CPU per period over all its vCPUs, and the planner's weight for the spare) into `budgets`,
+ * CPU per period over all its vCPUs, and its weight for the spare: what the planner's split
+ * gives it above its baseline, `crate::sched::dispatch_weights`) into `budgets`,
  * and which VM each thread belongs to into `tasks`. Here:
  *  - every vCPU thread waits in its VM's DSQ (id = VM index + 1), and the VM's bit in the
  *    `ready` bitmap says a thread may wait there: the VMs' loops on the dispatch path visit the
  *    VMs of set bits only, so a dispatch costs what the VMs with waiting threads cost, not what
  *    the idle ones do (the protocol, and what a lost bit costs: above `ready`);
- *  - ops.dispatch takes the next thread from the VM that most deserves a CPU: VMs below their
- *    baseline first (the least served in proportion to its baseline first), then VMs below
- *    their grant (the spare split in proportion to the weights user space gives: the
- *    planner's, src/contention/rule.rs, so the rule is not this program's); a VM that used
- *    its grant is not dispatched until the next period;
+ *  - ops.dispatch takes the next thread from the VM that most deserves a CPU: VMs behind their
+ *    baseline's pace (the part of it owed by this point of the period, `paced()`) first, the
+ *    least served in proportion to its baseline first; then VMs below their grant, the least
+ *    served above that pace in proportion to the weight user space gives (the planner's
+ *    target above the baseline, so the spare rule is not this program's and every VM reaches
+ *    its target together); a VM that used its grant is not dispatched until the next period;
  *  - ops.running/stopping/tick charge the CPU time run to the VM; ops.tick ends the slice of a
- *    thread whose VM ran out of grant, or that is above its baseline while a VM below its own
- *    waits;
+ *    thread whose VM ran out of grant, or that is ahead of its baseline's pace while a VM
+ *    behind its own waits;
  *  - a BPF timer refills every VM each period, marks ready every VM with a thread waiting and
  *    kicks idle CPUs, so a held thread waits at most one period (100 ms), far below the
  *    watchdog (timeout_ms = 30 s).
@@ -126,6 +128,7 @@ struct running {
 
 struct timer_slot {
 	struct bpf_timer timer;
+	u64 period_start; /* bpf_ktime_get_ns() at the last refill (or at init) */
 };
 
 struct {
@@ -279,6 +282,39 @@ static __always_inline u32 slots_in_use(void)
 	return *n < MAX_VMS ? *n : MAX_VMS;
 }
 
+/* The baseline a VM is owed by now: its period's baseline in proportion to the part of the
+ * period gone since the last refill (all of it once the period is over). VMs are served below
+ * their baseline, and ordered above it, by this pace rather than by the whole period's
+ * baseline: with the whole baseline, a VM of a large baseline and many threads ran first after
+ * each refill until it had used it, and a VM of few threads beside it could then use no more
+ * than its threads for what was left of the period (the conformance test's 2-vCPU VM on 4 CPUs
+ * got 145 % of a CPU for a plan of 190 %, src/conformance.rs). */
+struct pace {
+	u64 elapsed;
+	u64 period;
+};
+
+static __always_inline struct pace pace_now(void)
+{
+	u32 zero = 0;
+	struct timer_slot *slot = bpf_map_lookup_elem(&refill, &zero);
+	struct conf *c = config();
+	struct pace p = { .elapsed = 1, .period = 1 };
+	if (!slot || !c || !c->period_ns)
+		return p;
+	u64 elapsed = bpf_ktime_get_ns() - slot->period_start;
+	p.period = c->period_ns;
+	p.elapsed = elapsed < p.period ? elapsed : p.period;
+	return p;
+}
+
+/* `base_ns` at `p` (no overflow: a baseline is at most MAX_CPUS periods, 2.6e10 ns of 100 ms
+ * periods, times at most a period, 1e8 ns). */
+static __always_inline u64 paced(u64 base_ns, struct pace p)
+{
+	return base_ns * p.elapsed / p.period;
+}
+
 /* The VM of `p`; NO_VM for a thread of no VM, and for one of a slot the loops do not visit
  * (none is, see intf.h: a thread queued there would never be dispatched). */
 static __always_inline u32 vm_of(struct task_struct *p)
@@ -394,6 +430,7 @@ static __always_inline u32 walk_next(struct walk *w)
  * dispatch and tick walk the ready bits of those slots only. */
 struct below_ctx {
 	struct walk walk;
+	struct pace pace;
 	u32 except;
 	bool found;
 };
@@ -409,7 +446,7 @@ static long below_cb(u64 index, struct below_ctx *c)
 	struct usage *u = bpf_map_lookup_elem(&usage, &i);
 	if (!b || !u || !b->grant_ns)
 		return 0;
-	if (u->used_ns < b->base_ns && u->used_ns < b->grant_ns && has_queued(i)) {
+	if (u->used_ns < paced(b->base_ns, c->pace) && u->used_ns < b->grant_ns && has_queued(i)) {
 		c->found = true;
 		return 1;
 	}
@@ -419,9 +456,9 @@ static long below_cb(u64 index, struct below_ctx *c)
 /* Whether some VM other than `except` is below its baseline with a thread waiting. A VM
  * whose bit was lost (above `ready`) is not seen until the refill sets it again: its thread
  * waits at most that period, and this thread runs on meanwhile, within its VM's grant. */
-static __always_inline bool someone_below_baseline(u32 except)
+static __always_inline bool someone_below_baseline(u32 except, struct pace pace)
 {
-	struct below_ctx c = { .except = except, .found = false };
+	struct below_ctx c = { .pace = pace, .except = except, .found = false };
 	u32 n = slots_in_use();
 	walk_start(&c.walk, n);
 	bpf_loop(n + READY_WORDS, below_cb, &c, 0);
@@ -509,6 +546,7 @@ void bq_enqueue(unsigned long long *ctx)
 
 struct pick_ctx {
 	struct walk walk;
+	struct pace pace;
 	/* The VMs whose DSQ was found empty when consumed (NO_VM: none): two, as the third and
 	 * last try records none. */
 	u32 tried0;
@@ -518,10 +556,10 @@ struct pick_ctx {
 	u64 best_key;
 };
 
-/* Rates the next ready VM for dispatch: VMs below their baseline first (tier 0, the least
- * served in proportion to its baseline first), then VMs below their grant (tier 1, the least
- * served above its baseline in proportion to its weight: the spare goes by the weights, and a
- * VM of weight 0 comes last).
+/* Rates the next ready VM for dispatch: VMs behind their baseline's pace first (tier 0, the
+ * least served in proportion to its baseline first), then VMs below their grant (tier 1, the
+ * least served above that pace in proportion to its weight: the spare goes by the weights, and
+ * a VM of weight 0 comes last).
  * A VM out of budget keeps its bit and its DSQ is not looked at (its threads are held there);
  * a free slot (grant 0) or a VM that may run loses its bit when its DSQ is found empty. */
 static long pick_cb(u64 index, struct pick_ctx *c)
@@ -543,13 +581,14 @@ static long pick_cb(u64 index, struct pick_ctx *c)
 		return 0;
 	u32 tier;
 	u64 key;
+	u64 owed = paced(b->base_ns, c->pace);
 	/* Keys in parts per 2^20 of the budget, so VMs of any size compare. */
-	if (u->used_ns < b->base_ns) {
+	if (u->used_ns < owed) {
 		tier = 0;
 		key = (u->used_ns << 20) / b->base_ns;
 	} else {
 		tier = 1;
-		key = b->weight ? ((u->used_ns - b->base_ns) << 20) / b->weight : ~0ULL - 1;
+		key = b->weight ? ((u->used_ns - owed) << 20) / b->weight : ~0ULL - 1;
 	}
 	if (tier < c->best_tier || (tier == c->best_tier && key < c->best_key)) {
 		c->best = i;
@@ -566,7 +605,7 @@ void bq_dispatch(unsigned long long *ctx)
 		dispatch_ordered((u32)ctx[0]);
 		return;
 	}
-	struct pick_ctx c = { .tried0 = NO_VM, .tried1 = NO_VM };
+	struct pick_ctx c = { .pace = pace_now(), .tried0 = NO_VM, .tried1 = NO_VM };
 	u32 n = slots_in_use();
 	/* Up to three tries: a DSQ seen non-empty may be emptied by another CPU meanwhile. */
 	for (int attempt = 0; attempt < 3; attempt++) {
@@ -659,7 +698,9 @@ void bq_tick(unsigned long long *ctx)
 	struct usage *u = bpf_map_lookup_elem(&usage, &vm);
 	if (!b || !u)
 		return;
-	if (u->used_ns >= b->grant_ns || (u->used_ns >= b->base_ns && someone_below_baseline(vm)))
+	struct pace pace = pace_now();
+	if (u->used_ns >= b->grant_ns ||
+	    (u->used_ns >= paced(b->base_ns, pace) && someone_below_baseline(vm, pace)))
 		p->scx.slice = 0;
 }
 
@@ -694,6 +735,7 @@ static int refill_cb(void *map, int *key, struct timer_slot *slot)
 	struct conf *c = config();
 	if (!c)
 		return 0;
+	slot->period_start = bpf_ktime_get_ns();
 	bpf_loop(slots_in_use(), refill_vm_cb, NULL, 0);
 	u32 n = c->nr_cpus;
 	if (n > MAX_CPUS)
@@ -723,6 +765,7 @@ s32 bq_init(unsigned long long *ctx)
 	struct timer_slot *slot = bpf_map_lookup_elem(&refill, &zero);
 	if (!slot)
 		return -2;
+	slot->period_start = bpf_ktime_get_ns();
 	bpf_timer_init(&slot->timer, &refill, CLOCK_MONOTONIC);
 	bpf_timer_set_callback(&slot->timer, refill_cb);
 	bpf_timer_start(&slot->timer, c->period_ns, 0);

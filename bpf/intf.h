@@ -35,7 +35,8 @@ struct conf {
 struct budget {
 	u64 base_ns;  /* baseline, ns of CPU per period (all vCPUs) */
 	u64 grant_ns; /* grant, ns of CPU per period; 0 = the VM slot is unused */
-	u64 weight;   /* the planner's weight for the spare (only ratios matter; 0 = served last) */
+	u64 weight;   /* weight for the spare: the planner's target above the baseline, ns per
+		       * period (only ratios matter; 0 = served last) */
 };
 
 /* `usage` (MAX_VMS entries, by VM index): written by the program, read for the stats. */

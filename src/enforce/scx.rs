@@ -37,6 +37,7 @@ use super::cgroup::CgroupEnforcer;
 use super::{EnforceError, Enforcer};
 use crate::contention::Entitlement;
 use crate::credit::{Rate, PPM_PER_CPU};
+use crate::sched::dispatch_weights;
 use crate::state::VmRecord;
 
 /// Where the kernel shows sched_ext (`state`: `enabled`, `disabled`, …).
@@ -165,7 +166,10 @@ struct Managed {
     tids: Vec<u32>,
     baseline: Rate,
     grant: Rate,
+    /// The planner's weight for the spare.
     weight: Rate,
+    /// The weight the program orders by ([`ScxEnforcer::reweigh`]).
+    dispatch_weight: Rate,
     qmp: PathBuf,
     paused: bool,
 }
@@ -179,7 +183,7 @@ impl Managed {
             idx: self.idx,
             base_ns: budget_ns(self.baseline).min(grant),
             grant_ns: grant,
-            weight: budget_ns(self.weight),
+            weight: budget_ns(self.dispatch_weight),
             name: name.to_owned(),
         }];
         cmds.extend(
@@ -346,6 +350,53 @@ impl ScxEnforcer {
                 "in the fair class under their cgroup quotas: our scheduler is not enabled"
             }
         );
+    }
+
+    /// The CPUs the program dispatches the vCPU threads to.
+    fn cpu_count(&self) -> u32 {
+        let n = match &self.cpus {
+            Some(cpus) => cpus.len(),
+            None => crate::procfs::online_cpus().map_or(1, |c| c.len()),
+        };
+        n.max(1) as u32
+    }
+
+    /// Sets every VM's [`Managed::dispatch_weight`] from the entitlements and sends the VMs
+    /// whose budget line changed (besides `changed`, whose own did). BPF dispatch orders the
+    /// spare by (used − baseline) / weight within a period, so it is given each VM's target
+    /// for busy vCPUs above its guarantee ([`dispatch_weights`]): ordered by the planner's
+    /// weights, VMs refilled together crowded out one of small weight, which then ran below
+    /// its target on CPUs with room (src/conformance.rs). User-space dispatch runs the policy,
+    /// which computes the targets itself from what is runnable: it gets the planner's weight.
+    fn reweigh(&mut self, changed: Option<&str>) {
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        let weights: Vec<Rate> = match self.dispatch {
+            Dispatch::User => names.iter().map(|n| self.vms[n].weight).collect(),
+            Dispatch::Bpf => {
+                let fleet: Vec<(Entitlement, u32)> = names
+                    .iter()
+                    .map(|n| {
+                        let m = &self.vms[n];
+                        let e = Entitlement {
+                            cap: m.grant,
+                            guarantee: m.baseline.min(m.grant),
+                            weight: m.weight,
+                        };
+                        (e, m.tids.len() as u32)
+                    })
+                    .collect();
+                dispatch_weights(&fleet, self.cpu_count())
+            }
+        };
+        let mut cmds = Vec::new();
+        for (name, w) in names.iter().zip(weights) {
+            let m = self.vms.get_mut(name).expect("listed");
+            if m.dispatch_weight != w || changed == Some(name.as_str()) {
+                m.dispatch_weight = w;
+                cmds.push(m.commands(name).swap_remove(0));
+            }
+        }
+        self.send(&cmds);
     }
 
     fn send(&mut self, cmds: &[Command]) {
@@ -542,6 +593,7 @@ impl Enforcer for ScxEnforcer {
             grant: baseline,
             // No spare until the agent's first `entitle` (with its first `apply`).
             weight: Rate(0),
+            dispatch_weight: Rate(0),
             qmp: vm.qmp_socket.clone(),
             paused: false,
         };
@@ -549,9 +601,12 @@ impl Enforcer for ScxEnforcer {
         self.vms.insert(vm.name.clone(), m);
         if self.sched.is_none() {
             // Sends every VM when it starts. A failure leaves the cgroup quota in force.
+            self.reweigh(None);
             return self.keep_alive().map(|_| ());
         }
         self.send(&cmds);
+        // Its demand moves the others' targets.
+        self.reweigh(None);
         Ok(())
     }
 
@@ -565,11 +620,9 @@ impl Enforcer for ScxEnforcer {
                 vm,
             ));
         };
-        let changed = m.grant != rate;
-        m.grant = rate;
-        let cmds = m.commands(vm);
-        if changed {
-            self.send(&cmds[..1]);
+        if m.grant != rate {
+            m.grant = rate;
+            self.reweigh(Some(vm));
         }
         self.pause(vm, rate.0 == 0);
         Ok(())
@@ -592,6 +645,7 @@ impl Enforcer for ScxEnforcer {
             let mut cmds: Vec<Command> = m.tids.iter().map(|&tid| Command::Untid { tid }).collect();
             cmds.push(Command::Free { idx: m.idx });
             self.send(&cmds);
+            self.reweigh(None);
         }
         if self.vms.is_empty() {
             self.stop();
@@ -614,8 +668,7 @@ impl Enforcer for ScxEnforcer {
             if (m.baseline, m.weight) != (entitled.guarantee, entitled.weight) {
                 m.baseline = entitled.guarantee;
                 m.weight = entitled.weight;
-                let cmds = m.commands(vm);
-                self.send(&cmds[..1]);
+                self.reweigh(Some(vm));
             }
         }
         Ok(())
@@ -731,7 +784,8 @@ mod tests {
             tids: vec![10, 11],
             baseline: Rate(400_000),
             grant: Rate(0),
-            weight: Rate(300_000),
+            weight: Rate(100_000),
+            dispatch_weight: Rate(300_000),
             qmp: PathBuf::new(),
             paused: false,
         };

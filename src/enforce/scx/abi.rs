@@ -41,8 +41,10 @@ pub struct Budget {
     pub base_ns: u64,
     /// Its grant; 0 marks the slot unused.
     pub grant_ns: u64,
-    /// The planner's weight for the spare ([`crate::contention::Entitlement::weight`]): only
-    /// the ratios between VMs matter; 0 is served last.
+    /// Its weight for the spare: in BPF dispatch, what the planner's split gives it above its
+    /// baseline ([`crate::sched::dispatch_weights`]), ns per period; in user-space dispatch,
+    /// the planner's weight ([`crate::contention::Entitlement::weight`]). Only the ratios
+    /// between VMs matter; 0 is served last.
     pub weight: u64,
 }
 

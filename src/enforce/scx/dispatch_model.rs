@@ -1,10 +1,11 @@
 //! The sched_ext program's dispatch rule (`bpf/burst.bpf.c`) transcribed for the conformance
 //! tests (`crate::conformance`), for busy vCPU threads: the same budget per 100-ms period
-//! (baseline, grant and the planner's weight, as `struct budget` has them), the same charge
-//! of what ran at every tick and stop, the same refill (overshoot carried, up to ten periods'
-//! grant), the same choice of the next VM (tier 0 below the baseline by used / baseline, then
-//! tier 1 by (used − baseline) / weight, none at or above its grant), the same slice end at a
-//! tick (out of grant, or above the baseline while another VM below its own waits) and the
+//! (baseline, grant and weight, as `struct budget` has them), the same charge of what ran at
+//! every tick and stop, the same refill (overshoot carried, up to ten periods' grant), the
+//! same pace of the baseline (`paced()`: the part owed by this point of the period), the same
+//! choice of the next VM (tier 0 behind that pace by used / baseline, then tier 1 by
+//! (used − paced baseline) / weight, none at or above its grant), the same slice end at a
+//! tick (out of grant, or ahead of the pace while another VM behind its own waits) and the
 //! same slice. Time moves in kernel ticks of 1 ms. Not the program: a model of its rule, to be
 //! kept in step with it (the comments name the C functions).
 
@@ -36,6 +37,8 @@ pub(crate) struct Machine {
     pub(crate) vms: Vec<Vm>,
     cpus: Vec<Option<Running>>,
     now_ns: u64,
+    /// The last refill (`timer_slot.period_start`).
+    period_start: u64,
 }
 
 const TICK_NS: u64 = 1_000_000;
@@ -65,6 +68,7 @@ impl Machine {
             vms,
             cpus: vec![None; cpus],
             now_ns: 0,
+            period_start: 0,
         }
     }
 
@@ -96,7 +100,8 @@ impl Machine {
             v.used_ns += TICK_NS;
             v.ran_ns += TICK_NS;
             r.slice_left = r.slice_left.saturating_sub(TICK_NS);
-            let (used, base, grant) = (v.used_ns, v.base_ns, v.grant_ns);
+            let (used, grant) = (v.used_ns, v.grant_ns);
+            let base = self.base_now(r.vm);
             let end = used >= grant || (used >= base && self.someone_below_baseline(r.vm));
             if end || r.slice_left == 0 {
                 // bq_stopping, then bq_enqueue: back to its VM's DSQ (held there when out of
@@ -114,10 +119,17 @@ impl Machine {
         self.vms.iter().enumerate().any(|(i, v)| {
             i != except
                 && v.grant_ns > 0
-                && v.used_ns < v.base_ns
+                && v.used_ns < self.base_now(i)
                 && v.used_ns < v.grant_ns
                 && !v.dsq.is_empty()
         })
+    }
+
+    /// `paced()`: `vm`'s baseline owed by now, the period starting at the last refill.
+    fn base_now(&self, vm: usize) -> u64 {
+        let v = &self.vms[vm];
+        let elapsed = (self.now_ns - self.period_start).min(PERIOD_NS);
+        (u128::from(v.base_ns) * u128::from(elapsed) / u128::from(PERIOD_NS)) as u64
     }
 
     /// `bq_dispatch` on every idle CPU: the best VM by `pick_cb`'s key, its first thread.
@@ -132,13 +144,11 @@ impl Machine {
                 .enumerate()
                 .filter(|(_, v)| v.grant_ns > 0 && v.used_ns < v.grant_ns && !v.dsq.is_empty())
                 .map(|(i, v)| {
-                    let key = if v.used_ns < v.base_ns {
+                    let pb = self.base_now(i);
+                    let key = if v.used_ns < pb {
                         (0, (u128::from(v.used_ns) << 20) / u128::from(v.base_ns))
                     } else if v.weight > 0 {
-                        (
-                            1,
-                            (u128::from(v.used_ns - v.base_ns) << 20) / u128::from(v.weight),
-                        )
+                        (1, (u128::from(v.used_ns - pb) << 20) / u128::from(v.weight))
                     } else {
                         (1, u128::from(u64::MAX - 1))
                     };
@@ -158,6 +168,7 @@ impl Machine {
 
     /// `refill_vm_cb`: the overshoot carried, up to ten periods' grant.
     fn refill(&mut self) {
+        self.period_start = self.now_ns;
         for v in &mut self.vms {
             let over = v.used_ns.saturating_sub(v.grant_ns);
             v.used_ns = over.min(10 * v.grant_ns);
