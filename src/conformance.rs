@@ -26,7 +26,7 @@
 //! it. The ghOSt differences above 6 points (10 VM-phases, all under `baseline`) are VMs of one
 //! vCPU whose spare waits behind the guarantees of VMs with many threads
 //! (`sched::tests::vms_held_to_their_baselines_do_not_preempt_each_other_without_end`). The
-//! bounds below are those maxima with a quarter more for what 11 016 VM-phases did not reach.
+//! bounds below are the largest seen with a quarter more or so for what was not reached.
 
 use proptest::prelude::*;
 
@@ -41,8 +41,9 @@ const S: u64 = 1_000_000_000;
 /// The ghOSt scheduler's largest difference from the plan per vCPU, ppm (measured 16.2 points;
 /// see the module's docs).
 const GHOST_PPM_PER_VCPU: f64 = 200_000.0;
-/// The sched_ext rule's, ppm (measured 10.1 points).
-const SCX_PPM_PER_VCPU: f64 = 130_000.0;
+/// The sched_ext rule's, ppm (measured 10.1 points in the six seeds' 11 016 VM-phases, and
+/// 13.6 once in 100 runs of the default 24 cases, about 14 000 VM-phases).
+const SCX_PPM_PER_VCPU: f64 = 180_000.0;
 
 /// A busy fleet that fits its baselines in `cpus`: (vCPUs, baseline, grant) per VM, ppm.
 fn fleet() -> impl Strategy<Value = (u32, Vec<(u64, u64, u64)>)> {
