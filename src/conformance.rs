@@ -17,16 +17,21 @@
 //! **Measured** (`PROPTEST_CASES=300`, seeds `PROPTEST_RNG_SEED=1` to `6`: 11 016 VM-phases;
 //! % of one CPU per vCPU of the VM, the largest difference from the plan; the p99 in brackets):
 //! the quota exact to 10 ppm; the ghOSt scheduler 5.8 (3.6) points under `headroom` and 16.2
-//! (3.2) under `baseline`; the sched_ext rule 10.0 (3.5) and 10.1 (4.5), two VM-phases above
-//! 10 points. Before the program took the dispatch weights ([`crate::sched::dispatch_weights`])
-//! and paced the baseline (seeds 1 to 4, 7 330 VM-phases): sched_ext 22.4 (4.2) and 35.2
-//! (9.1), 36 VM-phases above 10 points: VMs refilled together with more runnable threads than
-//! their share of CPUs took their baselines at the start of each period, and a VM of few
-//! threads (or of small weight) could then use no more than its threads for what was left of
-//! it. The ghOSt differences above 6 points (10 VM-phases, all under `baseline`) are VMs of one
-//! vCPU whose spare waits behind the guarantees of VMs with many threads
-//! (`sched::tests::vms_held_to_their_baselines_do_not_preempt_each_other_without_end`). The
-//! bounds below are the largest seen with a quarter more or so for what was not reached.
+//! (3.2) under `baseline`; the sched_ext rule 2.0 (0.8) and 2.8 (1.0). The sched_ext rule
+//! before it paced the baseline, took the dispatch weights
+//! ([`crate::sched::dispatch_weights`]) and gave a CPU back at the tick a better claim waited
+//! (seeds 1 to 4, 7 330 VM-phases): 22.4 (4.2) and 35.2 (9.1), 36 VM-phases above 10 points.
+//! VMs refilled together with more runnable threads than their share of CPUs took their
+//! baselines at the start of each period, and a VM of few threads (or of small weight) could
+//! then use no more than its threads for what was left of it; with pace and weights alone,
+//! 5.6 (3.5) and 10.1 (4.7): the spare moved in 5-ms slices of a 100-ms period. The ghOSt
+//! differences above 6 points (10 VM-phases, all under `baseline`) are VMs of one vCPU whose
+//! spare waits behind the guarantees of VMs with many threads
+//! (`sched::tests::vms_held_to_their_baselines_do_not_preempt_each_other_without_end`). Rare
+//! larger sched_ext differences remain for the same kind of VM (one vCPU, a target near a whole
+//! CPU: 12.3 points once in about 25 000 VM-phases; ordering by laxity, what is left to run
+//! against the threads and the time left, is the fix they ask for). The bounds below are the
+//! largest seen with a quarter more or so for what was not reached.
 
 use proptest::prelude::*;
 
@@ -41,9 +46,11 @@ const S: u64 = 1_000_000_000;
 /// The ghOSt scheduler's largest difference from the plan per vCPU, ppm (measured 16.2 points;
 /// see the module's docs).
 const GHOST_PPM_PER_VCPU: f64 = 200_000.0;
-/// The sched_ext rule's, ppm (measured 10.1 points in the six seeds' 11 016 VM-phases, and
-/// 13.6 once in 100 runs of the default 24 cases, about 14 000 VM-phases).
-const SCX_PPM_PER_VCPU: f64 = 180_000.0;
+/// The sched_ext rule's, ppm (measured 2.8 points in the six seeds' 11 016 VM-phases, and
+/// 12.3 once in 180 runs of the default 24 cases, about 25 000 VM-phases: a 1-vCPU VM whose
+/// target is nearly a whole CPU, which loses at each preemption what its one thread cannot
+/// catch up; 4.0 and 4.1 twice more).
+const SCX_PPM_PER_VCPU: f64 = 160_000.0;
 
 /// A busy fleet that fits its baselines in `cpus`: (vCPUs, baseline, grant) per VM, ppm.
 fn fleet() -> impl Strategy<Value = (u32, Vec<(u64, u64, u64)>)> {

@@ -5,8 +5,8 @@
 //! same pace of the baseline (`paced()`: the part owed by this point of the period), the same
 //! choice of the next VM (tier 0 behind that pace by used / baseline, then tier 1 by
 //! (used − paced baseline) / weight, none at or above its grant), the same slice end at a
-//! tick (out of grant, or ahead of the pace while another VM behind its own waits) and the
-//! same slice. Time moves in kernel ticks of 1 ms. Not the program: a model of its rule, to be
+//! tick (out of grant, or ahead of the pace while a VM of a better claim waits) and the same
+//! slice. Time moves in kernel ticks of 1 ms. Not the program: a model of its rule, to be
 //! kept in step with it (the comments name the C functions).
 
 use std::collections::VecDeque;
@@ -102,7 +102,7 @@ impl Machine {
             r.slice_left = r.slice_left.saturating_sub(TICK_NS);
             let (used, grant) = (v.used_ns, v.grant_ns);
             let base = self.base_now(r.vm);
-            let end = used >= grant || (used >= base && self.someone_below_baseline(r.vm));
+            let end = used >= grant || (used >= base && self.someone_before(r.vm));
             if end || r.slice_left == 0 {
                 // bq_stopping, then bq_enqueue: back to its VM's DSQ (held there when out of
                 // budget, until the refill).
@@ -114,14 +114,29 @@ impl Machine {
         }
     }
 
-    /// `someone_below_baseline()`.
-    fn someone_below_baseline(&self, except: usize) -> bool {
+    /// `claim_of()`: `vm`'s claim to the next CPU, lower first.
+    fn key(&self, i: usize) -> (u8, u128) {
+        let v = &self.vms[i];
+        let pb = self.base_now(i);
+        if v.used_ns < pb {
+            (0, (u128::from(v.used_ns) << 20) / u128::from(v.base_ns))
+        } else if v.weight > 0 {
+            (1, (u128::from(v.used_ns - pb) << 20) / u128::from(v.weight))
+        } else {
+            (1, u128::from(u64::MAX - 1))
+        }
+    }
+
+    /// `someone_before()`: another VM below its grant, with a thread waiting and a better
+    /// claim than `me`'s.
+    fn someone_before(&self, me: usize) -> bool {
+        let mine = self.key(me);
         self.vms.iter().enumerate().any(|(i, v)| {
-            i != except
+            i != me
                 && v.grant_ns > 0
-                && v.used_ns < self.base_now(i)
                 && v.used_ns < v.grant_ns
                 && !v.dsq.is_empty()
+                && self.key(i) < mine
         })
     }
 
@@ -143,17 +158,7 @@ impl Machine {
                 .iter()
                 .enumerate()
                 .filter(|(_, v)| v.grant_ns > 0 && v.used_ns < v.grant_ns && !v.dsq.is_empty())
-                .map(|(i, v)| {
-                    let pb = self.base_now(i);
-                    let key = if v.used_ns < pb {
-                        (0, (u128::from(v.used_ns) << 20) / u128::from(v.base_ns))
-                    } else if v.weight > 0 {
-                        (1, (u128::from(v.used_ns - pb) << 20) / u128::from(v.weight))
-                    } else {
-                        (1, u128::from(u64::MAX - 1))
-                    };
-                    (key, i)
-                })
+                .map(|(i, _)| (self.key(i), i))
                 .min();
             if let Some((_, vm)) = best {
                 let thread = self.vms[vm].dsq.pop_front().expect("not empty");
