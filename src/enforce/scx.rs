@@ -133,6 +133,9 @@ pub enum Dispatch {
 pub struct ScxEnforcer {
     backstop: CgroupEnforcer,
     cpus: Option<Vec<u32>>,
+    /// How many CPUs the program dispatches the vCPU threads to: `cpus`, or those online at
+    /// start (the program's own count is taken once too, `loader::configure`).
+    cpu_count: u32,
     dispatch: Dispatch,
     exe: PathBuf,
     stats: PathBuf,
@@ -213,9 +216,15 @@ impl ScxEnforcer {
                 "missing",
             ));
         }
+        let cpu_count = match &cpus {
+            Some(cpus) => cpus.len(),
+            None => crate::procfs::online_cpus().map_or(1, |c| c.len()),
+        }
+        .max(1) as u32;
         Ok(ScxEnforcer {
             backstop,
             cpus,
+            cpu_count,
             dispatch,
             exe: exe.to_owned(),
             stats: stats_path(state_dir),
@@ -268,15 +277,6 @@ impl ScxEnforcer {
         );
     }
 
-    /// The CPUs the program dispatches the vCPU threads to.
-    fn cpu_count(&self) -> u32 {
-        let n = match &self.cpus {
-            Some(cpus) => cpus.len(),
-            None => crate::procfs::online_cpus().map_or(1, |c| c.len()),
-        };
-        n.max(1) as u32
-    }
-
     /// Sets every VM's [`Managed::dispatch_weight`] from the entitlements and sends the VMs
     /// whose budget line changed (besides `changed`, whose own did). BPF dispatch orders the
     /// spare by (used − baseline) / weight within a period, so it is given each VM's target
@@ -301,7 +301,7 @@ impl ScxEnforcer {
                         (e, m.tids.len() as u32)
                     })
                     .collect();
-                dispatch_weights(&fleet, self.cpu_count())
+                dispatch_weights(&fleet, self.cpu_count)
             }
         };
         let mut cmds = Vec::new();

@@ -190,12 +190,9 @@ struct Vm {
 }
 
 impl Vm {
-    /// CPU time of the segments after `from`.
+    /// CPU time of the segments after `from`, what the running threads were given included.
     fn usage(&self, from: u64) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| s.end.saturating_sub(s.start.max(from)))
-            .sum()
+        self.ran(from, u64::MAX)
     }
 
     /// CPU time of the segments in [from, to): what it ran, without what its running threads
