@@ -19,6 +19,7 @@ fn main() {
     println!("cargo:rerun-if-changed=bpf/burst.bpf.c");
     println!("cargo:rerun-if-changed=bpf/intf.h");
     println!("cargo:rerun-if-changed=bpf/user_dispatch.h");
+    println!("cargo:rerun-if-changed=bpf/order.h");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     intf_layout(&out_dir);
     let out = out_dir.join("burst.bpf.o");
