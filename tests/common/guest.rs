@@ -4,6 +4,11 @@
 //! for the parts that had not finished: said loudly with the console's trace, and counted in
 //! `BURST_QEMU_GUEST_RETRIES` (a file `.ci/run` sets for the whole run; at most one retry a run,
 //! or the test fails). Any other death of the guest fails at once.
+//!
+//! In CI's guest phase (nextest test group `guest-lanes`, `.config/nextest.toml`) as many
+//! guests run at once as the host has CPUs, each on one host CPU of its own ([`lane`]) and on
+//! single-threaded TCG: a guest's vCPUs then take turns on that CPU, and what its suites measure
+//! in it is measured against the guest's own clock, as when it ran alone.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -200,6 +205,29 @@ fn count_retry(kernel: &str, test: &str) {
     );
 }
 
+/// The host CPU this test's guest runs on in CI's guest phase: the test's slot in nextest's
+/// `guest-lanes` group (`NEXTEST_TEST_GROUP_SLOT`; two guests at once on this project's 2
+/// cores) modulo the CPUs this process may use; `None` outside that group. Measured on the
+/// 2-core machine (E1, 2026-12-06): the scx-6.12 suite pinned to one CPU beside the other guests
+/// on the other passed in 586 s (678-800 s alone, unpinned) with the same figures (one-rule rows
+/// 0.41 and 0.13 points off; user-space dispatch cap 19.47 % for 20 %); the debian-6.12 suites
+/// took 313 s on one CPU against 266 s on two, the 6.1 one 103 s against 89, the libvirt suite
+/// 94 s against 84, the 4-CPU balance guest 241 s against 118.
+fn lane() -> Option<usize> {
+    if std::env::var("NEXTEST_TEST_GROUP").ok()? != "guest-lanes" {
+        return None;
+    }
+    let slot: usize = std::env::var("NEXTEST_TEST_GROUP_SLOT")
+        .ok()?
+        .parse()
+        .ok()?;
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    cpus.get(slot % cpus.len().max(1)).copied()
+}
+
 /// Where a guest's whole console is kept when it died: target/guest-consoles/.
 fn console_dir() -> PathBuf {
     let me = std::env::current_exe().unwrap();
@@ -219,6 +247,15 @@ pub fn run(
     parts: &[Part],
 ) -> Vec<Ended> {
     let test = std::thread::current().name().unwrap_or("?").to_owned();
+    // A guest lane: this thread (and so the harness and QEMU it starts) on one host CPU, the
+    // guest on single-threaded TCG (see [`lane`]).
+    let lane = lane();
+    if let Some(cpu) = lane {
+        let mut one = nix::sched::CpuSet::new();
+        one.set(cpu).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+        eprintln!("{kernel} guest: in a guest lane, on host CPU {cpu}, tcg,thread=single");
+    }
     let mut done: Vec<Ended> = Vec::new();
     for attempt in 1.. {
         let pending: Vec<&Part> = parts
@@ -232,7 +269,11 @@ pub fn run(
         std::fs::create_dir_all(&dir).unwrap();
         let console = dir.join(format!("{kernel}-{}-{attempt}.log", std::process::id()));
         let t0 = Instant::now();
-        let out = Command::new(super::harness())
+        let mut harness = Command::new(super::harness());
+        if lane.is_some() {
+            harness.env("BURST_QEMU_GUEST_ACCEL", "tcg,thread=single");
+        }
+        let out = harness
             .args(["--kernel", kernel, "--cpus", &cpus.to_string()])
             // A hung guest's bound: the scx-6.12 suite took 1 038 s in CI run 19.
             .args(["--mem", &mem_mb.to_string(), "--timeout", "1700"])
