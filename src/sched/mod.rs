@@ -336,9 +336,10 @@ impl Scheduler {
     /// `f` is linear between its breakpoints (a segment boundary plus `P`), with slope 1 − k
     /// where k segments cover `t' − P`: it rises only where none does, and then by 1 a ns. So
     /// the first piece whose end exceeds the cap is crossed at `a + (cap − f(a))` from its start
-    /// `a`, exactly, with one evaluation of `f` a breakpoint. (A binary search of each piece
-    /// gave the same ns and cost 25 more evaluations; in a debug build the decisions' time went
-    /// mostly there, 24 ms of CPU a run in the emulated scx-6.12 guest.)
+    /// `a`, exactly, with one evaluation of `f` a breakpoint. (A binary search of the last
+    /// piece gave the same ns for 25 more evaluations; these evaluations, asked for by the
+    /// deadlines' searches, were most of a decision's time: 24 ms of CPU a run of the debug
+    /// scheduler process in the emulated scx-6.12 guest.)
     fn budget(&self, v: &Vm, now: u64) -> u64 {
         self.budget_up_to(v, now, self.config.slice_ns)
     }
