@@ -361,8 +361,7 @@ struct pick_ctx {
 	u32 tried0;
 	u32 tried1;
 	u32 best;
-	u32 best_tier;
-	u64 best_key;
+	struct claim best_claim;
 };
 
 /* Rates the next ready VM for dispatch by its claim (`claim_of`: the spare goes by the
@@ -387,10 +386,9 @@ static long pick_cb(u64 index, struct pick_ctx *c)
 	if (u->used_ns >= b->grant_ns || !has_queued(i))
 		return 0;
 	struct claim cl = claim_of(b, u, c->pace);
-	if (cl.tier < c->best_tier || (cl.tier == c->best_tier && cl.key < c->best_key)) {
+	if (before(cl, c->best_claim)) {
 		c->best = i;
-		c->best_tier = cl.tier;
-		c->best_key = cl.key;
+		c->best_claim = cl;
 	}
 	return 0;
 }
@@ -407,8 +405,8 @@ void bq_dispatch(unsigned long long *ctx)
 	/* Up to three tries: a DSQ seen non-empty may be emptied by another CPU meanwhile. */
 	for (int attempt = 0; attempt < 3; attempt++) {
 		c.best = NO_VM;
-		c.best_tier = 2;
-		c.best_key = ~0ULL;
+		/* Worse than any claim (tiers are 0 and 1). */
+		c.best_claim = (struct claim){ .tier = 2, .key = ~0ULL };
 		walk_start(&c.walk, n);
 		bpf_loop(n + READY_WORDS, pick_cb, &c, 0);
 		if (c.best >= MAX_VMS)
@@ -499,11 +497,14 @@ void bq_tick(unsigned long long *ctx)
 	 * claim waits: the spare then moves in ticks, not in slices (one slice of 5 ms is 5 % of
 	 * a period per VM, and who got the period's last slices kept them: two points off the
 	 * planner in the README's overcommit scenario, 0.3-0.7 on this rule's exact model). */
-	struct pace pace = pace_now();
-	if (u->used_ns >= b->grant_ns)
+	if (u->used_ns >= b->grant_ns) {
 		p->scx.slice = 0;
-	else if (u->used_ns >= paced(b->base_ns, pace) &&
-		 someone_before(vm, claim_of(b, u, pace), pace))
+		return;
+	}
+	struct pace pace = pace_now();
+	struct claim mine = claim_of(b, u, pace);
+	/* Tier 1: at or ahead of its pace. */
+	if (mine.tier == 1 && someone_before(vm, mine, pace))
 		p->scx.slice = 0;
 }
 
