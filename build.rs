@@ -92,6 +92,7 @@ const FIELDS: &[(&str, &str)] = &[
     ("order", "cpu"),
     ("order", "tid"),
     ("order", "replaced"),
+    ("order", "from"),
     ("latency", "waits"),
     ("latency", "sum_ns"),
     ("latency", "max_ns"),

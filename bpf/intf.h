@@ -95,6 +95,7 @@ struct order {
 	u32 cpu;
 	u32 tid;      /* ORDER_RUN; ORDER_EXTEND: only if it is the thread ordered there */
 	u32 replaced; /* out: the thread of an earlier ORDER_RUN the CPU had not taken yet, or 0 */
+	u64 from;     /* ORDER_RUN: when it was decided; the slice is until - from, from its start */
 };
 
 /* `latency` (one entry): how long a VM's runnable thread with budget waited to run, in both

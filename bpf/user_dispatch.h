@@ -20,7 +20,7 @@ struct plan {
 	u64 next; /* tid, 0 = none */
 	u64 next_until;
 	u64 next_hard; /* ORDER_HARD given with `next` */
-	u64 next_at;   /* when `next` was ordered: its slice is next_until - next_at */
+	u64 next_at;   /* when `next` was decided: its slice is next_until - next_at */
 	u64 cur; /* tid */
 	u64 cur_until;
 	u64 cur_hard;
@@ -54,12 +54,15 @@ static __always_inline void hold_for_order(struct task_struct *p, u32 tid)
 /* Reports VM thread `p` off `cpu` (ops.stopping), which no longer runs an ordered slice. */
 static __always_inline void stopped_ordered(u32 cpu, struct task_struct *p, bool runnable)
 {
-	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
-	if (pl && pl->cur == (u64)p->pid)
-		pl->cur = 0;
 	/* Runnable with slice left: a higher class took the CPU, and the thread waits at the
-	 * head of this CPU's queue to go on (the kernel's own doing, no order). */
+	 * head of this CPU's queue to go on (the kernel's own doing, no order). It stays the
+	 * thread ordered here: cleared, an order deferred to its slice's end found none and
+	 * kicked it off at once (5 ms early in the scx-6.12 guest), and its tick no longer kept
+	 * its slice's end. */
 	u32 kind = !runnable ? EV_BLOCK : p->scx.slice ? EV_PAUSE : EV_STOP;
+	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
+	if (kind != EV_PAUSE && pl && pl->cur == (u64)p->pid)
+		pl->cur = 0;
 	emit(kind, p->pid, cpu);
 }
 
@@ -137,6 +140,18 @@ static __always_inline void dispatch_ordered(u32 cpu)
 	bpf_task_release(p);
 }
 
+/* Ends the slice of the thread ordered on `pl`'s CPU now, for the kick that follows: the tick
+ * keeps it at 0 until the thread is off. Without it, a tick on that CPU before the kick
+ * arrived gave the thread its slice back (tick_ordered), and the kernel keeps running a task
+ * with slice left without asking ops.dispatch: in the scx-6.12 guest (TCG, where a kick
+ * waits for its CPU's turn on the emulator) a thread ordered off its CPU ran on there for
+ * tens of ms while the process charged the thread it had ordered in its place. */
+static __always_inline void end_now(struct plan *pl)
+{
+	pl->cur_until = bpf_ktime_get_ns();
+	pl->cur_hard = 1;
+}
+
 /* The scheduler process's orders (user-space mode), run with BPF_PROG_RUN: see intf.h. */
 SEC("syscall")
 int bq_order(struct order *o)
@@ -152,12 +167,15 @@ int bq_order(struct order *o)
 	if (op == ORDER_RUN) {
 		pl->next_until = o->until;
 		pl->next_hard = hard;
-		pl->next_at = bpf_ktime_get_ns();
+		/* The slice is until - from, from the thread's start here: an order decided
+		 * ahead of a slice's end (ORDER_DEFER) comes before the time it was decided for. */
+		pl->next_at = o->from && o->from <= o->until ? o->from : bpf_ktime_get_ns();
 		o->replaced = __sync_lock_test_and_set(&pl->next, (u64)o->tid);
 		if (defer && pl->cur) {
 			pl->cur_hard = 1;
 			return 0;
 		}
+		end_now(pl);
 	} else if (op == ORDER_EXTEND) {
 		if (pl->cur == (u64)o->tid) {
 			pl->cur_until = o->until;
@@ -170,7 +188,7 @@ int bq_order(struct order *o)
 			pl->cur_hard = 1;
 			return 0;
 		}
-		pl->cur = 0;
+		end_now(pl);
 	} else {
 		return -22;
 	}

@@ -168,6 +168,9 @@ struct Thread {
     /// Running, but off its CPU since then: a higher class took it for a while
     /// ([`Scheduler::paused`]).
     paused_at: Option<u64>,
+    /// What a pause took out of its segments, given back from its return
+    /// ([`Scheduler::resumed`]).
+    owed: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -193,6 +196,22 @@ impl Vm {
     /// CPU time of the segments after `from`, what the running threads were given included.
     fn usage(&self, from: u64) -> u64 {
         self.ran(from, u64::MAX)
+    }
+
+    /// Ends `tid`'s segments at `at`: nothing of it counts from then on, what it was given
+    /// beyond `at` included (a report can come from before the time a look ahead decided
+    /// at: a thread extended at the end of its slice and reported paused or blocked just
+    /// before that end). Returns what was taken out.
+    fn cut(&mut self, tid: ThreadId, at: u64) -> Vec<(u64, u64)> {
+        let mut taken = Vec::new();
+        for s in self.segments.iter_mut().filter(|s| s.tid == tid) {
+            if s.end > at {
+                taken.push((s.start.max(at), s.end));
+                s.end = s.start.max(at);
+            }
+        }
+        self.segments.retain(|s| s.end > s.start || s.tid != tid);
+        taken
     }
 
     /// CPU time of the segments in [from, to): what it ran, without what its running threads
@@ -290,6 +309,7 @@ impl Scheduler {
                 state: State::Blocked,
                 last_cpu: None,
                 paused_at: None,
+                owed: Vec::new(),
             },
         );
         if runnable {

@@ -132,6 +132,10 @@ pub struct Order {
     pub tid: u32,
     /// Out: the thread of an earlier ORDER_RUN the CPU had not taken, or 0.
     pub replaced: u32,
+    /// ORDER_RUN: when it was decided, CLOCK_MONOTONIC ns. The slice is `until − from`, run
+    /// from the thread's start on the CPU (an order decided ahead of a slice's end reaches
+    /// the CPU before the time it was decided for).
+    pub from: u64,
 }
 
 /// `struct latency`: the `latency` map's one value.
@@ -151,7 +155,7 @@ pub struct Latency {
 }
 
 const _: () = assert!(size_of::<Event>() == 24);
-const _: () = assert!(size_of::<Order>() == 24);
+const _: () = assert!(size_of::<Order>() == 32);
 const _: () = assert!(size_of::<Latency>() == 32 + 8 * LAT_BUCKETS);
 
 impl Event {
@@ -180,6 +184,7 @@ impl Order {
             offset_of!(Order, replaced),
             &self.replaced.to_ne_bytes(),
         );
+        put(&mut b, offset_of!(Order, from), &self.from.to_ne_bytes());
         b
     }
 
@@ -191,6 +196,7 @@ impl Order {
             cpu: u32_at(bytes, offset_of!(Order, cpu)),
             tid: u32_at(bytes, offset_of!(Order, tid)),
             replaced: u32_at(bytes, offset_of!(Order, replaced)),
+            from: u64_at(bytes, offset_of!(Order, from)),
         }
     }
 }
@@ -294,6 +300,7 @@ const _: () = {
     same_field!(Order.cpu, ORDER_CPU, ORDER_CPU_SIZE);
     same_field!(Order.tid, ORDER_TID, ORDER_TID_SIZE);
     same_field!(Order.replaced, ORDER_REPLACED, ORDER_REPLACED_SIZE);
+    same_field!(Order.from, ORDER_FROM, ORDER_FROM_SIZE);
     same_field!(Latency.waits, LATENCY_WAITS, LATENCY_WAITS_SIZE);
     same_field!(Latency.sum_ns, LATENCY_SUM_NS, LATENCY_SUM_NS_SIZE);
     same_field!(Latency.max_ns, LATENCY_MAX_NS, LATENCY_MAX_NS_SIZE);

@@ -439,7 +439,10 @@ fn serve_user(
     })?;
     let ring = builder.build().context("reading the events ring buffer")?;
     realtime();
-    // A trace of every report and order, for a measurement's analysis.
+    // A trace for a measurement's analysis, one line each: `E at kind tid cpu` (a report, as
+    // read), `C now line` (an agent's command), `R now` (a round: the decision and the look
+    // ahead at `now`) and `O now op cpu tid until replaced` (an order it made). Reports,
+    // commands and rounds in the order the policy took them: enough to replay it.
     let mut trace = std::env::var_os("BURST_QEMU_SCX_TRACE")
         .and_then(|p| std::fs::File::create(p).ok())
         .map(std::io::BufWriter::new);
@@ -467,7 +470,12 @@ fn serve_user(
         let mut orders = Vec::new();
         loop {
             match rx.try_recv() {
-                Ok(line) => orders.extend(handle(obj, names, Some(&mut policy), &line)),
+                Ok(line) => {
+                    if let Some(t) = trace.as_mut() {
+                        let _ = writeln!(t, "C {} {line}", monotonic_ns());
+                    }
+                    orders.extend(handle(obj, names, Some(&mut policy), &line))
+                }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     eprintln!("burst-qemu scx-scheduler: input closed; unloading");
@@ -476,6 +484,9 @@ fn serve_user(
             }
         }
         let now = monotonic_ns();
+        if let Some(t) = trace.as_mut() {
+            let _ = writeln!(t, "R {now}");
+        }
         orders.extend(policy.decide(now));
         orders.extend(policy.look_ahead(now, LEAD.as_nanos() as u64));
         for o in &orders {

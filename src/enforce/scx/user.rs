@@ -84,9 +84,12 @@ fn rate(ns_per_period: u64) -> Rate {
     Rate((u128::from(ns_per_period) * u128::from(PPM_PER_CPU) / PERIOD.as_nanos()) as u64)
 }
 
-fn order(op: u32, cpu: u32, tid: ThreadId, until: u64) -> Order {
+/// An order decided at `from` (the program runs an ordered slice for `until − from` from the
+/// thread's start, as [`Scheduler::started`] has it).
+fn order(op: u32, cpu: u32, tid: ThreadId, until: u64, from: u64) -> Order {
     Order {
         until,
+        from,
         op,
         cpu,
         tid: tid as u32,
@@ -173,7 +176,7 @@ impl UserPolicy {
         };
         vacated
             .into_iter()
-            .map(|(cpu, tid)| order(ORDER_PREEMPT, cpu, tid, now))
+            .map(|(cpu, tid)| order(ORDER_PREEMPT, cpu, tid, now, now))
             .collect()
     }
 
@@ -218,18 +221,24 @@ impl UserPolicy {
                 }
             }
             EV_STOP | EV_BLOCK => {
-                self.ordered.remove(&tid);
-                if on == Some(e.cpu) {
+                // Ordered to run and not started yet: the stop is of an earlier run, and the
+                // start is still to come (cleared here, that start was taken for a return
+                // after a pause, and its slice charged from the decision, not from it).
+                // (Only while the policy has it on a CPU: an order it took back before the
+                // start leaves its thread in `ordered`.)
+                let unstarted = on.is_some() && self.ordered.contains(&tid);
+                if on == Some(e.cpu) && !unstarted {
                     self.sched.stop(tid, e.at, e.kind == EV_STOP);
                 } else {
                     // Off a CPU the policy had ordered it off already: it ran there until
                     // now (the order's latency), which is charged.
-                    self.sched.ran_until(tid, e.at);
+                    self.sched.ran_until(tid, e.at, unstarted);
                     if on.is_some() {
                         // It runs (or will) where it was ordered to since, and that CPU
                         // reports its own stop.
                         self.counts.stale += 1;
                     } else {
+                        self.ordered.remove(&tid);
                         self.sched.stop(tid, e.at, e.kind == EV_STOP);
                     }
                 }
@@ -273,12 +282,12 @@ impl UserPolicy {
             .into_iter()
             .map(|a| match a {
                 Action::Run { cpu, tid, until } => {
-                    order(ORDER_RUN | hard(tid, until), cpu, tid, until)
+                    order(ORDER_RUN | hard(tid, until), cpu, tid, until, now)
                 }
                 Action::Extend { cpu, tid, until } => {
-                    order(ORDER_EXTEND | hard(tid, until), cpu, tid, until)
+                    order(ORDER_EXTEND | hard(tid, until), cpu, tid, until, now)
                 }
-                Action::Preempt { cpu, tid } => order(ORDER_PREEMPT, cpu, tid, now),
+                Action::Preempt { cpu, tid } => order(ORDER_PREEMPT, cpu, tid, now, now),
             })
             .collect();
         for o in &orders {
