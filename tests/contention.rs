@@ -221,9 +221,13 @@ fn check(spec: &[Spec; 3], split: &Split) {
         // / 1.20 / 0.37 in a first run (docs/contention.md's table).
         // User-space dispatch (BURST_QEMU_SCX_DISPATCH=user, tests/scx.rs runs only the
         // identical VMs there): 1.0 and 2.92 points off on the slower host of CI run 19's
-        // week, where the VMs received about 1 CPU of 2.
+        // week, where the VMs received about 1 CPU of 2. Since 69c361d, with this debug
+        // build's scheduler process (about 15 ms of CPU a decision under the emulator):
+        // identical VMs 0.95 and 1.08 points off in boots of their own, 4.02 after the two
+        // other scenarios in one boot (1.86 CPUs received); with a release build 0.62–1.76 in
+        // all three scenarios (the README's table).
         let user = std::env::var("BURST_QEMU_SCX_DISPATCH").as_deref() == Ok("user");
-        let bound = if user { 3.5 } else { 2.5 };
+        let bound = if user { 4.5 } else { 2.5 };
         for ((name, _, _), (d, p)) in spec
             .iter()
             .zip(split.delivered.iter().zip(&split.predicted))

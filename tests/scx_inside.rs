@@ -187,9 +187,11 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
     // Since: 15.96, 16.14, 17.38, 18.14 (2026-12-06 morning), 18.22, 16.31 and 14.02 % (the
     // afternoon's boots, waits of 58-66 ms), so the bound below is 6.5 points under; and once
     // 105.39 % (charged 103.41 %, 161 runs, nothing failed or stale in the counts), which the
-    // upper bound catches and which is not explained.
+    // upper bound catches and which is not explained. Since 69c361d (a slice runs whole from
+    // its reported start, and the kernel runs what was ordered): 19.99, 20.28 and 20.41 %
+    // (this debug build), 21.18 and 21.03 % (a release build), so 3 points under and 2 over.
     let user = whole1.dispatch == "user";
-    let (under, over) = if user { (6.5, 3.0) } else { (1.5, 1.5) };
+    let (under, over) = if user { (3.0, 2.0) } else { (1.5, 1.5) };
     assert!(
         (-under..=over).contains(&(measured - 20.0)),
         "measured {measured:.2} %"
