@@ -130,6 +130,11 @@ pub const DEFAULT_URI: &str = "qemu:///system";
 impl Connection {
     /// Opens a read-write connection to `uri`.
     pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        ffi::load().map_err(|message| LibvirtError {
+            call: "dlopen",
+            code: 0,
+            message,
+        })?;
         static QUIET: Once = Once::new();
         // SAFETY: installs a handler that ignores its arguments; libvirt keeps the function
         // pointer, which is 'static.

@@ -1,6 +1,6 @@
-//! Declarations of the part of libvirt's C API burst-qemu calls (`libvirt.so.0`, from
-//! `libvirt-dev`): types, constants and functions only, no logic. The safe layer is
-//! `conn.rs`.
+//! Declarations of the part of libvirt's C API burst-qemu calls: types, constants and
+//! functions, and the opening of the library they are in (`libvirt.so.0`, at the first
+//! connection: [`load`]). No other logic; the safe layer is `conn.rs`.
 //!
 //! libvirt keeps its public ABI stable forever (symbols are versioned and never removed or
 //! changed), so these hand-written declarations stay valid on every libvirt newer than the
@@ -11,8 +11,9 @@
 
 #![allow(non_camel_case_types, missing_docs)]
 
-use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ulong, c_ulonglong, c_ushort, c_void};
+use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ulong, c_ulonglong, c_ushort, c_void, CString};
 use std::mem::{offset_of, size_of};
+use std::sync::OnceLock;
 
 /// `virConnect` (opaque).
 #[repr(C)]
@@ -284,94 +285,171 @@ pub const LAYOUTS: &[(&str, usize)] = &[
     ),
 ];
 
-#[link(name = "virt")]
-extern "C" {
-    pub fn virConnectOpen(name: *const c_char) -> virConnectPtr;
-    pub fn virConnectClose(conn: virConnectPtr) -> c_int;
-    pub fn virConnectIsAlive(conn: virConnectPtr) -> c_int;
-    pub fn virConnectGetLibVersion(conn: virConnectPtr, lib_ver: *mut c_ulong) -> c_int;
-    pub fn virConnectListAllDomains(
-        conn: virConnectPtr,
-        domains: *mut *mut virDomainPtr,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virConnectGetAllDomainStats(
-        conn: virConnectPtr,
-        stats: c_uint,
-        ret_stats: *mut *mut *mut virDomainStatsRecord,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virDomainStatsRecordListFree(stats: *mut *mut virDomainStatsRecord);
-    pub fn virDomainLookupByName(conn: virConnectPtr, name: *const c_char) -> virDomainPtr;
-    pub fn virDomainLookupByUUIDString(conn: virConnectPtr, uuid: *const c_char) -> virDomainPtr;
-    pub fn virDomainDefineXML(conn: virConnectPtr, xml: *const c_char) -> virDomainPtr;
-    pub fn virDomainRestore(conn: virConnectPtr, from: *const c_char) -> c_int;
+/// How libvirt is reached: `libvirt.so.0` is opened when the first connection is
+/// ([`load`], from `Connection::open`), not linked. Linked, every start of the binary paid for
+/// libvirt's 50-odd libraries whether it talked to libvirtd or not: in the emulated scx-6.12
+/// guest of the test suite `burst-qemu --version` took 355–422 ms linked and 190–197 ms
+/// without (10 runs each; `/bin/true` 37–44 ms), and every launcher, CLI call and agent start
+/// there paid it. A host without libvirt now runs every other command, and a libvirt command
+/// there says the library is missing.
+const LIBRARY: &str = "libvirt.so.0";
 
-    pub fn virDomainRef(domain: virDomainPtr) -> c_int;
-    pub fn virDomainFree(domain: virDomainPtr) -> c_int;
-    pub fn virDomainGetName(domain: virDomainPtr) -> *const c_char;
-    pub fn virDomainGetUUIDString(domain: virDomainPtr, buf: *mut c_char) -> c_int;
-    pub fn virDomainGetID(domain: virDomainPtr) -> c_uint;
-    pub fn virDomainGetState(
-        domain: virDomainPtr,
-        state: *mut c_int,
-        reason: *mut c_int,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virDomainGetInfo(domain: virDomainPtr, info: *mut virDomainInfo) -> c_int;
-    pub fn virDomainGetXMLDesc(domain: virDomainPtr, flags: c_uint) -> *mut c_char;
-    pub fn virDomainGetVcpusFlags(domain: virDomainPtr, flags: c_uint) -> c_int;
-    pub fn virDomainGetMetadata(
-        domain: virDomainPtr,
-        type_: c_int,
-        uri: *const c_char,
-        flags: c_uint,
-    ) -> *mut c_char;
-    pub fn virDomainSetMetadata(
-        domain: virDomainPtr,
-        type_: c_int,
-        metadata: *const c_char,
-        key: *const c_char,
-        uri: *const c_char,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virDomainCreate(domain: virDomainPtr) -> c_int;
-    pub fn virDomainIsPersistent(domain: virDomainPtr) -> c_int;
-    pub fn virDomainShutdown(domain: virDomainPtr) -> c_int;
-    pub fn virDomainDestroy(domain: virDomainPtr) -> c_int;
-    pub fn virDomainUndefineFlags(domain: virDomainPtr, flags: c_uint) -> c_int;
-    pub fn virDomainSave(domain: virDomainPtr, to: *const c_char) -> c_int;
-    pub fn virDomainSuspend(domain: virDomainPtr) -> c_int;
-    pub fn virDomainResume(domain: virDomainPtr) -> c_int;
-    pub fn virDomainSetMemoryFlags(domain: virDomainPtr, memory: c_ulong, flags: c_uint) -> c_int;
-    pub fn virDomainSetMemoryStatsPeriod(
-        domain: virDomainPtr,
-        period: c_int,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virDomainMemoryStats(
-        domain: virDomainPtr,
-        stats: *mut virDomainMemoryStatStruct,
-        nr_stats: c_uint,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virDomainPinVcpuFlags(
-        domain: virDomainPtr,
-        vcpu: c_uint,
-        cpumap: *mut c_uchar,
-        maplen: c_int,
-        flags: c_uint,
-    ) -> c_int;
-    pub fn virDomainGetVcpuPinInfo(
-        domain: virDomainPtr,
-        ncpumaps: c_int,
-        cpumaps: *mut c_uchar,
-        maplen: c_int,
-        flags: c_uint,
-    ) -> c_int;
+macro_rules! libvirt_functions {
+    ($( fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?; )*) => {
+        /// The functions, resolved in the opened library.
+        #[allow(non_snake_case)]
+        struct Functions {
+            $( $name: unsafe extern "C" fn($($ty),*) $(-> $ret)?, )*
+        }
 
-    pub fn virGetLastErrorCode() -> c_int;
-    pub fn virGetLastErrorMessage() -> *const c_char;
-    pub fn virResetLastError();
-    pub fn virSetErrorFunc(user_data: *mut c_void, handler: virErrorFunc);
+        impl Functions {
+            /// Resolves every function in `handle`, the library `name`.
+            ///
+            /// # Safety
+            ///
+            /// `handle` is a `dlopen` handle of libvirt, whose functions have the C
+            /// signatures declared here (libvirt's ABI is stable: see the module docs).
+            unsafe fn resolve(handle: *mut c_void, name: &str) -> Result<Self, String> {
+                Ok(Functions {
+                    $( $name: {
+                        // SAFETY: a valid handle and a NUL-terminated name.
+                        let sym = unsafe {
+                            libc::dlsym(handle, concat!(stringify!($name), "\0").as_ptr().cast())
+                        };
+                        if sym.is_null() {
+                            return Err(format!("{name} has no {}", stringify!($name)));
+                        }
+                        // SAFETY: the symbol is that function (the caller's contract).
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(sym)
+                        }
+                    }, )*
+                })
+            }
+        }
+
+        $(
+            /// libvirt's function of this name.
+            ///
+            /// # Safety
+            ///
+            /// As libvirt documents it; and [`load`] succeeded first.
+            #[allow(non_snake_case)]
+            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: the caller's.
+                unsafe { (functions().$name)($($arg),*) }
+            }
+        )*
+    };
+}
+
+libvirt_functions! {
+    fn virConnectOpen(name: *const c_char) -> virConnectPtr;
+    fn virConnectClose(conn: virConnectPtr) -> c_int;
+    fn virConnectIsAlive(conn: virConnectPtr) -> c_int;
+    fn virConnectGetLibVersion(conn: virConnectPtr, lib_ver: *mut c_ulong) -> c_int;
+    fn virConnectListAllDomains(conn: virConnectPtr, domains: *mut *mut virDomainPtr, flags: c_uint) -> c_int;
+    fn virConnectGetAllDomainStats(conn: virConnectPtr, stats: c_uint, ret_stats: *mut *mut *mut virDomainStatsRecord, flags: c_uint) -> c_int;
+    fn virDomainStatsRecordListFree(stats: *mut *mut virDomainStatsRecord);
+    fn virDomainLookupByName(conn: virConnectPtr, name: *const c_char) -> virDomainPtr;
+    fn virDomainLookupByUUIDString(conn: virConnectPtr, uuid: *const c_char) -> virDomainPtr;
+    fn virDomainDefineXML(conn: virConnectPtr, xml: *const c_char) -> virDomainPtr;
+    fn virDomainRestore(conn: virConnectPtr, from: *const c_char) -> c_int;
+    fn virDomainRef(domain: virDomainPtr) -> c_int;
+    fn virDomainFree(domain: virDomainPtr) -> c_int;
+    fn virDomainGetName(domain: virDomainPtr) -> *const c_char;
+    fn virDomainGetUUIDString(domain: virDomainPtr, buf: *mut c_char) -> c_int;
+    fn virDomainGetID(domain: virDomainPtr) -> c_uint;
+    fn virDomainGetState(domain: virDomainPtr, state: *mut c_int, reason: *mut c_int, flags: c_uint) -> c_int;
+    fn virDomainGetInfo(domain: virDomainPtr, info: *mut virDomainInfo) -> c_int;
+    fn virDomainGetXMLDesc(domain: virDomainPtr, flags: c_uint) -> *mut c_char;
+    fn virDomainGetVcpusFlags(domain: virDomainPtr, flags: c_uint) -> c_int;
+    fn virDomainGetMetadata(domain: virDomainPtr, type_: c_int, uri: *const c_char, flags: c_uint) -> *mut c_char;
+    fn virDomainSetMetadata(domain: virDomainPtr, type_: c_int, metadata: *const c_char, key: *const c_char, uri: *const c_char, flags: c_uint) -> c_int;
+    fn virDomainCreate(domain: virDomainPtr) -> c_int;
+    fn virDomainIsPersistent(domain: virDomainPtr) -> c_int;
+    fn virDomainShutdown(domain: virDomainPtr) -> c_int;
+    fn virDomainDestroy(domain: virDomainPtr) -> c_int;
+    fn virDomainUndefineFlags(domain: virDomainPtr, flags: c_uint) -> c_int;
+    fn virDomainSave(domain: virDomainPtr, to: *const c_char) -> c_int;
+    fn virDomainSuspend(domain: virDomainPtr) -> c_int;
+    fn virDomainResume(domain: virDomainPtr) -> c_int;
+    fn virDomainSetMemoryFlags(domain: virDomainPtr, memory: c_ulong, flags: c_uint) -> c_int;
+    fn virDomainSetMemoryStatsPeriod(domain: virDomainPtr, period: c_int, flags: c_uint) -> c_int;
+    fn virDomainMemoryStats(domain: virDomainPtr, stats: *mut virDomainMemoryStatStruct, nr_stats: c_uint, flags: c_uint) -> c_int;
+    fn virDomainPinVcpuFlags(domain: virDomainPtr, vcpu: c_uint, cpumap: *mut c_uchar, maplen: c_int, flags: c_uint) -> c_int;
+    fn virDomainGetVcpuPinInfo(domain: virDomainPtr, ncpumaps: c_int, cpumaps: *mut c_uchar, maplen: c_int, flags: c_uint) -> c_int;
+    fn virGetLastErrorCode() -> c_int;
+    fn virGetLastErrorMessage() -> *const c_char;
+    fn virResetLastError();
+    fn virSetErrorFunc(user_data: *mut c_void, handler: virErrorFunc);
+}
+
+static LIBVIRT: OnceLock<Result<Functions, String>> = OnceLock::new();
+
+/// Opens libvirt's library and resolves its functions, once; every call after the first
+/// returns the first one's answer.
+pub fn load() -> Result<(), String> {
+    LIBVIRT
+        .get_or_init(|| open(LIBRARY))
+        .as_ref()
+        .map(|_| ())
+        .map_err(Clone::clone)
+}
+
+/// Opens the library `name` (kept open for the process's life) and resolves the functions.
+fn open(name: &str) -> Result<Functions, String> {
+    let c = CString::new(name).map_err(|_| format!("{name:?}: a NUL in the name"))?;
+    // SAFETY: a valid NUL-terminated name.
+    let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns null or a NUL-terminated message, copied at once.
+        let why = unsafe {
+            let e = libc::dlerror();
+            if e.is_null() {
+                "unknown error".to_owned()
+            } else {
+                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
+        };
+        return Err(format!(
+            "cannot open {name} (libvirt's client library, package libvirt0): {why}"
+        ));
+    }
+    // SAFETY: libvirt's own library, whose functions have these signatures; any other
+    // library lacks at least one of the names and is refused by name.
+    unsafe { Functions::resolve(handle, name) }
+}
+
+fn functions() -> &'static Functions {
+    match LIBVIRT.get() {
+        Some(Ok(f)) => f,
+        // Unreachable: the only way to a libvirt object is `Connection::open`, which loads
+        // the library first and fails when it cannot.
+        _ => unreachable!("libvirt called before ffi::load succeeded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_missing_library_is_named_with_its_package() {
+        let Err(e) = super::open("libvirt-not-here.so.0") else {
+            panic!("opened a library that does not exist");
+        };
+        assert!(
+            e.starts_with(
+                "cannot open libvirt-not-here.so.0 (libvirt's client library, package libvirt0): "
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_library_that_is_not_libvirt_is_refused_by_the_first_missing_name() {
+        let Err(e) = super::open("libc.so.6") else {
+            panic!("libc taken for libvirt");
+        };
+        assert_eq!(e, "libc.so.6 has no virConnectOpen");
+    }
 }
