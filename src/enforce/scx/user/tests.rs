@@ -239,17 +239,12 @@ fn a_paused_thread_is_charged_only_what_it_ran() {
     assert_eq!(p.policy().running_on(cpu), None);
 }
 
-/// A thread extended by a look ahead (decided at its slice's end, 20 ms, before it came) and
-/// then reported paused from before that end: the slice under way is cut at the pause as well
-/// as the extension, and the return gives back both from then, once. (Before, only the
-/// extension was cut and the return added the rest of the slice again: in the scx-6.12 guest
-/// the policy charged three busy VMs 222 % of a CPU in a 400-ms window of 2 CPUs.)
-#[test]
-fn a_pause_reported_from_before_a_look_ahead_cuts_the_slice_under_way() {
+/// Thread 100 running from 0 on the CPU returned, its turn (to 20 ms) extended to 40 ms by a
+/// look ahead at 15 ms.
+fn extended_ahead_of_its_end() -> (UserPolicy, u32) {
     let mut p = busy_vm();
     p.event(&ev(EV_WAKE, 100, 1, 0));
-    let run = p.decide(0);
-    let cpu = run[0].cpu;
+    let cpu = p.decide(0)[0].cpu;
     p.event(&ev(EV_RUNNING, 100, cpu, 0));
     let ahead = p.look_ahead(15 * MS, 6 * MS);
     assert_eq!(ahead.len(), 1, "{ahead:?}");
@@ -262,6 +257,17 @@ fn a_pause_reported_from_before_a_look_ahead_cuts_the_slice_under_way() {
         40 * MS,
         "two turns, committed"
     );
+    (p, cpu)
+}
+
+/// A thread extended by a look ahead (decided at its slice's end, 20 ms, before it came) and
+/// then reported paused from before that end: the slice under way is cut at the pause as well
+/// as the extension, and the return gives back both from then, once. (Before, only the
+/// extension was cut and the return added the rest of the slice again: in the scx-6.12 guest
+/// the policy charged three busy VMs 222 % of a CPU in a 400-ms window of 2 CPUs.)
+#[test]
+fn a_pause_reported_from_before_a_look_ahead_cuts_the_slice_under_way() {
+    let (mut p, cpu) = extended_ahead_of_its_end();
     p.event(&ev(EV_PAUSE, 100, cpu, 17 * MS));
     assert_eq!(p.policy().usage(0, 20 * MS), 17 * MS);
     p.event(&ev(EV_RUNNING, 100, cpu, 18 * MS));
@@ -271,12 +277,7 @@ fn a_pause_reported_from_before_a_look_ahead_cuts_the_slice_under_way() {
 /// The same with a block: nothing of the thread counts after it, the extension included.
 #[test]
 fn a_block_reported_from_before_a_look_ahead_ends_the_charge_there() {
-    let mut p = busy_vm();
-    p.event(&ev(EV_WAKE, 100, 1, 0));
-    let run = p.decide(0);
-    let cpu = run[0].cpu;
-    p.event(&ev(EV_RUNNING, 100, cpu, 0));
-    assert_eq!(p.look_ahead(15 * MS, 6 * MS).len(), 1);
+    let (mut p, cpu) = extended_ahead_of_its_end();
     p.event(&ev(EV_BLOCK, 100, cpu, 17 * MS));
     assert_eq!(p.policy().usage(0, 20 * MS), 17 * MS);
     assert_eq!(p.policy().running_on(cpu), None);
