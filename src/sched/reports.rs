@@ -110,6 +110,7 @@ impl Scheduler {
                     tid,
                     start: start.max(at),
                     end,
+                    provisional: false,
                 });
             }
         }
@@ -157,7 +158,13 @@ impl Scheduler {
             .get(pos + 1)
             .map_or(u64::MAX, |&i| vm.segments[i].start);
         let s = &mut vm.segments[mine[pos]];
-        s.end = s.end.max(at.min(next));
+        if s.provisional {
+            // What the decision expected: now the stop itself.
+            s.end = at.min(next).max(s.start);
+            s.provisional = false;
+        } else {
+            s.end = s.end.max(at.min(next));
+        }
     }
 
     /// A dispatch of `tid` did not happen (the mechanism's commit failed): it ran nothing and

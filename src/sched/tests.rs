@@ -297,6 +297,7 @@ fn three_vm_overcommit_meets_every_baseline_and_converges_to_fair_shares() {
         period_ns: 100 * MS,
         slice_ns: 20 * MS,
         min_slice_ns: MS,
+        stop_lag_ns: 0,
     };
     for (rule, config) in [
         (SpareRule::Headroom, cfg()),
@@ -585,13 +586,23 @@ proptest! {
         now in 0u64..3_000,
         min in 1u64..400,
     ) {
-        let config = Config { period_ns: 1_000, slice_ns: 300, min_slice_ns: min };
+        let config = Config {
+            period_ns: 1_000,
+            slice_ns: 300,
+            min_slice_ns: min,
+            stop_lag_ns: 0,
+        };
         let s = Scheduler::new(config, &[0]);
         let v = Vm {
             grant: Rate(grant),
             segments: segments
                 .iter()
-                .map(|&(start, len)| Segment { tid: 1, start, end: start + len })
+                .map(|&(start, len)| Segment {
+                    tid: 1,
+                    start,
+                    end: start + len,
+                    provisional: false,
+                })
                 .collect(),
             ..Vm::default()
         };

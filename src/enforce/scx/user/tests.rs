@@ -339,3 +339,38 @@ fn cost_of_a_decision() {
         ns / p.counts.runs as f64 / 1e3
     );
 }
+
+/// A thread the policy takes off at its cap runs on until its CPU's tick: charged a
+/// [`STOP_LAG_NS`] past the decision at once, so that its VM's other thread is not granted
+/// that time meanwhile, and then exactly to the reported stop.
+#[test]
+fn a_thread_taken_off_is_charged_until_its_stop_is_reported() {
+    let mut p = UserPolicy::new(&[1, 2]);
+    p.command(
+        &Command::Vm {
+            idx: 0,
+            base_ns: 10 * MS,
+            grant_ns: 10 * MS,
+            weight: 0,
+            name: "capped".into(),
+        },
+        0,
+    );
+    p.command(&Command::Tid { tid: 100, idx: 0 }, 0);
+    p.event(&ev(EV_WAKE, 100, 1, 0));
+    let run = p.decide(0);
+    assert_eq!(run.len(), 1, "{run:?}");
+    assert_eq!(
+        run[0].op,
+        ORDER_RUN | ORDER_HARD,
+        "its whole cap: a hard end"
+    );
+    let cpu = run[0].cpu;
+    p.event(&ev(EV_RUNNING, 100, cpu, 0));
+    let off = p.decide(10 * MS);
+    assert_eq!(off.len(), 1, "{off:?}");
+    assert_eq!(off[0].op & 0xff, ORDER_PREEMPT);
+    assert_eq!(p.policy().usage(0, 10 * MS), 10 * MS + STOP_LAG_NS);
+    p.event(&ev(EV_STOP, 100, cpu, 10 * MS + 400_000));
+    assert_eq!(p.policy().usage(0, 10 * MS), 10 * MS + 400_000);
+}
