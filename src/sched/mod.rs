@@ -175,11 +175,15 @@ struct Thread {
     vm: VmId,
     state: State,
     last_cpu: Option<usize>,
-    /// Running, but off its CPU since then: a higher class took it for a while
-    /// ([`Scheduler::paused`]).
-    paused_at: Option<u64>,
-    /// What a pause took out of its segments, given back from its return
-    /// ([`Scheduler::resumed`]).
+    /// Running, but off its CPU: a higher class took it for a while ([`Scheduler::paused`]).
+    paused: Option<Pause>,
+}
+
+/// A running thread's pause: since when, and what it took out of the thread's segments, given
+/// back from its return ([`Scheduler::resumed`]).
+#[derive(Debug)]
+struct Pause {
+    at: u64,
     owed: Vec<(u64, u64)>,
 }
 
@@ -321,8 +325,7 @@ impl Scheduler {
                 vm,
                 state: State::Blocked,
                 last_cpu: None,
-                paused_at: None,
-                owed: Vec::new(),
+                paused: None,
             },
         );
         if runnable {

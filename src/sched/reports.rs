@@ -2,7 +2,7 @@
 //! started, stopped, was paused by a higher class and resumed, ran past an end the policy had
 //! set, or a dispatch failed. The decisions themselves are in the parent module.
 
-use super::{Scheduler, Segment, State, ThreadId};
+use super::{Pause, Scheduler, Segment, State, ThreadId};
 
 impl Scheduler {
     /// `tid` became runnable.
@@ -82,14 +82,13 @@ impl Scheduler {
         let Some(t) = self.threads.get_mut(&tid) else {
             return;
         };
-        if !matches!(t.state, State::Running { .. }) || t.paused_at.is_some() {
+        if !matches!(t.state, State::Running { .. }) || t.paused.is_some() {
             return;
         }
         let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
         let taken = vm.cut(tid, at);
         if !taken.is_empty() {
-            t.paused_at = Some(at);
-            t.owed = taken;
+            t.paused = Some(Pause { at, owed: taken });
         }
     }
 
@@ -99,12 +98,11 @@ impl Scheduler {
         let Some(t) = self.threads.get_mut(&tid) else {
             return;
         };
-        let (State::Running { .. }, Some(_)) = (t.state, t.paused_at.take()) else {
+        let (State::Running { .. }, Some(pause)) = (t.state, t.paused.take()) else {
             return;
         };
-        let owed = std::mem::take(&mut t.owed);
         let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
-        for (start, end) in owed {
+        for (start, end) in pause.owed {
             if at < end {
                 vm.segments.push_back(Segment {
                     tid,
@@ -186,8 +184,7 @@ impl Scheduler {
         self.current[cpu] = None;
         t.state = State::Waiting;
         // A paused thread ran until its pause.
-        let paused = t.paused_at.take();
-        t.owed.clear();
+        let paused = t.paused.take().map(|p| p.at);
         let end = paused.unwrap_or(now);
         let vm = self.vms.get_mut(&t.vm).expect("a thread's VM exists");
         vm.waiting.push_back(tid);

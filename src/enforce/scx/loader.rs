@@ -253,16 +253,17 @@ fn configure(obj: &libbpf_rs::Object, user: bool) -> anyhow::Result<u32> {
 }
 
 /// Parses and applies one line of the agent's (to the maps, and to the policy in the
-/// user-space mode); returns the orders the policy needs for it.
+/// user-space mode, at `now`); returns the orders the policy needs for it.
 fn handle(
     obj: &libbpf_rs::Object,
     names: &mut HashMap<u32, String>,
     policy: Option<&mut UserPolicy>,
     line: &str,
+    now: u64,
 ) -> Vec<Order> {
     match Command::parse(line) {
         Ok(cmd) => {
-            let orders = policy.map_or_else(Vec::new, |p| p.command(&cmd, monotonic_ns()));
+            let orders = policy.map_or_else(Vec::new, |p| p.command(&cmd, now));
             applied(obj, names, cmd, line);
             orders
         }
@@ -337,7 +338,13 @@ pub fn run(stats: Option<&Path>, user: bool, managed: Option<Vec<u32>>) -> anyho
     let mut names = HashMap::new();
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => drop(handle(&obj, &mut names, policy.as_mut(), &line)),
+            Ok(line) => drop(handle(
+                &obj,
+                &mut names,
+                policy.as_mut(),
+                &line,
+                monotonic_ns(),
+            )),
             Err(mpsc::RecvTimeoutError::Timeout) => break,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
@@ -381,7 +388,7 @@ fn serve_bpf(
             every_second(obj, names, None, stats)?;
         }
         match rx.recv_timeout(Duration::from_secs(1).saturating_sub(checked.elapsed())) {
-            Ok(line) => drop(handle(obj, names, None, &line)),
+            Ok(line) => drop(handle(obj, names, None, &line, monotonic_ns())),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 eprintln!("burst-qemu scx-scheduler: input closed; unloading");
                 return Ok(());
@@ -471,10 +478,12 @@ fn serve_user(
         loop {
             match rx.try_recv() {
                 Ok(line) => {
+                    // The trace's time is the one the policy takes the command at.
+                    let now = monotonic_ns();
                     if let Some(t) = trace.as_mut() {
-                        let _ = writeln!(t, "C {} {line}", monotonic_ns());
+                        let _ = writeln!(t, "C {now} {line}");
                     }
-                    orders.extend(handle(obj, names, Some(&mut policy), &line))
+                    orders.extend(handle(obj, names, Some(&mut policy), &line, now))
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {

@@ -124,23 +124,30 @@ fn a_thread_or_vm_that_leaves_while_running_is_preempted_off_its_cpu() {
     assert!(p.decide(2 * MS).is_empty());
 }
 
+/// A policy over `cpus` with VM slot 0 held to `cap_ns` a period (its baseline too) and one
+/// thread, `tid`, reported runnable at 0.
+fn capped(cpus: &[u32], cap_ns: u64, tid: u32) -> UserPolicy {
+    let mut p = UserPolicy::new(cpus);
+    p.command(
+        &Command::Vm {
+            idx: 0,
+            base_ns: cap_ns,
+            grant_ns: cap_ns,
+            weight: 0,
+            name: "capped".into(),
+        },
+        0,
+    );
+    p.command(&Command::Tid { tid, idx: 0 }, 0);
+    p.event(&ev(EV_WAKE, tid, 1, 0));
+    p
+}
+
 #[test]
 fn the_cap_holds_when_the_kernel_carries_out_every_order() {
     // One thread of a VM capped at 20 % of a CPU (baseline 20 %), always runnable: over
     // 1 s of orders carried out at once, it runs 200 ms.
-    let mut p = UserPolicy::new(&[1]);
-    p.command(
-        &Command::Vm {
-            idx: 0,
-            base_ns: 20 * MS,
-            grant_ns: 20 * MS,
-            weight: 0,
-            name: "a".into(),
-        },
-        0,
-    );
-    p.command(&Command::Tid { tid: 7, idx: 0 }, 0);
-    p.event(&ev(EV_WAKE, 7, 1, 0));
+    let mut p = capped(&[1], 20 * MS, 7);
     let (mut now, mut ran, mut since) = (0u64, 0u64, None::<u64>);
     while now < 1000 * MS {
         for o in p.decide(now) {
@@ -345,19 +352,7 @@ fn cost_of_a_decision() {
 /// that time meanwhile, and then exactly to the reported stop.
 #[test]
 fn a_thread_taken_off_is_charged_until_its_stop_is_reported() {
-    let mut p = UserPolicy::new(&[1, 2]);
-    p.command(
-        &Command::Vm {
-            idx: 0,
-            base_ns: 10 * MS,
-            grant_ns: 10 * MS,
-            weight: 0,
-            name: "capped".into(),
-        },
-        0,
-    );
-    p.command(&Command::Tid { tid: 100, idx: 0 }, 0);
-    p.event(&ev(EV_WAKE, 100, 1, 0));
+    let mut p = capped(&[1, 2], 10 * MS, 100);
     let run = p.decide(0);
     assert_eq!(run.len(), 1, "{run:?}");
     assert_eq!(
