@@ -547,7 +547,7 @@ fn a_delegated_cgroup_parent_holds_the_agent_and_its_vms() {
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec {} agent --state-dir {} --cgroup-parent self",
         delegated.display(),
-        env!("CARGO_BIN_EXE_burst-qemu"),
+        bin_path().display(),
         s.state().display()
     );
     let log = std::fs::File::create(s.state().join("agent.log")).unwrap();

@@ -352,7 +352,7 @@ fn ten_vms_started_concurrently_from_a_shell_loop_all_register() {
     let mut shell = Command::new("bash")
         .arg("-c")
         .arg(&script)
-        .env("BQ", env!("CARGO_BIN_EXE_burst-qemu"))
+        .env("BQ", bin_path())
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

@@ -448,7 +448,7 @@ fn top_in_tmux_shows_the_fleet_sorts_selects_and_quits_cleanly() {
     let cmd = format!(
         "env BURST_QEMU_DATA_DIR={} {} top --state-dir {}; echo $? > {}; stty -a > {}",
         s.data().display(),
-        env!("CARGO_BIN_EXE_burst-qemu"),
+        bin_path().display(),
         s.state().display(),
         status.display(),
         modes.display()

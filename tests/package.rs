@@ -1,8 +1,8 @@
 //! The Debian package, tested as an operator would use it (issue 23).
 //!
-//! contrib/deb/build packages the very burst-qemu these tests run: the debug build that cargo
-//! compiled for them (a release build costs minutes on 2 cores; the package is the same but for
-//! the binary's speed), stripped of its debug info. A Debian 12 guest of tests/guest/run (Linux
+//! contrib/deb/build packages the very burst-qemu these tests run (`common::bin_path`: the build
+//! cargo compiled for them, or the release build of the same tree that `.ci/run` gives the guest
+//! lanes), stripped of its debug info. A Debian 12 guest of tests/guest/run (Linux
 //! 6.12, cgroup v2; its root is this machine's, read-only under a tmpfs overlay, so `dpkg`
 //! writes only to the guest) then runs tests/guest/package-test: `dpkg -i`, `burst-qemu
 //! check`, the agent started from the packaged unit's ExecStart line with the packaged config,
@@ -54,12 +54,9 @@ fn the_debian_package_installs_works_upgrades_and_purges_in_a_guest() {
     let build = |revision: &str| {
         let built = std::time::Instant::now();
         let build = Command::new(root.join("contrib/deb/build"))
-            .args([
-                "--binary",
-                env!("CARGO_BIN_EXE_burst-qemu"),
-                "--revision",
-                revision,
-            ])
+            .arg("--binary")
+            .arg(common::bin_path())
+            .args(["--revision", revision])
             .arg("--out")
             .arg(&out)
             .output()

@@ -376,7 +376,7 @@ fn a_scheduler_already_loaded_leaves_the_vm_to_cpu_max_until_ours_loads() {
         return;
     }
     let s = Scratch::new();
-    let mut foreign = std::process::Command::new(env!("CARGO_BIN_EXE_burst-qemu"))
+    let mut foreign = std::process::Command::new(bin_path())
         .arg("scx-scheduler")
         .arg("--stats")
         .arg(s.path().join("foreign.json"))

@@ -130,7 +130,18 @@ pub fn vcpu_thread_name(i: usize) -> String {
 }
 
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_burst-qemu"))
+    Command::new(bin_path())
+}
+
+/// The burst-qemu binary the tests run: this build's, or the one `BURST_QEMU_TEST_BIN` names.
+/// `.ci/run` gives the guest lanes (phase 2) a release build of the same tree: in the emulated
+/// guests the debug build's agents, launchers and scheduler cost about 300 CPU-seconds more of
+/// emulation (the guest phase, measured 2026-12-06: 634 s and 1 200 CPU-s with the debug build,
+/// 558 s and 904 CPU-s with the release one), and it is the build a user runs.
+pub fn bin_path() -> PathBuf {
+    std::env::var_os("BURST_QEMU_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_burst-qemu")))
 }
 
 /// A scratch area: state dir, vms dir, firmware images.
