@@ -13,10 +13,6 @@ mod common;
 
 use common::guest::{self, Part};
 
-fn bq() -> String {
-    common::bin_path().display().to_string()
-}
-
 #[test]
 fn the_enforcement_fault_and_contention_suites_pass_on_debian_6_12_with_cgroup_v2() {
     if !common::require_harness() {
@@ -31,7 +27,7 @@ fn the_enforcement_fault_and_contention_suites_pass_on_debian_6_12_with_cgroup_v
     parts.push(Part::new(
         "refusal",
         &[
-            &bq(),
+            &common::bin_arg(),
             "agent",
             "--enforcer",
             "scx",
@@ -62,7 +58,7 @@ fn the_enforcement_suite_and_check_pass_on_debian_6_1_with_cgroup_v2() {
     }
     let kernel = "debian-6.1";
     let mut parts = Part::each_test("enforcement", &[]);
-    parts.push(Part::new("check", &[&bq(), "check"]));
+    parts.push(Part::new("check", &[&common::bin_arg(), "check"]));
     let ended = guest::run(kernel, 2, 2048, &[], &parts);
     let (check, tests) = ended.split_last().unwrap();
     for part in tests {

@@ -830,7 +830,7 @@ fn fifty_vms_started_and_stopped_from_shell_loops_are_all_registered_enforced_an
     let s = Scratch::new();
     const N: usize = 50;
     let qemu = s.qemu_args(Halt).join(" ");
-    let bin = bin_path().display().to_string();
+    let bin = bin_arg();
     let state = s.state();
     let vms = s.vms();
     let launch_loop = format!(

@@ -65,10 +65,7 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
             ],
         ));
     }
-    parts.push(Part::new(
-        "check",
-        &[&common::bin_path().display().to_string(), "check"],
-    ));
+    parts.push(Part::new("check", &[&common::bin_arg(), "check"]));
     // 3 CPUs: the vCPU threads on 1-2, the rest of the guest on 0.
     let ended = guest::run(
         KERNEL,

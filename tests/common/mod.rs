@@ -144,6 +144,11 @@ pub fn bin_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_burst-qemu")))
 }
 
+/// [`bin_path`] as an argument of a command line (a guest part, a shell script).
+pub fn bin_arg() -> String {
+    bin_path().display().to_string()
+}
+
 /// A scratch area: state dir, vms dir, firmware images.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
