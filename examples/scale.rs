@@ -5,7 +5,8 @@
 //! - launch to enforced: from each launcher's start until every vCPU thread of the VM sits in
 //!   its cgroup (median, max), and the same for one more VM launched into the settled fleet;
 //! - the agent's CPU (% of one core, from its threads' `schedstat` over 20 s of idle fleet) and
-//!   its RSS;
+//!   its RSS; the launchers' CPU over the same 20 s, all of them together (each wakes for its
+//!   agent watchdog);
 //! - `ls`, `ls --json`, `credits NAME --json` wall time (median of 7), `/metrics` scrape time
 //!   (median of 7) and size;
 //! - stop-all time (`burst-qemu stop` of every VM at once);
@@ -145,7 +146,7 @@ fn wait_enforced(run: &Run, started: &HashMap<String, Instant>) -> Vec<f64> {
 
 /// CPU time of every thread of `pid`, ns.
 fn cpu_ns(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agent runs");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process runs");
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
@@ -322,9 +323,12 @@ fn measure(run: &Run, n: usize) -> Vec<String> {
     let latencies = wait_enforced(run, &started);
     let all = ms(t.elapsed());
     std::thread::sleep(Duration::from_secs(5));
-    let (cpu0, t0) = (cpu_ns(agent.id()), Instant::now());
+    let launchers_ns = || -> u64 { launchers.iter().map(|c| cpu_ns(c.id())).sum() };
+    let (cpu0, launchers0, t0) = (cpu_ns(agent.id()), launchers_ns(), Instant::now());
     std::thread::sleep(IDLE);
-    let cpu_pct = (cpu_ns(agent.id()) - cpu0) as f64 / t0.elapsed().as_nanos() as f64 * 100.0;
+    let (cpu1, launchers1, idle) = (cpu_ns(agent.id()), launchers_ns(), t0.elapsed());
+    let cpu_pct = (cpu1 - cpu0) as f64 / idle.as_nanos() as f64 * 100.0;
+    let launchers_pct = (launchers1 - launchers0) as f64 / idle.as_nanos() as f64 * 100.0;
     let rss = rss_kib(agent.id());
     if let Ok(out) = std::env::var("BQ_SCALE_PERF") {
         // A profile of the idle fleet's agent, after (not during) its CPU is measured.
@@ -378,10 +382,10 @@ fn measure(run: &Run, n: usize) -> Vec<String> {
     left.extend(leftovers(run, 0, None));
     let lat = median(latencies.clone());
     let max = latencies.iter().copied().fold(0.0, f64::max);
-    println!("| VMs | agent CPU | agent RSS | ls | ls --json | credits --json | /metrics | launch→enforced median / max | all {n} enforced | +1 into fleet | stop all |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| VMs | agent CPU | launchers CPU | agent RSS | ls | ls --json | credits --json | /metrics | launch→enforced median / max | all {n} enforced | +1 into fleet | stop all |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {n} | {cpu_pct:.2} % | {:.1} MiB | {ls:.1} ms | {ls_json:.1} ms | {credits:.1} ms | {scrape_ms:.1} ms, {:.0} KiB | {lat:.0} / {max:.0} ms | {:.1} s | {into_fleet:.0} ms | {:.1} s |",
+        "| {n} | {cpu_pct:.2} % | {launchers_pct:.2} % | {:.1} MiB | {ls:.1} ms | {ls_json:.1} ms | {credits:.1} ms | {scrape_ms:.1} ms, {:.0} KiB | {lat:.0} / {max:.0} ms | {:.1} s | {into_fleet:.0} ms | {:.1} s |",
         rss as f64 / 1024.0,
         scrape_bytes as f64 / 1024.0,
         all / 1000.0,
