@@ -29,8 +29,8 @@
 //! time beside; `BQ_SCALE_SVG=PATH` also draws CPU per second and per plain tick against N,
 //! log-log, with a line of slope 1 through the smallest N (growth beyond linear rises above it).
 //!
-//! Left out: QEMU itself, the launchers' inotify traffic (their watchdogs open `agent.lock`
-//! twice a second), libvirt, `credits --set` and config edits, metrics scrapes, the balancers.
+//! Left out: QEMU itself, the launchers (which wait on the agent's pidfd, and probe its lock
+//! every 10 s), libvirt, `credits --set` and config edits, metrics scrapes, the balancers.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! What the kernel says about processes and threads: per-thread CPU time and run-queue wait
 //! (`schedstat`), the CPU a thread last ran on and a process's start time (`stat`), thread names
-//! (`comm`), the boot id, `MemAvailable`, and CPU affinity. One module, used by the agent, the
+//! (`comm`), the boot id, `MemAvailable`, CPU affinity, and pidfds (a process's exit, waited on). One module, used by the agent, the
 //! enforcers and the balancers alike.
 //!
 //! Every reader is a method of [`Proc`], whose root is `/proc` on a host ([`Proc::host`]) and a
@@ -12,6 +12,7 @@
 //! exact, and what `se.sum_exec_runtime` (and so the sched_ext scheduler) counts.
 
 use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -316,9 +317,55 @@ pub fn online_cpus() -> Option<Vec<u32>> {
     crate::base::parse_cpu_list(text.trim()).ok()
 }
 
+/// A pidfd of `pid` (Linux 5.3 and later): it polls readable once the process has exited.
+/// `None` when there is no such process or the kernel has no pidfds. A pidfd names the process
+/// that had `pid` when it was opened, never one that reuses the pid later: check that it is
+/// the one meant (its start time, the lock it holds) after opening, not before.
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind a pidfd has exited (a zombie has), without waiting.
+pub fn pidfd_exited(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pidfd_tells_a_running_process_from_an_exited_one() {
+        use std::os::fd::AsFd;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = pidfd_open(child.id()).expect("pidfds (Linux 5.3+)");
+        assert!(!pidfd_exited(fd.as_fd()));
+        child.kill().unwrap();
+        // Exited (a zombie until waited for) is exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !pidfd_exited(fd.as_fd()) {
+            assert!(std::time::Instant::now() < deadline, "not seen to exit");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(pidfd_exited(fd.as_fd()));
+        assert!(pidfd_open(0).is_none() && pidfd_open(u32::MAX).is_none());
+    }
 
     #[test]
     fn stat_fields_survive_commands_with_spaces_and_parentheses() {

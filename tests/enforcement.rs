@@ -254,7 +254,7 @@ fn agent_killed_the_launcher_restarts_it_and_the_new_agent_resumes_exactly() {
 
     let first = agent_pid(&s);
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
-    // The watchdog looks every 0.5 s; the new agent then has to start. In the scx-6.12 guest
+    // The launcher waits on the agent's pidfd; the new agent then has to start. In the scx-6.12 guest
     // (single-threaded TCG, the busy VM beside it; any exec of burst-qemu there takes 1.0 s
     // when the guest is idle) the new agent held the lock 2.7, 2.8, 3.0, 3.2 and 3.6 s after
     // the kill, where the stop-30 CI's bound of 3 s ran out.

@@ -4,9 +4,10 @@
 //!
 //! The watches ask the kernel for changes only (entries created, removed or renamed, contents
 //! written): inotify's own event mask, which the `notify` crate does not let a caller choose
-//! (it always adds opens and closes). Every launcher's watchdog opens `agent.lock` twice a
-//! second to see whether the agent lives; with opens watched, 100 VMs woke the agent's watcher
-//! 400 times a second to be told of nothing (a quarter of its CPU when idle).
+//! (it always adds opens and closes). Every launcher's watchdog opened `agent.lock` twice a
+//! second to see whether the agent lived (now every 10 s, beside the agent's pidfd); with opens
+//! watched, 100 VMs woke the agent's watcher 400 times a second to be told of nothing (a quarter
+//! of its CPU when idle). `ls` and scripts still probe it.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;

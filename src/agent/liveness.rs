@@ -5,10 +5,10 @@
 //! second.
 
 use std::fs::{self, File};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::procfs::Proc;
+use crate::procfs::{pidfd_exited, pidfd_open, Proc};
 use crate::state::{self, Liveness, Source, VmRecord};
 
 /// A known VM's processes, held open.
@@ -51,7 +51,7 @@ impl Watch {
             (None, None) => false,
         };
         let qemu_alive = || match &self.qemu {
-            Some(fd) => !exited(fd),
+            Some(fd) => !pidfd_exited(fd.as_fd()),
             None => record.qemu_alive_in(proc),
         };
         state::liveness_by(&record.source, launcher_holds, qemu_alive)
@@ -71,51 +71,9 @@ fn held(lock: &File) -> bool {
     }
 }
 
-/// A pidfd of `pid` (Linux 5.3 and later), `None` when there is no such process or the kernel
-/// has no pidfds.
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).ok()?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
-    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Whether the process behind a pidfd has exited (the pidfd polls readable then).
-fn exited(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_pidfd_tells_a_running_process_from_an_exited_one() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let fd = pidfd_open(child.id()).expect("pidfds (Linux 5.3+)");
-        assert!(!exited(&fd));
-        child.kill().unwrap();
-        // Exited (a zombie until waited for) is exited.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !exited(&fd) {
-            assert!(std::time::Instant::now() < deadline, "not seen to exit");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        child.wait().unwrap();
-        assert!(exited(&fd));
-    }
 
     #[test]
     fn a_kept_lock_probe_sees_a_holder_come_and_go_and_never_keeps_the_lock() {

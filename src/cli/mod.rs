@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use burst_qemu::agent::{CreditsView, LedgerFile};
@@ -466,32 +466,8 @@ fn run_vm(g: &Global, a: RunArgs) -> Result<(), Failure> {
             "burst-qemu: warning: cannot start the credit agent ({e:#}); credits are not enforced"
         );
     }
-    // A dead agent (killed, crashed) is restarted within a watchdog period, so a VM is never
-    // left uncharged for longer; the new agent charges the gap from the ledger's checkpoint.
-    // An agent just started may take a moment to take its lock (seconds on a loaded or
-    // emulated host): restart only an agent seen running and gone, or one still absent 5 s
-    // after the last start.
-    let (mut warned, mut seen) = (false, false);
-    let mut grace_until = Instant::now() + Duration::from_secs(5);
-    let watchdog = || {
-        if state::agent_running(&req.state_dir) {
-            seen = true;
-            return;
-        }
-        if !seen && Instant::now() < grace_until {
-            return;
-        }
-        (seen, grace_until) = (false, Instant::now() + Duration::from_secs(5));
-        match ensure_agent(&req.state_dir, &data_dir) {
-            Ok(()) => tracing::warn!("the credit agent was not running: restarted it"),
-            Err(e) if !warned => {
-                warned = true;
-                tracing::error!("the credit agent is not running and cannot be restarted: {e:#}");
-            }
-            Err(_) => {}
-        }
-    };
-    let code = vm.wait(watchdog).map_err(launched)?;
+    let mut watch = agent_start::AgentWatch::new(&req.state_dir, &data_dir);
+    let code = vm.wait(&mut watch).map_err(launched)?;
     if code != 0 {
         // QEMU's own status; QEMU has said why.
         std::process::exit(i32::from(code));

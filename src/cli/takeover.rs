@@ -1,7 +1,8 @@
 //! `burst-qemu agent --take-over`: the service's agent takes the state dir from an agent that a
 //! VM's launcher started.
 //!
-//! A launcher restarts a missing agent within its watchdog period (0.5 s), with `--if-absent`.
+//! A launcher restarts a missing agent as soon as it has gone (it waits on the agent's pidfd),
+//! with `--if-absent`.
 //! When the service is restarted (`systemctl restart`, a package upgrade), a launcher may start
 //! its agent in the moment between the old agent's exit and the new one's start; the service's
 //! agent would then find the lock held and fail, again at every restart, while the launcher's

@@ -55,7 +55,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use thiserror::Error;
 
 pub use args::{memory_args, qemu_name, smp_cpus, user_qmp_socket, BALLOON_DEVICE};
-pub use process::{exit_code, Running};
+pub use process::{exit_code, Running, Watchdog};
 
 use crate::base::{IoContext, IoFailure};
 use crate::config::{ConfigError, VmConfig};
@@ -69,8 +69,6 @@ use process::{clean_child, connect_monitor, cpu_thread_id, startup_failure, Moni
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after `quit` the launcher waits before SIGKILL.
 pub const QUIT_GRACE: Duration = Duration::from_secs(5);
-/// How often a running launcher calls its watchdog (which restarts a dead agent).
-pub const WATCHDOG_EVERY: Duration = Duration::from_millis(500);
 const CHARDEV_ID: &str = "burst-qemu-qmp";
 /// The chardev id of the agent's monitor.
 const AGENT_CHARDEV_ID: &str = "burst-qemu-agent";

@@ -4,7 +4,7 @@
 //! then SIGKILL).
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -16,7 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::signalfd::SignalFd;
 use nix::unistd::Pid;
 
-use super::{LaunchError, QUIT_GRACE, STARTUP_TIMEOUT, WATCHDOG_EVERY};
+use super::{LaunchError, QUIT_GRACE, STARTUP_TIMEOUT};
 use crate::base::{IoContext, IoFailure};
 use crate::state::{RuntimeDir, VmRecord};
 
@@ -195,6 +195,22 @@ enum Stage {
     Killed,
 }
 
+/// What a running launcher looks after besides QEMU (the binary's: that a credit agent runs).
+pub trait Watchdog {
+    /// Looks, and acts on what it sees.
+    fn look(&mut self);
+    /// A descriptor that polls readable when a look is due at once (a pidfd of the agent).
+    fn fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The longest wait from one look to the next.
+    fn period(&self) -> Duration;
+}
+
+/// Which of the launcher's descriptors besides its signals polled readable.
+struct Woke {
+    run_state: bool,
+    watchdog: bool,
+}
+
 impl Running {
     /// The VM's record.
     pub fn record(&self) -> &VmRecord {
@@ -202,30 +218,38 @@ impl Running {
     }
 
     /// Runs until QEMU exits; returns the launcher's exit status (QEMU's, or 128 + signal).
-    /// The runtime dir is removed. `watchdog` is called every [`WATCHDOG_EVERY`] while the VM
-    /// runs (the binary restarts a dead agent from it).
-    pub fn wait(mut self, mut watchdog: impl FnMut()) -> Result<u8, LaunchError> {
+    /// The runtime dir is removed. While the VM runs, `watchdog` looks when its descriptor
+    /// polls readable and its period after its last look at the latest.
+    pub fn wait(mut self, watchdog: &mut dyn Watchdog) -> Result<u8, LaunchError> {
         let mut stage = Stage::Running;
-        let mut next_watch = Instant::now() + WATCHDOG_EVERY;
+        let mut next_look = Instant::now() + watchdog.period();
         let status = loop {
             if let Some(status) = self.child.try_wait().doing(|| "waiting for QEMU".into())? {
                 break status;
             }
-            if stage == Stage::Running && Instant::now() >= next_watch {
-                watchdog();
-                next_watch = Instant::now() + WATCHDOG_EVERY;
+            if stage == Stage::Running && Instant::now() >= next_look {
+                watchdog.look();
+                next_look = Instant::now() + watchdog.period();
             }
-            let timeout = match stage {
-                Stage::Killed => PollTimeout::NONE,
-                Stage::Running => PollTimeout::try_from(WATCHDOG_EVERY.as_millis() as i32)
-                    .unwrap_or(PollTimeout::NONE),
-                Stage::PoweringDown(t) | Stage::Quitting(t) => {
-                    let ms = t.saturating_duration_since(Instant::now()).as_millis();
-                    PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)
-                }
+            let until = match stage {
+                Stage::Killed => None,
+                Stage::Running => Some(next_look),
+                Stage::PoweringDown(t) | Stage::Quitting(t) => Some(t),
             };
-            if self.wait_for_signals(timeout)? {
+            let timeout = until.map_or(PollTimeout::NONE, |t| {
+                let ms = t.saturating_duration_since(Instant::now()).as_millis();
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)
+            });
+            let watched = match stage {
+                Stage::Running => watchdog.fd(),
+                _ => None,
+            };
+            let woke = self.wait_for_signals(timeout, watched)?;
+            if woke.run_state {
                 self.watch_run_state();
+            }
+            if woke.watchdog {
+                next_look = Instant::now();
             }
             let mut asked_to_stop = false;
             while let Ok(Some(info)) = self.signals.read_signal() {
@@ -263,21 +287,34 @@ impl Running {
         Ok(exit_code(status))
     }
 
-    /// Waits for a signal or an event on the private monitor; whether the monitor has
-    /// something to read.
-    fn wait_for_signals(&self, timeout: PollTimeout) -> Result<bool, LaunchError> {
+    /// Waits for a signal, an event on the private monitor or the watchdog's descriptor; which
+    /// of the latter two polled readable.
+    fn wait_for_signals(
+        &self,
+        timeout: PollTimeout,
+        watchdog: Option<BorrowedFd<'_>>,
+    ) -> Result<Woke, LaunchError> {
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-        if let Some(w) = &self.run_state {
+        let run_state = self.run_state.as_ref().map(|w| {
             fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
-        }
+            fds.len() - 1
+        });
+        let watched = watchdog.map(|fd| {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            fds.len() - 1
+        });
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(IoFailure::of("polling signals", e).into()),
         }
-        Ok(fds
-            .get(1)
-            .and_then(|f| f.revents())
-            .is_some_and(|r| !r.is_empty()))
+        let readable = |i: Option<usize>| {
+            i.and_then(|i| fds[i].revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        Ok(Woke {
+            run_state: readable(run_state),
+            watchdog: readable(watched),
+        })
     }
 
     /// Publishes a run state change; a closed monitor (QEMU exiting) is let go.
