@@ -1,7 +1,7 @@
 //! What the kernel says about processes and threads: per-thread CPU time and run-queue wait
 //! (`schedstat`), the CPU a thread last ran on and a process's start time (`stat`), thread names
-//! (`comm`), the boot id, `MemAvailable`, CPU affinity, and pidfds (a process's exit, waited on). One module, used by the agent, the
-//! enforcers and the balancers alike.
+//! (`comm`), the boot id, `MemAvailable`, CPU affinity, and pidfds (a process's exit, waited
+//! on). One module, used by the agent, the launcher, the enforcers and the balancers alike.
 //!
 //! Every reader is a method of [`Proc`], whose root is `/proc` on a host ([`Proc::host`]) and a
 //! directory of synthetic files in tests and simulations ([`Proc::at`]). A reader answers `None`

@@ -470,34 +470,36 @@ impl Drop for BpfStats {
     }
 }
 
-/// Windows read for a dispatch's cost (1.2 s each: six seconds, as three of 2 s were).
+/// Windows read for a dispatch's cost, and how long each (six seconds, as three of 2 s were).
 const DISPATCH_READINGS: usize = 5;
+#[cfg(feature = "scx")]
+const DISPATCH_WINDOW: Duration = Duration::from_millis(1200);
 
-/// ns per run of the scheduler's `bq_dispatch`, over `readings` windows of `secs` each, and the
-/// least of them: (least, all, runs per second). The least, not the median: in this guest a
+/// ns per run of the scheduler's `bq_dispatch`, over [`DISPATCH_READINGS`] windows of
+/// [`DISPATCH_WINDOW`], and the least of them: (least, all, runs per second). The least, not the median: in this guest a
 /// window's figure only goes up from what the program costs (a run that the single-threaded
 /// TCG suspends for another vCPU is charged the other's time too, by the guest's clock), and
 /// the windows of one reading scatter by 2-3 times (9.9, 12.0 and 25.2 us in one of CI's).
 #[cfg(feature = "scx")]
-fn dispatch_cost(readings: usize, secs: f64) -> (f64, Vec<f64>, f64) {
+fn dispatch_cost() -> (f64, Vec<f64>, f64) {
     use burst_qemu::enforce::scx::loader::program_runtime;
     let mut each = Vec::new();
     let mut runs = 0;
-    for _ in 0..readings {
+    for _ in 0..DISPATCH_READINGS {
         let (ns0, n0) = program_runtime("bq_dispatch").expect("bq_dispatch loaded");
-        std::thread::sleep(Duration::from_secs_f64(secs));
+        std::thread::sleep(DISPATCH_WINDOW);
         let (ns1, n1) = program_runtime("bq_dispatch").expect("bq_dispatch loaded");
-        assert!(n1 > n0, "bq_dispatch never ran in {secs} s");
+        assert!(n1 > n0, "bq_dispatch never ran in {DISPATCH_WINDOW:?}");
         each.push((ns1 - ns0) as f64 / (n1 - n0) as f64);
         runs += n1 - n0;
     }
     let least = each.iter().copied().fold(f64::INFINITY, f64::min);
-    let per_sec = runs as f64 / (readings as f64 * secs);
+    let per_sec = runs as f64 / (DISPATCH_READINGS as f64 * DISPATCH_WINDOW.as_secs_f64());
     (least, each, per_sec)
 }
 
 #[cfg(not(feature = "scx"))]
-fn dispatch_cost(_: usize, _: f64) -> (f64, Vec<f64>, f64) {
+fn dispatch_cost() -> (f64, Vec<f64>, f64) {
     unreachable!("ready() is false without the scx feature")
 }
 
@@ -597,7 +599,7 @@ fn a_vm_in_a_slot_above_64_is_held_and_idle_vms_do_not_slow_a_dispatch() {
     let st = scheduled(&s, Duration::from_secs(30), 3, "low");
     assert_eq!(st.vms["low"].slot, 2, "{st:?}");
     std::thread::sleep(Duration::from_millis(300));
-    let (at3, each3, rate3) = dispatch_cost(DISPATCH_READINGS, 1.2);
+    let (at3, each3, rate3) = dispatch_cost();
     eprintln!(
         "3 slots in use: bq_dispatch {at3:.0} ns per run (least of {each3:.0?}), \
          {rate3:.0} runs/s"
@@ -657,7 +659,7 @@ fn a_vm_in_a_slot_above_64_is_held_and_idle_vms_do_not_slow_a_dispatch() {
     // (measured 0.28 there) to call a bound from two runs; the charge itself does not depend on
     // the slot (the same `usage` entry, by index).
     assert!(after.held > before.held, "never held: {after:?}");
-    let (at70, each70, rate70) = dispatch_cost(DISPATCH_READINGS, 1.2);
+    let (at70, each70, rate70) = dispatch_cost();
     eprintln!(
         "{n} slots in use ({} VMs): bq_dispatch {at70:.0} ns per run (least of {each70:.0?}), \
          {rate70:.0} runs/s, {:+.0} ns on the 3-slot figure; test {:?}",
