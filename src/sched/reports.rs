@@ -171,6 +171,25 @@ impl Scheduler {
         self.stop(tid, at, true);
     }
 
+    /// The mechanism found `tid` runnable and waiting for a dispatch since `at` with none on
+    /// its way: a report of it was lost, or never made. It is taken as waiting, off any CPU the
+    /// policy had it on (charged to `at`), as its reports would have made it. Returns what the
+    /// policy had believed (for the mechanism to say), or `None` when it knew (waiting) or
+    /// does not know the thread.
+    pub fn found_waiting(&mut self, tid: ThreadId, at: u64) -> Option<&'static str> {
+        match self.threads.get(&tid)?.state {
+            State::Waiting => None,
+            State::Running { .. } => {
+                self.stop(tid, at, true);
+                Some("running")
+            }
+            State::Blocked => {
+                self.wake(tid, at);
+                Some("blocked")
+            }
+        }
+    }
+
     /// Takes `tid` off its CPU at `now` if it runs, ending its segment then: earlier than its
     /// slice (it blocked, was preempted) or later (a mechanism that acts late, as a ghOSt
     /// agent does when a decision takes longer than a slice's remainder: the kernel runs the

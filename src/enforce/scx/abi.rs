@@ -88,6 +88,12 @@ pub const EV_BLOCK: u32 = 4;
 pub const EV_FAILED: u32 = 5;
 /// Off `cpu` for a higher class; it goes on there after (no order needed).
 pub const EV_PAUSE: u32 = 6;
+/// The flags in the low bits of an `enq_at` value of bpf/burst.bpf.c (the rest is when its
+/// thread was enqueued, ns): its wait is counted (`ENQ_COUNTED`), and, in the user-space mode,
+/// an order took it already (`ENQ_TAKEN`); present without it, the thread is held for one.
+pub const ENQ_FLAGS: u64 = 3;
+/// `ENQ_TAKEN` of bpf/burst.bpf.c.
+pub const ENQ_TAKEN: u64 = 2;
 /// `ORDER_*` of intf.h: run `tid` on `cpu` until `until`.
 pub const ORDER_RUN: u32 = 1;
 /// The thread on `cpu` runs on until `until`.

@@ -51,6 +51,10 @@ pub struct Counts {
     pub rounds: u64,
     /// Times a higher class took a CPU from a thread for a while.
     pub paused: u64,
+    /// Threads found held with no order on its way, their reports lost
+    /// ([`UserPolicy::found_held`]).
+    #[serde(default)]
+    pub recovered: u64,
 }
 
 /// The policy and what it knows of the program's threads (see the module docs).
@@ -259,6 +263,20 @@ impl UserPolicy {
             }
             _ => {}
         }
+    }
+
+    /// Thread `tid`, found held in the program's custody since `at` (the process reads its
+    /// `enq_at` map) while the policy has no order of it on its way: its reports were lost, or
+    /// never made. Without this, it waited for the kernel's watchdog (30 s), which then
+    /// disabled the scheduler: a vCPU without a CPU that long, seen in the scx-6.12 guest
+    /// (docs/sched-ext.md). It is taken as waiting; returns what the policy had believed of
+    /// it, or `None` when it knew (waiting) or does not know the thread.
+    pub fn found_held(&mut self, tid: u32, at: u64) -> Option<&'static str> {
+        let tid = ThreadId::from(tid);
+        let was = self.sched.found_waiting(tid, at)?;
+        self.ordered.remove(&tid);
+        self.counts.recovered += 1;
+        Some(was)
     }
 
     /// What to order at `now`: the policy's decision, one order a CPU whose thread changes

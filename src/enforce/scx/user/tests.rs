@@ -369,3 +369,51 @@ fn a_thread_taken_off_is_charged_until_its_stop_is_reported() {
     p.event(&ev(EV_STOP, 100, cpu, 10 * MS + 400_000));
     assert_eq!(p.policy().usage(0, 10 * MS), 10 * MS + 400_000);
 }
+
+#[test]
+fn a_thread_whose_wake_report_was_lost_is_ordered_once_found_held() {
+    let mut p = busy_vm();
+    p.event(&ev(EV_WAKE, 100, 1, 0));
+    let run = p.decide(0);
+    let cpu = run[0].cpu;
+    p.event(&ev(EV_RUNNING, 100, cpu, 50_000));
+    p.event(&ev(EV_BLOCK, 100, cpu, MS));
+    // It wakes at 2 ms and the program holds it, but the report is lost: the policy, which
+    // has it blocked, never orders it (in the guest, until the kernel's watchdog, 30 s).
+    let mut now = 2 * MS;
+    while now < 1000 * MS {
+        assert!(
+            p.decide(now).is_empty(),
+            "ordered at {now} ns without a report"
+        );
+        now += 10 * MS;
+    }
+    // Found held since 2 ms (the process reads `enq_at`): ordered at once.
+    assert_eq!(p.found_held(100, 2 * MS), Some("blocked"));
+    assert_eq!(p.counts.recovered, 1);
+    let run = p.decide(now);
+    assert_eq!(run.len(), 1, "{run:?}");
+    assert_eq!((run[0].op & !ORDER_HARD, run[0].tid), (ORDER_RUN, 100));
+    // Still held long after that order (the order lost too): taken off the CPU it was
+    // ordered to, and ordered again.
+    assert_eq!(p.found_held(100, 2 * MS), Some("running"));
+    assert_eq!(p.policy().running_on(run[0].cpu), None);
+    let again = p.decide(now + MS);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!((again[0].op & !ORDER_HARD, again[0].tid), (ORDER_RUN, 100));
+}
+
+#[test]
+fn a_thread_the_policy_has_waiting_or_does_not_know_is_left_as_it_is_when_found_held() {
+    // Two threads of a VM capped at 10 % of one CPU on one CPU: one runs, the other waits for
+    // its turn, held by the program, as the policy knows.
+    let mut p = capped(&[1], 10 * MS, 100);
+    p.command(&Command::Tid { tid: 101, idx: 0 }, 0);
+    p.event(&ev(EV_WAKE, 101, 1, 0));
+    let run = p.decide(0);
+    assert_eq!(run.len(), 1, "{run:?}");
+    let waiting = if run[0].tid == 100 { 101 } else { 100 };
+    assert_eq!(p.found_held(waiting, 0), None);
+    assert_eq!(p.found_held(999, 0), None, "not a thread of the policy");
+    assert_eq!(p.counts.recovered, 0);
+}
