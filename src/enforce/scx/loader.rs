@@ -459,7 +459,7 @@ fn held_long(obj: &libbpf_rs::Object, now: u64) -> anyhow::Result<Vec<(u32, u64)
 fn recover_held(
     obj: &libbpf_rs::Object,
     policy: &mut UserPolicy,
-    trace: Option<&mut std::io::BufWriter<std::fs::File>>,
+    mut trace: Option<&mut std::io::BufWriter<std::fs::File>>,
 ) {
     let now = monotonic_ns();
     let held = match held_long(obj, now) {
@@ -469,7 +469,6 @@ fn recover_held(
             return;
         }
     };
-    let mut trace = trace;
     for (tid, since) in held {
         let Some(was) = policy.found_held(tid, since) else {
             continue;

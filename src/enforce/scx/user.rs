@@ -51,7 +51,7 @@ pub struct Counts {
     pub rounds: u64,
     /// Times a higher class took a CPU from a thread for a while.
     pub paused: u64,
-    /// Threads found held with no order on its way, their reports lost
+    /// Threads found held for an order the policy was not going to give, their reports lost
     /// ([`UserPolicy::found_held`]).
     #[serde(default)]
     pub recovered: u64,
