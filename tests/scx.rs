@@ -85,7 +85,7 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
         // The kernel's console lines land in the part that ran meanwhile. A vCPU thread the
         // scheduler held until the watchdog disabled it leaves a VM's share whole when its
         // other vCPU takes it, so the tests could pass: 2 of 5 boots of the user-space
-        // identical-VMs test alone before the process found such threads itself
+        // identical-VMs test before the process found such threads itself
         // (docs/sched-ext.md, "Threads whose reports were lost").
         assert!(
             !part.output.contains("runnable task stall"),
