@@ -74,6 +74,8 @@ const LAYOUT: &[(&str, &str)] = &[
     ("ORDER_PREEMPT", "ORDER_PREEMPT"),
     ("ORDER_HARD", "ORDER_HARD"),
     ("ORDER_DEFER", "ORDER_DEFER"),
+    ("ENQ_TAKEN", "ENQ_TAKEN"),
+    ("ENQ_FLAGS", "ENQ_FLAGS"),
 ];
 
 /// The mirrored fields, as (struct, field): build.rs writes `STRUCT_FIELD` (its offset) and

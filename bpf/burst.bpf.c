@@ -237,11 +237,7 @@ struct {
 	__type(value, struct latency);
 } latency SEC(".maps");
 
-/* A VM's thread enqueued and not yet running -> when (ns, bits 2 and up), whether its wait is
- * counted in `latency` (bit 0: with budget; every one in the user-space mode) and, in the user-space mode, whether an
- * order took it already (bit 1). In the user-space mode, present = held here for an order. */
-#define ENQ_COUNTED 1ULL
-#define ENQ_TAKEN 2ULL
+/* A VM's thread enqueued and not yet running -> when, and ENQ_* (intf.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_VMS * 16);
@@ -335,7 +331,7 @@ void bq_enqueue(unsigned long long *ctx)
 		return;
 	}
 	if (has_budget(vm)) {
-		u64 at = (bpf_ktime_get_ns() & ~3ULL) | ENQ_COUNTED;
+		u64 at = (bpf_ktime_get_ns() & ~ENQ_FLAGS) | ENQ_COUNTED;
 		bpf_map_update_elem(&enq_at, &tid, &at, BPF_ANY);
 		if (enq_flags & SCX_ENQ_LAST) {
 			/* Nothing else wants this CPU and the VM may run: keep running. */
@@ -455,7 +451,7 @@ void bq_running(unsigned long long *ctx)
 	if (l) {
 		__sync_fetch_and_add(&l->runs, 1);
 		if (enq && (*enq & ENQ_COUNTED))
-			record_wait(l, bpf_ktime_get_ns() - (*enq & ~3ULL));
+			record_wait(l, bpf_ktime_get_ns() - (*enq & ~ENQ_FLAGS));
 	}
 	if (enq)
 		bpf_map_delete_elem(&enq_at, &tid);

@@ -75,6 +75,15 @@ struct event {
 	u32 pad;
 };
 
+/* `enq_at` (a hash map, tid -> u64): a VM's thread enqueued and not yet running -> when (ns,
+ * bits 2 and up), whether its wait is counted in `latency` (ENQ_COUNTED: with budget; every
+ * one in the user-space mode) and, in the user-space mode, whether an order took it already
+ * (ENQ_TAKEN). In the user-space mode, present without ENQ_TAKEN = held for an order: the
+ * scheduler process reads it for threads whose reports were lost. */
+#define ENQ_COUNTED 1ULL
+#define ENQ_TAKEN 2ULL
+#define ENQ_FLAGS 3ULL
+
 /* The context of `bq_order` (BPF_PROG_RUN): what the scheduler process orders for a CPU. */
 #define ORDER_RUN 1	/* run `tid` on `cpu` until `until` */
 #define ORDER_EXTEND 2	/* the thread on `cpu` runs on until `until` */

@@ -46,7 +46,7 @@ static __always_inline void emit(u32 kind, u32 tid, u32 cpu)
  * scheduler process orders it run; every such wait is counted in `latency`. */
 static __always_inline void hold_for_order(struct task_struct *p, u32 tid)
 {
-	u64 at = (bpf_ktime_get_ns() & ~3ULL) | ENQ_COUNTED;
+	u64 at = (bpf_ktime_get_ns() & ~ENQ_FLAGS) | ENQ_COUNTED;
 	bpf_map_update_elem(&enq_at, &tid, &at, BPF_ANY);
 	emit(EV_WAKE, tid, scx_bpf_task_cpu(p));
 }

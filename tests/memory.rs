@@ -936,15 +936,15 @@ fn rescoin_splits_a_contended_pool_by_shares() {
             "the VMs hold {held} MiB, over the pool {POOL}"
         );
     }
-    // What the rule delivers here, measured (median split a/b over the rounds with both
-    // short of memory): 1.58 (13 rounds), 1.48 (13), 1.53, and 1.91 in a full CI run with the
-    // memory scenarios three at a time; 1.31 (12 rounds, 654 / 498 MiB) in the full CI run of
-    // def160c (2026-12-07), which failed the bound of then, 1.38; 1.67 (13) alone after it. Only a donor gives back (a VM above its template is not
-    // squeezed while it grows: squeezing it from stale stats once OOM-killed a guest), so the
-    // split starts at 1:1 (both at memory_start) and leans toward the templates' 2.00 without
-    // passing them: how far it gets depends on how the two hogs' growth interleaves. The
-    // bound: from the lowest measured less 0.1 up to the templates plus one 64-MiB step of b
-    // (a split past the templates would be a planner that gives beyond them).
+    // What the rule delivers here, measured (median split a/b over the rounds with both short of
+    // memory): 1.58 (13 rounds), 1.48 (13), 1.53, and 1.91 in a full CI run with the memory
+    // scenarios three at a time; 1.31 (12 rounds, 654 / 498 MiB) in the full CI run of def160c
+    // (2026-12-07), which failed the bound of then, 1.38; 1.67 (13) alone after it. Only a donor
+    // gives back (a VM above its template is not squeezed while it grows: squeezing it from stale
+    // stats once OOM-killed a guest), so the split starts at 1:1 (both at memory_start) and leans
+    // toward the templates' 2.00 without passing them: how far it gets depends on how the two hogs'
+    // growth interleaves. The bound: from the lowest measured less 0.1 up to the templates plus one
+    // 64-MiB step of b (a split past the templates would be a planner that gives beyond them).
     assert!(
         (1.21..=2.1).contains(&ratio),
         "split {ratio:.2} ({pa} / {pb} MiB) with both short of memory: outside 1.21-2.1 (measured 1.31-1.91, templates 2.00, shares 2:1)"

@@ -476,10 +476,11 @@ const DISPATCH_READINGS: usize = 5;
 const DISPATCH_WINDOW: Duration = Duration::from_millis(1200);
 
 /// ns per run of the scheduler's `bq_dispatch`, over [`DISPATCH_READINGS`] windows of
-/// [`DISPATCH_WINDOW`], and the least of them: (least, all, runs per second). The least, not the median: in this guest a
-/// window's figure only goes up from what the program costs (a run that the single-threaded
-/// TCG suspends for another vCPU is charged the other's time too, by the guest's clock), and
-/// the windows of one reading scatter by 2-3 times (9.9, 12.0 and 25.2 us in one of CI's).
+/// [`DISPATCH_WINDOW`], and the least of them: (least, all, runs per second). The least, not the
+/// median: in this guest a window's figure only goes up from what the program costs (a run that the
+/// single-threaded TCG suspends for another vCPU is charged the other's time too, by the guest's
+/// clock), and the windows of one reading scatter by 2-3 times (9.9, 12.0 and 25.2 us in one of
+/// CI's).
 #[cfg(feature = "scx")]
 fn dispatch_cost() -> (f64, Vec<f64>, f64) {
     use burst_qemu::enforce::scx::loader::program_runtime;

@@ -88,11 +88,11 @@ pub const EV_BLOCK: u32 = 4;
 pub const EV_FAILED: u32 = 5;
 /// Off `cpu` for a higher class; it goes on there after (no order needed).
 pub const EV_PAUSE: u32 = 6;
-/// The flags in the low bits of an `enq_at` value of bpf/burst.bpf.c (the rest is when its
-/// thread was enqueued, ns): its wait is counted (`ENQ_COUNTED`), and, in the user-space mode,
-/// an order took it already (`ENQ_TAKEN`); present without it, the thread is held for one.
+/// `ENQ_*` of intf.h: the flags in the low bits of an `enq_at` value (the rest is when its
+/// thread was enqueued, ns).
 pub const ENQ_FLAGS: u64 = 3;
-/// `ENQ_TAKEN` of bpf/burst.bpf.c.
+/// In the user-space mode, an order took the thread already; present without it, the thread is
+/// held for one.
 pub const ENQ_TAKEN: u64 = 2;
 /// `ORDER_*` of intf.h: run `tid` on `cpu` until `until`.
 pub const ORDER_RUN: u32 = 1;
@@ -297,6 +297,8 @@ const _: () = {
     assert!(c::ORDER_PREEMPT == ORDER_PREEMPT as u64, "{}", disagree);
     assert!(c::ORDER_HARD == ORDER_HARD as u64, "{}", disagree);
     assert!(c::ORDER_DEFER == ORDER_DEFER as u64, "{}", disagree);
+    assert!(c::ENQ_TAKEN == ENQ_TAKEN, "{}", disagree);
+    assert!(c::ENQ_FLAGS == ENQ_FLAGS, "{}", disagree);
     same_field!(Event.at, EVENT_AT, EVENT_AT_SIZE);
     same_field!(Event.tid, EVENT_TID, EVENT_TID_SIZE);
     same_field!(Event.cpu, EVENT_CPU, EVENT_CPU_SIZE);
