@@ -64,7 +64,9 @@ struct usage {
 #define EV_RUNNING 2 /* ops.running: on `cpu` */
 #define EV_STOP 3    /* ops.stopping: off `cpu`, still runnable */
 #define EV_BLOCK 4   /* ops.stopping: off `cpu`, blocked */
-#define EV_FAILED 5  /* an order to run it found it not waiting (it ran, left or is gone) */
+#define EV_FAILED 5  /* an order to run it found it not waiting (it ran, left or is gone), or
+		      * not allowed on `cpu`; or a dispatch an order made was undone before the
+		      * run (the thread is held again). An EV_WAKE follows when it is held. */
 #define EV_PAUSE 6   /* ops.stopping: a higher class took `cpu`; it goes on there after */
 
 struct event {

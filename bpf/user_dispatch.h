@@ -33,6 +33,16 @@ struct {
 	__type(value, struct plan);
 } plans SEC(".maps");
 
+/* A VM's thread an order put on a CPU -> that CPU, from the dispatch until it stops there
+ * (paused by a higher class, it stays). The process has the thread on that CPU meanwhile, and
+ * only a report from there takes it off. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS * 16);
+	__type(key, u32);
+	__type(value, u32);
+} placed SEC(".maps");
+
 /* Tells the scheduler process of a change of thread `tid` (user-space mode). A full ring
  * loses the record: the process sees the thread again at its next change, and a held thread
  * no order reaches is the watchdog's (the cgroup quota holds it afterwards). */
@@ -46,6 +56,22 @@ static __always_inline void emit(u32 kind, u32 tid, u32 cpu)
  * scheduler process orders it run; every such wait is counted in `latency`. */
 static __always_inline void hold_for_order(struct task_struct *p, u32 tid)
 {
+	/* Back from a CPU an order put it on without a stop there: a change of its attributes
+	 * (a renice, a new affinity, the kernel's own narrowing of a migration-disabled thread's
+	 * CPUs) took it off that CPU's queue after the dispatch, or off the CPU where it was
+	 * paused, and gave it back here. The process still had it on that CPU and took this
+	 * wake for news of a thread already running, and the thread waited for an order that
+	 * never came: seen in the scx-6.12 guest, threads held 1 s (found by the process) or
+	 * until the watchdog (30 s). The order is reported failed first. */
+	u32 *on = bpf_map_lookup_elem(&placed, &tid);
+	if (on) {
+		u32 cpu = *on;
+		struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
+		if (pl && pl->cur == (u64)tid)
+			pl->cur = 0;
+		bpf_map_delete_elem(&placed, &tid);
+		emit(EV_FAILED, tid, cpu);
+	}
 	u64 at = (bpf_ktime_get_ns() & ~ENQ_FLAGS) | ENQ_COUNTED;
 	bpf_map_update_elem(&enq_at, &tid, &at, BPF_ANY);
 	emit(EV_WAKE, tid, scx_bpf_task_cpu(p));
@@ -59,11 +85,20 @@ static __always_inline void stopped_ordered(u32 cpu, struct task_struct *p, bool
 	 * thread ordered here: cleared, an order deferred to its slice's end found none and
 	 * kicked it off at once (5 ms early in the scx-6.12 guest), and its tick no longer kept
 	 * its slice's end. */
+	/* Not runnable by the callback but still TASK_RUNNING: a change of its attributes from
+	 * elsewhere dequeued it while it ran, and it goes on at once (the kernel calls
+	 * ops.running next, without ops.enqueue); a pause as the process sees it. */
+	if (!runnable && p->__state == 0)
+		runnable = true;
 	u32 kind = !runnable ? EV_BLOCK : p->scx.slice ? EV_PAUSE : EV_STOP;
+	u32 tid = p->pid;
 	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
-	if (kind != EV_PAUSE && pl && pl->cur == (u64)p->pid)
-		pl->cur = 0;
-	emit(kind, p->pid, cpu);
+	if (kind != EV_PAUSE) {
+		if (pl && pl->cur == (u64)tid)
+			pl->cur = 0;
+		bpf_map_delete_elem(&placed, &tid);
+	}
+	emit(kind, tid, cpu);
 }
 
 /* ops.tick of a VM thread `p` on `cpu`: keeps the end of the slice ordered there. */
@@ -79,6 +114,18 @@ static __always_inline void tick_ordered(u32 cpu, struct task_struct *p)
 		u64 end = pl->cur_until + (pl->cur_hard ? 0 : slice_ns());
 		p->scx.slice = end > now ? end - now : 0;
 	}
+}
+
+/* After an order of `tid` failed: tells the process again that the thread waits if it is
+ * held for an order now. A failure's report can follow the thread's own wake report in the
+ * ring (the thread, not held when the order came, was held by another CPU before the report
+ * went out), and the process, which took that wake for news of a thread already ordered,
+ * then had it blocked while it waited. */
+static __always_inline void still_held(u32 tid, u32 cpu)
+{
+	u64 *enq = bpf_map_lookup_elem(&enq_at, &tid);
+	if (enq && !(*enq & ENQ_TAKEN))
+		emit(EV_WAKE, tid, cpu);
 }
 
 /* User-space mode: runs here the thread the scheduler process ordered for this CPU, if it is
@@ -97,6 +144,7 @@ static __always_inline void dispatch_ordered(u32 cpu)
 	u64 *enq = bpf_map_lookup_elem(&enq_at, &tid);
 	if (!enq || (*enq & ENQ_TAKEN)) {
 		emit(EV_FAILED, tid, cpu);
+		still_held(tid, cpu);
 		return;
 	}
 	struct task_struct *p = bpf_task_from_pid(tid);
@@ -104,19 +152,13 @@ static __always_inline void dispatch_ordered(u32 cpu)
 		emit(EV_FAILED, tid, cpu);
 		return;
 	}
-	if (!bpf_cpumask_test_cpu(cpu, p->cpus_ptr)) {
-		/* Not allowed here (its affinity changed): dispatching it would abort the
-		 * scheduler. */
-		bpf_task_release(p);
-		emit(EV_FAILED, tid, cpu);
-		return;
-	}
 	s32 on = scx_bpf_task_cpu(p);
 	if (p->migration_disabled && on != (s32)cpu) {
 		/* Stopped where it may not leave (migrate_disable()): moving it here would abort
 		 * the scheduler ("cannot move migration disabled", seen in the scx-6.12 guest).
-		 * It runs where it is, briefly and unordered, and the process hears the order
-		 * failed; it is held again at its next enqueue. */
+		 * Tested before its CPUs, which the kernel narrows to that one CPU while it is
+		 * switched out so. It runs where it is, briefly and unordered, and the process
+		 * hears the order failed; it is held again at its next enqueue. */
 		__sync_fetch_and_or(enq, ENQ_TAKEN);
 		scx_bpf_dispatch(p, SCX_DSQ_LOCAL_ON | (u64)on, 100000, 0);
 		scx_bpf_kick_cpu(on, SCX_KICK_IDLE);
@@ -124,7 +166,18 @@ static __always_inline void dispatch_ordered(u32 cpu)
 		emit(EV_FAILED, tid, cpu);
 		return;
 	}
+	if (!bpf_cpumask_test_cpu(cpu, p->cpus_ptr)) {
+		/* Not allowed here (its affinity changed): dispatching it would abort the
+		 * scheduler. It stays held: the process hears the order failed and that it waits
+		 * (it had it blocked after the failure alone, and the thread waited for the
+		 * watchdog). */
+		bpf_task_release(p);
+		emit(EV_FAILED, tid, cpu);
+		still_held(tid, cpu);
+		return;
+	}
 	__sync_fetch_and_or(enq, ENQ_TAKEN);
+	bpf_map_update_elem(&placed, &tid, &cpu, BPF_ANY);
 	/* The slice as ordered, from now: the time the order took to reach this CPU is not
 	 * taken from it (the process charges from the reported start, and what ran past its
 	 * end from the reported stop). */

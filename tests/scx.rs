@@ -1,5 +1,5 @@
 //! sched_ext on a real kernel: the enforcement suite and the scx enforcer's own suite
-//! (tests/scx_inside.rs) run inside the `scx-6.12` guest kernel (Linux 6.12 with
+//! (tests/scx_inside/) run inside the `scx-6.12` guest kernel (Linux 6.12 with
 //! CONFIG_SCHED_CLASS_EXT), booted by the guest harness (`tests/guest/run`) with this machine's
 //! root shared read-only, so the guest runs these very test binaries and the burst-qemu just
 //! built with `--features scx`. The agent there runs `--enforcer scx` (BURST_QEMU_ENFORCER),
@@ -51,6 +51,10 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
             "the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads",
         ),
         ("contention", "identical_busy_vms_get_equal_shares"),
+        (
+            "scx_inside",
+            "changes::vcpu_threads_repinned_and_reniced_all_the_time_keep_running_and_held",
+        ),
     ] {
         let bin = common::sibling(binary);
         parts.push(Part::new(

@@ -116,7 +116,7 @@ fn apply(
 /// What the kernel counted of the loaded BPF program `name` (a function of
 /// bpf/burst.bpf.c: `bq_dispatch`, `bq_tick`, …): (ns run, runs) since it was loaded, counted
 /// only while `kernel.bpf_stats_enabled` is 1. `None` when no program of that name is loaded;
-/// of several, the newest. For measurements (tests/scx_inside.rs): the scheduler itself does
+/// of several, the newest. For measurements (tests/scx_inside/): the scheduler itself does
 /// not read it.
 pub fn program_runtime(name: &str) -> Option<(u64, u64)> {
     libbpf_rs::query::ProgInfoIter::default()

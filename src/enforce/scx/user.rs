@@ -16,8 +16,11 @@
 //! Reports arrive a little after the fact, so a report is applied only when it agrees with
 //! what the policy believes: a stop reported from a CPU other than the one the policy has the
 //! thread on now (it ordered it elsewhere meanwhile) is stale and dropped; an order that
-//! found its thread not held ([`EV_FAILED`]: it ran, blocked or left before the order came)
-//! takes it off and leaves it blocked until its next wake report.
+//! found its thread not held ([`EV_FAILED`]: it ran, blocked or left before the order came, or
+//! may not run on that CPU), or whose dispatch a change of the thread's attributes undid
+//! before it ran, takes it off and leaves it blocked until its next wake report, which the
+//! program sends at once when the thread is held (so a failure reported after the thread's
+//! own wake, or an order for a CPU it is not allowed on, does not leave it waiting unseen).
 
 use std::collections::{HashMap, HashSet};
 

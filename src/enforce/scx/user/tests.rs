@@ -417,3 +417,67 @@ fn a_thread_the_policy_has_waiting_or_does_not_know_is_left_as_it_is_when_found_
     assert_eq!(p.found_held(999, 0), None, "not a thread of the policy");
     assert_eq!(p.counts.recovered, 0);
 }
+
+/// The sequences the program reports since a thread's failure or undone dispatch is followed
+/// by a wake when it is held (bpf/user_dispatch.h, `still_held` and `hold_for_order`): the
+/// thread is ordered again at once. Before, the failure alone left it blocked while held: the
+/// stall of the scx-6.12 guest's trace (docs/sched-ext.md, "Threads left waiting").
+#[test]
+fn a_failure_reported_after_the_threads_own_wake_is_followed_by_a_wake_and_ordered_again() {
+    let mut p = busy_vm();
+    // 100 runs on CPU 1; the policy moves it to CPU 2 (101 takes CPU 1).
+    p.event(&ev(EV_WAKE, 100, 1, 0));
+    let run = p.decide(0);
+    let on = run[0].cpu;
+    p.event(&ev(EV_RUNNING, 100, on, 10_000));
+    // Its stop and wake (another CPU held it again) come before the failure of an order the
+    // policy never made here, as in the trace: the order's CPU found it not held.
+    p.event(&ev(EV_STOP, 100, on, 25 * MS));
+    p.event(&ev(EV_WAKE, 100, on, 25 * MS));
+    let again = p.decide(25 * MS);
+    assert_eq!(again.len(), 1, "{again:?}");
+    let to = again[0].cpu;
+    p.event(&ev(EV_FAILED, 100, to, 26 * MS));
+    assert!(p.decide(26 * MS).is_empty(), "the failure alone: blocked");
+    // The program's wake after the failure: ordered again.
+    p.event(&ev(EV_WAKE, 100, to, 26 * MS));
+    let orders = p.decide(26 * MS);
+    assert!(
+        orders
+            .iter()
+            .any(|o| o.tid == 100 && o.op & !ORDER_HARD == ORDER_RUN),
+        "{orders:?}"
+    );
+}
+
+/// A paused thread (the fair class took its CPU) whose attributes changed meanwhile is back in
+/// the program's custody: the program reports the order failed on that CPU, then the wake.
+#[test]
+fn a_paused_thread_given_back_to_the_program_is_taken_off_its_cpu_and_ordered_again() {
+    let mut p = busy_vm();
+    p.event(&ev(EV_WAKE, 100, 1, 0));
+    let run = p.decide(0);
+    let on = run[0].cpu;
+    p.event(&ev(EV_RUNNING, 100, on, 10_000));
+    p.event(&ev(EV_PAUSE, 100, on, 5 * MS));
+    // A wake alone (as before the program reported the failure) changed nothing: the policy
+    // kept it running on `on`.
+    let mut alone = busy_vm();
+    alone.event(&ev(EV_WAKE, 100, 1, 0));
+    let first = alone.decide(0)[0].cpu;
+    alone.event(&ev(EV_RUNNING, 100, first, 10_000));
+    alone.event(&ev(EV_PAUSE, 100, first, 5 * MS));
+    alone.event(&ev(EV_WAKE, 100, 2, 6 * MS));
+    assert_eq!(alone.policy().running_on(first), Some(100));
+    // Now: the failure from the CPU it was paused on, then the wake.
+    p.event(&ev(EV_FAILED, 100, on, 6 * MS));
+    p.event(&ev(EV_WAKE, 100, 2, 6 * MS));
+    assert_eq!(p.policy().running_on(on), None);
+    let orders = p.decide(6 * MS);
+    assert!(
+        orders
+            .iter()
+            .any(|o| o.tid == 100 && o.op & !ORDER_HARD == ORDER_RUN),
+        "{orders:?}"
+    );
+}

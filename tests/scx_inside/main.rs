@@ -4,6 +4,8 @@
 //! without the `scx` feature) these skip with a loud message: tests/scx.rs, which fails under
 //! CI when the guest cannot run them, is what makes them count.
 
+mod changes;
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
