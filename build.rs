@@ -62,6 +62,7 @@ const LAYOUT: &[(&str, &str)] = &[
     ("EVENT_SIZE", "sizeof(struct event)"),
     ("ORDER_SIZE", "sizeof(struct order)"),
     ("LATENCY_SIZE", "sizeof(struct latency)"),
+    ("PLAN_SIZE", "sizeof(struct plan)"),
     ("LAT_BUCKETS", "LAT_BUCKETS"),
     ("EV_WAKE", "EV_WAKE"),
     ("EV_RUNNING", "EV_RUNNING"),
@@ -106,6 +107,9 @@ const FIELDS: &[(&str, &str)] = &[
     ("usage", "used_ns"),
     ("usage", "total_ns"),
     ("usage", "held"),
+    ("plan", "next"),
+    ("plan", "cur"),
+    ("plan", "cur_until"),
 ];
 
 /// Measures [`LAYOUT`] and [`FIELDS`] of bpf/intf.h: compiles a program that prints each value with the

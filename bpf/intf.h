@@ -86,6 +86,20 @@ struct event {
 #define ENQ_TAKEN 2ULL
 #define ENQ_FLAGS 3ULL
 
+/* `plans` (an array, one per CPU; user-space mode): the thread ordered to run there next
+ * (`next`, taken by the CPU's ops.dispatch) and until when, and the thread ordered there last
+ * (`cur`) with the end of its slice, which ops.tick keeps. The scheduler process reads `next`
+ * and `cur` to say where a thread it finds held was ordered. */
+struct plan {
+	u64 next; /* tid, 0 = none */
+	u64 next_until;
+	u64 next_hard; /* ORDER_HARD given with `next` */
+	u64 next_at;   /* when `next` was decided: its slice is next_until - next_at */
+	u64 cur; /* tid */
+	u64 cur_until;
+	u64 cur_hard;
+};
+
 /* The context of `bq_order` (BPF_PROG_RUN): what the scheduler process orders for a CPU. */
 #define ORDER_RUN 1	/* run `tid` on `cpu` until `until` */
 #define ORDER_EXTEND 2	/* the thread on `cpu` runs on until `until` */

@@ -16,16 +16,6 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
-struct plan {
-	u64 next; /* tid, 0 = none */
-	u64 next_until;
-	u64 next_hard; /* ORDER_HARD given with `next` */
-	u64 next_at;   /* when `next` was decided: its slice is next_until - next_at */
-	u64 cur; /* tid */
-	u64 cur_until;
-	u64 cur_hard;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_CPUS);

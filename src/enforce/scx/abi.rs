@@ -160,7 +160,38 @@ pub struct Latency {
     pub hist: [u64; LAT_BUCKETS],
 }
 
+/// `struct plan`: a CPU's entry in the `plans` map (user-space mode), the fields the process
+/// reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The thread ordered to run there next, not taken yet (0: none).
+    pub next: u64,
+    /// Its slice's end, hard flag and decision time.
+    pub next_until: u64,
+    pub next_hard: u64,
+    pub next_at: u64,
+    /// The thread ordered there last (0: none).
+    pub cur: u64,
+    /// Its slice's end and hard flag.
+    pub cur_until: u64,
+    pub cur_hard: u64,
+}
+
+impl Plan {
+    /// The entry in `bytes` (a short one reads as zeros past its end).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Plan {
+            next: u64_at(bytes, offset_of!(Plan, next)),
+            cur: u64_at(bytes, offset_of!(Plan, cur)),
+            cur_until: u64_at(bytes, offset_of!(Plan, cur_until)),
+            ..Plan::default()
+        }
+    }
+}
+
 const _: () = assert!(size_of::<Event>() == 24);
+const _: () = assert!(size_of::<Plan>() == 56);
 const _: () = assert!(size_of::<Order>() == 32);
 const _: () = assert!(size_of::<Latency>() == 32 + 8 * LAT_BUCKETS);
 
@@ -320,6 +351,10 @@ const _: () = {
     same_field!(Usage.used_ns, USAGE_USED_NS, USAGE_USED_NS_SIZE);
     same_field!(Usage.total_ns, USAGE_TOTAL_NS, USAGE_TOTAL_NS_SIZE);
     same_field!(Usage.held, USAGE_HELD, USAGE_HELD_SIZE);
+    assert!(c::PLAN_SIZE == size_of::<Plan>() as u64, "{}", disagree);
+    same_field!(Plan.next, PLAN_NEXT, PLAN_NEXT_SIZE);
+    same_field!(Plan.cur, PLAN_CUR, PLAN_CUR_SIZE);
+    same_field!(Plan.cur_until, PLAN_CUR_UNTIL, PLAN_CUR_UNTIL_SIZE);
 };
 
 /// `bytes[at..at + 8]` as a u64 in the host's byte order (0 when the value is too short).

@@ -19,7 +19,9 @@ use libbpf_rs::{MapCore, MapFlags, ObjectBuilder};
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::abi::{Budget, Conf, Event, Latency, Order, Usage, ENQ_FLAGS, ENQ_TAKEN, MAX_CPUS};
+use super::abi::{
+    Budget, Conf, Event, Latency, Order, Plan, Usage, ENQ_FLAGS, ENQ_TAKEN, MAX_CPUS,
+};
 use super::user::UserPolicy;
 use super::{kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
 use crate::enforce::monotonic_ns;
@@ -470,6 +472,8 @@ fn recover_held(
         }
     };
     for (tid, since) in held {
+        // Read before the policy changes: where the program has it ordered.
+        let at = ordered_where(obj, policy.policy().cpus(), tid);
         let Some(was) = policy.found_held(tid, since) else {
             continue;
         };
@@ -478,9 +482,50 @@ fn recover_held(
         }
         eprintln!(
             "burst-qemu scx-scheduler: thread {tid} held {} ms with no order on its way (the \
-             policy had it {was}): its reports were lost; taken as waiting",
+             policy had it {was}; {at}): its reports were lost; taken as waiting",
             now.saturating_sub(since) / 1_000_000
         );
+    }
+}
+
+/// Where the program has thread `tid` ordered, said for a thread found held: the CPUs of
+/// `cpus` whose `plans` entry has it next (ordered, not taken yet) or current (taken last), and
+/// the CPU `placed` has it on. Which of these a thread found held shows tells which report or
+/// order went astray.
+fn ordered_where(obj: &libbpf_rs::Object, cpus: &[u32], tid: u32) -> String {
+    let mut said = Vec::new();
+    if let Ok(plans) = find(obj, "plans") {
+        for &cpu in cpus {
+            let Ok(Some(bytes)) = plans.lookup(&cpu.to_ne_bytes(), MapFlags::ANY) else {
+                continue;
+            };
+            let plan = Plan::from_bytes(&bytes);
+            if plan.next == u64::from(tid) {
+                // And what that CPU has instead: the thread it took last, and how far past
+                // (or before) that one's slice's end it is now.
+                let now = monotonic_ns() as i64;
+                said.push(format!(
+                    "CPU {cpu} has its order, not taken; it took {} last, its end {} ms from now",
+                    plan.cur,
+                    (plan.cur_until as i64 - now) / 1_000_000
+                ));
+            }
+            if plan.cur == u64::from(tid) {
+                said.push(format!("CPU {cpu} took it last"));
+            }
+        }
+    }
+    if let Ok(placed) = find(obj, "placed") {
+        if let Ok(Some(bytes)) = placed.lookup(&tid.to_ne_bytes(), MapFlags::ANY) {
+            if let Ok(cpu) = <[u8; 4]>::try_from(&bytes[..]) {
+                said.push(format!("placed on CPU {}", u32::from_ne_bytes(cpu)));
+            }
+        }
+    }
+    if said.is_empty() {
+        "no CPU has an order of it".into()
+    } else {
+        said.join(", ")
     }
 }
 
