@@ -8,7 +8,7 @@ use burst_qemu::testguest::Behaviour::Busy;
 use nix::unistd::Pid;
 
 use super::common::*;
-use super::{at_stats_publish, policy, ready, start_held_vm};
+use super::{at_stats_publish, in_sched_ext, ready, start_held_vm};
 
 /// The managed CPUs of this guest (BURST_QEMU_SCX_CPUS, `1-2` in tests/scx.rs).
 fn managed_cpus() -> Vec<usize> {
@@ -84,12 +84,7 @@ fn vcpu_threads_repinned_and_reniced_all_the_time_keep_running_and_held() {
         .iter()
         .flat_map(|vm| vm.record.vcpu_tids.iter().map(|&t| (vm.record.pid, t)))
         .collect();
-    wait_until(
-        "the vCPU threads in SCHED_EXT",
-        Duration::from_secs(3),
-        || threads.iter().all(|&(p, t)| policy(p, t) == 7),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    in_sched_ext(&[&held, &free], Duration::from_secs(3));
     let cpus = managed_cpus();
     let (first, last) = (cpus[0], cpus[cpus.len() - 1]);
     let masks = [cpu_set(&[first]), cpu_set(&[last]), cpu_set(&cpus)];

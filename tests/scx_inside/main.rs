@@ -131,6 +131,21 @@ fn scheduler_gone() -> bool {
     scx::kernel_state().is_some_and(|(st, _)| st == "disabled")
 }
 
+/// Waits up to `within` for every vCPU thread of `vms` to be in SCHED_EXT (the agent moves
+/// them once its scheduler is enabled, at its next tick), then 300 ms more for the scheduler
+/// to have them in hand.
+fn in_sched_ext(vms: &[&Launched], within: Duration) {
+    wait_until("the vCPU threads in SCHED_EXT", within, || {
+        vms.iter().all(|vm| {
+            vm.record
+                .vcpu_tids
+                .iter()
+                .all(|&t| policy(vm.record.pid, t) == 7)
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 fn start_held_vm(s: &Scratch, name: &str) -> Launched {
     let vm = Launched::start(
         s,
@@ -150,18 +165,7 @@ fn the_bpf_scheduler_not_cpu_max_holds_the_vcpu_threads() {
     }
     let s = Scratch::new();
     let vm = start_held_vm(&s, "held");
-    // The agent moves them into SCHED_EXT once its scheduler is enabled (at its next tick).
-    wait_until(
-        "the vCPU threads in SCHED_EXT",
-        Duration::from_secs(2),
-        || {
-            vm.record
-                .vcpu_tids
-                .iter()
-                .all(|&t| policy(vm.record.pid, t) == 7)
-        },
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    in_sched_ext(&[&vm], Duration::from_secs(2));
     // The scheduler's count and the threads' own, read at its publishes (once a second): the
     // same moments, within the 5 ms poll.
     let (whole0, cpu0, t0) = at_stats_publish(&s, &vm);
@@ -431,17 +435,7 @@ fn a_scheduler_already_loaded_leaves_the_vm_to_cpu_max_until_ours_loads() {
         scx::read_stats(&s.state())
             .is_some_and(|st| st.state == "enabled" && st.vms.contains_key("fore"))
     });
-    wait_until(
-        "the vCPU threads in SCHED_EXT",
-        Duration::from_secs(5),
-        || {
-            vm.record
-                .vcpu_tids
-                .iter()
-                .all(|&t| policy(vm.record.pid, t) == 7)
-        },
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    in_sched_ext(&[&vm], Duration::from_secs(5));
     let before = stats(&s).vms["fore"].held;
     let ours = share(&vm, 3.0);
     let held = stats(&s).vms["fore"].held;
