@@ -78,12 +78,13 @@
 //! * No CPU is idle while a thread of a VM with budget waits; a waking thread of such a VM
 //!   gets an idle CPU in the same `decide`.
 
+mod affinity;
 mod reports;
 mod shares;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 pub use shares::{dispatch_weights, fair_shares, Demand};
 
@@ -177,6 +178,8 @@ struct Thread {
     last_cpu: Option<usize>,
     /// Running, but off its CPU: a higher class took it for a while ([`Scheduler::paused`]).
     paused: Option<Pause>,
+    /// The CPUs (indices) it may run on, when not all ([`Scheduler::set_allowed`]).
+    allowed: Option<Vec<usize>>,
 }
 
 /// A running thread's pause: since when, and what it took out of the thread's segments, given
@@ -326,6 +329,7 @@ impl Scheduler {
                 state: State::Blocked,
                 last_cpu: None,
                 paused: None,
+                allowed: None,
             },
         );
         if runnable {
@@ -464,10 +468,10 @@ impl Scheduler {
     }
 
     /// The best VM with a waiting thread and at least a minimum slice of budget.
-    fn best_waiting(&self, now: u64) -> Option<(Key, VmId)> {
+    fn best_waiting(&self, now: u64, skip: &HashSet<VmId>) -> Option<(Key, VmId)> {
         self.vms
             .iter()
-            .filter(|(_, v)| !v.waiting.is_empty())
+            .filter(|(id, v)| !v.waiting.is_empty() && !skip.contains(id))
             .filter_map(|(&id, v)| {
                 let budget = self.budget(v, now);
                 let base_left = v
@@ -509,19 +513,30 @@ impl Scheduler {
             self.off_cpu(tid, now);
         }
         let mut victims = Vec::new();
-        while let Some((key, vm)) = self.best_waiting(now) {
-            let free = self.current.iter().position(Option::is_none);
-            let cpu = match free {
-                Some(_) => self.cpu_for(vm),
-                None if key.tier == 0 => match self.worst_tier1(now, &actions) {
-                    Some((cpu, victim)) => {
-                        self.off_cpu(victim, now);
-                        victims.push((cpu, victim));
-                        cpu
-                    }
-                    None => break,
-                },
-                None => break,
+        // VMs none of whose waiting threads may use a CPU to be had in this decision.
+        let mut skip = HashSet::new();
+        while let Some((key, vm)) = self.best_waiting(now, &skip) {
+            let free = self.current.iter().any(Option::is_none);
+            let picked = if free { self.pick_free(vm) } else { None };
+            let (pos, cpu) = match picked {
+                Some(picked) => picked,
+                // Below its baseline: a thread of a VM above its own gives way, on a CPU this
+                // VM's thread may use.
+                None if key.tier == 0 => {
+                    let usable = self.usable_by(vm);
+                    let Some((cpu, victim)) = self.worst_tier1(now, &actions, &usable) else {
+                        skip.insert(vm);
+                        continue;
+                    };
+                    self.off_cpu(victim, now);
+                    victims.push((cpu, victim));
+                    let pos = self.waiting_for(vm, cpu).expect("a usable CPU");
+                    (pos, cpu)
+                }
+                None => {
+                    skip.insert(vm);
+                    continue;
+                }
             };
             let v = &self.vms[&vm];
             let mut slice = self.budget(v, now);
@@ -531,7 +546,7 @@ impl Scheduler {
                 let left = v.baseline.over(self.config.period_ns) - v.usage(self.window_start(now));
                 slice = slice.min(left.max(self.config.min_slice_ns));
             }
-            let tid = self.vms.get_mut(&vm).expect("chosen").waiting.pop_front();
+            let tid = self.vms.get_mut(&vm).expect("chosen").waiting.remove(pos);
             let tid = tid.expect("a waiting thread");
             let until = now + slice;
             let t = self
@@ -649,28 +664,21 @@ impl Scheduler {
         }
     }
 
-    /// A free CPU for a thread of `vm`: the last CPU of one of its waiting threads if free
-    /// (cache warmth), else the first free one.
-    fn cpu_for(&self, vm: VmId) -> usize {
-        let v = &self.vms[&vm];
-        v.waiting
-            .front()
-            .and_then(|tid| self.threads[tid].last_cpu)
-            .filter(|&c| self.current[c].is_none())
-            .or_else(|| self.current.iter().position(Option::is_none))
-            .expect("called with a free CPU")
-    }
-
     /// The running thread whose VM is above its baseline with the worst key, not one
     /// dispatched in this decision (`fresh`): a dispatch counts its whole slice at once, so
     /// its VM may look above its baseline while it is not.
-    fn worst_tier1(&self, now: u64, fresh: &[(usize, ThreadId, u64)]) -> Option<(usize, ThreadId)> {
+    fn worst_tier1(
+        &self,
+        now: u64,
+        fresh: &[(usize, ThreadId, u64)],
+        usable: &HashSet<usize>,
+    ) -> Option<(usize, ThreadId)> {
         self.current
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
                 let r = (*r)?;
-                if fresh.iter().any(|f| f.0 == i) {
+                if fresh.iter().any(|f| f.0 == i) || !usable.contains(&i) {
                     return None;
                 }
                 let v = &self.vms[&self.threads[&r.tid].vm];

@@ -20,10 +20,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::abi::{
-    Budget, Conf, Event, Latency, Order, Plan, Usage, ENQ_FLAGS, ENQ_TAKEN, MAX_CPUS,
+    Budget, Conf, Event, Latency, Order, Plan, Usage, ENQ_FLAGS, ENQ_TAKEN, EV_FAILED, MAX_CPUS,
 };
 use super::user::UserPolicy;
-use super::{kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
+use super::{
+    affinity, kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD,
+};
 use crate::enforce::monotonic_ns;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
@@ -566,6 +568,12 @@ fn serve_user(
             checked = std::time::Instant::now();
             every_second(obj, names, Some(&policy), stats)?;
             recover_held(obj, &mut policy, trace.as_mut());
+            // A pin lifted or changed without a failure to show it.
+            for tid in policy.threads() {
+                if let Ok(cpus) = affinity(tid) {
+                    policy.set_allowed(tid, &cpus);
+                }
+            }
         }
         let now = monotonic_ns();
         // Woken a lead before the next deadline: a slice's end is decided ahead of it.
@@ -579,6 +587,13 @@ fn serve_user(
         for e in inbox.borrow_mut().drain(..) {
             if let Some(t) = trace.as_mut() {
                 let _ = writeln!(t, "E {} {} {} {}", e.at, e.kind, e.tid, e.cpu);
+            }
+            if e.kind == EV_FAILED {
+                // Perhaps a CPU it may not use: the policy learns its CPUs before the wake
+                // that follows (a thread gone has none to read).
+                if let Ok(cpus) = affinity(e.tid) {
+                    policy.set_allowed(e.tid, &cpus);
+                }
             }
             policy.event(&e);
         }
