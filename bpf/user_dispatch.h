@@ -42,6 +42,15 @@ static __always_inline void emit(u32 kind, u32 tid, u32 cpu)
 	bpf_ringbuf_output(&events, &e, sizeof(e), 0);
 }
 
+/* Thread `tid` is no longer the one ordered on the CPU of plan `pl` (NULL: none): off that
+ * plan's `cur`, and out of `placed`. */
+static __always_inline void unplace(u32 tid, struct plan *pl)
+{
+	if (pl && pl->cur == (u64)tid)
+		pl->cur = 0;
+	bpf_map_delete_elem(&placed, &tid);
+}
+
 /* Holds VM thread `p` (`tid`) from ops.enqueue: in BPF custody, in no DSQ, until the
  * scheduler process orders it run; every such wait is counted in `latency`. */
 static __always_inline void hold_for_order(struct task_struct *p, u32 tid)
@@ -56,10 +65,7 @@ static __always_inline void hold_for_order(struct task_struct *p, u32 tid)
 	u32 *on = bpf_map_lookup_elem(&placed, &tid);
 	if (on) {
 		u32 cpu = *on;
-		struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
-		if (pl && pl->cur == (u64)tid)
-			pl->cur = 0;
-		bpf_map_delete_elem(&placed, &tid);
+		unplace(tid, bpf_map_lookup_elem(&plans, &cpu));
 		emit(EV_FAILED, tid, cpu);
 	}
 	u64 at = (bpf_ktime_get_ns() & ~ENQ_FLAGS) | ENQ_COUNTED;
@@ -83,11 +89,8 @@ static __always_inline void stopped_ordered(u32 cpu, struct task_struct *p, bool
 	u32 kind = !runnable ? EV_BLOCK : p->scx.slice ? EV_PAUSE : EV_STOP;
 	u32 tid = p->pid;
 	struct plan *pl = bpf_map_lookup_elem(&plans, &cpu);
-	if (kind != EV_PAUSE) {
-		if (pl && pl->cur == (u64)tid)
-			pl->cur = 0;
-		bpf_map_delete_elem(&placed, &tid);
-	}
+	if (kind != EV_PAUSE)
+		unplace(tid, pl);
 	emit(kind, tid, cpu);
 }
 

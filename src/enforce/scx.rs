@@ -196,24 +196,6 @@ fn set_affinity(tid: u32, cpus: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
-/// The CPUs thread `tid` may run on (its affinity): the user-space mode's process reads it.
-#[cfg(feature = "scx")]
-fn affinity(tid: u32) -> io::Result<Vec<u32>> {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity writes at most `size` bytes of `set`.
-    if unsafe {
-        libc::sched_getaffinity(tid as libc::pid_t, size_of::<libc::cpu_set_t>(), &mut set)
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: each index is below CPU_SETSIZE (1024), within the set.
-    Ok((0..1024u32)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .collect())
-}
-
 impl ScxEnforcer {
     /// The enforcer; its scheduler process (`exe scx-scheduler`) runs while it has VMs: the
     /// kernel runs one BPF scheduler at a time, and an agent without VMs (each state dir has

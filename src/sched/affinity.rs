@@ -17,16 +17,16 @@ impl Scheduler {
     /// is left to refuse its dispatches, as before it told the policy anything. Unknown
     /// threads are ignored.
     pub fn set_allowed(&mut self, tid: ThreadId, cpus: Option<&[u32]>) {
-        let managed = self.cpus.clone();
-        let Some(t) = self.threads.get_mut(&tid) else {
-            return;
-        };
-        t.allowed = cpus.and_then(|cpus| {
+        let managed = &self.cpus;
+        let allowed = cpus.and_then(|cpus| {
             let idx: Vec<usize> = (0..managed.len())
                 .filter(|&i| cpus.contains(&managed[i]))
                 .collect();
             (!idx.is_empty() && idx.len() < managed.len()).then_some(idx)
         });
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.allowed = allowed;
+        }
     }
 
     /// The CPUs `tid` may run on, as set by [`Scheduler::set_allowed`] (`None`: all).

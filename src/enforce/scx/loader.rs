@@ -23,9 +23,7 @@ use super::abi::{
     Budget, Conf, Event, Latency, Order, Plan, Usage, ENQ_FLAGS, ENQ_TAKEN, EV_FAILED, MAX_CPUS,
 };
 use super::user::UserPolicy;
-use super::{
-    affinity, kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD,
-};
+use super::{kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
 use crate::enforce::monotonic_ns;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
@@ -475,7 +473,7 @@ fn recover_held(
     };
     for (tid, since) in held {
         // Read before the policy changes: where the program has it ordered.
-        let at = ordered_where(obj, policy.policy().cpus(), tid);
+        let at = ordered_where(obj, policy.policy().cpus(), tid, now);
         let Some(was) = policy.found_held(tid, since) else {
             continue;
         };
@@ -492,9 +490,9 @@ fn recover_held(
 
 /// Where the program has thread `tid` ordered, said for a thread found held: the CPUs of
 /// `cpus` whose `plans` entry has it next (ordered, not taken yet) or current (taken last), and
-/// the CPU `placed` has it on. Which of these a thread found held shows tells which report or
+/// the CPU `placed` has it on (`now`: the caller's reading of the clock). Which of these a thread found held shows tells which report or
 /// order went astray.
-fn ordered_where(obj: &libbpf_rs::Object, cpus: &[u32], tid: u32) -> String {
+fn ordered_where(obj: &libbpf_rs::Object, cpus: &[u32], tid: u32, now: u64) -> String {
     let mut said = Vec::new();
     if let Ok(plans) = find(obj, "plans") {
         for &cpu in cpus {
@@ -505,11 +503,10 @@ fn ordered_where(obj: &libbpf_rs::Object, cpus: &[u32], tid: u32) -> String {
             if plan.next == u64::from(tid) {
                 // And what that CPU has instead: the thread it took last, and how far past
                 // (or before) that one's slice's end it is now.
-                let now = monotonic_ns() as i64;
                 said.push(format!(
                     "CPU {cpu} has its order, not taken; it took {} last, its end {} ms from now",
                     plan.cur,
-                    (plan.cur_until as i64 - now) / 1_000_000
+                    (plan.cur_until as i64 - now as i64) / 1_000_000
                 ));
             }
             if plan.cur == u64::from(tid) {
@@ -570,7 +567,7 @@ fn serve_user(
             recover_held(obj, &mut policy, trace.as_mut());
             // A pin lifted or changed without a failure to show it.
             for tid in policy.threads() {
-                if let Ok(cpus) = affinity(tid) {
+                if let Some(cpus) = crate::procfs::affinity(tid) {
                     policy.set_allowed(tid, &cpus);
                 }
             }
@@ -591,7 +588,7 @@ fn serve_user(
             if e.kind == EV_FAILED {
                 // Perhaps a CPU it may not use: the policy learns its CPUs before the wake
                 // that follows (a thread gone has none to read).
-                if let Ok(cpus) = affinity(e.tid) {
+                if let Some(cpus) = crate::procfs::affinity(e.tid) {
                     policy.set_allowed(e.tid, &cpus);
                 }
             }
