@@ -115,33 +115,70 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
         since.1.elapsed() >= Duration::from_secs(3)
     });
     eprintln!("limits held still {held:?} after both were throttled");
+    // The window. The limits are followed through it (every 100 ms, from the agent's view):
+    // ResCoin's split depends on the VMs' history, so a limit can still move in it, and each
+    // rewrite restarts QEMU's leaky bucket, which lets a tenth of a second's worth through at
+    // once (src/balance/disk.rs). What a VM may read in the window is the limits in force over
+    // it plus that tenth of a second at each rewrite.
     let window = Duration::from_secs(10);
-    let t0 = Instant::now();
     let before: Vec<u64> = vms
         .iter()
         .map(|v| read_bytes(&v.record.qmp_socket))
         .collect();
-    std::thread::sleep(window);
+    let t0 = Instant::now();
+    let mut in_force = limits();
+    let mut last = t0;
+    let mut under_limits = vec![0.0_f64; spec.len()];
+    let mut bursts = vec![0.0_f64; spec.len()];
+    let mut rewrites = vec![0_u32; spec.len()];
+    while t0.elapsed() < window {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = limits();
+        let dt = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        for i in 0..spec.len() {
+            under_limits[i] += in_force[i] as f64 * dt;
+            if now[i] != in_force[i] {
+                rewrites[i] += 1;
+                bursts[i] += now[i] as f64 * 0.1;
+            }
+        }
+        in_force = now;
+    }
     let after: Vec<u64> = vms
         .iter()
         .map(|v| read_bytes(&v.record.qmp_socket))
         .collect();
     let secs = t0.elapsed().as_secs_f64();
+    for i in 0..spec.len() {
+        under_limits[i] += in_force[i] as f64 * last.elapsed().as_secs_f64();
+    }
     let got: Vec<f64> = before
         .iter()
         .zip(&after)
         .map(|(b, a)| (a - b) as f64 / secs)
         .collect();
-    let plan: Vec<f64> = spec
+    // The limits in force over the window (their mean), and what each VM may read: those and
+    // the tenth of a second each rewrite lets through.
+    let plan: Vec<f64> = under_limits.iter().map(|h| h / secs).collect();
+    let may: Vec<f64> = under_limits
         .iter()
-        .map(|(name, _)| view(&s, name)["disk"]["read_limit_bps"].as_u64().unwrap() as f64)
+        .zip(&bursts)
+        .map(|(h, b)| (h + b) / secs)
         .collect();
     for (i, (name, share)) in spec.iter().enumerate() {
         println!(
-            "{name}: share {share} %, template {:.2} MB/s, plan {:.2} MB/s, measured {:.2} MB/s",
+            "{name}: share {share} %, template {:.2} MB/s, limits in force {:.2} MB/s \
+             ({} rewrites in the window, {:.2} MB/s at its end; with their bursts {:.2} MB/s), \
+             measured {:.2} MB/s ({:+.1} % of the limits, {:+.1} % with the bursts)",
             capacity * f64::from(*share) / 100.0 / MB,
             plan[i] / MB,
-            got[i] / MB
+            rewrites[i],
+            in_force[i] as f64 / MB,
+            may[i] / MB,
+            got[i] / MB,
+            (got[i] / plan[i] - 1.0) * 100.0,
+            (got[i] / may[i] - 1.0) * 100.0
         );
     }
     let (ratio_plan, ratio_got) = (plan[0] / plan[1], got[0] / got[1]);
@@ -175,17 +212,21 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
         planned / MB,
         capacity / MB
     );
-    // What QEMU's throttle delivers against a limit: +1.7 % and +3.6 % over 10 s (docs/contention.md
-    // table), +4.8 % and +6.7 % in CI run 18 (2026-12-06; not explained), so each VM within 8 %
-    // of its limit, at least 97 % of its template, and the two together 97-105 % of the
-    // bandwidth (104.4 % in that run).
+    // What QEMU's throttle delivers: the limits in force, plus a tenth of a second's worth at
+    // each rewrite. Measured (2026-12-07, six runs, this host): -0.2 to +0.3 % of that with
+    // 0 to 3 rewrites in the window (+2.1 to +3.1 % of the limits alone with 2 or 3). So each VM within
+    // 1.5 % of it, at least 97 % of its template, and the two together at least 97 % of the
+    // bandwidth and no more than the limits and their bursts allow. (The bound of 8 % of the
+    // final limit alone before failed in a CI run of 23ad4ea at 31.65 MB/s of 30: the
+    // rewrites in that window, not counted then.)
     for i in 0..spec.len() {
         assert!(
-            (got[i] / plan[i] - 1.0).abs() <= 0.08,
-            "{} read {:.2} MB/s against its limit {:.2}",
+            got[i] >= plan[i] * 0.985 && got[i] <= may[i] * 1.015,
+            "{} read {:.2} MB/s against its limits {:.2} ({:.2} with the rewrites' bursts)",
             spec[i].0,
             got[i] / MB,
-            plan[i] / MB
+            plan[i] / MB,
+            may[i] / MB
         );
         assert!(
             got[i] >= templates[i] * 0.97,
@@ -195,16 +236,20 @@ fn two_linux_guests_reading_flat_out_share_the_disk_bandwidth_by_their_templates
             templates[i] / MB
         );
     }
+    let ratio_may = may[0] / may[1];
     assert!(
-        (ratio_got / ratio_plan - 1.0).abs() <= 0.10,
-        "measured ratio {ratio_got:.3} vs plan {ratio_plan:.3}"
+        (ratio_got / ratio_may - 1.0).abs() <= 0.03,
+        "measured ratio {ratio_got:.3} vs the limits' {ratio_may:.3}"
     );
     let total: f64 = got.iter().sum();
+    let allowed: f64 = may.iter().sum();
     assert!(
-        (0.97..=1.05).contains(&(total / capacity)),
-        "the VMs read {:.2} MB/s together of the {:.2} MB/s bandwidth",
+        total >= capacity * 0.97 && total <= allowed * 1.015,
+        "the VMs read {:.2} MB/s together of the {:.2} MB/s bandwidth ({:.2} with the \
+         rewrites' bursts)",
         total / MB,
-        capacity / MB
+        capacity / MB,
+        allowed / MB
     );
     // Neither guest hit an I/O error or a panic.
     for (name, _) in spec {
