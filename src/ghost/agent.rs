@@ -43,7 +43,13 @@ pub struct GhostAgent<'a> {
     tasks: HashMap<u64, Task>,
     /// VM of each thread id (a gtid's upper bits are its tid).
     vm_of_tid: HashMap<u32, VmId>,
+    /// When the tasks' CPUs were last read (the caller's clock, ns).
+    cpus_read_at: u64,
 }
+
+/// How often every task's CPUs are read again: `TASK_AFFINITY_CHANGED` is sent before the
+/// kernel stores the new mask, so the read it prompts may see the old one.
+const CPUS_READ_EVERY: u64 = 1_000_000_000;
 
 /// The thread id in a gtid.
 pub fn tid_of(gtid: u64) -> u32 {
@@ -121,6 +127,7 @@ impl<'a> GhostAgent<'a> {
             sched: Scheduler::new(config, cpus),
             tasks: HashMap::new(),
             vm_of_tid: HashMap::new(),
+            cpus_read_at: 0,
         })
     }
 
@@ -200,6 +207,7 @@ impl<'a> GhostAgent<'a> {
             );
             let runnable = word.flags & abi::GHOST_SW_TASK_RUNNABLE != 0;
             self.sched.add_thread(vm, word.gtid, runnable, now);
+            self.read_cpus(word.gtid);
             found += 1;
         }
         Ok(found)
@@ -243,6 +251,13 @@ impl<'a> GhostAgent<'a> {
             self.discover(now)?;
         }
         self.drain(now, &mut report)?;
+        if now >= self.cpus_read_at + CPUS_READ_EVERY {
+            self.cpus_read_at = now;
+            let gtids: Vec<u64> = self.tasks.keys().copied().collect();
+            for gtid in gtids {
+                self.read_cpus(gtid);
+            }
+        }
         let actions = self.sched.decide(now);
         let mut cpus = Vec::new();
         let mut runs = Vec::new();
@@ -372,6 +387,7 @@ impl<'a> GhostAgent<'a> {
                 self.tasks.insert(gtid, Task { sw: p.sw_info, seq });
                 let runnable = p.runnable != 0;
                 self.sched.add_thread(vm, gtid, runnable, now);
+                self.read_cpus(gtid);
                 return Ok(());
             }
             Message::TaskWakeup(p) => p.gtid,
@@ -382,6 +398,7 @@ impl<'a> GhostAgent<'a> {
             Message::TaskDeparted(p) => p.gtid,
             Message::TaskOnCpu(p) => p.gtid,
             Message::TaskLatchFailure(p) => p.gtid,
+            Message::TaskAffinityChanged(p) => p.gtid,
             _ => return Ok(()), // CPU messages: ticks and timers only wake the agent.
         };
         let Some(task) = self.tasks.get_mut(&gtid) else {
@@ -400,6 +417,8 @@ impl<'a> GhostAgent<'a> {
                 self.sched.stop(gtid, now, true)
             }
             Message::TaskLatchFailure(_) => self.sched.failed(gtid, now),
+            // A running task is also taken off its CPU (TASK_PREEMPT follows).
+            Message::TaskAffinityChanged(_) => self.read_cpus(gtid),
             Message::TaskDead(_) | Message::TaskDeparted(_) => {
                 self.sched.remove_thread(gtid, now);
                 self.tasks.remove(&gtid);
@@ -408,6 +427,13 @@ impl<'a> GhostAgent<'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Tells the policy the CPUs task `gtid` may run on: the kernel would move it onto any
+    /// CPU committed, against the operator's pin (`taskset`, `virsh vcpupin`).
+    fn read_cpus(&mut self, gtid: u64) {
+        let cpus = self.enclave.task_cpus(tid_of(gtid));
+        self.sched.set_allowed(gtid, cpus.as_deref());
     }
 
     /// When to step again if no message comes (a slice ends or a budget refills).

@@ -107,6 +107,13 @@ pub trait GhostKernel: Send + Sync {
         Ok(())
     }
 
+    /// The CPUs thread `tid` may run on (`sched_getaffinity`), `None` when it cannot be read.
+    /// The kernel does not check a commit against them (the task is moved all the same), so
+    /// the agent must.
+    fn affinity(&self, tid: u32) -> Option<Vec<u32>> {
+        crate::procfs::affinity(tid)
+    }
+
     /// Opens a ghostfs file read-write where the open itself means something to the kernel
     /// (`agent_online`: holding it open is being the online agent).
     fn open_rw(&self, path: &Path) -> io::Result<File> {
@@ -309,6 +316,11 @@ impl<'a> Enclave<'a> {
     /// Moves thread `tid` into the enclave (`tasks`); it enters `SCHED_GHOST`.
     pub fn add_task(&self, tid: u32) -> Result<(), GhostError> {
         self.write("tasks", &tid.to_string())
+    }
+
+    /// The CPUs thread `tid` may run on, when they can be read.
+    pub fn task_cpus(&self, tid: u32) -> Option<Vec<u32>> {
+        self.fs.kernel.affinity(tid)
     }
 
     /// Moves thread `tid` back to CFS (`sched_setscheduler(SCHED_OTHER)`).

@@ -105,6 +105,8 @@ pub struct KTask {
     associated: bool,
     /// Cumulative CPU time, ns (`GHOST_IOC_GET_CPU_TIME`).
     pub runtime: u64,
+    /// The CPUs it may run on (`sched_setaffinity`; `None`: every CPU).
+    pub allowed: Option<Vec<u32>>,
 }
 
 struct KEnclave {
@@ -127,6 +129,10 @@ struct KEnclave {
     timers: Vec<(i32, u64, u64)>,
     /// Driven by a [`time::Machine`]: commits preempt what runs on the CPU.
     timed: bool,
+    /// Commits that put a task on a CPU outside its affinity. The kernel does not check a
+    /// commit against the task's CPUs (`_ghost_commit_txn` moves it all the same), so each is
+    /// an operator's pin broken by the agent.
+    outside_affinity: u64,
     /// Running in real time ([`Model::run_in_real_time`]): when the tasks on CPUs were last
     /// charged their runtime.
     real_time: Option<std::time::Instant>,
@@ -270,6 +276,11 @@ impl Model {
         (u64::from(tid) << abi::GHOST_TID_SEQNUM_BITS) | 1
     }
 
+    /// Commits that put a task on a CPU outside its affinity (each one a pin broken).
+    pub fn runs_outside_affinity(&self, id: u64) -> u64 {
+        self.with(id, |e| e.outside_affinity)
+    }
+
     /// The kernel's view of a task.
     pub fn task(&self, id: u64, gtid: u64) -> Option<KTask> {
         self.with(id, |e| e.tasks.get(&gtid).cloned())
@@ -383,6 +394,7 @@ impl Model {
                 online: false,
                 timers: Vec::new(),
                 timed: false,
+                outside_affinity: 0,
                 real_time: None,
             },
         );
@@ -440,6 +452,7 @@ impl Model {
                 queue: e.default_queue.clone(),
                 associated: false,
                 runtime: 0,
+                allowed: None,
             };
             let (_, _, p) = e.sw(index);
             // SAFETY: the model's own mapping of the region.
@@ -494,6 +507,12 @@ impl Model {
                 if outcome == abi::GHOST_TXN_COMPLETE {
                     if let Some(t) = e.tasks.get_mut(&(txn.gtid as u64)) {
                         t.on_cpu = Some(cpu as u32);
+                        if t.allowed
+                            .as_ref()
+                            .is_some_and(|a| !a.contains(&(cpu as u32)))
+                        {
+                            e.outside_affinity += 1;
+                        }
                     }
                     // SAFETY: as above; commit_time is written before the release of the state.
                     unsafe {
@@ -645,6 +664,19 @@ impl Model {
 }
 
 impl GhostKernel for Model {
+    /// The task's CPUs as the model has them (every CPU of the machine unless pinned).
+    fn affinity(&self, tid: u32) -> Option<Vec<u32>> {
+        let st = self.state.lock().unwrap();
+        st.enclaves.values().find_map(|e| {
+            let t = e.tasks.get(&Self::gtid(tid))?;
+            Some(
+                t.allowed
+                    .clone()
+                    .unwrap_or_else(|| (0..NCPUS as u32).collect()),
+            )
+        })
+    }
+
     fn write(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         let text = std::str::from_utf8(data).map_err(|_| errno(libc::EINVAL))?;
         if path == self.root.join("ctl") {

@@ -67,6 +67,8 @@ pub struct Machine {
     load: HashMap<u64, Load>,
     /// CPU time each task received, ns.
     pub used: HashMap<u64, u64>,
+    /// CPU time each task received on each CPU, ns.
+    pub used_on: HashMap<(u64, u32), u64>,
     /// `deliver_ticks`: a `CPU_TICK` per enclave CPU every this many ns.
     tick: Option<u64>,
     /// Ticks delivered (and dropped on a full queue).
@@ -83,6 +85,7 @@ impl Machine {
             now: 0,
             load: HashMap::new(),
             used: HashMap::new(),
+            used_on: HashMap::new(),
             tick: None,
             ticks: 0,
         }
@@ -171,13 +174,15 @@ impl Machine {
         let now = self.now;
         let load = &mut self.load;
         let used = &mut self.used;
+        let used_on = &mut self.used_on;
         self.model.with(self.id, |e| {
             let gtids: Vec<u64> = e.tasks.keys().copied().collect();
             for gtid in gtids {
                 let t = e.tasks.get_mut(&gtid).expect("listed");
-                if t.on_cpu.is_some() {
+                if let Some(cpu) = t.on_cpu {
                     t.runtime += dt;
                     *used.entry(gtid).or_default() += dt;
+                    *used_on.entry((gtid, cpu)).or_default() += dt;
                 }
                 let on = t.on_cpu.is_some();
                 let Some(l) = load.get_mut(&gtid) else {
@@ -261,6 +266,29 @@ impl Machine {
                 .and_then(|p| e.queue(p))
                 .is_some_and(|q| q.produce(abi::MSG_TASK_YIELD, seq, as_bytes(&p)))
         })
+    }
+
+    /// `sched_setaffinity(tid, cpus)` on the task: `TASK_AFFINITY_CHANGED` (its barrier
+    /// bumped), then, if it runs, it is taken off its CPU (`TASK_PREEMPT`, still runnable), as
+    /// the kernel does for any change of a running task's CPUs.
+    pub fn set_affinity(&mut self, gtid: u64, cpus: &[u32]) {
+        self.model.with(self.id, |e| {
+            let t = e.tasks.get_mut(&gtid).expect("task exists");
+            t.allowed = Some(cpus.to_vec());
+            let t = t.clone();
+            let mut flags = abi::GHOST_SW_F_INUSE;
+            if t.runnable {
+                flags |= abi::GHOST_SW_TASK_RUNNABLE;
+            }
+            let seq = e.bump(&t, flags, t.runtime);
+            let p = abi::ghost_msg_payload_task_affinity_changed { gtid };
+            if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
+                q.produce(abi::MSG_TASK_AFFINITY_CHANGED, seq, as_bytes(&p));
+            }
+            if let Some(cpu) = t.on_cpu {
+                preempt_cpu(e, cpu, 0);
+            }
+        });
     }
 
     /// The task dies (exits): `TASK_DEAD`, off its CPU, its status word freeable.

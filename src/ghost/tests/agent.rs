@@ -183,6 +183,50 @@ fn burst_then_decline_to_the_baseline_with_the_ledger() {
 }
 
 #[test]
+fn threads_pinned_by_the_operator_run_only_on_their_cpus_and_the_caps_hold() {
+    let s = setup(&[91]);
+    let e = agent_enclave(&s, 2);
+    let mut agent = GhostAgent::new(&e, &managed(2), model::NCPUS, Config::default()).unwrap();
+    become_agents(&e, agent.queue(), 2);
+    let mut m = Machine::new(&s.model, e.id());
+    // Two VMs of two busy vCPUs, each granted one CPU of the two.
+    let one = Rate(1_000_000);
+    let vms = add_vms(&mut agent, &mut m, &[(2, one, one), (2, one, one)]);
+    let mut d = Drive::default();
+    drive(&mut m, &mut agent, 2 * SEC, &mut d).unwrap();
+    // `taskset` / `virsh vcpupin`: a vCPU of each VM to one CPU, the other VM's to the other.
+    let pins = [(vms[0][0], 2), (vms[1][0], 1)];
+    for &(g, cpu) in &pins {
+        m.set_affinity(g, &[cpu]);
+    }
+    let on = |m: &Machine, g: u64, cpu: u32| m.used_on.get(&(g, cpu)).copied().unwrap_or(0);
+    let before: Vec<(u64, u64)> = pins
+        .iter()
+        .map(|&(g, cpu)| (on(&m, g, 3 - cpu), m.used.get(&g).copied().unwrap_or(0)))
+        .collect();
+    let used = |m: &Machine, vm: usize| -> u64 { vms[vm].iter().map(|g| m.used[g]).sum() };
+    let vm_before = [used(&m, 0), used(&m, 1)];
+    drive(&mut m, &mut agent, 12 * SEC, &mut d).unwrap();
+    // The kernel would have run a pinned thread wherever it was committed.
+    assert_eq!(s.model.runs_outside_affinity(e.id()), 0, "a pin broken");
+    for (&(g, cpu), &(elsewhere, ran)) in pins.iter().zip(&before) {
+        assert_eq!(
+            on(&m, g, 3 - cpu),
+            elsewhere,
+            "thread {g:#x} ran off CPU {cpu}"
+        );
+        let share = (m.used[&g] - ran) as f64 / (10 * SEC) as f64;
+        eprintln!("thread pinned to CPU {cpu}: {:.1} % of it", share * 100.0);
+        assert!(share > 0.3, "{share}");
+    }
+    for (vm, b) in vm_before.iter().enumerate() {
+        let r = (used(&m, vm) - b) as f64 / (10 * SEC) as f64;
+        eprintln!("VM {vm} with a pinned vCPU: {:.2} CPUs for a grant of 1", r);
+        assert!((r - 1.0).abs() < 0.01, "VM {vm}: {r}");
+    }
+}
+
+#[test]
 fn a_restarted_agent_finds_every_task_and_keeps_the_cap() {
     let s = setup(&[91]);
     let e = agent_enclave(&s, 2);
