@@ -196,6 +196,26 @@ fn set_affinity(tid: u32, cpus: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs a vCPU thread is confined to when its VM is adopted: those of the scheduler's
+/// CPUs it may already use, so a pin made before (libvirt's `<vcpupin>`, `taskset`) is kept;
+/// the scheduler's CPUs when it may use none of them (or its affinity cannot be read), since
+/// on other CPUs nothing holds it to its budget. Also whether a pin is replaced.
+fn confined(current: Option<&[u32]>, managed: &[u32]) -> (Vec<u32>, bool) {
+    let Some(current) = current else {
+        return (managed.to_vec(), false);
+    };
+    let kept: Vec<u32> = managed
+        .iter()
+        .copied()
+        .filter(|c| current.contains(c))
+        .collect();
+    if kept.is_empty() {
+        (managed.to_vec(), true)
+    } else {
+        (kept, false)
+    }
+}
+
 impl ScxEnforcer {
     /// The enforcer; its scheduler process (`exe scx-scheduler`) runs while it has VMs: the
     /// kernel runs one BPF scheduler at a time, and an agent without VMs (each state dir has
@@ -487,8 +507,21 @@ impl Enforcer for ScxEnforcer {
         self.backstop.attach(vm)?;
         for &tid in &vm.vcpu_tids {
             if let Some(cpus) = &self.cpus {
-                set_affinity(tid, cpus)
-                    .map_err(|e| failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e))?;
+                let current = crate::procfs::affinity(tid);
+                let (confine, replaced) = confined(current.as_deref(), cpus);
+                if replaced {
+                    tracing::warn!(
+                        "{}: vCPU thread {tid} was pinned to CPUs {:?}, none of the \
+                         scheduler's {cpus:?}: moved to those",
+                        vm.name,
+                        current.as_deref().unwrap_or_default()
+                    );
+                }
+                if current.as_deref() != Some(&confine[..]) {
+                    set_affinity(tid, &confine).map_err(|e| {
+                        failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e)
+                    })?;
+                }
             }
             set_ext(tid, self.ours_enabled())
                 .map_err(|e| failed("setting the policy of a vCPU thread of", &vm.qmp_socket, e))?;
@@ -649,6 +682,21 @@ impl ScxEnforcer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adoption_keeps_a_pin_within_the_scheduler_cpus_and_replaces_one_outside() {
+        let managed = [1, 2];
+        // A fresh QEMU's thread may use every CPU: confined to the scheduler's.
+        assert_eq!(confined(Some(&[0, 1, 2, 3]), &managed), (vec![1, 2], false));
+        // `<vcpupin cpuset='2'>` before the agent adopted the domain: kept.
+        assert_eq!(confined(Some(&[2]), &managed), (vec![2], false));
+        // Pinned across the boundary: the part on the scheduler's CPUs.
+        assert_eq!(confined(Some(&[0, 1]), &managed), (vec![1], false));
+        // Pinned only to CPUs the scheduler does not run: it could not be held; replaced.
+        assert_eq!(confined(Some(&[0, 3]), &managed), (vec![1, 2], true));
+        // Unreadable (the thread ended): the scheduler's CPUs, nothing said.
+        assert_eq!(confined(None, &managed), (vec![1, 2], false));
+    }
 
     #[test]
     fn the_too_many_vms_error_says_the_real_limit() {

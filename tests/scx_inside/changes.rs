@@ -11,13 +11,13 @@ use super::common::*;
 use super::{at_stats_publish, in_sched_ext, ready, start_held_vm};
 
 /// The managed CPUs of this guest (BURST_QEMU_SCX_CPUS, `1-2` in tests/scx.rs).
-fn managed_cpus() -> Vec<usize> {
+pub(super) fn managed_cpus() -> Vec<usize> {
     let list = std::env::var("BURST_QEMU_SCX_CPUS").unwrap_or_else(|_| "1-2".into());
     let cpus = burst_qemu::base::parse_cpu_list(&list).expect("BURST_QEMU_SCX_CPUS");
     cpus.into_iter().map(|c| c as usize).collect()
 }
 
-fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
+pub(super) fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
     let mut set = nix::sched::CpuSet::new();
     for &c in cpus {
         set.set(c).unwrap();

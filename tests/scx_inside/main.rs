@@ -323,6 +323,17 @@ fn a_restarted_agent_takes_the_vms_over_again() {
     let agent = agent_pid(&s);
     let sched = stats(&s).pid;
     kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    // While no agent runs, an operator pins the VM's threads (`taskset`, libvirt's `vcpupin`):
+    // the first to the last managed CPU, the second to CPU 0, which the scheduler does not
+    // run. The new agent adopts the VM after these pins: it keeps the first (it is within the
+    // scheduler's CPUs) and moves the second onto them (where it could not be held).
+    let managed = changes::managed_cpus();
+    let (kept, moved) = (vm.record.vcpu_tids[0], vm.record.vcpu_tids[1]);
+    let last = *managed.last().unwrap();
+    for (tid, cpu) in [(kept, last), (moved, 0)] {
+        nix::sched::sched_setaffinity(Pid::from_raw(tid as i32), &changes::cpu_set(&[cpu]))
+            .unwrap();
+    }
     // Its scheduler process dies with it (PR_SET_PDEATHSIG), the kernel unloads the scheduler.
     wait_until(
         "the scheduler unloaded",
@@ -358,6 +369,16 @@ fn a_restarted_agent_takes_the_vms_over_again() {
         })
     });
     assert_ne!(agent_pid(&s), agent);
+    let cpus_of = |tid: u32| -> Vec<usize> {
+        let cpus = burst_qemu::procfs::affinity(tid).unwrap();
+        cpus.into_iter().map(|c| c as usize).collect()
+    };
+    assert_eq!(
+        cpus_of(kept),
+        vec![last],
+        "the pin within the managed CPUs is kept"
+    );
+    assert_eq!(cpus_of(moved), managed, "the pin outside them is replaced");
     std::thread::sleep(Duration::from_millis(300));
     let before = stats(&s).vms["again"].clone();
     let taken = share(&vm, 4.0);
