@@ -222,13 +222,7 @@ fn history_survives_the_vm_and_plot_metrics_show_the_real_curve() {
             .and_then(|v| v.parse().ok())
             .unwrap()
     };
-    let threads = || -> u64 {
-        vm.record
-            .vcpu_tids
-            .iter()
-            .map(|&t| thread_cpu_ns(vm.record.pid, t))
-            .sum()
-    };
+    let threads = || vm.vcpu_cpu_ns();
     let origin = Instant::now();
     let step = Duration::from_millis(50);
     // (time since origin, the threads' CPU time) every 50 ms, from 0.6 s before the scrapes.

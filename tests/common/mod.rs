@@ -247,6 +247,15 @@ impl Launched {
         Launched { child, record }
     }
 
+    /// The CPU time its vCPU threads have run, ns, summed.
+    pub fn vcpu_cpu_ns(&self) -> u64 {
+        self.record
+            .vcpu_tids
+            .iter()
+            .map(|&t| thread_cpu_ns(self.record.pid, t))
+            .sum()
+    }
+
     pub fn wait(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
@@ -351,13 +360,7 @@ pub fn at_next_publish(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
         let now = std::fs::read(&path).unwrap_or_default();
         if now != first {
             if let Ok(v) = serde_json::from_slice::<Value>(&now) {
-                let cpu = vm
-                    .record
-                    .vcpu_tids
-                    .iter()
-                    .map(|&t| thread_cpu_ns(vm.record.pid, t))
-                    .sum();
-                return (v, cpu);
+                return (v, vm.vcpu_cpu_ns());
             }
         }
         assert!(Instant::now() < deadline, "{name}: no publish within 5 s");
@@ -372,13 +375,7 @@ pub fn at_next_publish(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
 /// resumes the VM when it wants it running again.
 pub fn at_rest(s: &Scratch, name: &str, vm: &Launched) -> (Value, u64) {
     assert!(s.cli(&["pause", name]).status.success());
-    let cpu = || -> u64 {
-        vm.record
-            .vcpu_tids
-            .iter()
-            .map(|&t| thread_cpu_ns(vm.record.pid, t))
-            .sum()
-    };
+    let cpu = || vm.vcpu_cpu_ns();
     let mut last = cpu();
     wait_until("the vCPU threads stopped", Duration::from_secs(10), || {
         std::thread::sleep(Duration::from_millis(50));

@@ -81,13 +81,7 @@ fn against_quota(
     min_secs: f64,
     holds: impl Fn() -> bool,
 ) -> (f64, f64) {
-    let cpu = || -> u64 {
-        vm.record
-            .vcpu_tids
-            .iter()
-            .map(|&t| thread_cpu_ns(vm.record.pid, t))
-            .sum()
-    };
+    let cpu = || vm.vcpu_cpu_ns();
     let before = cpu();
     let t0 = Instant::now();
     let mut samples = Vec::new();
@@ -118,13 +112,7 @@ fn at_stats_publish(s: &Scratch, vm: &Launched) -> (scx::Stats, u64, Instant) {
     wait_until("a stats publish", Duration::from_secs(5), || {
         std::fs::read(&path).is_ok_and(|b| b != first)
     });
-    let cpu = vm
-        .record
-        .vcpu_tids
-        .iter()
-        .map(|&t| thread_cpu_ns(vm.record.pid, t))
-        .sum();
-    (stats(s), cpu, Instant::now())
+    (stats(s), vm.vcpu_cpu_ns(), Instant::now())
 }
 
 fn scheduler_gone() -> bool {
