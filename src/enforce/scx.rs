@@ -217,6 +217,33 @@ fn confined(current: Option<&[u32]>, managed: &[u32]) -> (Vec<u32>, bool) {
 }
 
 impl ScxEnforcer {
+    /// Keeps vCPU thread `tid` of `vm` on the scheduler's CPUs ([`confined`]), when they are
+    /// given: at adoption, and at every check, since a pin made later to CPUs the scheduler
+    /// does not run would leave the thread where nothing holds it. What was changed, if
+    /// anything, and whether a pin was replaced (not only narrowed).
+    fn confine(&self, vm: &VmRecord, tid: u32) -> Result<Option<(String, bool)>, EnforceError> {
+        let Some(cpus) = &self.cpus else {
+            return Ok(None);
+        };
+        let current = crate::procfs::affinity(tid);
+        let (confine, replaced) = confined(current.as_deref(), cpus);
+        if current.as_deref() == Some(&confine[..]) {
+            return Ok(None);
+        }
+        set_affinity(tid, &confine)
+            .map_err(|e| failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e))?;
+        let was = current.as_deref().unwrap_or_default();
+        let said = if replaced {
+            format!(
+                "vCPU thread {tid} was pinned to CPUs {was:?}, none of the scheduler's \
+                 {cpus:?}: moved to those"
+            )
+        } else {
+            format!("vCPU thread {tid} could run on CPUs {was:?}: kept to {confine:?}")
+        };
+        Ok(Some((said, replaced)))
+    }
+
     /// The enforcer; its scheduler process (`exe scx-scheduler`) runs while it has VMs: the
     /// kernel runs one BPF scheduler at a time, and an agent without VMs (each state dir has
     /// its own) should not hold it. `cpus`: the CPUs the vCPU threads are confined to (keep
@@ -506,22 +533,9 @@ impl Enforcer for ScxEnforcer {
     fn attach(&mut self, vm: &VmRecord) -> Result<(), EnforceError> {
         self.backstop.attach(vm)?;
         for &tid in &vm.vcpu_tids {
-            if let Some(cpus) = &self.cpus {
-                let current = crate::procfs::affinity(tid);
-                let (confine, replaced) = confined(current.as_deref(), cpus);
-                if replaced {
-                    tracing::warn!(
-                        "{}: vCPU thread {tid} was pinned to CPUs {:?}, none of the \
-                         scheduler's {cpus:?}: moved to those",
-                        vm.name,
-                        current.as_deref().unwrap_or_default()
-                    );
-                }
-                if current.as_deref() != Some(&confine[..]) {
-                    set_affinity(tid, &confine).map_err(|e| {
-                        failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e)
-                    })?;
-                }
+            // A fresh thread may run anywhere: its narrowing is the rule, a replaced pin news.
+            if let Some((said, true)) = self.confine(vm, tid)? {
+                tracing::warn!("{}: {said}", vm.name);
             }
             set_ext(tid, self.ours_enabled())
                 .map_err(|e| failed("setting the policy of a vCPU thread of", &vm.qmp_socket, e))?;
@@ -638,6 +652,9 @@ impl Enforcer for ScxEnforcer {
             (libc::SCHED_OTHER, "SCHED_OTHER")
         };
         for &tid in &vm.vcpu_tids {
+            if let Some((said, _)) = self.confine(vm, tid)? {
+                repaired.push(said);
+            }
             let p = policy_of(tid);
             if p >= 0 && p != want {
                 set_ext(tid, self.threads_ext).map_err(|e| {

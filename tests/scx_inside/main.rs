@@ -367,6 +367,13 @@ fn a_restarted_agent_takes_the_vms_over_again() {
         "the pin within the managed CPUs is kept"
     );
     assert_eq!(cpus_of(moved), managed, "the pin outside them is replaced");
+    // A pin made to CPU 0 while the agent runs is undone at its next check (about a second).
+    nix::sched::sched_setaffinity(Pid::from_raw(kept as i32), &changes::cpu_set(&[0])).unwrap();
+    wait_until(
+        "the new pin to CPU 0 undone",
+        Duration::from_secs(5),
+        || cpus_of(kept) == managed,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let before = stats(&s).vms["again"].clone();
     let taken = share(&vm, 4.0);
