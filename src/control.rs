@@ -116,9 +116,7 @@ pub trait Control: Send + Sync {
 
 /// Pins thread `tid` to `cpu` with `sched_setaffinity`.
 pub fn pin_thread(tid: u32, cpu: u32) -> nix::Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu as usize)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set)
+    crate::procfs::set_affinity(tid, &[cpu])
 }
 
 /// A step of a QMP conversation that failed: the command, and why.

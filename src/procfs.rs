@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use nix::sched::{sched_getaffinity, CpuSet};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
 /// A `/proc` to read from: the one place that says where the host's processes are. The agent
@@ -302,6 +302,15 @@ pub fn affinity(tid: u32) -> Option<Vec<u32>> {
             .filter(|&c| set.is_set(c as usize).unwrap_or(false))
             .collect(),
     )
+}
+
+/// Lets thread `tid` (`0`: the calling thread) run only on `cpus` (`sched_setaffinity`).
+pub fn set_affinity(tid: u32, cpus: &[u32]) -> nix::Result<()> {
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu as usize)?;
+    }
+    sched_setaffinity(Pid::from_raw(tid as i32), &set)
 }
 
 /// The CPUs this process may run on.

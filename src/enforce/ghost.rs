@@ -13,7 +13,6 @@
 //! agent it drives is tested against the kernel model.
 
 use std::collections::HashMap;
-use std::io;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,17 +94,8 @@ fn failed(
     }
 }
 
-fn pin_to(cpu: u32) -> io::Result<()> {
-    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes within it (cpu < 1024
-    // is checked by the caller's cpu list parse).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: sched_setaffinity reads `set` of the given size for the calling thread.
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+fn pin_to(cpu: u32) -> nix::Result<()> {
+    crate::procfs::set_affinity(0, &[cpu])
 }
 
 impl GhostEnforcer {

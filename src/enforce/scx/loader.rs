@@ -23,7 +23,7 @@ use super::abi::{
     Budget, Conf, Event, Latency, Order, Plan, Usage, ENQ_FLAGS, ENQ_TAKEN, EV_FAILED, MAX_CPUS,
 };
 use super::user::UserPolicy;
-use super::{kernel_state, set_affinity, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
+use super::{kernel_state, Command, LatencyStats, Stats, VmStats, OPS_NAME, PERIOD};
 use crate::enforce::monotonic_ns;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/burst.bpf.o"));
@@ -200,7 +200,7 @@ fn keep_off(cpus: &[u32]) {
     if others.is_empty() {
         return;
     }
-    if let Err(e) = set_affinity(0, &others) {
+    if let Err(e) = crate::procfs::set_affinity(0, &others) {
         eprintln!("burst-qemu scx-scheduler: keeping off CPUs {cpus:?}: {e}");
     }
 }
