@@ -180,44 +180,8 @@ fn policy_of(tid: u32) -> i32 {
     unsafe { libc::sched_getscheduler(tid as libc::pid_t) }
 }
 
-fn set_affinity(tid: u32, cpus: &[u32]) -> io::Result<()> {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus.iter().filter(|&&c| c < 1024) {
-        // SAFETY: cpu < 1024 = CPU_SETSIZE, within the set.
-        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    }
-    // SAFETY: sched_setaffinity reads `set` of the given size.
-    if unsafe { libc::sched_setaffinity(tid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set) }
-        != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The CPUs a vCPU thread is confined to when its VM is adopted: those of the scheduler's
-/// CPUs it may already use, so a pin made before (libvirt's `<vcpupin>`, `taskset`) is kept;
-/// the scheduler's CPUs when it may use none of them (or its affinity cannot be read), since
-/// on other CPUs nothing holds it to its budget. Also whether a pin is replaced.
-fn confined(current: Option<&[u32]>, managed: &[u32]) -> (Vec<u32>, bool) {
-    let Some(current) = current else {
-        return (managed.to_vec(), false);
-    };
-    let kept: Vec<u32> = managed
-        .iter()
-        .copied()
-        .filter(|c| current.contains(c))
-        .collect();
-    if kept.is_empty() {
-        (managed.to_vec(), true)
-    } else {
-        (kept, false)
-    }
-}
-
 impl ScxEnforcer {
-    /// Keeps vCPU thread `tid` of `vm` on the scheduler's CPUs ([`confined`]), when they are
+    /// Keeps vCPU thread `tid` of `vm` on the scheduler's CPUs ([`crate::sched::confined`]), when they are
     /// given: at adoption, and at every check, since a pin made later to CPUs the scheduler
     /// does not run would leave the thread where nothing holds it. What was changed, if
     /// anything, and whether a pin was replaced (not only narrowed).
@@ -226,11 +190,11 @@ impl ScxEnforcer {
             return Ok(None);
         };
         let current = crate::procfs::affinity(tid);
-        let (confine, replaced) = confined(current.as_deref(), cpus);
+        let (confine, replaced) = crate::sched::confined(current.as_deref(), cpus);
         if current.as_deref() == Some(&confine[..]) {
             return Ok(None);
         }
-        set_affinity(tid, &confine)
+        crate::procfs::set_affinity(tid, &confine)
             .map_err(|e| failed("setting the CPUs of vCPU thread", &vm.qmp_socket, e))?;
         let was = current.as_deref().unwrap_or_default();
         let said = if replaced {
@@ -699,21 +663,6 @@ impl ScxEnforcer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn adoption_keeps_a_pin_within_the_scheduler_cpus_and_replaces_one_outside() {
-        let managed = [1, 2];
-        // A fresh QEMU's thread may use every CPU: confined to the scheduler's.
-        assert_eq!(confined(Some(&[0, 1, 2, 3]), &managed), (vec![1, 2], false));
-        // `<vcpupin cpuset='2'>` before the agent adopted the domain: kept.
-        assert_eq!(confined(Some(&[2]), &managed), (vec![2], false));
-        // Pinned across the boundary: the part on the scheduler's CPUs.
-        assert_eq!(confined(Some(&[0, 1]), &managed), (vec![1], false));
-        // Pinned only to CPUs the scheduler does not run: it could not be held; replaced.
-        assert_eq!(confined(Some(&[0, 3]), &managed), (vec![1, 2], true));
-        // Unreadable (the thread ended): the scheduler's CPUs, nothing said.
-        assert_eq!(confined(None, &managed), (vec![1, 2], false));
-    }
 
     #[test]
     fn the_too_many_vms_error_says_the_real_limit() {

@@ -430,9 +430,27 @@ impl<'a> GhostAgent<'a> {
     }
 
     /// Tells the policy the CPUs task `gtid` may run on: the kernel would move it onto any
-    /// CPU committed, against the operator's pin (`taskset`, `virsh vcpupin`).
+    /// CPU committed, against the operator's pin (`taskset`, `virsh vcpupin`). A task pinned
+    /// only to CPUs the agent does not run, where nothing would hold it, is given the agent's
+    /// CPUs ([`crate::sched::confined`], the sched_ext enforcer's rule).
     fn read_cpus(&mut self, gtid: u64) {
-        let cpus = self.enclave.task_cpus(tid_of(gtid));
+        let tid = tid_of(gtid);
+        let mut cpus = self.enclave.task_cpus(tid);
+        if let Some(current) = &cpus {
+            let (managed, replaced) = crate::sched::confined(Some(current), self.sched.cpus());
+            if replaced {
+                match self.enclave.set_task_cpus(tid, &managed) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            "vCPU thread {tid} was pinned to CPUs {current:?}, none of the \
+                             agent's {managed:?}: moved to those"
+                        );
+                        cpus = Some(managed);
+                    }
+                    Err(e) => tracing::warn!("vCPU thread {tid}: {e}"),
+                }
+            }
+        }
         self.sched.set_allowed(gtid, cpus.as_deref());
     }
 

@@ -114,6 +114,11 @@ pub trait GhostKernel: Send + Sync {
         crate::procfs::affinity(tid)
     }
 
+    /// Lets thread `tid` run only on `cpus` (`sched_setaffinity`).
+    fn set_affinity(&self, tid: u32, cpus: &[u32]) -> io::Result<()> {
+        crate::procfs::set_affinity(tid, cpus).map_err(io::Error::from)
+    }
+
     /// Opens a ghostfs file read-write where the open itself means something to the kernel
     /// (`agent_online`: holding it open is being the online agent).
     fn open_rw(&self, path: &Path) -> io::Result<File> {
@@ -321,6 +326,14 @@ impl<'a> Enclave<'a> {
     /// The CPUs thread `tid` may run on, when they can be read.
     pub fn task_cpus(&self, tid: u32) -> Option<Vec<u32>> {
         self.fs.kernel.affinity(tid)
+    }
+
+    /// Lets thread `tid` run only on `cpus`.
+    pub fn set_task_cpus(&self, tid: u32, cpus: &[u32]) -> Result<(), GhostError> {
+        self.fs.kernel.set_affinity(tid, cpus).map_err(io_at(
+            format!("sched_setaffinity for thread {tid} in"),
+            &self.dir,
+        ))
     }
 
     /// Moves thread `tid` back to CFS (`sched_setscheduler(SCHED_OTHER)`).

@@ -10,6 +10,27 @@ use super::{Scheduler, ThreadId, VmId};
 #[cfg(test)]
 mod tests;
 
+/// The CPUs a VM's thread is kept to by a mechanism that runs it only on `managed` CPUs: those
+/// of them it may already use, so an operator's pin (libvirt's `<vcpupin>`, `taskset`) within
+/// them is kept; all of them when it may use none (or its CPUs cannot be read), since on other
+/// CPUs nothing would hold it to its budget. Also whether a pin is replaced (not narrowed).
+/// The sched_ext enforcer and the ghOSt agent both apply it.
+pub fn confined(current: Option<&[u32]>, managed: &[u32]) -> (Vec<u32>, bool) {
+    let Some(current) = current else {
+        return (managed.to_vec(), false);
+    };
+    let kept: Vec<u32> = managed
+        .iter()
+        .copied()
+        .filter(|c| current.contains(c))
+        .collect();
+    if kept.is_empty() {
+        (managed.to_vec(), true)
+    } else {
+        (kept, false)
+    }
+}
+
 impl Scheduler {
     /// Thread `tid` may run only on `cpus` (the mechanism's CPU numbers) from now on; `None`,
     /// or a set holding every managed CPU, lifts the restriction. A set with none of the

@@ -86,6 +86,7 @@ pub(crate) mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+pub use affinity::confined;
 pub use shares::{dispatch_weights, fair_shares, Demand};
 
 use crate::contention::Entitlement;

@@ -78,6 +78,9 @@ pub struct VmStats {
     #[serde(default)]
     pub slot: u32,
     pub cpu_ns: u64,
+    /// Times the BPF program held one of its threads back for want of budget. Always 0 in
+    /// the user-space mode, whose process holds a thread by not ordering it (and counts no
+    /// such thing).
     pub held: u64,
     pub base_ns: u64,
     pub grant_ns: u64,

@@ -276,6 +276,29 @@ impl Model {
         (u64::from(tid) << abi::GHOST_TID_SEQNUM_BITS) | 1
     }
 
+    /// `sched_setaffinity(tid, cpus)` on task `gtid`: `TASK_AFFINITY_CHANGED` (its barrier
+    /// bumped), then, if it runs, it is taken off its CPU (`TASK_PREEMPT`, still runnable), as
+    /// the kernel does for any change of a running task's CPUs.
+    pub fn set_task_cpus(&self, id: u64, gtid: u64, cpus: &[u32]) {
+        self.with(id, |e| {
+            let t = e.tasks.get_mut(&gtid).expect("task exists");
+            t.allowed = Some(cpus.to_vec());
+            let t = t.clone();
+            let mut flags = abi::GHOST_SW_F_INUSE;
+            if t.runnable {
+                flags |= abi::GHOST_SW_TASK_RUNNABLE;
+            }
+            let seq = e.bump(&t, flags, t.runtime);
+            let p = abi::ghost_msg_payload_task_affinity_changed { gtid };
+            if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
+                q.produce(abi::MSG_TASK_AFFINITY_CHANGED, seq, as_bytes(&p));
+            }
+            if let Some(cpu) = t.on_cpu {
+                time::preempt_cpu(e, cpu, 0);
+            }
+        });
+    }
+
     /// Commits that put a task on a CPU outside its affinity (each one a pin broken).
     pub fn runs_outside_affinity(&self, id: u64) -> u64 {
         self.with(id, |e| e.outside_affinity)
@@ -664,6 +687,20 @@ impl Model {
 }
 
 impl GhostKernel for Model {
+    fn set_affinity(&self, tid: u32, cpus: &[u32]) -> io::Result<()> {
+        let gtid = Self::gtid(tid);
+        let id = {
+            let st = self.state.lock().unwrap();
+            st.enclaves
+                .iter()
+                .find(|(_, e)| e.tasks.contains_key(&gtid))
+                .map(|(&id, _)| id)
+        };
+        let id = id.ok_or_else(|| errno(libc::ESRCH))?;
+        self.set_task_cpus(id, gtid, cpus);
+        Ok(())
+    }
+
     /// The task's CPUs as the model has them (every CPU of the machine unless pinned).
     fn affinity(&self, tid: u32) -> Option<Vec<u32>> {
         let st = self.state.lock().unwrap();

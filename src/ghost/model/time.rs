@@ -268,27 +268,9 @@ impl Machine {
         })
     }
 
-    /// `sched_setaffinity(tid, cpus)` on the task: `TASK_AFFINITY_CHANGED` (its barrier
-    /// bumped), then, if it runs, it is taken off its CPU (`TASK_PREEMPT`, still runnable), as
-    /// the kernel does for any change of a running task's CPUs.
+    /// `sched_setaffinity` on the task ([`Model::set_task_cpus`]).
     pub fn set_affinity(&mut self, gtid: u64, cpus: &[u32]) {
-        self.model.with(self.id, |e| {
-            let t = e.tasks.get_mut(&gtid).expect("task exists");
-            t.allowed = Some(cpus.to_vec());
-            let t = t.clone();
-            let mut flags = abi::GHOST_SW_F_INUSE;
-            if t.runnable {
-                flags |= abi::GHOST_SW_TASK_RUNNABLE;
-            }
-            let seq = e.bump(&t, flags, t.runtime);
-            let p = abi::ghost_msg_payload_task_affinity_changed { gtid };
-            if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
-                q.produce(abi::MSG_TASK_AFFINITY_CHANGED, seq, as_bytes(&p));
-            }
-            if let Some(cpu) = t.on_cpu {
-                preempt_cpu(e, cpu, 0);
-            }
-        });
+        self.model.set_task_cpus(self.id, gtid, cpus);
     }
 
     /// The task dies (exits): `TASK_DEAD`, off its CPU, its status word freeable.

@@ -224,6 +224,14 @@ fn threads_pinned_by_the_operator_run_only_on_their_cpus_and_the_caps_hold() {
         eprintln!("VM {vm} with a pinned vCPU: {:.2} CPUs for a grant of 1", r);
         assert!((r - 1.0).abs() < 0.01, "VM {vm}: {r}");
     }
+    // Pinned to CPU 0, the global agent's, where nothing would hold it: given the agent's
+    // CPUs back (the sched_ext enforcer's rule), and no pin broken meanwhile.
+    let outside = vms[1][1];
+    m.set_affinity(outside, &[0]);
+    drive(&mut m, &mut agent, 14 * SEC, &mut d).unwrap();
+    let k = s.model.task(e.id(), outside).unwrap();
+    assert_eq!(k.allowed, Some(managed(2)), "the pin to CPU 0 replaced");
+    assert_eq!(s.model.runs_outside_affinity(e.id()), 0, "a pin broken");
 }
 
 #[test]

@@ -94,3 +94,18 @@ fn a_vm_below_its_baseline_takes_the_cpu_its_thread_may_use_from_one_above() {
     s.wake(3, 37 * MS);
     assert_eq!(runs(&s.decide(37 * MS)), [(11, 3)]);
 }
+
+#[test]
+fn a_pin_within_the_managed_cpus_is_kept_and_one_outside_them_replaced() {
+    let managed = [1, 2];
+    // A fresh QEMU's thread may use every CPU: confined to the scheduler's.
+    assert_eq!(confined(Some(&[0, 1, 2, 3]), &managed), (vec![1, 2], false));
+    // `<vcpupin cpuset='2'>` before the agent adopted the domain: kept.
+    assert_eq!(confined(Some(&[2]), &managed), (vec![2], false));
+    // Pinned across the boundary: the part on the scheduler's CPUs.
+    assert_eq!(confined(Some(&[0, 1]), &managed), (vec![1], false));
+    // Pinned only to CPUs the scheduler does not run: it could not be held; replaced.
+    assert_eq!(confined(Some(&[0, 3]), &managed), (vec![1, 2], true));
+    // Unreadable (the thread ended): the scheduler's CPUs, nothing said.
+    assert_eq!(confined(None, &managed), (vec![1, 2], false));
+}
