@@ -299,6 +299,16 @@ impl Model {
         });
     }
 
+    /// The enclave that has task `gtid`; `ESRCH` when none has.
+    fn enclave_holding(&self, gtid: u64) -> io::Result<u64> {
+        let st = self.state.lock().unwrap();
+        st.enclaves
+            .iter()
+            .find(|(_, e)| e.tasks.contains_key(&gtid))
+            .map(|(&id, _)| id)
+            .ok_or_else(|| errno(libc::ESRCH))
+    }
+
     /// Commits that put a task on a CPU outside its affinity (each one a pin broken).
     pub fn runs_outside_affinity(&self, id: u64) -> u64 {
         self.with(id, |e| e.outside_affinity)
@@ -689,14 +699,7 @@ impl Model {
 impl GhostKernel for Model {
     fn set_affinity(&self, tid: u32, cpus: &[u32]) -> io::Result<()> {
         let gtid = Self::gtid(tid);
-        let id = {
-            let st = self.state.lock().unwrap();
-            st.enclaves
-                .iter()
-                .find(|(_, e)| e.tasks.contains_key(&gtid))
-                .map(|(&id, _)| id)
-        };
-        let id = id.ok_or_else(|| errno(libc::ESRCH))?;
+        let id = self.enclave_holding(gtid)?;
         self.set_task_cpus(id, gtid, cpus);
         Ok(())
     }
@@ -833,14 +836,7 @@ impl GhostKernel for Model {
     /// be freed); `ESRCH` when no enclave has it.
     fn to_cfs(&self, tid: u32) -> io::Result<()> {
         let gtid = Self::gtid(tid);
-        let id = {
-            let st = self.state.lock().unwrap();
-            st.enclaves
-                .iter()
-                .find(|(_, e)| e.tasks.contains_key(&gtid))
-                .map(|(&id, _)| id)
-        };
-        let id = id.ok_or_else(|| errno(libc::ESRCH))?;
+        let id = self.enclave_holding(gtid)?;
         let departed = abi::ghost_msg_payload_task_departed {
             gtid,
             ..Default::default()
