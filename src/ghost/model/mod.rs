@@ -109,6 +109,18 @@ pub struct KTask {
     pub allowed: Option<Vec<u32>>,
 }
 
+impl KTask {
+    /// Its status word's flags: in use, and runnable when it is.
+    fn sw_flags(&self) -> u32 {
+        abi::GHOST_SW_F_INUSE
+            | if self.runnable {
+                abi::GHOST_SW_TASK_RUNNABLE
+            } else {
+                0
+            }
+    }
+}
+
 struct KEnclave {
     dir: PathBuf,
     cpus: Vec<u32>,
@@ -172,6 +184,17 @@ impl KEnclave {
         unsafe { std::ptr::addr_of_mut!((*p).runtime).write_volatile(runtime) };
         flag_word.store(flags, Ordering::Release);
         barrier.fetch_add(1, Ordering::Release) + 1
+    }
+
+    /// A task message as the kernel sends it: the task's status word changed first ([`bump`]),
+    /// then the message, the new barrier its seqnum, to the task's queue. The seqnum, if the
+    /// message was queued.
+    ///
+    /// [`bump`]: KEnclave::bump
+    fn tell(&self, t: &KTask, flags: u32, runtime: u64, type_: u16, payload: &[u8]) -> Option<u32> {
+        let seq = self.bump(t, flags, runtime);
+        let q = t.queue.as_ref().and_then(|p| self.queue(p))?;
+        q.produce(type_, seq, payload).then_some(seq)
     }
 }
 
@@ -284,15 +307,9 @@ impl Model {
             let t = e.tasks.get_mut(&gtid).expect("task exists");
             t.allowed = Some(cpus.to_vec());
             let t = t.clone();
-            let mut flags = abi::GHOST_SW_F_INUSE;
-            if t.runnable {
-                flags |= abi::GHOST_SW_TASK_RUNNABLE;
-            }
-            let seq = e.bump(&t, flags, t.runtime);
             let p = abi::ghost_msg_payload_task_affinity_changed { gtid };
-            if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
-                q.produce(abi::MSG_TASK_AFFINITY_CHANGED, seq, as_bytes(&p));
-            }
+            let changed = abi::MSG_TASK_AFFINITY_CHANGED;
+            e.tell(&t, t.sw_flags(), t.runtime, changed, as_bytes(&p));
             if let Some(cpu) = t.on_cpu {
                 time::preempt_cpu(e, cpu, 0);
             }
@@ -337,18 +354,11 @@ impl Model {
                 task.on_cpu = None;
             }
             let t = task.clone();
-            let mut flags = abi::GHOST_SW_F_INUSE
-                | if runnable {
-                    abi::GHOST_SW_TASK_RUNNABLE
-                } else {
-                    0
-                };
+            let mut flags = t.sw_flags();
             if type_ == abi::MSG_TASK_DEPARTED || type_ == abi::MSG_TASK_DEAD {
                 flags |= abi::GHOST_SW_F_CANFREE;
             }
-            let seq = e.bump(&t, flags, 1000);
-            let q = t.queue.as_ref().and_then(|p| e.queue(p))?;
-            q.produce(type_, seq, payload).then_some(seq)
+            e.tell(&t, flags, 1000, type_, payload)
         })
     }
 
@@ -490,20 +500,13 @@ impl Model {
             let (_, _, p) = e.sw(index);
             // SAFETY: the model's own mapping of the region.
             unsafe { std::ptr::addr_of_mut!((*p).gtid).write_volatile(gtid) };
-            let seq = e.bump(
-                &task,
-                abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE,
-                0,
-            );
             let new = abi::ghost_msg_payload_task_new {
                 gtid,
                 runnable: 1,
                 sw_info: abi::ghost_sw_info { id: 0, index },
                 ..Default::default()
             };
-            if let Some(q) = task.queue.as_ref().and_then(|p| e.queue(p)) {
-                q.produce(abi::MSG_TASK_NEW, seq, as_bytes(&new));
-            }
+            e.tell(&task, task.sw_flags(), 0, abi::MSG_TASK_NEW, as_bytes(&new));
             e.tasks.insert(gtid, task);
             Ok(())
         })

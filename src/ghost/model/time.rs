@@ -42,20 +42,14 @@ pub(super) fn preempt_cpu(e: &mut KEnclave, cpu: u32, next: u64) {
         let t = e.tasks.get_mut(&gtid).expect("found");
         t.on_cpu = None;
         let t = t.clone();
-        let seq = e.bump(
-            &t,
-            abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE,
-            t.runtime,
-        );
         let p = abi::ghost_msg_payload_task_preempt {
             gtid,
             runtime: t.runtime,
             cpu: cpu as i32,
             ..Default::default()
         };
-        if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
-            q.produce(abi::MSG_TASK_PREEMPT, seq, as_bytes(&p));
-        }
+        let flags = abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE;
+        e.tell(&t, flags, t.runtime, abi::MSG_TASK_PREEMPT, as_bytes(&p));
     }
 }
 
@@ -196,15 +190,13 @@ impl Machine {
                         t.on_cpu = None;
                         t.runnable = false;
                         let t = t.clone();
-                        let seq = e.bump(&t, abi::GHOST_SW_F_INUSE, t.runtime);
                         let p = abi::ghost_msg_payload_task_blocked {
                             gtid,
                             runtime: t.runtime,
                             ..Default::default()
                         };
-                        if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
-                            q.produce(abi::MSG_TASK_BLOCKED, seq, as_bytes(&p));
-                        }
+                        let blocked = abi::MSG_TASK_BLOCKED;
+                        e.tell(&t, abi::GHOST_SW_F_INUSE, t.runtime, blocked, as_bytes(&p));
                     }
                 } else if l.wake_at.is_some_and(|w| w <= now) {
                     l.wake_at = None;
@@ -212,18 +204,12 @@ impl Machine {
                     let t = e.tasks.get_mut(&gtid).expect("listed");
                     t.runnable = true;
                     let t = t.clone();
-                    let seq = e.bump(
-                        &t,
-                        abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE,
-                        t.runtime,
-                    );
                     let p = abi::ghost_msg_payload_task_wakeup {
                         gtid,
                         ..Default::default()
                     };
-                    if let Some(q) = t.queue.as_ref().and_then(|p| e.queue(p)) {
-                        q.produce(abi::MSG_TASK_WAKEUP, seq, as_bytes(&p));
-                    }
+                    let flags = abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE;
+                    e.tell(&t, flags, t.runtime, abi::MSG_TASK_WAKEUP, as_bytes(&p));
                 }
             }
         });
@@ -250,21 +236,15 @@ impl Machine {
                 return false;
             };
             let t = t.clone();
-            let seq = e.bump(
-                &t,
-                abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE,
-                t.runtime,
-            );
             let p = abi::ghost_msg_payload_task_yield {
                 gtid,
                 runtime: t.runtime,
                 cpu: cpu as i32,
                 ..Default::default()
             };
-            t.queue
-                .as_ref()
-                .and_then(|p| e.queue(p))
-                .is_some_and(|q| q.produce(abi::MSG_TASK_YIELD, seq, as_bytes(&p)))
+            let flags = abi::GHOST_SW_F_INUSE | abi::GHOST_SW_TASK_RUNNABLE;
+            e.tell(&t, flags, t.runtime, abi::MSG_TASK_YIELD, as_bytes(&p))
+                .is_some()
         })
     }
 
