@@ -261,8 +261,9 @@ pub fn run(
     // host took to serve it, and while every vCPU waits the clock jumps ahead: a program that
     // faults in a page of its binary in the middle of a measurement stalls there for what can
     // be seconds of guest time (the user-space dispatch cap measured 22.13 % for 20 % beside
-    // phase 3, its scheduler process waiting). The binaries the parts run are read once first,
-    // into the guest's page cache, which keeps them (`cache=loose`).
+    // phase 3, most likely its scheduler process waiting so; not proven). The burst-qemu binary
+    // and QEMU are read once first, into the guest's page cache, which keeps them
+    // (`cache=loose`).
     let warm = match &icount {
         Some(_) => format!(
             "cat {} \"$(command -v {})\" > /dev/null; ",
