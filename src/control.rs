@@ -114,11 +114,6 @@ pub trait Control: Send + Sync {
     fn set_balloon(&self, mb: u64) -> Result<(), ControlError>;
 }
 
-/// Pins thread `tid` to `cpu` with `sched_setaffinity`.
-pub fn pin_thread(tid: u32, cpu: u32) -> nix::Result<()> {
-    crate::procfs::set_affinity(tid, &[cpu])
-}
-
 /// A step of a QMP conversation that failed: the command, and why.
 pub type Step<T> = Result<T, (&'static str, qmp::Error)>;
 
@@ -312,7 +307,7 @@ impl Control for Qmp {
     }
 
     fn pin_vcpu(&self, vcpu: u32, tid: u32, cpu: u32) -> Result<(), ControlError> {
-        pin_thread(tid, cpu).map_err(|e| {
+        crate::procfs::set_affinity(tid, &[cpu]).map_err(|e| {
             ControlError::new(
                 &self.name,
                 format!("sched_setaffinity of vCPU {vcpu} (thread {tid})"),

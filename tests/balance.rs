@@ -77,18 +77,11 @@ fn start_balancing_agent(s: &Scratch, cpus: &[u32], libvirt: &[String]) -> Agent
 }
 
 fn affinity(tid: u32) -> Vec<u32> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(tid as i32)).unwrap();
-    (0..nix::sched::CpuSet::count() as u32)
-        .filter(|&c| set.is_set(c as usize).unwrap_or(false))
-        .collect()
+    burst_qemu::procfs::affinity(tid).expect("a live thread's CPUs")
 }
 
 fn set_affinity(tid: u32, cpus: &[u32]) {
-    let mut set = nix::sched::CpuSet::new();
-    for &c in cpus {
-        set.set(c as usize).unwrap();
-    }
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set).unwrap();
+    burst_qemu::procfs::set_affinity(tid, cpus).unwrap();
 }
 
 fn balance_json(s: &Scratch) -> Option<pin::Published> {

@@ -367,8 +367,3 @@ fn placement(pid: u32, tid: u32) -> Option<Placement> {
             .unwrap_or(allowed.first().copied().unwrap_or(0)),
     })
 }
-
-/// Pins thread `tid` to `cpu`.
-pub fn pin(tid: u32, cpu: u32) -> nix::Result<()> {
-    crate::control::pin_thread(tid, cpu)
-}

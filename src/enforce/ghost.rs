@@ -94,10 +94,6 @@ fn failed(
     }
 }
 
-fn pin_to(cpu: u32) -> nix::Result<()> {
-    crate::procfs::set_affinity(0, &[cpu])
-}
-
 impl GhostEnforcer {
     /// Creates an enclave on `cpus` (at least two: the first runs the global agent) under the
     /// ghostfs at `root` and starts the agents. Fails at once, with the reason, when there is
@@ -191,7 +187,7 @@ fn global_agent(
         let mut agent =
             GhostAgent::new(&enclave, &cpus[1..], host.possible_cpus, Config::default())?;
         if host.pin {
-            pin_to(cpus[0])
+            crate::procfs::set_affinity(0, &[cpus[0]])
                 .map_err(|e| GhostError::Misuse(format!("pinning to CPU {}: {e}", cpus[0])))?;
         }
         let fd = agent.queue().fd();
@@ -223,7 +219,8 @@ fn global_agent(
 fn satellite(enclave: &Enclave<'_>, cpu: u32, pin: bool, queue: RawFd, stop: &AtomicBool) {
     let run = || -> Result<(), GhostError> {
         if pin {
-            pin_to(cpu).map_err(|e| GhostError::Misuse(format!("pinning to CPU {cpu}: {e}")))?;
+            crate::procfs::set_affinity(0, &[cpu])
+                .map_err(|e| GhostError::Misuse(format!("pinning to CPU {cpu}: {e}")))?;
         }
         enclave.become_agent(cpu, queue)?;
         let index = enclave.status_word_info(SwOwner::Agent(cpu))?.index;

@@ -17,7 +17,7 @@ pub(super) fn managed_cpus() -> Vec<usize> {
     cpus.into_iter().map(|c| c as usize).collect()
 }
 
-pub(super) fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
+fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
     let mut set = nix::sched::CpuSet::new();
     for &c in cpus {
         set.set(c).unwrap();

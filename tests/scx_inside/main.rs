@@ -319,8 +319,7 @@ fn a_restarted_agent_takes_the_vms_over_again() {
     let (kept, moved) = (vm.record.vcpu_tids[0], vm.record.vcpu_tids[1]);
     let last = *managed.last().unwrap();
     for (tid, cpu) in [(kept, last), (moved, 0)] {
-        nix::sched::sched_setaffinity(Pid::from_raw(tid as i32), &changes::cpu_set(&[cpu]))
-            .unwrap();
+        burst_qemu::procfs::set_affinity(tid, &[cpu as u32]).unwrap();
     }
     // Its scheduler process dies with it (PR_SET_PDEATHSIG), the kernel unloads the scheduler.
     wait_until(
@@ -368,7 +367,7 @@ fn a_restarted_agent_takes_the_vms_over_again() {
     );
     assert_eq!(cpus_of(moved), managed, "the pin outside them is replaced");
     // A pin made to CPU 0 while the agent runs is undone at its next check (about a second).
-    nix::sched::sched_setaffinity(Pid::from_raw(kept as i32), &changes::cpu_set(&[0])).unwrap();
+    burst_qemu::procfs::set_affinity(kept, &[0]).unwrap();
     wait_until(
         "the new pin to CPU 0 undone",
         Duration::from_secs(5),
@@ -598,9 +597,7 @@ fn a_vm_in_a_slot_above_64_is_held_and_idle_vms_do_not_slow_a_dispatch() {
     // threads: on 6.12 the fair class runs before sched_ext, and 66 QEMUs starting on every CPU
     // kept a vCPU thread of `low` from running for 36 s, past the watchdog (30 s), which then
     // disabled the scheduler.
-    let mut cpu0 = nix::sched::CpuSet::new();
-    cpu0.set(0).unwrap();
-    nix::sched::sched_setaffinity(Pid::from_raw(0), &cpu0).unwrap();
+    burst_qemu::procfs::set_affinity(0, &[0]).unwrap();
     let s = Scratch::new();
     let _bpf_stats = BpfStats::enable();
     let t0 = Instant::now();
