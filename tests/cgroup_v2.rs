@@ -37,9 +37,7 @@ fn the_enforcement_fault_and_contention_suites_pass_on_debian_6_12_with_cgroup_v
     ));
     let ended = guest::run(kernel, 2, 2048, &[], &parts);
     let (refusal, tests) = ended.split_last().unwrap();
-    for part in tests {
-        part.assert_tests_passed(kernel);
-    }
+    guest::assert_all_passed(kernel, tests);
     assert!(
         refusal.status != 0
             && refusal
@@ -61,9 +59,7 @@ fn the_enforcement_suite_and_check_pass_on_debian_6_1_with_cgroup_v2() {
     parts.push(Part::new("check", &[&common::bin_arg(), "check"]));
     let ended = guest::run(kernel, 2, 2048, &[], &parts);
     let (check, tests) = ended.split_last().unwrap();
-    for part in tests {
-        part.assert_tests_passed(kernel);
-    }
+    guest::assert_all_passed(kernel, tests);
     assert!(
         check.output.contains(
             "ok  cgroup CPU bandwidth   cgroup v2 cpu controller at /sys/fs/cgroup is writable"

@@ -624,7 +624,6 @@ fn the_libvirt_suite_passes_in_the_cgroup_v2_guest() {
         "libvirt",
         &["the_libvirt_suite_passes_in_the_cgroup_v2_guest"],
     );
-    for part in common::guest::run("debian-6.12", 2, 2048, &[], &parts) {
-        part.assert_tests_passed("debian-6.12");
-    }
+    let ended = common::guest::run("debian-6.12", 2, 2048, &[], &parts);
+    common::guest::assert_all_passed("debian-6.12", &ended);
 }

@@ -84,8 +84,8 @@ fn the_enforcement_and_scx_suites_and_check_pass_on_linux_6_12_with_sched_ext() 
         &parts,
     );
     let (check, tests) = ended.split_last().unwrap();
+    guest::assert_all_passed(KERNEL, tests);
     for part in tests {
-        part.assert_tests_passed(KERNEL);
         // The kernel's console lines land in the part that ran meanwhile. A vCPU thread the
         // scheduler held until the watchdog disabled it leaves a VM's share whole when its
         // other vCPU takes it, so the tests could pass: 2 of 5 boots of the user-space

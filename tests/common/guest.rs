@@ -68,23 +68,45 @@ pub struct Ended {
 }
 
 impl Ended {
-    /// Panics unless the part exited 0, said `test result: ok. 1 passed` (one test of a test
-    /// binary) and skipped nothing.
-    pub fn assert_tests_passed(&self, kernel: &str) {
-        assert!(
-            self.status == 0 && self.output.contains("test result: ok. 1 passed"),
-            "{} failed in the {kernel} guest (exit {}):\n{}",
-            self.label,
-            self.status,
-            self.output
-        );
-        assert!(
-            !self.output.contains("SKIPPED"),
-            "{} skipped tests in the {kernel} guest:\n{}",
-            self.label,
-            self.output
-        );
+    /// Why this part did not pass: `None` when it exited 0, said `test result: ok. 1 passed`
+    /// (one test of a test binary) and skipped nothing.
+    fn failure(&self) -> Option<&'static str> {
+        if self.status != 0 || !self.output.contains("test result: ok. 1 passed") {
+            Some("failed")
+        } else if self.output.contains("SKIPPED") {
+            Some("skipped tests")
+        } else {
+            None
+        }
     }
+}
+
+/// Panics unless every part of `ended` passed (see [`Ended::failure`]), naming all that did
+/// not at the top of the message (a CI log cut to its head and tail still shows which), then
+/// each one's exit status and output.
+pub fn assert_all_passed(kernel: &str, ended: &[Ended]) {
+    let failed: Vec<(&Ended, &str)> = ended
+        .iter()
+        .filter_map(|e| e.failure().map(|why| (e, why)))
+        .collect();
+    if failed.is_empty() {
+        return;
+    }
+    let names: Vec<String> = failed
+        .iter()
+        .map(|(e, why)| format!("{} ({why}, exit {})", e.label, e.status))
+        .collect();
+    let outputs: Vec<String> = failed
+        .iter()
+        .map(|(e, why)| format!("=== {} {why} in the {kernel} guest:\n{}", e.label, e.output))
+        .collect();
+    panic!(
+        "{} of {} parts did not pass in the {kernel} guest: {}\n\n{}",
+        failed.len(),
+        ended.len(),
+        names.join(", "),
+        outputs.join("\n")
+    );
 }
 
 const BEGIN: &str = "BQ-PART-BEGIN ";
