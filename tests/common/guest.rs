@@ -12,6 +12,8 @@
 //! host runs something else. So the phase runs beside the others, in a cgroup that takes only
 //! CPU time they leave idle (`.ci/run`).
 
+mod warm;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -279,19 +281,20 @@ pub fn run(
     if let Some(icount) = &icount {
         eprintln!("{kernel} guest: in a guest lane, tcg,thread=single, -icount {icount}");
     }
-    // On a lane's clock a read from the host's file system (virtio-9p) lasts whatever the
-    // host took to serve it, and while every vCPU waits the clock jumps ahead: a program that
-    // faults in a page of its binary in the middle of a measurement stalls there for what can
-    // be seconds of guest time (the user-space dispatch cap measured 22.13 % for 20 % beside
-    // phase 3, most likely its scheduler process waiting so; not proven). The burst-qemu binary
-    // and QEMU are read once first, into the guest's page cache, which keeps them
-    // (`cache=loose`).
+    // On a lane's clock a wait on the host's file system lasts many guest timers: what the
+    // parts run is copied into the guest (see [`warm`]) before they start.
     let warm = match &icount {
-        Some(_) => format!(
-            "cat {} \"$(command -v {})\" > /dev/null; ",
-            quote(&super::bin_arg()),
-            super::QEMU
-        ),
+        Some(_) => {
+            let programs: Vec<&str> = parts
+                .iter()
+                .filter_map(|p| p.argv.first())
+                .map(String::as_str)
+                .filter(|a| a.starts_with('/'))
+                .collect();
+            let warm = warm::Warm::new(&programs, &super::bin_arg(), super::QEMU);
+            eprintln!("{kernel} guest: {}", warm.summary());
+            warm.script(quote)
+        }
         None => String::new(),
     };
     let mut done: Vec<Ended> = Vec::new();
