@@ -90,7 +90,7 @@ impl Warm {
         warm
     }
 
-    /// What it costs: (files copied up, their MB, files cached, their MB).
+    /// What it costs, in words: the links and files copied up, the files cached, and their MB.
     pub fn summary(&self) -> String {
         let mb = |s: &BTreeSet<PathBuf>| {
             s.iter()
