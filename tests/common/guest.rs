@@ -300,10 +300,10 @@ pub fn run(
     let icount = in_lane().then(|| {
         std::env::var("BURST_QEMU_GUEST_ICOUNT").unwrap_or_else(|_| lane_icount(kernel).to_owned())
     });
+    let cpu = lane_cpu(kernel);
     if let Some(icount) = &icount {
         eprintln!(
-            "{kernel} guest: in a guest lane, tcg,thread=single, -icount {icount}, -cpu {}",
-            lane_cpu(kernel)
+            "{kernel} guest: in a guest lane, tcg,thread=single, -icount {icount}, -cpu {cpu}"
         );
     }
     // On a lane's clock a wait on the host's file system lasts many guest timers: what the
@@ -340,7 +340,7 @@ pub fn run(
             harness
                 .env("BURST_QEMU_GUEST_ACCEL", "tcg,thread=single")
                 .env("BURST_QEMU_GUEST_ICOUNT", icount)
-                .env("BURST_QEMU_GUEST_CPU", lane_cpu(kernel));
+                .env("BURST_QEMU_GUEST_CPU", &cpu);
         }
         let out = harness
             .args(["--kernel", kernel, "--cpus", &cpus.to_string()])

@@ -51,11 +51,9 @@ impl Warm {
                 .map(|d| d.join(name))
                 .find(|p| p.is_file())
         };
-        let mut run: Vec<PathBuf> = vec![PathBuf::from(burst_qemu)];
-        run.extend(on_path(qemu));
-        run.extend(TOOLS.iter().filter_map(|t| on_path(t)));
+        let qemu = on_path(qemu);
         let mut copy: Vec<PathBuf> = LOADER.iter().map(PathBuf::from).collect();
-        if let Some(usr) = on_path(qemu)
+        if let Some(usr) = qemu
             .as_deref()
             .and_then(Path::parent)
             .and_then(Path::parent)
@@ -63,6 +61,9 @@ impl Warm {
             copy.push(usr.join("share/qemu/kvmvapic.bin"));
             copy.extend(qemu_modules(usr));
         }
+        let mut run: Vec<PathBuf> = vec![PathBuf::from(burst_qemu)];
+        run.extend(qemu);
+        run.extend(TOOLS.iter().filter_map(|t| on_path(t)));
         let cached: Vec<PathBuf> = programs.iter().map(PathBuf::from).collect();
         for p in run.iter().chain(&cached) {
             copy.extend(libraries(p));
@@ -167,15 +168,18 @@ fn libraries(program: &Path) -> Vec<PathBuf> {
 fn resolve(path: &Path) -> (Vec<PathBuf>, PathBuf) {
     let mut links = Vec::new();
     let mut at = PathBuf::from("/");
-    let mut rest: Vec<PathBuf> = path
-        .components()
-        .rev()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(PathBuf::from(n)),
-            Component::ParentDir => Some(PathBuf::from("..")),
-            _ => None,
-        })
-        .collect();
+    // The names still to walk, the next last; `..` kept, `/` and `.` dropped.
+    let names = |p: &Path| -> Vec<PathBuf> {
+        p.components()
+            .rev()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(PathBuf::from(n)),
+                Component::ParentDir => Some(PathBuf::from("..")),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut rest = names(path);
     // A bound on links followed, as the kernel's (40).
     let mut hops = 0;
     while let Some(next) = rest.pop() {
@@ -191,11 +195,7 @@ fn resolve(path: &Path) -> (Vec<PathBuf>, PathBuf) {
                 if target.is_absolute() {
                     at = PathBuf::from("/");
                 }
-                rest.extend(target.components().rev().filter_map(|c| match c {
-                    Component::Normal(n) => Some(PathBuf::from(n)),
-                    Component::ParentDir => Some(PathBuf::from("..")),
-                    _ => None,
-                }));
+                rest.extend(names(&target));
             }
             _ => at = candidate,
         }
