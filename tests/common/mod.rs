@@ -66,6 +66,9 @@ pub fn skip_or_fail(why: &str) {
 /// Whether the guest harness (tests/guest/run) can run here: QEMU and a static busybox. Under
 /// CI a missing piece fails; elsewhere the test skips loudly.
 pub fn require_harness() -> bool {
+    // Every guest test starts here: in CI's guest lanes, before it does anything (the package
+    // test builds its .deb first), it leaves the other phases' CPU time alone.
+    guest::enter_lane_cgroup();
     if !require_qemu() {
         return false;
     }
