@@ -3,11 +3,14 @@
 //! agent with `--balance cpu`, and this test measuring on its own, every second, each vCPU
 //! thread's run time and run-queue wait from `/proc` and its affinity from the kernel.
 //!
-//! Pass (the published criterion): the last pin change within 20 s of the start (when every
-//! VM runs and has been put where the scenario starts it), then none
-//! for the rest of the run (30 s in all: the published monitor runs 25 one-second iterations and
-//! expects balance within about 20), and per-CPU demand balanced over the settled part of
-//! the run: σ ≤ 5 % of the mean. A CPU's *demand* is what its vCPUs ran plus what they waited
+//! Pass: the last pin change within 10 s of the start (when every VM runs and has been put
+//! where the scenario starts it), then none for the rest of the run (20 s in all), and per-CPU
+//! demand balanced over the settled part of the run: σ ≤ 5 % of the mean. The published
+//! criterion is looser (its monitor runs 25 one-second iterations and expects balance within
+//! about 20); the balancer, every 2 s, made its last change at 5, 3 and 0 s here and at 6 and
+//! 3 s in the 4-CPU guest (2026-12-07), so 10 s is five of its intervals, and the run leaves
+//! 10 s after that in which nothing may move, as the 30-s run with the 20-s bound did before.
+//! (The shorter run took 30 s off CI's phase 3, in which these 4 spinning VMs fill both CPUs.) A CPU's *demand* is what its vCPUs ran plus what they waited
 //! for on its run queue (what they would have run); its *use* (run time only) is reported
 //! beside it, but other jobs on this shared 2-core machine take CPU from either CPU, so use is
 //! not asserted. On this machine: 4 VMs on 2 CPUs; the published 8 VMs on 4 CPUs run inside a
@@ -34,8 +37,8 @@ enum Start {
     Float,
 }
 
-const RUN: Duration = Duration::from_secs(30);
-const BALANCE_WITHIN: f64 = 20.0;
+const RUN: Duration = Duration::from_secs(20);
+const BALANCE_WITHIN: f64 = 10.0;
 
 struct Agent(Child);
 
