@@ -298,9 +298,12 @@ fn a_vm_without_credits_gets_its_baseline_and_the_others_share_the_spare() {
     check(&spec, &split);
     // Held to its grant, which is its baseline (20 % of one CPU) but for the little it earns
     // back in ticks it runs below it (the smooth decline's square root makes that a point or
-    // so: grants of 21.3 and 21.5 % measured here), and none of the spare.
+    // so: grants of 21.3 and 21.5 % measured here), and none of the spare. Under sched_ext (the
+    // scx-6.12 guest) it received 0.17-1.09 points more than the rule's share (mean 0.58;
+    // grants 22.4-24.2 %; six runs in one guest and CI run 69's 1.06, 2026-12-07): 1.5 there.
+    let bound = if under_scx() { 1.5 } else { 1.0 };
     assert!(
-        (split.delivered[2] - split.predicted[2]).abs() <= 1.0 && split.delivered[2] < 23.0,
+        (split.delivered[2] - split.predicted[2]).abs() <= bound && split.delivered[2] < 23.0,
         "small, without credits: {:.2}, predicted {:.2}",
         split.delivered[2],
         split.predicted[2]
