@@ -17,13 +17,9 @@
 //! (burst-qemu, QEMU with its libraries, modules and firmware, the few programs the tests
 //! run) is copied up once into the guest's overlay, whose upper layer is a tmpfs: every link on
 //! the way to each file too (`touch -h` on a link, `touch` on a file: overlayfs copies up what
-//! it changes). The test binaries, started once per part, are read once into the page cache:
-//! the part of each that is loaded (its ELF `PT_LOAD` segments, at the file's start), not the
-//! debug information after it, which only a panic's backtrace reads. Read whole, the scx-6.12
-//! guest's three debug test binaries were 177 MB, their loaded segments 7 MB (2026-12-07).
+//! it changes). The test binaries, started once per part, are read once into the page cache.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
+use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -38,12 +34,11 @@ const TOOLS: &[&str] = &[
 /// Files the dynamic loader reads at every start of a dynamically linked program.
 const LOADER: &[&str] = &["/etc/ld.so.cache", "/lib64/ld-linux-x86-64.so.2"];
 
-/// The warm-up: links and files to copy up, and files to read into the page cache (each with
-/// how many of its first bytes).
+/// The warm-up: links and files to copy up, and files to read into the page cache.
 pub struct Warm {
     links: BTreeSet<PathBuf>,
     copied: BTreeSet<PathBuf>,
-    cached: BTreeMap<PathBuf, u64>,
+    cached: BTreeSet<PathBuf>,
 }
 
 impl Warm {
@@ -77,7 +72,7 @@ impl Warm {
         let mut warm = Warm {
             links: BTreeSet::new(),
             copied: BTreeSet::new(),
-            cached: BTreeMap::new(),
+            cached: BTreeSet::new(),
         };
         for f in copy {
             let (links, target) = resolve(&f);
@@ -90,8 +85,7 @@ impl Warm {
             let (links, target) = resolve(&f);
             warm.links.extend(links);
             if target.is_file() && !warm.copied.contains(&target) {
-                let bytes = loaded_bytes(&target);
-                warm.cached.insert(target, bytes);
+                warm.cached.insert(target);
             }
         }
         warm
@@ -99,28 +93,31 @@ impl Warm {
 
     /// What it costs, in words: the links and files copied up, the files cached, and their MB.
     pub fn summary(&self) -> String {
-        let copied = self
-            .copied
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).ok())
-            .map(|m| m.len())
-            .sum::<u64>();
-        let cached = self.cached.values().sum::<u64>();
+        let mb = |s: &BTreeSet<PathBuf>| {
+            s.iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum::<u64>() as f64
+                / 1e6
+        };
         format!(
-            "{} links and {} files ({:.0} MB) copied into the guest's tmpfs, the loaded segments of {} test binar{} ({:.0} MB) read into its page cache, before the parts",
+            "{} links and {} files ({:.0} MB) copied into the guest's tmpfs, {} files ({:.0} MB) read into its page cache, before the parts",
             self.links.len(),
             self.copied.len(),
-            copied as f64 / 1e6,
+            mb(&self.copied),
             self.cached.len(),
-            if self.cached.len() == 1 { "y" } else { "ies" },
-            cached as f64 / 1e6
+            mb(&self.cached)
         )
     }
 
     /// The guest's shell commands (one line, ending in `; `), `quote` quoting each path.
     pub fn script(&self, quote: impl Fn(&str) -> String) -> String {
-        let quoted = |p: &PathBuf| quote(&p.display().to_string());
-        let list = |s: &BTreeSet<PathBuf>| s.iter().map(quoted).collect::<Vec<_>>().join(" ");
+        let list = |s: &BTreeSet<PathBuf>| {
+            s.iter()
+                .map(|p| quote(&p.display().to_string()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let mut out = String::new();
         if !self.links.is_empty() {
             out += &format!("touch -c -h {}; ", list(&self.links));
@@ -128,44 +125,10 @@ impl Warm {
         if !self.copied.is_empty() {
             out += &format!("touch -c {}; ", list(&self.copied));
         }
-        for (file, bytes) in &self.cached {
-            out += &format!("head -c {bytes} {} > /dev/null; ", quoted(file));
+        if !self.cached.is_empty() {
+            out += &format!("cat {} > /dev/null; ", list(&self.cached));
         }
         out
-    }
-}
-
-/// How many of `file`'s first bytes hold what the loader maps: the end of its last ELF
-/// `PT_LOAD` segment (64-bit, little-endian: this host's executables), or its whole length
-/// when it is not such an ELF file.
-fn loaded_bytes(file: &Path) -> u64 {
-    let whole = std::fs::metadata(file).map_or(0, |m| m.len());
-    // The header and the program headers after it: within the first 64 KiB.
-    let mut bytes = Vec::new();
-    let read = std::fs::File::open(file).and_then(|f| f.take(1 << 16).read_to_end(&mut bytes));
-    if read.is_err() || !bytes.starts_with(b"\x7fELF\x02\x01") {
-        // Not a 64-bit little-endian ELF file (magic, class 2, data 1).
-        return whole;
-    }
-    let le = |at: usize, n: usize| -> Option<u64> {
-        let b = bytes.get(at..at.checked_add(n)?)?;
-        Some(b.iter().rev().fold(0, |v, &x| v << 8 | u64::from(x)))
-    };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (le(0x20, 8), le(0x36, 2), le(0x38, 2))
-    else {
-        return whole;
-    };
-    // Each program header: p_type (PT_LOAD is 1), p_offset at 8, p_filesz at 32.
-    let ends: Option<Vec<u64>> = (0..phnum)
-        .map(|i| phoff.saturating_add(i * phentsize) as usize)
-        .map(|h| match le(h, 4)? {
-            1 => le(h + 8, 8)?.checked_add(le(h + 32, 8)?),
-            _ => Some(0),
-        })
-        .collect();
-    match ends.and_then(|e| e.into_iter().max()) {
-        Some(end) if end > 0 => end.min(whole),
-        _ => whole,
     }
 }
 
