@@ -8,9 +8,8 @@
 //! demand balanced over the settled part of the run: σ ≤ 5 % of the mean. The published
 //! criterion is looser (its monitor runs 25 one-second iterations and expects balance within
 //! about 20); the balancer, every 2 s, made its last change at 5, 3 and 0 s here and at 6 and
-//! 3 s in the 4-CPU guest (2026-12-07), so 10 s is five of its intervals, and the run leaves
-//! 10 s after that in which nothing may move, as the 30-s run with the 20-s bound did before.
-//! (The shorter run took 30 s off CI's phase 3, in which these 4 spinning VMs fill both CPUs.) A CPU's *demand* is what its vCPUs ran plus what they waited
+//! 3 s in the 4-CPU guest (2026-12-07): 10 s is five of its intervals, and 10 s are left after
+//! it in which nothing may move. A CPU's *demand* is what its vCPUs ran plus what they waited
 //! for on its run queue (what they would have run); its *use* (run time only) is reported
 //! beside it, but other jobs on this shared 2-core machine take CPU from either CPU, so use is
 //! not asserted. On this machine: 4 VMs on 2 CPUs; the published 8 VMs on 4 CPUs run inside a

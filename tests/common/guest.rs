@@ -258,9 +258,10 @@ fn lane_icount(kernel: &str) -> &'static str {
 /// phase alone, every Debian guest 10-20 % faster. Why was not measured: presumably the kernel
 /// and the C library take their baseline x86-64 paths on a CPU with fewer features (no AVX2
 /// copies, no speculation-control MSR writes, no XSAVE of wide registers), which the emulator
-/// runs for less. The scx-6.12 guest keeps `max`: with `qemu64` its suites took 353 s instead
-/// of 393, but a held VM measured 22.07 % for 20 (bound 1.5 points) after the bad-edit test's
-/// edits, in the one run tried; not investigated.
+/// runs for less. The scx-6.12 guest keeps `max`: with `qemu64` a held VM once measured
+/// 22.07 % for 20 (bound 1.5 points) after the bad-edit test's edits, not explained; that test
+/// then passed 6 times of 6 on `qemu64`, and the suites took 353 and 370 s against 382-393 s
+/// with `max`, a gain within one run's noise (docs/testing.md, the guest lanes).
 fn lane_cpu(kernel: &str) -> String {
     std::env::var("BURST_QEMU_GUEST_CPU").unwrap_or_else(|_| {
         if kernel.starts_with("scx") {
@@ -280,12 +281,10 @@ fn in_lane() -> bool {
 /// In CI's guest lanes ([`in_lane`]), moves this test's process, and so all it starts, into
 /// the cgroup that `BURST_QEMU_GUEST_CGROUP` names (`.ci/run`'s, which gets only the CPU time
 /// the other phases leave idle); elsewhere does nothing. Called first by every guest test
-/// (`require_harness`). The guest phase's cargo and nextest stay outside: run inside it beside
-/// phase 1, they took 74 s from the release build's end to the first guest's start (CI run 64:
-/// 24 s for cargo to find the build fresh, the rest listing the test binaries). Nor may a
-/// guest test do its own work outside: when the tests moved only at their guest's boot, the
-/// package test started building its .deb outside within seconds of phase 3's KVM suite
-/// measuring a busy 2-vCPU VM, unlimited, at 102.8 % (more than 120 required; CI run 65).
+/// (`require_harness`), before any work of its own: the package test's .deb build, done outside
+/// beside phase 3, failed a share measured there (CI run 65). The guest phase's cargo and
+/// nextest stay outside: starved in the cgroup beside phase 1, they held the first guest back
+/// 74 s (CI run 64; docs/testing.md, the guest lanes).
 pub fn enter_lane_cgroup() {
     let Some(dir) = std::env::var_os("BURST_QEMU_GUEST_CGROUP").filter(|_| in_lane()) else {
         return;
