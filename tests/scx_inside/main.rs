@@ -53,26 +53,48 @@ fn policy(pid: u32, tid: u32) -> i64 {
     after.split(' ').nth(41 - 3).unwrap().parse().unwrap()
 }
 
-/// The quota in force on the VM's vCPU cgroup, in % of one CPU. Panics when there is none
-/// (`max`, or no cgroup): a 2-vCPU VM could never exceed the 200 % that would stand for it, so
-/// a comparison with it could not fail.
-fn quota_pct(s: &Scratch, name: &str) -> f64 {
+/// The quota in force on the VM's vCPU cgroup, in % of one CPU, and its period (s). Panics
+/// when there is none (`max`, or no cgroup): a 2-vCPU VM could never exceed the 200 % that
+/// would stand for it, so a comparison with it could not fail.
+fn quota_pct(s: &Scratch, name: &str) -> (f64, f64) {
     let q = quota(s, name);
     let mut f = q.split_whitespace();
     match (
         f.next().and_then(|a| a.parse::<f64>().ok()),
         f.next().and_then(|p| p.parse::<f64>().ok()),
     ) {
-        (Some(q), Some(p)) if q > 0.0 && p > 0.0 => q * 100.0 / p,
+        (Some(q), Some(p)) if q > 0.0 && p > 0.0 => (q * 100.0 / p, p / 1e6),
         _ => panic!("{name}: no CPU quota in force ({q:?}): nothing holds the VM"),
     }
+}
+
+/// A held VM measured against its cgroup quota over a window ([`against_quota`]), in % of one
+/// CPU: what it used, the quota's mean over the window, and the most CFS bandwidth control lets
+/// it use there.
+struct AgainstQuota {
+    used: f64,
+    allowed: f64,
+    bound: f64,
+}
+
+/// The most a VM held to `allowed` % of one CPU by a cgroup quota of period `period` (s) can
+/// run in a window of `window` s: the quota of every period that starts in the window (a busy
+/// VM spends each period's quota at its start: a window of 1.012 s holds 11 of them, 21.74 %
+/// at 20 %), plus the 5-ms slice (kernel.sched_cfs_bandwidth_slice_us) that each CPU of its two
+/// vCPUs may hold from before the window. Measured against it in this guest: 22.07 % at 20 %
+/// over 1.012 s (CI run 73, a bound of 22.7), 19.90 and 20.25 % before; 24 % over about a
+/// second when a new agent rewrote the quota (a rewrite refills the period's runtime,
+/// examples/quota_writes.rs), which this bound fails.
+fn quota_bound(allowed: f64, period: f64, window: f64) -> f64 {
+    allowed * (window / period).ceil() * period / window + 2.0 * 0.005 * 100.0 / window
 }
 
 /// The VM's CPU share over `secs`, or until `holds()` turns false (say, a new BPF scheduler
 /// starts loading: while it enables, the kernel runs every SCHED_EXT thread in its bypass mode,
 /// held by neither), and the mean of its cgroup quota sampled every 20 ms over the same time,
-/// both in % of one CPU. The window must last `min_secs` and hold 10 samples at least (a window
-/// of a few periods says nothing: one period's quota is 2 points of a second).
+/// both in % of one CPU, with the bound [`quota_bound`] sets for the window. The window must
+/// last `min_secs` and hold 10 samples at least (a window of a few periods says nothing: one
+/// period's quota is 2 points of a second).
 fn against_quota(
     s: &Scratch,
     name: &str,
@@ -80,7 +102,7 @@ fn against_quota(
     secs: f64,
     min_secs: f64,
     holds: impl Fn() -> bool,
-) -> (f64, f64) {
+) -> AgainstQuota {
     let cpu = || vm.vcpu_cpu_ns();
     let before = cpu();
     let t0 = Instant::now();
@@ -101,7 +123,13 @@ fn against_quota(
         "a window of {window:?} with {} samples: too short to compare with the quota",
         samples.len()
     );
-    (used, samples.iter().sum::<f64>() / samples.len() as f64)
+    let allowed = samples.iter().map(|q| q.0).sum::<f64>() / samples.len() as f64;
+    let period = samples.iter().map(|q| q.1).fold(0.0, f64::max);
+    AgainstQuota {
+        used,
+        allowed,
+        bound: quota_bound(allowed, period, window.as_secs_f64()),
+    }
 }
 
 /// Waits for the scheduler's next publish of its stats (`scx.json`, once a second), then reads
@@ -272,17 +300,20 @@ fn when_the_scheduler_dies_cpu_max_holds_the_vm_and_the_agent_restarts_it() {
     );
     // Held again within one period (100 ms): measured over the next second.
     std::thread::sleep(PERIOD);
-    let (gap, allowed) = against_quota(&s, "back", &vm, 1.0, 0.5, scheduler_gone);
+    let gap = against_quota(&s, "back", &vm, 1.0, 0.5, scheduler_gone);
     eprintln!(
         "scheduler killed: unloaded after {fell_back:?}; from one period later until the new \
-         scheduler (at most 1 s): {gap:.2} % of one CPU, quota {allowed:.2} %"
+         scheduler (at most 1 s): {:.2} % of one CPU, quota {:.2} %, bound {:.2} %",
+        gap.used, gap.allowed, gap.bound
     );
-    // Over a window of about a second, a 100 ms period's quota more or less is 2 points (the
-    // steady state's worst 1-s windows in this guest: 21.1-21.8 % at 20 %). Measured 19.90 %
-    // and 20.25 % here.
+    // The quota's bound for the window (the steady state's worst 1-s windows in this guest:
+    // 21.1-21.8 % at 20 %; here 19.90, 20.25 and 22.07 %).
     assert!(
-        gap <= allowed + 2.0,
-        "not held while the scheduler was gone: {gap:.2} % over {allowed:.2} %"
+        gap.used <= gap.bound,
+        "not held while the scheduler was gone: {:.2} % over {:.2} % (quota {:.2} %)",
+        gap.used,
+        gap.bound,
+        gap.allowed
     );
     wait_until("a new scheduler", Duration::from_secs(10), || {
         scx::read_stats(&s.state()).is_some_and(|st| {
@@ -336,18 +367,22 @@ fn a_restarted_agent_takes_the_vms_over_again() {
     std::thread::sleep(PERIOD);
     // The new agent may grant a little more than the baseline at first (the credits the VM
     // earned while no agent ran): compare with the quota in force, sampled through the second.
-    let (without, allowed) = against_quota(&s, "again", &vm, 1.0, 0.5, scheduler_gone);
+    let without = against_quota(&s, "again", &vm, 1.0, 0.5, scheduler_gone);
     eprintln!(
-        "agent and scheduler killed: from one period later, 1 s: {without:.2} % of one CPU, \
-         quota {allowed:.2} % (cgroup, until the new agent's scheduler)"
+        "agent and scheduler killed: from one period later, 1 s: {:.2} % of one CPU, quota \
+         {:.2} %, bound {:.2} % (cgroup, until the new agent's scheduler)",
+        without.used, without.allowed, without.bound
     );
-    // As after a scheduler's death: a period's quota over about a second. (Measured 24 % at
-    // 20 % before a new agent left the VM's cgroups and quota in place: it moved QEMU through
-    // its unlimited domain cgroup and rewrote the quota, which refills the period's runtime;
-    // examples/quota_writes.rs. Now 19.51 % and 20.50 %.)
+    // As after a scheduler's death. (Measured 24 % at 20 % before a new agent left the VM's
+    // cgroups and quota in place: it moved QEMU through its unlimited domain cgroup and
+    // rewrote the quota, which refills the period's runtime; examples/quota_writes.rs. Now
+    // 19.51 % and 20.50 %.)
     assert!(
-        without <= allowed + 2.0,
-        "{without:.2} % over {allowed:.2} %"
+        without.used <= without.bound,
+        "{:.2} % over {:.2} % (quota {:.2} %)",
+        without.used,
+        without.bound,
+        without.allowed
     );
     // The launcher's watchdog starts a new agent, which loads a new scheduler.
     wait_until("the new agent's scheduler", Duration::from_secs(20), || {
@@ -436,12 +471,18 @@ fn a_scheduler_already_loaded_leaves_the_vm_to_cpu_max_until_ours_loads() {
     }
     let other_holds =
         || scx::kernel_state().is_some_and(|(st, ops)| st == "enabled" && ops == scx::OPS_NAME);
-    let (held_share, allowed) = against_quota(&s, "fore", &vm, 2.0, 2.0, other_holds);
-    eprintln!("another scheduler loaded: {held_share:.2} % of one CPU, quota {allowed:.2} %");
-    // A period's quota over 2 s is 1 point; measured 19.90 % and 19.82 %.
+    let held = against_quota(&s, "fore", &vm, 2.0, 2.0, other_holds);
+    eprintln!(
+        "another scheduler loaded: {:.2} % of one CPU, quota {:.2} %, bound {:.2} %",
+        held.used, held.allowed, held.bound
+    );
+    // Measured 19.90 % and 19.82 % (a bound of about 21.3 % over 2.02 s).
     assert!(
-        held_share <= allowed + 1.0,
-        "not held while another scheduler holds sched_ext: {held_share:.2} % over {allowed:.2} %"
+        held.used <= held.bound,
+        "not held while another scheduler holds sched_ext: {:.2} % over {:.2} % (quota {:.2} %)",
+        held.used,
+        held.bound,
+        held.allowed
     );
     // The other one goes (end of its input): ours loads on the agent's next try.
     drop(foreign.stdin.take());
