@@ -300,8 +300,13 @@ fn a_vm_without_credits_gets_its_baseline_and_the_others_share_the_spare() {
     // back in ticks it runs below it (the smooth decline's square root makes that a point or
     // so: grants of 21.3 and 21.5 % measured here), and none of the spare. Under sched_ext (the
     // scx-6.12 guest) it received 0.17-1.09 points more than the rule's share (mean 0.58;
-    // grants 22.4-24.2 %; six runs in one guest and CI run 69's 1.06, 2026-12-07): 1.5 there.
-    let bound = if under_scx() { 1.5 } else { 1.0 };
+    // grants 22.4-24.2 %; six runs in one guest and CI run 69's 1.06, 2026-12-07). On this
+    // host (cgroup v1) it received less: -1.05 to +0.20 points in 24 CI runs (38 and 51-74,
+    // mean -0.37; run 74 failed the 1.0 of then), the three VMs getting 194.0-198.7 % of the
+    // 200 (the rest went to the host's other work, the guest phase's idle cgroup among it, and
+    // the small VM, starved within its periods, lost the most of it). 1.5 both ways, the upper
+    // limit below apart.
+    let bound = 1.5;
     assert!(
         (split.delivered[2] - split.predicted[2]).abs() <= bound && split.delivered[2] < 23.0,
         "small, without credits: {:.2}, predicted {:.2}",
