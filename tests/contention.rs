@@ -306,9 +306,8 @@ fn a_vm_without_credits_gets_its_baseline_and_the_others_share_the_spare() {
     // 200 (the rest went to the host's other work, the guest phase's idle cgroup among it, and
     // the small VM, starved within its periods, lost the most of it). 1.5 both ways, the upper
     // limit below apart.
-    let bound = 1.5;
     assert!(
-        (split.delivered[2] - split.predicted[2]).abs() <= bound && split.delivered[2] < 23.0,
+        (split.delivered[2] - split.predicted[2]).abs() <= 1.5 && split.delivered[2] < 23.0,
         "small, without credits: {:.2}, predicted {:.2}",
         split.delivered[2],
         split.predicted[2]

@@ -89,6 +89,23 @@ fn quota_bound(allowed: f64, period: f64, window: f64) -> f64 {
     allowed * (window / period).ceil() * period / window + 2.0 * 0.005 * 100.0 / window
 }
 
+impl std::fmt::Display for AgainstQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} % of one CPU, quota {:.2} %, bound {:.2} %",
+            self.used, self.allowed, self.bound
+        )
+    }
+}
+
+impl AgainstQuota {
+    /// Asserts that the VM ran within [`quota_bound`]; `what` names the situation.
+    fn assert_held(&self, what: &str) {
+        assert!(self.used <= self.bound, "{what}: {self}");
+    }
+}
+
 /// The VM's CPU share over `secs`, or until `holds()` turns false (say, a new BPF scheduler
 /// starts loading: while it enables, the kernel runs every SCHED_EXT thread in its bypass mode,
 /// held by neither), and the mean of its cgroup quota sampled every 20 ms over the same time,
@@ -303,18 +320,11 @@ fn when_the_scheduler_dies_cpu_max_holds_the_vm_and_the_agent_restarts_it() {
     let gap = against_quota(&s, "back", &vm, 1.0, 0.5, scheduler_gone);
     eprintln!(
         "scheduler killed: unloaded after {fell_back:?}; from one period later until the new \
-         scheduler (at most 1 s): {:.2} % of one CPU, quota {:.2} %, bound {:.2} %",
-        gap.used, gap.allowed, gap.bound
+         scheduler (at most 1 s): {gap}"
     );
     // The quota's bound for the window (the steady state's worst 1-s windows in this guest:
     // 21.1-21.8 % at 20 %; here 19.90, 20.25 and 22.07 %).
-    assert!(
-        gap.used <= gap.bound,
-        "not held while the scheduler was gone: {:.2} % over {:.2} % (quota {:.2} %)",
-        gap.used,
-        gap.bound,
-        gap.allowed
-    );
+    gap.assert_held("not held while the scheduler was gone");
     wait_until("a new scheduler", Duration::from_secs(10), || {
         scx::read_stats(&s.state()).is_some_and(|st| {
             st.pid != first && st.state == "enabled" && st.vms.contains_key("back")
@@ -369,21 +379,14 @@ fn a_restarted_agent_takes_the_vms_over_again() {
     // earned while no agent ran): compare with the quota in force, sampled through the second.
     let without = against_quota(&s, "again", &vm, 1.0, 0.5, scheduler_gone);
     eprintln!(
-        "agent and scheduler killed: from one period later, 1 s: {:.2} % of one CPU, quota \
-         {:.2} %, bound {:.2} % (cgroup, until the new agent's scheduler)",
-        without.used, without.allowed, without.bound
+        "agent and scheduler killed: from one period later, 1 s: {without} (cgroup, until the \
+         new agent's scheduler)"
     );
     // As after a scheduler's death. (Measured 24 % at 20 % before a new agent left the VM's
     // cgroups and quota in place: it moved QEMU through its unlimited domain cgroup and
     // rewrote the quota, which refills the period's runtime; examples/quota_writes.rs. Now
     // 19.51 % and 20.50 %.)
-    assert!(
-        without.used <= without.bound,
-        "{:.2} % over {:.2} % (quota {:.2} %)",
-        without.used,
-        without.bound,
-        without.allowed
-    );
+    without.assert_held("not held while the agent and its scheduler were gone");
     // The launcher's watchdog starts a new agent, which loads a new scheduler.
     wait_until("the new agent's scheduler", Duration::from_secs(20), || {
         scx::read_stats(&s.state()).is_some_and(|st| {
@@ -472,18 +475,9 @@ fn a_scheduler_already_loaded_leaves_the_vm_to_cpu_max_until_ours_loads() {
     let other_holds =
         || scx::kernel_state().is_some_and(|(st, ops)| st == "enabled" && ops == scx::OPS_NAME);
     let held = against_quota(&s, "fore", &vm, 2.0, 2.0, other_holds);
-    eprintln!(
-        "another scheduler loaded: {:.2} % of one CPU, quota {:.2} %, bound {:.2} %",
-        held.used, held.allowed, held.bound
-    );
+    eprintln!("another scheduler loaded: {held}");
     // Measured 19.90 % and 19.82 % (a bound of about 21.3 % over 2.02 s).
-    assert!(
-        held.used <= held.bound,
-        "not held while another scheduler holds sched_ext: {:.2} % over {:.2} % (quota {:.2} %)",
-        held.used,
-        held.bound,
-        held.allowed
-    );
+    held.assert_held("not held while another scheduler holds sched_ext");
     // The other one goes (end of its input): ours loads on the agent's next try.
     drop(foreign.stdin.take());
     let _ = foreign.wait();
