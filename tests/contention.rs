@@ -96,7 +96,7 @@ fn overcommit(spec: &[Spec; 3]) -> Split {
     // every VM by half) in 4 of 6 runs, while the example's windows after 12 s were within 1.1
     // points in 4 of 4 (ResCoin's plan took 18 s to settle, so its windows always started late).
     std::thread::sleep(Duration::from_secs(10).saturating_sub(resumed.elapsed()));
-    let (delivered, planned) = window(&vms, &plan_now);
+    let (delivered, planned, host) = window(&vms, &plan_now);
     // Under sched_ext, for what the three received in all.
     let shared = if under_scx() {
         delivered.iter().sum::<f64>() / 100.0
@@ -106,8 +106,11 @@ fn overcommit(spec: &[Spec; 3]) -> Split {
     let (grants, predicted) = predict(&s, spec, shared);
     eprintln!(
         "{}: delivered {delivered:.2?} % of one CPU; planned {planned:.2?}; predicted \
-         {predicted:.2?} for {shared:.3} CPUs; grants {grants:?}",
-        if under_scx() { "sched_ext" } else { "cgroup" }
+         {predicted:.2?} for {shared:.3} CPUs; grants {grants:?}; the host's CPUs idle {:.2}, \
+         stolen {:.2} % of one CPU",
+        if under_scx() { "sched_ext" } else { "cgroup" },
+        host.0,
+        host.1
     );
     // Visible: ls shows the allocation beside the grant.
     let ls: Vec<Value> = serde_json::from_slice(&s.cli(&["ls", "--json"]).stdout).unwrap();
@@ -124,9 +127,13 @@ fn overcommit(spec: &[Spec; 3]) -> Split {
 }
 
 /// One measurement window of 6 s for all of `vms`, their threads read in this process at both
-/// ends: what each received, % of one CPU, and the stage's plan (its mean over the window: it
-/// moves a little from period to period).
-fn window(vms: &[Launched], plan_now: &dyn Fn() -> Option<Vec<f64>>) -> (Vec<f64>, Vec<f64>) {
+/// ends: what each received, % of one CPU, the stage's plan (its mean over the window: it
+/// moves a little from period to period), and the host's CPUs idle and stolen by the
+/// hypervisor in it, % of one CPU (printed, to tell a busy host from a VM held short).
+fn window(
+    vms: &[Launched],
+    plan_now: &dyn Fn() -> Option<Vec<f64>>,
+) -> (Vec<f64>, Vec<f64>, (f64, f64)) {
     let threads: Vec<(u32, Vec<u32>)> = vms
         .iter()
         .map(|v| (v.record.pid, v.record.vcpu_tids.clone()))
@@ -135,6 +142,7 @@ fn window(vms: &[Launched], plan_now: &dyn Fn() -> Option<Vec<f64>>) -> (Vec<f64
         .iter()
         .map(|(p, t)| t.iter().map(|&t| thread_cpu_ns(*p, t)).sum())
         .collect();
+    let ticks = idle_and_stolen_ticks();
     let start = std::time::Instant::now();
     let mut plans = Vec::new();
     while start.elapsed() < Duration::from_secs(6) {
@@ -153,7 +161,25 @@ fn window(vms: &[Launched], plan_now: &dyn Fn() -> Option<Vec<f64>>) -> (Vec<f64
     let planned: Vec<f64> = (0..vms.len())
         .map(|i| plans.iter().map(|p| p[i]).sum::<f64>() / plans.len() as f64)
         .collect();
-    (delivered, planned)
+    let (idle, stolen) = idle_and_stolen_ticks();
+    // USER_HZ is 100 on Linux: a tick is 1 % of one CPU for a second.
+    let per_s = |t: u64| t as f64 / (ns / 1e9);
+    let host = (per_s(idle - ticks.0), per_s(stolen - ticks.1));
+    (delivered, planned, host)
+}
+
+/// /proc/stat's idle (with iowait) and steal ticks, all CPUs.
+fn idle_and_stolen_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (f[3] + f[4], f[7])
 }
 
 /// The rule's prediction for the busy VMs of `spec` sharing `shared` CPUs, % of one CPU, with
@@ -239,17 +265,32 @@ fn check(spec: &[Spec; 3], split: &Split) {
         }
         return;
     };
+    // The plan shares the capacity; the VMs receive that less what the host's other work and
+    // the hypervisor take in the window (the agent, QEMU's main threads, this test, CI's other
+    // phases; steal). Their quotas are their parts of the plan, so a VM that loses time to
+    // other work on its CPU cannot make it up. On this host autogroup is on: a process outside
+    // the cpu hierarchy's groups weighs, in its session's group, as much as all the VMs
+    // together, whatever its nice. So each VM against its part of the plan scaled to what the
+    // three received in all. Unscaled, points below the plan reached 3.79 here (86 windows, CI
+    // runs 38-79, the three receiving 192.4-198.9 % of 200) and 5.91 on the project's CI
+    // (41537cc: 191.2 % received; it failed the 4.0 of then). Scaled, those 88 windows are
+    // within 1.89 points (mean -0.17 to +0.17 per VM); with a process in another session
+    // taking 14 points of the window (a 16 % duty cycle), 3.05 (2026-12-07).
+    let received: f64 = split.delivered.iter().sum();
+    let shared: f64 = planned.iter().sum();
     for ((name, _, _), (d, p)) in spec.iter().zip(split.delivered.iter().zip(planned)) {
-        // Measured under headroom, points below the plan (big / mid / small): 0.49 / 2.18 /
-        // 0.93 and 0.76 / 1.35 / 1.20 with the window at 3 s, 1.06 / 3.50 / 1.91 and 0.36 /
-        // 2.20 / 0.74 with it at 10 s. The host's own CPU (agent, QEMU's other threads, this
-        // test) is not in the plan, and the kernel takes most of it from the mid VM; 3 points
-        // (the bound under ResCoin, whose run measured 1.33 / 0.44 / 1.12) failed one run.
+        let part = p * received / shared;
         assert!(
-            (d - p).abs() <= 4.0,
-            "{name}: delivered {d:.2}, planned {p:.2}"
+            (d - part).abs() <= 3.0,
+            "{name}: delivered {d:.2}, planned {p:.2}: {part:.2} of the {received:.2} received"
         );
     }
+    // And the three received the plan but for that other work: 95.6-99.5 % of it in the 88
+    // windows, 93 % beside the 16 % duty cycle.
+    assert!(
+        received >= 0.9 * shared,
+        "the VMs received {received:.2} % of one CPU of the {shared:.2} planned"
+    );
     // The stage plans what the rule predicts: measured on the 2-core host (cgroup v1), seven
     // runs, planned 95.66 / 60.86 / 43.48 against 95.65 / 60.87 / 43.48 (0.01 apart; the bound
     // leaves a point for the plan's mean over a window that starts as it settles).
