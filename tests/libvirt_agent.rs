@@ -7,8 +7,9 @@
 //!
 //! Each test runs its own agent (`agent --libvirt --libvirt-domains bq-test-PID-*`, so only
 //! this process's domains are considered) on a scratch state dir. The libvirtd is the system's
-//! (started when absent, see `libvirt_harness`); the last test runs the CPU-share and opt-in
-//! tests again inside the cgroup-v2 guest, with a libvirtd of its own.
+//! (started when absent, see `libvirt_harness`). The CPU-share and opt-in tests run again inside
+//! the cgroup-v2 guest, with a libvirtd of its own, in the boot of tests/libvirt.rs's suite
+//! (`the_libvirt_and_domain_suites_pass_in_the_cgroup_v2_guest`).
 
 #![cfg(feature = "libvirt")]
 
@@ -766,37 +767,4 @@ fn credits_travel_by_redefinition_save_image_and_live_migration() {
         restored <= 3.0 && restored > 3.0 - 2.0 * 70.0 / 60.0,
         "{restored}"
     );
-}
-
-/// The CPU-share and opt-in tests inside the cgroup-v2 guest (debian-6.12), with a libvirtd
-/// started there: the vCPU threads go to a threaded child of the domain's cgroup.
-#[test]
-fn the_domain_tests_pass_in_the_cgroup_v2_guest() {
-    if nested_guest() || !require_harness() {
-        return;
-    }
-    let parts: Vec<guest::Part> = [
-        "a_domain_is_held_to_its_baseline_beside_a_wrapper_vm_bursts_and_takes_live_edits",
-        "domains_opt_in_by_file_or_metadata_and_two_configs_that_differ_are_refused",
-    ]
-    .iter()
-    .map(|name| {
-        let bin = sibling("libvirt_agent");
-        guest::Part::new(
-            &format!("libvirt_agent::{name}"),
-            &[bin.to_str().unwrap(), "--exact", name, "--nocapture"],
-        )
-    })
-    .collect();
-    let ended = guest::run("debian-6.12", 2, 2048, &[], &parts);
-    for part in &ended {
-        for line in part
-            .output
-            .lines()
-            .filter(|l| l.contains('%') || l.contains("test "))
-        {
-            eprintln!("guest: {line}");
-        }
-    }
-    guest::assert_all_passed("debian-6.12", &ended);
 }
