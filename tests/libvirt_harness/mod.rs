@@ -364,18 +364,14 @@ impl SecondLibvirtd {
             .tempdir_in("/var/tmp")
             .unwrap();
         let d = dir.path();
-        let copied = Command::new("cp")
-            .args(["-a", "/etc/libvirt"])
-            .arg(d.join("etc"))
-            .status()
-            .unwrap();
-        assert!(copied.success());
-        let copied = Command::new("cp")
-            .args(["-a", "/var/cache/libvirt"])
-            .arg(d.join("cache"))
-            .status()
-            .unwrap();
-        assert!(copied.success());
+        for (from, to) in [("/etc/libvirt", "etc"), ("/var/cache/libvirt", "cache")] {
+            let copied = Command::new("cp")
+                .args(["-a", from])
+                .arg(d.join(to))
+                .status()
+                .unwrap();
+            assert!(copied.success(), "cp -a {from}: {copied}");
+        }
         // Not the host's persistent domains.
         let _ = fs::remove_dir_all(d.join("etc/qemu"));
         fs::create_dir_all(d.join("etc/qemu")).unwrap();
