@@ -635,17 +635,13 @@ fn the_libvirt_and_domain_suites_pass_in_the_cgroup_v2_guest() {
         "libvirt",
         &["the_libvirt_and_domain_suites_pass_in_the_cgroup_v2_guest"],
     );
-    let agent = common::sibling("libvirt_agent");
-    let domain_tests = [
-        "a_domain_is_held_to_its_baseline_beside_a_wrapper_vm_bursts_and_takes_live_edits",
-        "domains_opt_in_by_file_or_metadata_and_two_configs_that_differ_are_refused",
-    ];
-    parts.extend(domain_tests.iter().map(|name| {
-        common::guest::Part::new(
-            &format!("libvirt_agent::{name}"),
-            &[agent.to_str().unwrap(), "--exact", name, "--nocapture"],
-        )
-    }));
+    parts.extend(
+        [
+            "a_domain_is_held_to_its_baseline_beside_a_wrapper_vm_bursts_and_takes_live_edits",
+            "domains_opt_in_by_file_or_metadata_and_two_configs_that_differ_are_refused",
+        ]
+        .map(|name| common::guest::Part::test("libvirt_agent", name)),
+    );
     let ended = common::guest::run("debian-6.12", 2, 2048, &[], &parts);
     for part in ended
         .iter()

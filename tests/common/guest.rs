@@ -33,9 +33,19 @@ impl Part {
         }
     }
 
+    /// Test `name` of sibling test binary `binary` (`binary::name`, run with `--exact` and
+    /// `--nocapture`).
+    pub fn test(binary: &str, name: &str) -> Self {
+        let bin = super::sibling(binary);
+        Part::new(
+            &format!("{binary}::{name}"),
+            &[bin.to_str().unwrap(), "--exact", name, "--nocapture"],
+        )
+    }
+
     /// Each test of sibling test binary `binary` but those whose names contain one of `skip`,
-    /// a part apiece (`binary::test`, run with `--exact` and `--nocapture`): each is timed, and
-    /// a retry after the emulator fault reruns only the tests that had not ended.
+    /// a part apiece ([`Part::test`]): each is timed, and a retry after the emulator fault
+    /// reruns only the tests that had not ended.
     pub fn each_test(binary: &str, skip: &[&str]) -> Vec<Self> {
         let bin = super::sibling(binary);
         let list = Command::new(&bin)
@@ -46,15 +56,7 @@ impl Part {
             .lines()
             .filter_map(|l| l.strip_suffix(": test"))
             .filter(|name| !skip.iter().any(|s| name.contains(s)))
-            .map(|name| Part {
-                label: format!("{binary}::{name}"),
-                argv: vec![
-                    bin.to_str().unwrap().to_owned(),
-                    "--exact".into(),
-                    name.to_owned(),
-                    "--nocapture".into(),
-                ],
-            })
+            .map(|name| Part::test(binary, name))
             .collect();
         assert!(!parts.is_empty(), "no tests listed by {}", bin.display());
         parts
